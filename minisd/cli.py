@@ -1,0 +1,139 @@
+"""The `minisd` command line: generate, img2img, convert.
+
+    minisd generate "a red circle on a blue background"                       # the tiny built-in model, CPU
+    minisd generate "a castle at dusk" --model v1-5-pruned-emaonly.safetensors --steps 25 --seed 1 --out castle.png
+    minisd img2img "a watercolour fox" --init-image fox.png --strength 0.6 --model sd15
+    minisd convert v2-1_768-ema-pruned.safetensors sd21.minisd.safetensors --to minisd
+"""
+import argparse
+import sys
+import time
+
+from . import samplers
+
+SCHEDULE_CHOICES = ("default", "karras", "exponential", "discrete", "linspace", "leading", "trailing")
+
+
+def _add_common(p):
+    p.add_argument("prompt", help="what the image should show")
+    p.add_argument("--negative-prompt", default="", help="what it should not show (replaces the empty prompt in CFG)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint file (.safetensors/.ckpt), diffusers folder, or sd15 | sd21 | sd21-base "
+                        "(downloaded once); default: the tiny built-in model")
+    p.add_argument("--prediction", default="auto", choices=("auto", "eps", "v"),
+                   help="what the U-Net predicts; auto = a config beside the file, else detected (see README)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--sampler", default=None,
+                   help="euler, euler_a, heun, dpm2, dpm2_a, dpmpp_2s_a, dpmpp_2m, lms, ddim, ddpm, dpmpp_sde, "
+                        "dpmpp_2m_sde, or an A1111 name such as 'DPM++ 2M Karras' (default dpmpp_2m, Karras)")
+    p.add_argument("--schedule", default="default", choices=SCHEDULE_CHOICES,
+                   help="sigma schedule; default: karras (leading for ddim/ddpm)")
+    p.add_argument("--eta", type=float, default=None, help="noise amount of ancestral samplers (default 1; ddim 0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    p.add_argument("--batch", type=int, default=1, help="images per run")
+    p.add_argument("--out", default="outputs/", help="a .png file or a directory (default outputs/)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="auto: fp16 on CUDA (VAE decode kept in fp32), fp32 on CPU")
+    p.add_argument("--emphasis", action="store_true", help="A1111 prompt weights: (word), (word:1.3), [word]")
+    p.add_argument("--save-steps", default=None, metavar="DIR",
+                   help="write each step's denoised estimate as a PNG into DIR (to watch the image form)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="minisd", description="Stable Diffusion 1.5 / 2.1, readable.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="text to image")
+    _add_common(g)
+    g.add_argument("--width", type=int, default=None, help="multiple of 8; default: the model's size")
+    g.add_argument("--height", type=int, default=None, help="multiple of 8; default: the model's size")
+    i = sub.add_parser("img2img", help="image + text to image")
+    _add_common(i)
+    i.add_argument("--init-image", required=True, help="the starting image (any mode; resized to a multiple of 8)")
+    i.add_argument("--strength", type=float, required=True,
+                   help="0..1: how much noise is added, i.e. how many of the steps run (int(steps * strength))")
+    c = sub.add_parser("convert", help="convert a checkpoint between layouts (python -m weights_convert)",
+                       add_help=False)
+    c.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _step_saver(pipe, folder):
+    import os
+    os.makedirs(folder, exist_ok=True)
+
+    def callback(i, x, denoised, sigma):
+        for b, image in enumerate(pipe.decode_preview(denoised)):
+            image.save(os.path.join(folder, f"step-{i:03d}-{b}.png"))
+    return callback
+
+
+def run(args):
+    from .images import a1111_parameters, output_paths, save_png
+    from .pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline, from_pil, resolve_schedule
+
+    sampler = args.sampler or DEFAULT_SAMPLER
+    steps = DEFAULT_STEPS if args.steps is None else args.steps
+    cfg = DEFAULT_CFG if args.cfg is None else args.cfg
+    resolve_schedule(sampler, args.schedule)            # a bad sampler/schedule fails before the model loads
+    init = None
+    if args.command == "img2img":
+        from PIL import Image
+        if not 0.0 <= args.strength <= 1.0:
+            raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
+        init = Image.open(args.init_image)
+        from_pil(init, log=lambda *_: None)
+    pipe = Pipeline.load(args.model, args.prediction, args.device, args.dtype)
+    seed = args.seed
+    if seed is None:
+        import random
+        seed = random.randrange(2 ** 32)
+    print(f"seed {seed}")
+    paths = output_paths(args.out, [seed] * args.batch, overwrite=args.overwrite)
+    callback = _step_saver(pipe, args.save_steps) if args.save_steps else None
+    common = dict(negative_prompt=args.negative_prompt, steps=steps, cfg=cfg, sampler=sampler,
+                  schedule=args.schedule, eta=args.eta, seed=seed, batch=args.batch, emphasis=args.emphasis,
+                  callback=callback)
+    t0 = time.time()
+    if args.command == "generate":
+        result = pipe.generate(args.prompt, width=args.width, height=args.height, **common)
+    else:
+        result = pipe.img2img(args.prompt, init, args.strength, **common)
+    width, height = result.images[0].size
+    extra = {}
+    if args.command == "img2img":
+        extra["denoising_strength"] = args.strength
+    for b, (image, path) in enumerate(zip(result.images, paths)):
+        params = a1111_parameters(args.prompt, args.negative_prompt, steps, _display_name(result.sampler), cfg,
+                                  seed, width, height, pipe.name, schedule_type=result.schedule.capitalize(),
+                                  batch_pos=b if args.batch > 1 else None, **extra)
+        save_png(image, path, params, overwrite=args.overwrite)
+        print(f"wrote {path}")
+    print(f"{len(result.images)} image(s) in {time.time() - t0:.1f} s on {pipe.device} ({pipe.dtype})")
+
+
+def _display_name(key):
+    return {v: k for k, v in samplers.DISPLAY_NAMES.items()}.get(key, key)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert"]:
+        from weights_convert.__main__ import main as convert_main
+        return convert_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    from weights_convert.io import CheckpointError
+    from .download import DownloadError
+    try:
+        run(args)
+    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, DownloadError) as e:
+        # errors minisd raised on purpose carry a message for the user; no traceback
+        print(f"minisd: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""CLIP's text transformer (Radford et al. 2021), the prompt encoder of Stable Diffusion.
+
+One network serves both models, configured by `TextConfig`:
+- SD1: OpenAI CLIP ViT-L/14's text tower, 12 layers of width 768, 12 heads, quick_gelu;
+- SD2: OpenCLIP ViT-H/14's text tower, width 1024, 16 heads, exact gelu. SD2 conditions on the penultimate of
+  its 24 layers, so minisd builds only 23 (see config.SD2_TEXT).
+
+It is a GPT-2 style pre-LayerNorm transformer with a causal mask: token i attends to tokens 0..i only, the way
+CLIP was trained (it pooled the <|endoftext|> token). Stable Diffusion does not pool: the U-Net cross-attends
+to all 77 per-token outputs after the final LayerNorm.
+
+Module names are open_clip's text-tower names, so SD2's official weights load by stripping a prefix
+(`cond_stage_model.model.`); weights_convert/text.py maps transformers' CLIPTextModel names (SD1) onto them.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .config import TextConfig
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention with q, k, v packed in one projection (nn.MultiheadAttention's names)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))   # rows: q, then k, then v
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        self.fast = True    # SDPA (True) or the readable math path (False) in minisd.attention
+
+    def forward(self, x):                                                  # x: (B, N, width)
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        return self.out_proj(attention(q, k, v, self.heads, causal=True, fast=self.fast))
+
+
+class MLP(nn.Module):
+    def __init__(self, width, activation):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.c_proj = nn.Linear(4 * width, width)
+        self.activation = activation
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.activation == "quick_gelu":   # OpenAI CLIP's sigmoid approximation of gelu (Hendrycks & Gimpel)
+            h = h * torch.sigmoid(1.702 * h)
+        else:                                 # OpenCLIP-H: exact gelu, x * Phi(x)
+            h = F.gelu(h)
+        return self.c_proj(h)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.width)
+        self.attn = SelfAttention(cfg.width, cfg.heads)
+        self.ln_2 = nn.LayerNorm(cfg.width)
+        self.mlp = MLP(cfg.width, cfg.activation)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
+
+
+class TextEncoder(nn.Module):
+    """tokens (B, N) -> per-token conditioning (B, N, width), N <= 77."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        if cfg.activation not in ("quick_gelu", "gelu"):
+            raise ValueError(f"unknown activation {cfg.activation!r}; expected 'quick_gelu' or 'gelu'")
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))  # learned
+        self.transformer = Transformer(cfg)
+        self.ln_final = nn.LayerNorm(cfg.width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+
+    def set_fast_attention(self, fast: bool):
+        """Choose SDPA (True) or the readable math path (False) in every attention layer."""
+        for m in self.modules():
+            if isinstance(m, SelfAttention):
+                m.fast = fast
+
+    def forward(self, tokens, clip_skip=1):
+        """clip_skip=1: the last computed layer, then ln_final (what SD conditions on). clip_skip=k: the output
+        of the layer k-1 before it, then ln_final (A1111's "CLIP skip"; 2 is common with anime SD1 models).
+        For SD2 the last computed layer already is OpenCLIP-H's penultimate one."""
+        n_layers = len(self.transformer.resblocks)
+        if not (isinstance(tokens, torch.Tensor) and tokens.ndim == 2 and not tokens.is_floating_point()):
+            raise ValueError(f"tokens must be an integer tensor of shape (B, N), got "
+                             f"{getattr(tokens, 'shape', type(tokens).__name__)}")
+        if not 1 <= tokens.shape[1] <= self.cfg.context_length:
+            raise ValueError(f"{tokens.shape[1]} tokens; the text encoder takes 1..{self.cfg.context_length}")
+        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.cfg.vocab_size:
+            raise ValueError(f"token ids must lie in 0..{self.cfg.vocab_size - 1}")
+        if not (isinstance(clip_skip, int) and 1 <= clip_skip <= n_layers):
+            raise ValueError(f"clip_skip must be an integer in 1..{n_layers}, got {clip_skip!r}")
+
+        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]   # (B, N, width)
+        for block in self.transformer.resblocks[:n_layers - (clip_skip - 1)]:
+            x = block(x)
+        return self.ln_final(x)

@@ -1,0 +1,240 @@
+"""Fetching the official Stable Diffusion files by name: `--model sd15`, `sd21`, `sd21-base`.
+
+Each name is one single-file checkpoint in its official Hugging Face repository, fetched over plain HTTPS
+from https://huggingface.co/{repo}/resolve/main/{file} with urllib (no hub library, no token):
+
+- The file is cached at `cache_dir() / file`: `$MINISD_CACHE` if set, else `~/.cache/minisd`. A file already
+  there is used as it is (it was checked when it was downloaded, or the user put it there).
+- It downloads into `file.part` beside it and resumes with an HTTP Range request, after a cut connection in
+  the same run (a few retries) or after an interrupted run; only a complete, checked file is renamed to its
+  final name.
+- The SHA-256 it must have comes from `expected_sha256` (explicit value > the one pinned below > what the hub
+  says). A mismatch deletes the download and raises.
+- Offline, the error says which URL to fetch by hand and the full path to put it at.
+- `$MINISD_HF_ENDPOINT` (or the `endpoint` argument) replaces https://huggingface.co, e.g. for a mirror; the
+  tests point it at a small server on 127.0.0.1.
+"""
+import errno
+import hashlib
+import http.client
+import os
+import re
+import socket
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import SD15, SD21_BASE, SD21_V, ModelConfig
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    repo: str                  # Hugging Face repository
+    filename: str              # the single-file checkpoint in it
+    config: ModelConfig        # the network configuration the file is loaded with
+    sha256: str | None = None  # pinned checksum where it is known from independent sources
+
+
+MODELS = {
+    # 4,265,146,304 bytes; the SHA-256 A1111 prints as [6ce0161689] when it loads this file
+    "sd15": NamedModel("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors", SD15,
+                       sha256="6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"),
+    "sd21": NamedModel("stabilityai/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors", SD21_V),     # v, 768 px
+    "sd21-base": NamedModel("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors",
+                            SD21_BASE),                                                                   # eps, 512 px
+}
+
+
+class DownloadError(RuntimeError):
+    """A named model could not be fetched; the message says why and what to do instead."""
+
+
+def cache_dir() -> Path:
+    """Where downloaded models live: $MINISD_CACHE, else ~/.cache/minisd."""
+    return Path(os.environ.get("MINISD_CACHE") or Path.home() / ".cache" / "minisd").expanduser()
+
+
+def model_url(name: str, endpoint: str | None = None) -> str:
+    """https://huggingface.co/{repo}/resolve/main/{file}, with the endpoint from the argument, then
+    $MINISD_HF_ENDPOINT, then the default."""
+    model = _named(name)
+    endpoint = (endpoint or os.environ.get("MINISD_HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    return f"{endpoint}/{model.repo}/resolve/main/{model.filename}"
+
+
+def model_path(name: str, cache: Path | None = None) -> Path:
+    """The path a named model is (or will be) cached at."""
+    return Path(cache or cache_dir()) / _named(name).filename
+
+
+def fetch_model(name: str, cache=None, endpoint: str | None = None, sha256: str | None = None,
+                progress: bool = True, timeout: float = 30.0, retries: int = 5, retry_wait: float = 2.0) -> Path:
+    """The local path of named model `name`, downloading it into the cache first if it is not there."""
+    path = model_path(name, cache)
+    if path.exists():
+        return path
+    url = model_url(name, endpoint)
+    by_hand = f"Download this file:\n  {url}\nand put it at:\n  {path}"
+    try:
+        expected = expected_sha256(name, url, sha256, timeout)
+        download(url, path, expected, progress, timeout, retries, retry_wait)
+    except urllib.error.HTTPError as e:
+        hint = {401: " (the repository may need a login or a licence accepted on its page)",
+                403: " (the repository may need a login or a licence accepted on its page)",
+                404: " (no such file: the repository may have moved or been removed)"}.get(e.code, "")
+        raise DownloadError(f"Could not download model '{name}': HTTP {e.code} {e.reason} for {url}{hint}.\n"
+                            f"{by_hand}") from None
+    except (OSError, http.client.HTTPException) as e:
+        if _is_offline(e):
+            raise DownloadError(f"Could not reach {urllib.parse.urlsplit(url).netloc} to download model "
+                                f"'{name}' ({e.reason}).\n{by_hand}\n"
+                                f"(or set MINISD_CACHE to a directory that already holds {path.name})") from None
+        raise DownloadError(f"Download of model '{name}' from {url} failed ({e!r}).\n{by_hand}") from None
+    return path
+
+
+def expected_sha256(name: str, url: str, sha256: str | None = None, timeout: float = 30.0) -> str | None:
+    """The SHA-256 the download must have: `sha256` if given, else the one pinned in MODELS, else the hub's.
+
+    For a file stored with Git LFS, a HEAD request on the resolve URL answers with a redirect to the storage
+    CDN whose `X-Linked-Etag` header is the file's SHA-256 in quotes; huggingface_hub's get_hf_file_metadata
+    reads the same header (falling back to `ETag`) without following the redirect. Only a value that looks
+    like a SHA-256 is used (a small non-LFS file's ETag is a git blob id instead); None when there is none.
+    """
+    if sha256:
+        return _check_hex(sha256)
+    if _named(name).sha256:
+        return _named(name).sha256
+    headers = _head_without_redirect(url, timeout)
+    etag = headers.get("X-Linked-Etag") or headers.get("ETag") or ""
+    etag = etag.removeprefix("W/").strip('"').lower()
+    return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
+
+
+def download(url: str, path, sha256: str | None = None, progress: bool = True, timeout: float = 30.0,
+             retries: int = 5, retry_wait: float = 2.0) -> Path:
+    """Download `url` to `path` through `path.part`, resuming with HTTP Range; check `sha256`; rename.
+
+    A connection that drops mid-file (or ends short of the announced length) is resumed from the bytes
+    already on disk, up to `retries` times. A server that ignores Range (answers 200) restarts the file.
+    """
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(retries + 1):
+        try:
+            if _fetch_into(url, part, progress, timeout):
+                break
+            reason = "connection closed before the end of the file"
+        except (OSError, http.client.HTTPException) as e:
+            if isinstance(e, urllib.error.HTTPError) or _is_offline(e):
+                raise                      # not a dropped connection: retrying the same request will not help
+            reason = repr(e)
+        if attempt == retries:
+            kept = part.stat().st_size if part.exists() else 0
+            raise DownloadError(f"Download of {url} kept failing ({reason}); {kept} bytes are kept in {part} "
+                                f"and the next run resumes from there")
+        print(f"minisd: download interrupted ({reason}), resuming", file=sys.stderr)
+        time.sleep(retry_wait * (attempt + 1))
+    if sha256 is None:
+        print(f"minisd: warning: no SHA-256 known for {url}; the file is not checked", file=sys.stderr)
+    else:
+        actual = sha256_file(part)
+        if actual != sha256:
+            part.unlink()
+            raise DownloadError(f"Checksum mismatch for {url}: expected SHA-256 {sha256}, got {actual}. "
+                                f"The bad download was deleted; run again to retry.")
+    os.replace(part, path)
+    return path
+
+
+def _fetch_into(url: str, part: Path, progress: bool, timeout: float) -> bool:
+    """One GET of the rest of the file, appended to `part`. True when the file is complete."""
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-", "Accept-Encoding": "identity"})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)   # follows the redirect to the CDN
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset > 0:   # range not satisfiable: the part already holds the whole file
+            return True
+        raise
+    with response:
+        if response.status == 206:         # Content-Range: bytes start-end/total
+            start, total = re.fullmatch(r"bytes (\d+)-\d+/(\d+)", response.headers["Content-Range"]).groups()
+            if int(start) != offset:
+                raise DownloadError(f"{url} answered a request for bytes {offset}- with bytes {start}-")
+            total = int(total)
+        else:                              # 200: the server sent the whole file, not the range
+            offset, total = 0, int(response.headers.get("Content-Length") or 0) or None
+        with open(part, "ab" if offset else "wb") as f, \
+                tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                     desc=part.name.removesuffix(".part"), disable=not progress) as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    size = part.stat().st_size
+    return total is None or size >= total
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None                        # urllib then raises the 3xx as an HTTPError, headers included
+
+
+def _head_without_redirect(url: str, timeout: float, hops: int = 5):
+    """Headers of a HEAD on `url`. Relative redirects (a renamed repository) are followed, the absolute one
+    to the file storage is not: its headers are the ones that describe the file."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    for _ in range(hops):
+        request = urllib.request.Request(url, method="HEAD", headers={"Accept-Encoding": "identity"})
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                return response.headers
+        except urllib.error.HTTPError as e:
+            location = e.headers.get("Location", "")
+            if not 300 <= e.code < 400:
+                raise
+            if location.startswith("/"):
+                url = urllib.parse.urljoin(url, location)
+                continue
+            return e.headers
+    return {}
+
+
+def _is_offline(error: BaseException) -> bool:
+    """No connection to the server at all: DNS failure, refused or unreachable, or a connect timeout.
+    (urllib wraps errors of the connection step in URLError; errors while reading come unwrapped.)"""
+    if not isinstance(error, urllib.error.URLError) or isinstance(error, urllib.error.HTTPError):
+        return False
+    reason = error.reason
+    return isinstance(reason, (socket.gaierror, ConnectionRefusedError, TimeoutError)) or (
+        isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH))
+
+
+def _check_hex(sha256: str) -> str:
+    value = sha256.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError(f"expected a SHA-256 of 64 hex digits, got {sha256!r}")
+    return value
+
+
+def _named(name: str) -> NamedModel:
+    if name not in MODELS:
+        raise ValueError(f"unknown model name {name!r}; known names: {', '.join(MODELS)}")
+    return MODELS[name]

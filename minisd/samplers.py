@@ -1,0 +1,478 @@
+"""Samplers: walk a latent from noise level sigmas[0] down to sigmas[-1] (usually 0), in sigma space.
+
+Read next to Karras et al. 2022 ("EDM"), DDIM (Song et al. 2021), DPM-Solver++ (Lu et al. 2022) and k-diffusion's
+`sampling.py`, which these functions follow line for line (and are tested against, with diffusers' schedulers).
+
+Every sampler has the same signature:
+
+    sampler(denoise, x, sigmas, noise=None, callback=None[, eta]) -> x at sigmas[-1]
+
+  denoise(x, sigma) -> x0 estimate, the D of Karras et al. (`diffusion.make_denoiser` / `cfg_denoiser`)
+  x         the starting latent at sigmas[0], already scaled: x = initial_noise * sigmas[0] in k-diffusion's
+            convention (see `init_noise_sigma` for diffusers')
+  sigmas    1-D, decreasing; `get_sigmas` makes them
+  noise()   a fresh N(0, I) tensor shaped like x, for the ancestral / SDE samplers (see `noise_from`)
+  callback(i, x, denoised, sigma)   after each model call: x is the latent at noise level sigma, denoised is D(x)
+
+Noise convention (the pipeline and tests rely on it): one CPU torch.Generator seeded with the user's seed draws the
+initial latents first, then every noise() draw, in exactly the order k-diffusion calls its `noise_sampler`.
+
+Host/device: the sigmas are read to the host ONCE (Python floats); all per-step scalar arithmetic is on the CPU in
+float64, and the loops test `sigma_next > 0` on floats, so no step waits on the GPU (no per-step `.item()`).
+"""
+import math
+
+import numpy as np
+import torch
+
+from .diffusion import t_to_sigma
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sigma schedules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sigmas_karras(steps, sigma_min, sigma_max, rho=7.0):
+    """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
+
+    rho = 7 spends more steps at low noise, where detail is decided. No final zero appended."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def sigmas_exponential(steps, sigma_min, sigma_max):
+    """Evenly spaced in log sigma (the time variable of DPM-Solver). No final zero appended."""
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
+
+
+def diffusers_timesteps(spacing, steps, num_train=1000, steps_offset=1):
+    """diffusers' `timestep_spacing` for its *DiscreteSchedulers (Euler, Euler a, Heun, LMS, KDPM2, KDPM2 a;
+    DDIM and DDPM round "linspace" to integers), Lin et al. 2023, Table 2:
+
+      linspace  t = linspace(0, 999, n) reversed: fractional, starts at 999, ends at 0.
+      leading   t = (0, r, 2r, ...) * reversed + steps_offset, r = 1000 // n: SD's own config (steps_offset = 1).
+                It never reaches t = 999 (t_max = 901 for 10 steps), so the first step is not at sigma_max.
+      trailing  t = round(1000, 1000 - r, ...) - 1, r = 1000 / n: starts at 999 and stops short of 0.
+    """
+    if spacing == "linspace":
+        return np.linspace(0, num_train - 1, steps, dtype=np.float32)[::-1].astype(np.float64)
+    if spacing == "leading":
+        return (np.arange(0, steps) * (num_train // steps)).round()[::-1].astype(np.float64) + steps_offset
+    if spacing == "trailing":
+        return np.arange(num_train, 0, -num_train / steps).round().astype(np.float64) - 1
+    raise ValueError(f"unknown timestep spacing {spacing!r}; valid: linspace, leading, trailing")
+
+
+SPACINGS = ("discrete", "linspace", "leading", "trailing")
+SHAPES = ("karras", "exponential")
+SCHEDULES = ("discrete", "karras", "exponential", "linspace", "leading", "trailing",
+             "<spacing> karras", "<spacing> exponential")
+
+
+def get_sigmas(schedule, steps, sigmas_train, steps_offset=1, final="zero"):
+    """The noise levels to visit: `steps` model noise levels then a final one (0, or the model's sigma_min).
+
+    schedule is a spacing, optionally followed by a shape:
+      "discrete"   k-diffusion's default (A1111's): t = linspace(999, 0, n), sigma(t) log-interpolated between
+                   the 1000 training sigmas (DiscreteSchedule.get_sigmas). Runs from sigma_max to sigma_min.
+      "linspace" / "leading" / "trailing"   diffusers' timestep_spacing (see `diffusers_timesteps`) with its
+                   *linear* sigma interpolation (np.interp). At fractional t (only "linspace") that differs from
+                   k-diffusion's log interpolation; sample with make_denoiser(interpolation="linear") to feed the
+                   U-Net the same t as diffusers does.
+      "... karras" / "... exponential"   re-space the same endpoints Karras-style (rho = 7) or log-uniformly.
+                   "karras" alone = "discrete karras" = k-diffusion's get_sigmas_karras(n, sigma_min, sigma_max)
+                   with the model's sigma range (A1111's "X Karras"). "leading karras" is diffusers'
+                   use_karras_sigmas=True on SD's config: diffusers takes the endpoints of its *spaced* sigmas, so
+                   with "leading" Karras starts at sigma(t=1 + (n-1) * (1000 // n)), not at sigma_max — a
+                   deliberate diffusers/k-diffusion difference, both offered here.
+    final: "zero" (k-diffusion; diffusers' final_sigmas_type="zero") or "sigma_min", the model's smallest sigma
+    (diffusers' DDIM with set_alpha_to_one=False, SD's config, ends its last step at abar_0, not at 1).
+    Returns a float64 CPU tensor of steps + 1 sigmas.
+    """
+    words = schedule.lower().split()
+    if words in (["karras"], ["exponential"]):
+        words = ["discrete"] + words
+    if not (words and words[0] in SPACINGS and (len(words) == 1 or (len(words) == 2 and words[1] in SHAPES))):
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)} "
+                         f"(spacing: {', '.join(SPACINGS)})")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if final not in ("zero", "sigma_min"):
+        raise ValueError(f"unknown final {final!r}; valid: zero, sigma_min")
+    sigmas_train = sigmas_train.to(torch.float64).cpu()
+    n_train = len(sigmas_train)
+    if words[0] == "discrete":
+        sigmas = t_to_sigma(torch.linspace(n_train - 1, 0, steps, dtype=torch.float64), sigmas_train, "log")
+    else:
+        t = torch.from_numpy(diffusers_timesteps(words[0], steps, n_train, steps_offset).copy())
+        sigmas = t_to_sigma(t, sigmas_train, "linear")
+    if words[1:] == ["karras"]:
+        sigmas = sigmas_karras(steps, sigmas[-1].item(), sigmas[0].item())
+    elif words[1:] == ["exponential"]:
+        sigmas = sigmas_exponential(steps, sigmas[-1].item(), sigmas[0].item())
+    last = sigmas_train[:1] if final == "sigma_min" else sigmas.new_zeros(1)
+    return torch.cat([sigmas, last])
+
+
+def init_noise_sigma(sigma_max, variance_preserving=False):
+    """The std of the starting latent: x = randn * init_noise_sigma.
+
+    k-diffusion / A1111 use sigma_max. Exact for the forward process is sqrt(sigma_max^2 + 1) (x = x0 + sigma eps
+    with unit-variance latents x0), which is what diffusers uses with "leading" spacing and, written in abar space
+    as x_T = randn, in DDIM / DDPM / DPMSolverMultistep; its Euler-family schedulers use sigma_max with "linspace"
+    and "trailing". Pass variance_preserving=True to get sqrt(sigma_max^2 + 1).
+    """
+    return (sigma_max ** 2 + 1) ** 0.5 if variance_preserving else sigma_max
+
+
+def noise_from(generator, shape, device="cpu", dtype=torch.float32):
+    """The noise source: each call draws randn(shape) from the CPU `generator`, then moves it to the device.
+    Drawing on the CPU makes a seed give the same image on every device (and the same as diffusers)."""
+    return lambda: torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared steps
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def to_d(x, sigma, denoised):
+    """dx/dsigma of the probability-flow ODE, (x - D(x, sigma)) / sigma (Karras et al. 2022, eq. 3 with
+    sigma(t) = t, s(t) = 1). It is also the eps the denoiser implies."""
+    return (x - denoised) / sigma
+
+
+def ancestral_split(sigma, sigma_next, eta=1.0):
+    """Split a step sigma -> sigma_next into a deterministic move to sigma_down plus fresh noise of std sigma_up,
+    sigma_down^2 + sigma_up^2 = sigma_next^2.
+
+    eta = 1: sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2, the DDPM posterior variance written in
+    sigma space (DDIM eq. 16 with eta = 1); eta = 0: deterministic (DDIM). k-diffusion's get_ancestral_step.
+    """
+    if not eta or sigma_next == 0:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+    return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+
+def _host(sigmas):
+    """The sigmas as Python floats: one device->host read per sampling run, none per step."""
+    return sigmas.tolist() if torch.is_tensor(sigmas) else [float(s) for s in sigmas]
+
+
+def _steps(sigmas):
+    return enumerate(zip(sigmas[:-1], sigmas[1:]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def euler(denoise, x, sigmas, noise=None, callback=None):
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn; = DDIM, eta = 0)."""
+    sigmas = _host(sigmas)
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        x = x + to_d(x, sigma, denoised) * (sigma_next - sigma)
+    return x
+
+
+@torch.no_grad()
+def euler_a(denoise, x, sigmas, noise=None, callback=None, eta=1.0):
+    """Euler ancestral: an Euler step down to sigma_down, then fresh noise back up to sigma_next.
+
+    With eta = 1 each step is the DDPM posterior (see `ddpm`). The fresh noise means the result keeps changing as
+    the number of steps grows: ancestral samplers do not converge to one image."""
+    sigmas = _host(sigmas)
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        sigma_down, sigma_up = ancestral_split(sigma, sigma_next, eta)
+        x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
+        if sigma_next > 0:
+            x = x + noise() * sigma_up
+    return x
+
+
+@torch.no_grad()
+def heun(denoise, x, sigmas, noise=None, callback=None):
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1): an Euler step, then average its slope with the slope at
+    the end point. The last step (to sigma = 0, where the slope is undefined) is plain Euler. 2n - 1 model calls."""
+    sigmas = _host(sigmas)
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        d = to_d(x, sigma, denoised)
+        x_euler = x + d * (sigma_next - sigma)
+        if sigma_next == 0:
+            x = x_euler
+        else:
+            d_next = to_d(x_euler, sigma_next, denoise(x_euler, sigma_next))
+            x = x + (d + d_next) / 2 * (sigma_next - sigma)
+    return x
+
+
+@torch.no_grad()
+def dpm2(denoise, x, sigmas, noise=None, callback=None):
+    """DPM-Solver-2 in sigma space (Lu et al. 2022a, Alg. 1 with r = 1/2; k-diffusion's sample_dpm_2): take the
+    slope at the midpoint sigma_mid = sqrt(sigma sigma_next) (halfway in log sigma) for the whole step."""
+    sigmas = _host(sigmas)
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        d = to_d(x, sigma, denoised)
+        if sigma_next == 0:
+            x = x + d * (sigma_next - sigma)
+        else:
+            sigma_mid = math.exp((math.log(sigma) + math.log(sigma_next)) / 2)
+            x_mid = x + d * (sigma_mid - sigma)
+            x = x + to_d(x_mid, sigma_mid, denoise(x_mid, sigma_mid)) * (sigma_next - sigma)
+    return x
+
+
+@torch.no_grad()
+def dpm2_a(denoise, x, sigmas, noise=None, callback=None, eta=1.0):
+    """DPM2 ancestral: a DPM-Solver-2 step down to sigma_down, then fresh noise up to sigma_next."""
+    sigmas = _host(sigmas)
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        sigma_down, sigma_up = ancestral_split(sigma, sigma_next, eta)
+        d = to_d(x, sigma, denoised)
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigma)
+        else:
+            sigma_mid = math.exp((math.log(sigma) + math.log(sigma_down)) / 2)
+            x_mid = x + d * (sigma_mid - sigma)
+            x = x + to_d(x_mid, sigma_mid, denoise(x_mid, sigma_mid)) * (sigma_down - sigma)
+            x = x + noise() * sigma_up
+    return x
+
+
+def lms_coefficient(sigmas, i, j, order):
+    """Weight of the slope from step i - j in the LMS step i -> i + 1: the integral over [sigma_i, sigma_{i+1}] of
+    the Lagrange basis polynomial through sigma_i .. sigma_{i-order+1} that is 1 at sigma_{i-j}.
+    (k-diffusion integrates it numerically with scipy; a polynomial integrates exactly.)"""
+    others = [sigmas[i - k] for k in range(order) if k != j]
+    basis = np.poly1d(others, r=True) / np.prod([sigmas[i - j] - s for s in others])
+    integral = basis.integ()
+    return float(integral(sigmas[i + 1]) - integral(sigmas[i]))
+
+
+@torch.no_grad()
+def lms(denoise, x, sigmas, noise=None, callback=None, order=4):
+    """Linear multistep (Adams-Bashforth in sigma): extrapolate the slope with a polynomial through the last
+    `order` slopes and integrate it over the step. One model call per step; orders 1, 2, 3 while warming up."""
+    sigmas = _host(sigmas)
+    ds = []
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        ds = [to_d(x, sigma, denoised)] + ds[:order - 1]            # newest first
+        x = x + sum(lms_coefficient(sigmas, i, j, len(ds)) * d for j, d in enumerate(ds))
+    return x
+
+
+@torch.no_grad()
+def dpmpp_2s_a(denoise, x, sigmas, noise=None, callback=None, eta=1.0):
+    """DPM-Solver++(2S) ancestral (Lu et al. 2022b, Alg. 1 with r = 1/2, then noise up to sigma_next).
+
+    In lambda = -log sigma, x_next = (sigma_next / sigma) x - (e^{-h} - 1) D with h = lambda_next - lambda
+    (first order, exact for a constant D), using D at the midpoint lambda + h/2 (second order)."""
+    sigmas = _host(sigmas)
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        sigma_down, sigma_up = ancestral_split(sigma, sigma_next, eta)
+        if sigma_down == 0:
+            x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
+        else:
+            h = math.log(sigma) - math.log(sigma_down)
+            sigma_mid = math.exp(math.log(sigma) - h / 2)
+            x_mid = (sigma_mid / sigma) * x - math.expm1(-h / 2) * denoised
+            x = (sigma_down / sigma) * x - math.expm1(-h) * denoise(x_mid, sigma_mid)
+        if sigma_next > 0:
+            x = x + noise() * sigma_up
+    return x
+
+
+@torch.no_grad()
+def dpmpp_2m(denoise, x, sigmas, noise=None, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2): the first-order DPM-Solver++ update with D replaced by a linear
+    extrapolation from the previous step's D, D_d = (1 + 1/(2r)) D - 1/(2r) D_prev, r = h_prev / h.
+    First and last steps are first order (no history yet; h is infinite at sigma_next = 0)."""
+    sigmas = _host(sigmas)
+    old_denoised, h_last = None, None
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        if sigma_next == 0:
+            x = denoised                                          # the first-order update's limit as h -> inf
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            denoised_d = denoised
+            if old_denoised is not None:
+                r = h_last / h
+                denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigma_next / sigma) * x - math.expm1(-h) * denoised_d
+            h_last = h
+        old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def dpmpp_sde(denoise, x, sigmas, noise=None, callback=None, eta=1.0, r=0.5):
+    """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde): a 2-stage DPM-Solver++ step, each stage ancestral.
+    Two noise draws per step (stage 1, stage 2). k-diffusion defaults to a Brownian-tree noise source; here noise()
+    gives independent draws (equal to k-diffusion given the same noise_sampler)."""
+    sigmas = _host(sigmas)
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        if sigma_next == 0:
+            x = x + to_d(x, sigma, denoised) * (sigma_next - sigma)
+            continue
+        lam, lam_next = -math.log(sigma), -math.log(sigma_next)
+        sigma_s = math.exp(-(lam + r * (lam_next - lam)))
+        sd, su = ancestral_split(sigma, sigma_s, eta)             # stage 1: to sigma_s
+        x_2 = (sd / sigma) * x - math.expm1(lam + math.log(sd)) * denoised
+        x_2 = x_2 + noise() * su
+        denoised_2 = denoise(x_2, sigma_s)
+        sd, su = ancestral_split(sigma, sigma_next, eta)          # stage 2: to sigma_next
+        denoised_d = (1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * denoised_2
+        x = (sd / sigma) * x - math.expm1(lam + math.log(sd)) * denoised_d
+        x = x + noise() * su
+    return x
+
+
+@torch.no_grad()
+def dpmpp_2m_sde(denoise, x, sigmas, noise=None, callback=None, eta=1.0):
+    """DPM-Solver++(2M) SDE, midpoint variant (Lu et al. 2022b, the SDE solver of Sec. 5; k-diffusion's
+    sample_dpmpp_2m_sde): the data-prediction SDE step x = (sigma_next/sigma) e^{-eta h} x + (1 - e^{-(1+eta)h}) D
+    + sigma_next sqrt(1 - e^{-2 eta h}) z, with the 2M correction from the previous D."""
+    sigmas = _host(sigmas)
+    old_denoised, h_last = None, None
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            eta_h = eta * h
+            x = sigma_next / sigma * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * denoised
+            if old_denoised is not None:
+                x = x - 0.5 * math.expm1(-h - eta_h) * (h / h_last) * (denoised - old_denoised)
+            if eta:
+                x = x + noise() * sigma_next * (-math.expm1(-2 * eta_h)) ** 0.5
+            h_last = h
+        old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def ddim(denoise, x, sigmas, noise=None, callback=None, eta=0.0):
+    """DDIM (Song et al. 2021, eq. 12) in sigma space.
+
+    eq. 12: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s_t^2) eps + s_t z, s_t = eta sqrt(posterior var).
+    Divide by sqrt(abar_prev) (sigma-space x = x_t / sqrt(abar)): x_prev = x0 + sigma_down eps + sigma_up z with
+    (sigma_down, sigma_up) = ancestral_split(sigma, sigma_next, eta) — so DDIM with eta = 0 is exactly Euler, and
+    with eta > 0 an Euler-ancestral step. Equals diffusers' DDIMScheduler step by step when sigmas are its
+    timesteps' sigmas (get_sigmas("leading", n, final="sigma_min") for SD's config) and x_t = x / sqrt(1 + sigma^2).
+    """
+    sigmas = _host(sigmas)
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        eps = to_d(x, sigma, denoised)
+        sigma_down, sigma_up = ancestral_split(sigma, sigma_next, eta)
+        x = denoised + sigma_down * eps
+        if sigma_next > 0 and sigma_up > 0:
+            x = x + noise() * sigma_up
+    return x
+
+
+@torch.no_grad()
+def ddpm(denoise, x, sigmas, noise=None, callback=None):
+    """DDPM ancestral sampling (Ho et al. 2020, eq. 6-7): draw x_prev from the posterior q(x_prev | x_t, x0 = D).
+
+    In abar space the posterior mean is sqrt(abar_prev) beta_t / (1 - abar_t) x0 + sqrt(alpha_t) (1 - abar_prev) /
+    (1 - abar_t) x_t and its variance (1 - abar_prev) / (1 - abar_t) beta_t. Divided by sqrt(abar_prev), with
+    abar = 1 / (1 + sigma^2), both become simple (r = sigma_next^2 / sigma^2):
+        x_prev = r x + (1 - r) D + sigma_next sqrt(1 - r) z
+    i.e. a lerp toward the denoised image, plus noise: DDIM with eta = 1 (= Euler ancestral). Equals diffusers'
+    DDPMScheduler step by step.
+    """
+    sigmas = _host(sigmas)
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        r = sigma_next ** 2 / sigma ** 2
+        x = r * x + (1 - r) * denoised
+        if sigma_next > 0:
+            x = x + noise() * sigma_next * (1 - r) ** 0.5
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------------------------
+
+SAMPLERS = {
+    "euler": euler, "euler_a": euler_a, "heun": heun, "dpm2": dpm2, "dpm2_a": dpm2_a, "lms": lms,
+    "dpmpp_2s_a": dpmpp_2s_a, "dpmpp_2m": dpmpp_2m, "dpmpp_sde": dpmpp_sde, "dpmpp_2m_sde": dpmpp_2m_sde,
+    "ddim": ddim, "ddpm": ddpm,
+}
+ANCESTRAL = {"euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "ddim"}   # take eta, draw noise
+STOCHASTIC = ANCESTRAL | {"ddpm"}
+# A1111's display names (the web UI's sampler dropdown)
+DISPLAY_NAMES = {
+    "Euler": "euler", "Euler a": "euler_a", "Heun": "heun", "DPM2": "dpm2", "DPM2 a": "dpm2_a", "LMS": "lms",
+    "DPM++ 2S a": "dpmpp_2s_a", "DPM++ 2M": "dpmpp_2m", "DPM++ SDE": "dpmpp_sde", "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DDIM": "ddim", "DDPM": "ddpm",
+}
+
+
+def parse_sampler(name):
+    """"dpmpp_2m" -> ("dpmpp_2m", None); "DPM++ 2M Karras" -> ("dpmpp_2m", "karras"): the sampler and the schedule
+    its A1111 name asks for (None: the caller's default). Raises ValueError listing the valid names."""
+    schedule = None
+    for shape in SHAPES:
+        if name.lower().endswith(" " + shape):
+            name, schedule = name[: -len(shape) - 1], shape
+    key = DISPLAY_NAMES.get(name, name)
+    if key not in SAMPLERS:
+        valid = ", ".join(list(SAMPLERS) + [f'"{n}"' for n in DISPLAY_NAMES])
+        raise ValueError(f"unknown sampler {name!r}; valid: {valid} (display names may end in ' Karras' or "
+                         f"' Exponential')")
+    return key, schedule
+
+
+def sample(name, denoise, x, sigmas, noise=None, eta=None, callback=None):
+    """Run the sampler called `name` (an identifier or an A1111 display name; a schedule suffix is ignored here,
+    it is for get_sigmas). eta is only accepted by ancestral samplers; stochastic ones need `noise`."""
+    key, _ = parse_sampler(name)
+    kwargs = {}
+    if eta is not None:
+        if key not in ANCESTRAL:
+            raise ValueError(f"sampler {key!r} takes no eta; ancestral samplers: {', '.join(sorted(ANCESTRAL))}")
+        kwargs["eta"] = eta
+    draws = key == "ddpm" or (key in ANCESTRAL and kwargs.get("eta", 0.0 if key == "ddim" else 1.0) != 0)
+    if draws and noise is None:
+        raise ValueError(f"sampler {key!r} draws fresh noise: pass noise=noise_from(generator, shape, ...)")
+    return SAMPLERS[key](denoise, x, sigmas, noise=noise, callback=callback, **kwargs)

@@ -1,0 +1,176 @@
+"""A procedural captioned dataset of coloured shapes, and a judge that reads an image back into a caption.
+
+The tiny built-in model is trained on these images: one circle, square or triangle in one colour on a uniform
+background of another colour, captioned "a {colour} {shape} on a {colour} background". Everything is a pure
+function of (seed, index), so a training stream can be resumed exactly from its step count, and a test can ask
+for the same images again.
+
+The judge is deliberately not learned: it measures whether a generated image says what its prompt asked for,
+with rules simple enough to check by eye (border pixels -> background colour; pixels far from it -> foreground;
+how much of its bounding box the foreground fills -> shape).
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Plain RGB values for the colour names (the CSS / X11 ones a user would expect).
+COLOURS = {
+    "red": (255, 0, 0),
+    "green": (0, 128, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "purple": (128, 0, 128),
+    "orange": (255, 165, 0),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+}
+SHAPES = ("circle", "square", "triangle")
+
+# Combinations never shown in training, so adherence can be measured on prompts the model has not seen.
+# Every colour still appears as a foreground and as a background, and every shape appears, in training.
+HELD_OUT = (
+    ("red", "square", "green"),
+    ("green", "triangle", "white"),
+    ("blue", "circle", "yellow"),
+    ("yellow", "square", "purple"),
+    ("purple", "circle", "orange"),
+    ("orange", "triangle", "blue"),
+    ("white", "circle", "black"),
+    ("black", "square", "red"),
+    ("red", "triangle", "white"),
+    ("blue", "square", "orange"),
+    ("green", "circle", "purple"),
+    ("yellow", "triangle", "black"),
+)
+
+
+def caption(colour, shape, background):
+    return f"a {colour} {shape} on a {background} background"
+
+
+def all_combinations(held_out=None):
+    """Every (colour, shape, background) with colour != background; `held_out` True/False keeps only that part."""
+    combos = [(c, s, b) for c in COLOURS for s in SHAPES for b in COLOURS if c != b]
+    if held_out is None:
+        return combos
+    return [x for x in combos if (x in HELD_OUT) == held_out]
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Image.Image      # RGB, size x size
+    colour: str
+    shape: str
+    background: str
+
+    @property
+    def text(self):
+        return caption(self.colour, self.shape, self.background)
+
+
+def draw(colour, shape, background, size=64, scale=0.6, center=(0.5, 0.5), supersample=4):
+    """Render one shape. `scale` is the shape's extent as a fraction of the image side; `center` in [0, 1]^2.
+
+    Drawn `supersample` times larger and box-filtered down, so edges are anti-aliased like a photo's.
+    """
+    big = size * supersample
+    img = Image.new("RGB", (big, big), COLOURS[background])
+    d = ImageDraw.Draw(img)
+    half = scale * big / 2
+    cx, cy = center[0] * big, center[1] * big
+    box = (cx - half, cy - half, cx + half, cy + half)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif shape == "square":
+        d.rectangle(box, fill=fill)
+    elif shape == "triangle":  # upright isosceles, filling its bounding box's base and apex
+        d.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return img.resize((size, size), Image.BOX)
+
+
+def sample(seed, index, size=64, held_out=False):
+    """The `index`-th sample of the stream `seed`: a pure function, so streams resume exactly.
+
+    held_out=False draws only training combinations, held_out=True only the held-out ones.
+    """
+    rng = np.random.default_rng([seed, index])
+    combos = all_combinations(held_out=held_out)
+    colour, shape, background = combos[rng.integers(len(combos))]
+    scale = rng.uniform(0.45, 0.75)
+    margin = scale / 2 + 0.04
+    center = tuple(rng.uniform(margin, 1 - margin, size=2))
+    return Sample(draw(colour, shape, background, size, scale, center), colour, shape, background)
+
+
+def stream(seed, start=0, size=64, held_out=False):
+    """An endless iterator of samples from index `start` on."""
+    index = start
+    while True:
+        yield sample(seed, index, size, held_out)
+        index += 1
+
+
+def write_image_folder(folder, n, seed=0, size=64, held_out=False):
+    """Write n samples as PNGs plus a metadata.jsonl of {"file_name", "text"} rows (the fine-tuning layout)."""
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for i in range(n):
+        s = sample(seed, i, size, held_out)
+        name = f"{i:05d}.png"
+        s.image.save(os.path.join(folder, name))
+        rows.append(json.dumps({"file_name": name, "text": s.text}))
+    tmp = os.path.join(folder, "metadata.jsonl.tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    os.replace(tmp, os.path.join(folder, "metadata.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The judge
+
+
+def nearest_colour(rgb):
+    rgb = np.asarray(rgb, dtype=np.float64)
+    names = list(COLOURS)
+    dists = [np.linalg.norm(rgb - np.array(COLOURS[n])) for n in names]
+    return names[int(np.argmin(dists))]
+
+
+MIN_COLOUR_DISTANCE = min(np.linalg.norm(np.subtract(COLOURS[a], COLOURS[b]))
+                          for a in COLOURS for b in COLOURS if a != b)
+
+# Fill ratio of the bounding box for each ideal shape: square 1, circle pi/4 = 0.785, triangle 1/2.
+# The thresholds sit halfway between those values.
+SQUARE_MIN_FILL = (1.0 + np.pi / 4) / 2
+CIRCLE_MIN_FILL = (np.pi / 4 + 0.5) / 2
+
+
+def judge(image):
+    """Read (colour, shape, background) off an image; shape is None when no foreground is found."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float64)                       # (H, W, 3)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    background_rgb = np.median(border, axis=0)
+    # A pixel belongs to the foreground when it is nearer to some other colour than to the background: farther
+    # than half the smallest distance between two of our colours (yellow and orange, 90 apart).
+    dist = np.linalg.norm(a - background_rgb, axis=-1)
+    fg = dist > MIN_COLOUR_DISTANCE / 2
+    background = nearest_colour(background_rgb)
+    if fg.sum() < 0.01 * fg.size:
+        return None, None, background
+    colour = nearest_colour(np.median(a[fg], axis=0))
+    ys, xs = np.nonzero(fg)
+    box_area = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    fill = fg.sum() / box_area
+    shape = "square" if fill >= SQUARE_MIN_FILL else "circle" if fill >= CIRCLE_MIN_FILL else "triangle"
+    return colour, shape, background
+
+
+def agrees(image, colour, shape, background):
+    """True when the judge reads exactly the asked-for colour, shape and background."""
+    return judge(image) == (colour, shape, background)

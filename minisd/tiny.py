@@ -1,0 +1,326 @@
+"""The tiny built-in model: Stable Diffusion's own networks at a small config, trained from scratch on shapes.
+
+    minisd train-tiny --out runs/tiny          # reproduces minisd/assets/minisd-tiny.safetensors on 2 CPU cores
+
+It is SD 1.5 in miniature, not a different network: the same TextEncoder (CLIP architecture, CLIP's BPE
+tokenizer, 77 tokens), the same cross-attention UNet, the same KL VAE with SD's downsampling factor 8 (64x64x3
+images -> 8x8x4 latents), the same scaled-linear noise schedule and eps-prediction. Only the widths shrink.
+
+The recipe follows latent diffusion (Rombach et al. 2022) in two phases, both run by minisd.train's one loop:
+  1. the autoencoder: L1 reconstruction + a small KL pull of q(z|x) toward N(0, I) (LDM Sec. 3, App. G);
+     then every training image of a fixed bank is encoded once, and scale_factor = 1 / std(latents), the rule
+     that gave SD's 0.18215 (LDM `scale_by_std`);
+  2. the text encoder and U-Net jointly, on the noise-prediction loss || eps - eps_theta(x_t, t, c) ||^2 over the
+     forward process x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM eq. 4 and 14), with 10% of captions
+     replaced by "" so the same network also learns the unconditional model that classifier-free guidance needs
+     (Ho & Salimans 2022, Alg. 1).
+Everything random at step i is drawn from a generator seeded with (seed, i), so an interrupted run resumes exactly.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import shapes
+from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+from .diffusion import alphas_cumprod_from_betas, q_sample, scaled_linear_betas
+from .train import TrainConfig, train
+from .vae import sample_posterior
+
+# The networks of SD 1.5 at a small size. The text encoder's 49408 x 64 token table (3.2M) is half the model:
+# CLIP's whole vocabulary is kept so that any prompt tokenizes as it would for SD.
+TINY = ModelConfig(
+    name="minisd-tiny",
+    text=TextConfig(width=64, layers=2, heads=4),
+    unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+                    num_heads=4, context_dim=64, norm_groups=8),
+    # four levels = three stride-2 downsamplings: SD's factor 8. scale_factor is measured by phase 1 (see above)
+    vae=VAEConfig(ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=8, scale_factor=1.0),
+    image_size=64,
+)
+
+ASSET = Path(__file__).parent / "assets" / "minisd-tiny.safetensors"
+
+
+def tiny_model_path():
+    """The shipped weights (fp16, inside the package)."""
+    if not ASSET.exists():
+        raise FileNotFoundError(f"the tiny built-in model is missing ({ASSET}); rebuild it with "
+                                f"`minisd train-tiny --out DIR` and copy DIR/minisd-tiny.safetensors there")
+    return str(ASSET)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every number of the training run; the shipped weights are Recipe() with seed 0."""
+    seed: int = 0
+    vae_steps: int = 600
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-4          # per latent element, against a per-pixel L1: enough to keep q(z|x) smooth
+    bank_size: int = 8192            # training images encoded once for phase 2
+    steps: int = 2000
+    batch: int = 32
+    lr: float = 1e-3
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1
+    sample_every: int = 250
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: pure functions of (seed, index)
+
+
+def to_tensor(images):
+    """PIL images -> (B, 3, H, W) in [-1, 1]."""
+    import numpy as np
+    a = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
+
+
+def image_batch(seed, step, batch):
+    """Batch `step` of the endless training stream `seed`: samples step*batch ... step*batch + batch - 1."""
+    samples = [shapes.sample(seed, step * batch + j) for j in range(batch)]
+    return to_tensor([s.image for s in samples]), [s.text for s in samples]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses. Each takes the step's generator and draws everything random from it (exact resumption).
+
+
+def vae_loss(vae, images, generator, kl_weight):
+    """L1 reconstruction of a posterior sample + kl_weight * KL(q(z|x) || N(0, I)), both per element."""
+    mean, logvar = vae.posterior(images)                                     # (B, 4, H/8, W/8) each
+    z = sample_posterior(mean, logvar, generator)                            # reparameterised: gradients flow
+    recon = vae.decoder(vae.post_quant_conv(z))
+    kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar)                       # closed form for diagonal Gaussians
+    return (recon - images).abs().mean() + kl_weight * kl.mean()
+
+
+def diffusion_loss(model, x0, tokens, generator, alphas_cumprod):
+    """The simple DDPM objective (Ho et al. 2020, eq. 14): t ~ U{0..999}, eps ~ N(0, I),
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, loss = || eps - eps_theta(x_t, t, text(c)) ||^2.
+
+    x0: scaled latents (B, 4, h, w); tokens: (B, 77). Shared by from-scratch training and fine-tuning."""
+    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    x_t = q_sample(x0, noise, t, alphas_cumprod)
+    eps = model.unet(x_t, t.float(), model.text_encoder(tokens))
+    return F.mse_loss(eps, noise)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring: sample grids during training, adherence judged by shapes.judge
+
+
+GRID_PROMPTS = [shapes.caption(*c) for c in [
+    ("red", "circle", "blue"), ("yellow", "square", "black"), ("white", "triangle", "green"),
+    ("orange", "circle", "purple"), ("blue", "triangle", "yellow"), ("black", "circle", "white"),
+    ("red", "square", "green"), ("blue", "circle", "yellow")]]          # the last two are held out
+
+
+def eval_combinations(held_out):
+    """A fixed prompt list. Train: every 6th training combination (26, covering all colours, shapes and
+    backgrounds); held out: all 12 held-out combinations."""
+    combos = shapes.all_combinations(held_out=held_out)
+    return combos if held_out else combos[::6]
+
+
+def adherence(pipe, combos, seeds=(0,), cfg=7.5, steps=20, sampler="dpmpp_2m"):
+    """Fraction of images the judge reads as their prompt: one image per (combination, seed)."""
+    hits = 0
+    for combo in combos:
+        for seed in seeds:
+            image = pipe.generate(shapes.caption(*combo), steps=steps, cfg=cfg, sampler=sampler, seed=seed).images[0]
+            hits += shapes.agrees(image, *combo)
+    return hits / (len(combos) * len(seeds))
+
+
+def image_grid(images, columns):
+    from PIL import Image
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * w, rows * h), "gray")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def sample_grid(model, path, seeds=(0, 1)):
+    """One row per seed, one column per GRID_PROMPTS entry (default sampler, 20 steps, cfg 7.5)."""
+    from .pipeline import Pipeline
+    pipe = Pipeline(model, "cpu", torch.float32, log=lambda *_: None)
+    images, hits = [], 0
+    for seed in seeds:
+        for prompt in GRID_PROMPTS:
+            image = pipe.generate(prompt, seed=seed).images[0]
+            images.append(image)
+            words = prompt.split()
+            hits += shapes.agrees(image, words[1], words[2], words[5])
+    image_grid(images, len(GRID_PROMPTS)).save(path)
+    return hits / len(images)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def _atomic_torch_save(obj, path):
+    tmp = str(path) + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class _Progress:
+    """A tqdm bar plus a JSON-lines log of the running loss (out_dir/log.jsonl)."""
+
+    def __init__(self, phase, total, out_dir, every=50):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, desc=phase, dynamic_ncols=True, mininterval=2.0)
+        self.phase, self.every, self.losses = phase, every, []
+        self.log_path = os.path.join(out_dir, "log.jsonl")
+        self.t0 = time.time()
+
+    def __call__(self, step, loss, lr):
+        self.bar.update(step + 1 - self.bar.n)
+        self.losses.append(loss)
+        if (step + 1) % self.every == 0:
+            mean = sum(self.losses) / len(self.losses)
+            self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"phase": self.phase, "step": step + 1, "loss": mean, "lr": lr,
+                                    "seconds": round(time.time() - self.t0, 1)}) + "\n")
+            self.losses = []
+
+    def close(self):
+        self.bar.close()
+
+
+def latent_bank(vae, seed, n, chunk=256):
+    """Posterior (mean, logvar) of the first n images of stream seed + 1 (training combinations only),
+    unscaled, with their captions."""
+    means, logvars, captions = [], [], []
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            samples = [shapes.sample(seed + 1, i) for i in range(start, min(n, start + chunk))]
+            mean, logvar = vae.posterior(to_tensor([s.image for s in samples]))
+            means.append(mean)
+            logvars.append(logvar)
+            captions += [s.text for s in samples]
+    return torch.cat(means), torch.cat(logvars), captions
+
+
+def train_tiny(out_dir, recipe=Recipe(), log=print):
+    """Run both phases into out_dir (resuming whatever is there) and write out_dir/minisd-tiny.safetensors (fp16,
+    the EMA weights) plus out_dir/report.json. Returns the path of the weights."""
+    from .model import StableDiffusion, save_model
+    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+    t_start = time.time()
+    torch.manual_seed(recipe.seed)                       # the initial weights (overwritten on resume)
+    model = StableDiffusion(TINY)
+
+    # Phase 1: the autoencoder
+    vae = model.vae
+    cfg1 = TrainConfig(steps=recipe.vae_steps, lr=recipe.vae_lr, warmup_steps=50, ema_decay=0.99,
+                       checkpoint_every=100, seed=recipe.seed)
+
+    def loss1(step, generator):
+        images, _ = image_batch(recipe.seed, step, recipe.vae_batch)
+        return vae_loss(vae, images, generator, recipe.kl_weight)
+
+    progress = _Progress("vae", cfg1.steps, out_dir)
+    weights = train(vae, dict(vae.named_parameters()), loss1, cfg1, out_dir, "vae", on_step=progress, log=log)
+    progress.close()
+    vae.load_state_dict(weights)
+    vae.eval().requires_grad_(False)
+    t_vae = time.time() - t_start
+
+    # The latent bank and the scale factor
+    bank_path = os.path.join(out_dir, "bank.pt")
+    if os.path.exists(bank_path):
+        bank = torch.load(bank_path, map_location="cpu", weights_only=True)
+    else:
+        mean, logvar, captions = latent_bank(vae, recipe.seed, recipe.bank_size)
+        unique = [""] + sorted(set(captions))            # row 0: the empty prompt of caption dropout
+        index = torch.tensor([unique.index(c) for c in captions])
+        tokens = model.tokenizer(unique)                 # (len(unique), 77)
+        bank = {"mean": mean, "logvar": logvar, "caption": index, "tokens": tokens,
+                "scale_factor": torch.tensor(1 / mean.std().item())}
+        _atomic_torch_save(bank, bank_path)
+    scale = bank["scale_factor"].item()
+    config = replace(TINY, vae=replace(TINY.vae, scale_factor=round(scale, 5)))
+    model.config, vae.cfg = config, config.vae
+    log(f"latent std {1 / scale:.4f} -> scale_factor {config.vae.scale_factor}")
+
+    # Phase 2: text encoder + U-Net on the noise-prediction loss
+    alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas(config.beta_start, config.beta_end,
+                                                                   config.num_timesteps)).float()
+    trainable = {f"text_encoder.{k}": p for k, p in model.text_encoder.named_parameters()}
+    trainable.update({f"unet.{k}": p for k, p in model.unet.named_parameters()})
+    cfg2 = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=100, ema_decay=recipe.ema_decay,
+                       checkpoint_every=100, seed=recipe.seed + 1)
+
+    def loss2(step, generator):
+        i = torch.randint(0, len(bank["mean"]), (recipe.batch,), generator=generator)
+        x0 = sample_posterior(bank["mean"][i], bank["logvar"][i], generator) * config.vae.scale_factor
+        keep = torch.rand(recipe.batch, generator=generator) >= recipe.caption_dropout
+        tokens = bank["tokens"][torch.where(keep, bank["caption"][i], 0)]
+        return diffusion_loss(model, x0, tokens, generator, alphas_cumprod)
+
+    progress = _Progress("unet", cfg2.steps, out_dir)
+    grid_scores = {}
+
+    def on_step(step, loss, lr):
+        progress(step, loss, lr)
+        if (step + 1) % recipe.sample_every == 0:
+            grid_scores[step + 1] = sample_grid(model, os.path.join(out_dir, "samples", f"step-{step + 1:05d}.png"))
+            progress.bar.write(f"step {step + 1}: sample grid judged {grid_scores[step + 1]:.0%} correct")
+            model.train()
+
+    weights = train(model, trainable, loss2, cfg2, out_dir, "unet", on_step=on_step, log=log)
+    progress.close()
+    model.load_state_dict(weights, strict=False)          # the EMA weights
+    model.eval().requires_grad_(False)
+
+    path = os.path.join(out_dir, "minisd-tiny.safetensors")
+    half = copy.deepcopy(model).half()
+    save_model(half, path + ".tmp.safetensors")
+    os.replace(path + ".tmp.safetensors", path)
+    wall = time.time() - t_start
+    log(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB) after {wall:.0f} s")
+    report = {"recipe": asdict(recipe), "config": asdict(config), "seconds": round(wall),
+              "seconds_vae": round(t_vae), "grid_scores": grid_scores}
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return path
+
+
+def main(argv=None):
+    """`minisd train-tiny --out DIR [--seed N] [--vae-steps N] [--steps N] [--threads N]`; returns an exit code."""
+    p = argparse.ArgumentParser(prog="minisd train-tiny", description="train the tiny built-in model from scratch")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, sample grids, log.jsonl, the weights")
+    d = Recipe()
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
+    p.add_argument("--steps", type=int, default=d.steps, help="text encoder + U-Net steps")
+    p.add_argument("--bank-size", type=int, default=d.bank_size)
+    p.add_argument("--sample-every", type=int, default=d.sample_every)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(args.threads)
+    recipe = replace(d, seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, bank_size=args.bank_size,
+                     sample_every=args.sample_every)
+    train_tiny(args.out, recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

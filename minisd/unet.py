@@ -1,0 +1,325 @@
+"""The denoising U-Net: eps_theta(x_t, t, context), the network every sampling step calls.
+
+    x_t      (B, 4, h, w)          noisy latents
+    t        (B,)                  timesteps in [0, 999]; fractional values are fine (k-diffusion samplers use them)
+    context  (B, 77, context_dim)  text-encoder output, read through cross-attention
+    ->       (B, 4, h, w)          the prediction (eps for SD1.5 / SD2.1-base, v for SD2.1-768)
+
+It is the U-Net of DDPM (Ho et al. 2020, App. B: ResBlocks with a timestep embedding, self-attention at low
+resolution, skip connections) as refined by Dhariwal & Nichol 2021, with the self-attention replaced by a
+"spatial transformer" whose cross-attention reads the text (Rombach et al. 2022, Sec. 3.3, eq. 3).
+
+Module names follow `ldm.modules.diffusionmodules.openaimodel.UNetModel` so the official
+`model.diffusion_model.*` weights load by attribute path. Its numbered containers are hard to read, so here is
+the map at SD's config (model_channels 320, channel_mult (1, 2, 4, 4), 2 ResBlocks per level; `ds` is the
+downsampling factor, 64x64 latents for a 512px image at ds 1):
+
+    input_blocks                                       channels   ds
+      0       conv 3x3 (in)                             4 -> 320    1
+      1, 2    ResBlock + SpatialTransformer             320         1
+      3       Downsample                                320         1 -> 2
+      4, 5    ResBlock + SpatialTransformer             640         2
+      6       Downsample                                640         2 -> 4
+      7, 8    ResBlock + SpatialTransformer             1280        4
+      9       Downsample                                1280        4 -> 8
+      10, 11  ResBlock (no attention at ds 8)           1280        8
+    middle_block: ResBlock, SpatialTransformer, ResBlock           1280        8
+    output_blocks (each first concatenates the output of one input block, last in first out)
+      0, 1    ResBlock                                  1280        8
+      2       ResBlock + Upsample                       1280        8 -> 4
+      3, 4    ResBlock + SpatialTransformer             1280        4
+      5       ResBlock + SpatialTransformer + Upsample  1280        4 -> 2
+      6, 7    ResBlock + SpatialTransformer             640         2
+      8       ResBlock + SpatialTransformer + Upsample  640         2 -> 1
+      9-11    ResBlock + SpatialTransformer             320         1
+    out: GroupNorm, SiLU, conv 3x3                      320 -> 4
+
+SD1 and SD2 differ only in the transformer: SD1 uses 8 heads at every level (head width 40/80/160) and 1x1-conv
+proj_in/proj_out; SD2 uses 64-wide heads (5/10/20 heads) and Linear proj_in/proj_out.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from minisd.attention import attention
+from minisd.config import UNetConfig
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal features of (possibly fractional) timesteps, (B,) -> (B, dim), always in float32.
+
+    The Transformer's position encoding (Vaswani et al. 2017, Sec. 3.5) applied to t, with frequencies
+    max_period**(-i/half) for i < half. LDM puts the cos half first (diffusers: flip_sin_to_cos=True)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]                          # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))                                  # LDM zero-pads an odd dim
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the model's dtype, cast back after (LDM's `GroupNorm32`).
+
+    In fp16 the variance of wide feature maps loses too much precision; the ResBlocks and the output norm of
+    the U-Net were run this way in the original code, the transformer's GroupNorm was not."""
+
+    def forward(self, x):
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+class ResBlock(nn.Module):
+    """Residual block that adds the timestep embedding between its two convs (Ho et al. 2020, App. B).
+
+    The nn.Sequential containers and their indices mirror LDM so the weights load by name."""
+
+    def __init__(self, in_channels, out_channels, emb_dim, groups=32):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            GroupNorm32(groups, in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(groups, out_channels), nn.SiLU(),
+            nn.Identity(),   # index 2 is LDM's Dropout (p=0 for SD); kept so the conv is still `out_layers.3`
+            nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]   # one bias per channel, chosen by the timestep
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from the image tokens to `context` (the text), or to themselves when it is None.
+
+    Queries come from x, keys and values from the context: softmax(Q K^T / sqrt(d)) V (LDM eq. 3)."""
+
+    def __init__(self, dim, heads, context_dim=None):
+        super().__init__()
+        context_dim = context_dim or dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])   # LDM: Sequential(Linear, Dropout) -> key `to_out.0`
+        self.fast = True    # SDPA (True) or the readable math path (False) in minisd.attention
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, fast=self.fast)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020): one Linear makes both halves, out = a * gelu(gate)."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x):
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """dim -> 4*dim (GEGLU) -> dim. `net` indices mirror LDM: 0 GEGLU, 1 Dropout (p=0, kept as a slot), 2 Linear."""
+
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer layer on image tokens: self-attention, cross-attention to the text, feed-forward."""
+
+    def __init__(self, dim, heads, context_dim):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads)                  # self-attention (context=None)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, heads, context_dim)     # cross-attention to the text
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Treat a feature map as H*W tokens, run transformer layers on them, and add the result back (residual).
+
+    proj_in/proj_out are per-token linear maps: 1x1 convs applied before flattening (SD1) or nn.Linear after it
+    (SD2, `use_linear_in_transformer`): the same function, kept as two branches so both official files load."""
+
+    def __init__(self, channels, heads, depth, context_dim, linear_proj, groups=32):
+        super().__init__()
+        self.linear_proj = linear_proj
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)   # LDM's `Normalize`: eps 1e-6, no fp32 upcast
+        proj = (lambda: nn.Linear(channels, channels)) if linear_proj else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth))
+        self.proj_out = proj()
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if not self.linear_proj:
+            h = self.proj_in(h)
+        h = rearrange(h, "b c h w -> b (h w) c")                       # (B, H*W, C) tokens
+        if self.linear_proj:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear_proj:
+            h = self.proj_out(h)
+        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
+        if not self.linear_proj:
+            h = self.proj_out(h)
+        return x + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with symmetric padding 1 (the U-Net's; the VAE pads asymmetrically)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class UNetBlock(nn.ModuleList):
+    """One numbered entry of input_blocks / output_blocks (or the middle_block): a few layers run in order,
+    each given what it needs: ResBlocks also get the timestep embedding, transformers the text context.
+    (LDM's `TimestepEmbedSequential`; a ModuleList has the same `<index>.` key names as its nn.Sequential.)"""
+
+    def __init__(self, *layers):
+        super().__init__(layers)
+
+    def forward(self, x, emb, context):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """The LDM U-Net; state_dict keys equal the official `model.diffusion_model.*` keys minus that prefix."""
+
+    def __init__(self, cfg: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.cfg = cfg
+        mc, groups = cfg.model_channels, cfg.norm_groups
+        emb_dim = 4 * mc                                             # 1280 at SD's config
+
+        def transformer(channels):
+            # SD1: fixed number of heads; SD2: fixed head width (num_head_channels=64)
+            heads = channels // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
+            return SpatialTransformer(channels, heads, cfg.transformer_depth, cfg.context_dim,
+                                      cfg.use_linear_in_transformer, groups)
+
+        # t -> sinusoidal features (mc) -> MLP -> emb (4*mc), shared by every ResBlock
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        # Down path. `skips` records the channels of each input block's output: the up path concatenates them.
+        self.input_blocks = nn.ModuleList([UNetBlock(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skips, ch, ds = [mc], mc, 1
+        last_level = len(cfg.channel_mult) - 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, mult * mc, emb_dim, groups)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(UNetBlock(*layers))
+                skips.append(ch)
+            if level != last_level:
+                self.input_blocks.append(UNetBlock(Downsample(ch)))
+                skips.append(ch)
+                ds *= 2
+
+        self.middle_block = UNetBlock(ResBlock(ch, ch, emb_dim, groups), transformer(ch),
+                                      ResBlock(ch, ch, emb_dim, groups))
+
+        # Up path: one more ResBlock per level than the down path, so every skip is consumed exactly once
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skips.pop(), mult * mc, emb_dim, groups)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(UNetBlock(*layers))
+
+        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def set_fast_attention(self, fast: bool):
+        """Choose SDPA (True) or the readable math path (False) for every attention layer."""
+        for m in self.modules():
+            if isinstance(m, CrossAttention):
+                m.fast = fast
+
+    def forward(self, x, t, context):
+        """x (B, 4, h, w), t (B,) or a scalar, context (B, N, context_dim) -> (B, 4, h, w) in x's dtype.
+
+        Runs in the dtype of the weights (`unet.to(torch.float16)`); the timestep features are made in float32
+        and then cast, and the GroupNorms of the ResBlocks compute in float32, as in LDM."""
+        self._check_inputs(x, context)
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(B) if t.ndim == 0 else t
+        if t.shape != (B,):
+            raise ValueError(f"t must be a scalar or have shape ({B},), got {tuple(t.shape)}")
+
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))   # (B, 4*mc)
+        h, context = x.to(dtype), context.to(dtype)
+
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)   # skip connection: concat channels
+        return self.out(h).to(x.dtype)
+
+    def _check_inputs(self, x, context):
+        cfg = self.cfg
+        factor = 2 ** (len(cfg.channel_mult) - 1)
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be (B, {cfg.in_channels}, h, w), got {tuple(x.shape)}")
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"latent height and width must be multiples of {factor} (the U-Net halves them "
+                             f"{len(cfg.channel_mult) - 1} times), got {tuple(x.shape[2:])}")
+        if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
+            raise ValueError(f"context must be ({x.shape[0]}, N, {cfg.context_dim}), got {tuple(context.shape)}")

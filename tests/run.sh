@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install the reference oracles and run the test suite (the README's test command).
+#
+# The parity tests compare minisd against diffusers, transformers, open_clip, k-diffusion and the original LDM code.
+# open_clip, timm and k-diffusion import torchvision; the only torchvision build that imports on these machines is
+# 0.29.1, which pins torch 2.14.1, so the test environment uses that pair (minisd itself needs no torchvision and
+# runs on the CPU torch 2.13.0 wheel the README installs). All of these wheels are served from the local disk.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch==2.14.1 torchvision==0.29.1
+python -m pip install -q -e ".[test]"
+python -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5   # the original ldm.* code, without its pins
+exec python -m pytest "$@"

@@ -1,0 +1,83 @@
+"""The minisd command line: flags, outputs with A1111 metadata, and clear errors instead of tracebacks."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from checkpoints import SMALL_SD1, write_ldm_checkpoint
+from minisd.cli import main
+from minisd.images import parse_a1111_parameters, read_png_parameters
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "small.safetensors"
+    write_ldm_checkpoint(path, SMALL_SD1, seed=3)
+    return str(path)
+
+
+def _generate(model_file, out, *extra):
+    return main(["generate", "a red circle", "--model", model_file, "--steps", "2", "--width", "32",
+                 "--height", "32", "--seed", "42", "--out", str(out), "--device", "cpu", *extra])
+
+
+def test_generate_writes_a_png_with_a1111_parameters(model_file, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert _generate(model_file, out, "--negative-prompt", "blurry", "--sampler", "Euler a") == 0
+    params = parse_a1111_parameters(read_png_parameters(out))
+    assert params["Prompt"] == "a red circle" and params["Negative prompt"] == "blurry"
+    assert params["Steps"] == "2" and params["Sampler"] == "Euler a" and params["Seed"] == "42"
+    assert params["Size"] == "32x32" and params["CFG scale"] == "7.5" and params["Model"] == "small"
+    assert "seed 42" in capsys.readouterr().out
+
+
+def test_same_seed_same_image_and_no_silent_overwrite(model_file, tmp_path, capsys):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert _generate(model_file, a) == 0 and _generate(model_file, b) == 0
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    before = a.read_bytes()
+    assert _generate(model_file, a, "--seed", "43") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert a.read_bytes() == before
+    assert _generate(model_file, a, "--seed", "43", "--overwrite") == 0
+    assert a.read_bytes() != before
+
+
+def test_batch_into_a_directory(model_file, tmp_path):
+    assert _generate(model_file, tmp_path / "outs", "--batch", "2") == 0
+    assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == ["00000-42.png", "00001-42.png"]
+
+
+def test_img2img_and_save_steps(model_file, tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 4)) * 255).astype(np.uint8), "RGBA").save(init)
+    steps_dir = tmp_path / "steps"
+    code = main(["img2img", "a blue square", "--model", model_file, "--init-image", str(init), "--strength", "0.5",
+                 "--steps", "4", "--seed", "1", "--out", str(tmp_path / "x.png"), "--save-steps", str(steps_dir)])
+    assert code == 0
+    assert parse_a1111_parameters(read_png_parameters(tmp_path / "x.png"))["Denoising strength"] == "0.5"
+    assert len(list(steps_dir.iterdir())) == 2           # int(4 * 0.5) steps ran, one preview each
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sampler", "euler b"], "unknown sampler"),
+    (["--width", "33"], "multiple of"),
+    (["--steps", "0"], "steps must be a positive integer"),
+])
+def test_bad_input_is_one_clear_line(model_file, tmp_path, capsys, extra, message):
+    assert _generate(model_file, tmp_path / "e.png", *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_strength_and_missing_or_broken_checkpoint(model_file, tmp_path, capsys):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32)).save(init)
+    assert main(["img2img", "x", "--model", model_file, "--init-image", str(init), "--strength", "1.5"]) == 2
+    assert "strength must be in [0, 1]" in capsys.readouterr().err
+    assert main(["generate", "x", "--model", str(tmp_path / "nope.safetensors")]) == 2
+    assert "nope.safetensors" in capsys.readouterr().err
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(open(model_file, "rb").read()[:5000])
+    assert main(["generate", "x", "--model", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.safetensors" in err and "Traceback" not in err

@@ -1,0 +1,365 @@
+"""The samplers and sigma schedules equal k-diffusion's and diffusers', and behave as the theory says on a toy
+problem with an exact denoiser."""
+import inspect
+import math
+
+import diffusers
+import k_diffusion as K
+import pytest
+import torch
+from _sampler_refs import (ALPHAS_CUMPROD, CONTEXT_DIM, SD_SCHEDULER_CONFIG, SHAPE, SIGMAS_TRAIN, ToyModel,
+                           rel_err, run_diffusers)
+from k_diffusion.external import DiscreteEpsDDPMDenoiser, DiscreteVDDPMDenoiser
+
+from minisd import samplers as S
+from minisd.diffusion import make_denoiser, sigmas_from_alphas_cumprod, t_to_sigma
+from minisd.unet import UNet
+from minisd.config import UNetConfig
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: with other jobs on the 2 cores, a second intra-op thread only adds contention
+    (measured 13x slower). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CONTEXT = torch.randn(SHAPE[0], 5, CONTEXT_DIM, generator=torch.Generator().manual_seed(3))
+K_WRAPPERS = {"eps": DiscreteEpsDDPMDenoiser, "v": DiscreteVDDPMDenoiser}
+K_NAMES = {"euler": "euler", "euler_a": "euler_ancestral", "heun": "heun", "dpm2": "dpm_2",
+           "dpm2_a": "dpm_2_ancestral", "lms": "lms", "dpmpp_2s_a": "dpmpp_2s_ancestral", "dpmpp_2m": "dpmpp_2m",
+           "dpmpp_sde": "dpmpp_sde", "dpmpp_2m_sde": "dpmpp_2m_sde"}
+
+
+def run_both(name, model, prediction, sigmas, context, dtype):
+    """Our sampler and k-diffusion's on the same model, sigmas, starting latent and noise stream."""
+    ref = K_WRAPPERS[prediction](model, ALPHAS_CUMPROD.to(dtype), quantize=False)
+    denoise = make_denoiser(model, ALPHAS_CUMPROD, prediction)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(dtype) * sigmas[0].item()
+    g_ours, g_ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    ours = S.SAMPLERS[name](lambda x, s: denoise(x, s, context), x, sigmas,
+                            noise=S.noise_from(g_ours, SHAPE, dtype=dtype))
+    fn = getattr(K.sampling, "sample_" + K_NAMES[name])
+    kwargs = {}
+    if "noise_sampler" in inspect.signature(fn).parameters:
+        kwargs["noise_sampler"] = lambda sigma, sigma_next: torch.randn(SHAPE, generator=g_ref).to(dtype)
+    theirs = fn(ref, x, sigmas.to(dtype), extra_args={"context": context}, disable=True, **kwargs)
+    return ours, theirs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vs k-diffusion
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_schedules_equal_k_diffusion():
+    ref = DiscreteEpsDDPMDenoiser(None, ALPHAS_CUMPROD, quantize=False)            # float64 schedule
+    smin, smax = ref.sigma_min.item(), ref.sigma_max.item()
+    for steps in (1, 10, 25):
+        # float64 on both sides: equal to rounding
+        assert rel_err(S.get_sigmas("discrete", steps, SIGMAS_TRAIN), ref.get_sigmas(steps)) < 1e-12
+        karras = K.sampling.get_sigmas_karras(steps, smin, smax).double()            # k-diffusion: float32 ramp
+        assert rel_err(S.get_sigmas("karras", steps, SIGMAS_TRAIN), karras) < 1e-6
+        expo = K.sampling.get_sigmas_exponential(steps, smin, smax).double()
+        assert rel_err(S.get_sigmas("exponential", steps, SIGMAS_TRAIN), expo) < 1e-6
+    assert S.get_sigmas("karras", 10, SIGMAS_TRAIN)[1] != S.get_sigmas("discrete", 10, SIGMAS_TRAIN)[1]
+
+
+# float64 end to end, so the comparison sees our arithmetic, not float32 rounding in either (k-diffusion's
+# float32 sigma_to_t alone moves t by ~4e-5). 1e-5 of the output std is the issue's bound; we measure ~1e-12.
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("schedule", ["discrete", "karras"])
+@pytest.mark.parametrize("name", list(K_NAMES))
+def test_sampler_equals_k_diffusion(name, schedule, prediction):
+    sigmas = S.get_sigmas(schedule, 10, SIGMAS_TRAIN)
+    ours, theirs = run_both(name, ToyModel(), prediction, sigmas, CONTEXT.double(), torch.float64)
+    assert rel_err(ours, theirs) <= 1e-5
+
+
+def test_k_diffusion_comparison_can_fail():
+    """A different noise stream or a perturbed schedule is caught by the same comparison."""
+    sigmas = S.get_sigmas("karras", 10, SIGMAS_TRAIN)
+    ours, theirs = run_both("euler", ToyModel(), "eps", sigmas * (1 + 1e-3), CONTEXT.double(), torch.float64)
+    ref_x = run_both("euler", ToyModel(), "eps", sigmas, CONTEXT.double(), torch.float64)[1]
+    assert rel_err(ours, ref_x) > 1e-4
+    ours, theirs = run_both("euler_a", ToyModel(), "eps", sigmas, CONTEXT.double(), torch.float64)
+    other = S.euler_a(lambda x, s: make_denoiser(ToyModel(), ALPHAS_CUMPROD)(x, s, CONTEXT.double()),
+                      torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).double() * sigmas[0].item(),
+                      sigmas, noise=S.noise_from(torch.Generator().manual_seed(2), SHAPE, dtype=torch.float64))
+    assert rel_err(other, theirs) > 1e-2
+
+
+@pytest.fixture(scope="module")
+def small_unet():
+    """minisd's U-Net at a tiny config, every parameter redrawn (its init zeroes output layers)."""
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                           num_heads=2, context_dim=CONTEXT_DIM, norm_groups=8)).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return unet
+
+
+# fp32 here (the U-Net's real precision): per step both sides run the same U-Net on inputs that differ by float32
+# rounding of sigma -> t (k-diffusion's float32 interpolation); measured ~1e-6.
+@pytest.mark.parametrize("name,schedule", [("dpmpp_2m", "karras"), ("euler_a", "discrete")])
+def test_sampler_through_unet_equals_k_diffusion(small_unet, name, schedule):
+    sigmas = S.get_sigmas(schedule, 6, SIGMAS_TRAIN).float()
+    ours, theirs = run_both(name, small_unet, "eps", sigmas, CONTEXT, torch.float32)
+    assert rel_err(ours, theirs) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vs diffusers, step by step
+# ---------------------------------------------------------------------------------------------------------------
+
+# (diffusers scheduler, its extra config, our sampler, our schedule, sigma -> t interpolation, start at
+# sqrt(sigma^2 + 1) (True) or sigma (False), final sigma, whether diffusers works in abar space)
+DIFFUSERS_CASES = {
+    "euler-linspace": ("EulerDiscreteScheduler", dict(timestep_spacing="linspace"), "euler", "linspace", "linear"),
+    "euler-leading": ("EulerDiscreteScheduler", dict(timestep_spacing="leading"), "euler", "leading", "log"),
+    "euler-trailing": ("EulerDiscreteScheduler", dict(timestep_spacing="trailing"), "euler", "trailing", "log"),
+    "euler-linspace-karras": ("EulerDiscreteScheduler", dict(timestep_spacing="linspace", use_karras_sigmas=True),
+                              "euler", "linspace karras", "log"),
+    "euler-leading-karras": ("EulerDiscreteScheduler", dict(timestep_spacing="leading", use_karras_sigmas=True),
+                             "euler", "leading karras", "log"),
+    "euler-trailing-karras": ("EulerDiscreteScheduler", dict(timestep_spacing="trailing", use_karras_sigmas=True),
+                              "euler", "trailing karras", "log"),
+    "euler_a-leading": ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="leading"), "euler_a", "leading",
+                        "log"),
+    "euler_a-linspace": ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="linspace"), "euler_a",
+                         "linspace", "linear"),
+    "heun-leading": ("HeunDiscreteScheduler", dict(timestep_spacing="leading"), "heun", "leading", "log"),
+    "heun-leading-karras": ("HeunDiscreteScheduler", dict(timestep_spacing="leading", use_karras_sigmas=True),
+                            "heun", "leading karras", "log"),
+    "lms-leading": ("LMSDiscreteScheduler", dict(timestep_spacing="leading"), "lms", "leading", "log"),
+    "lms-trailing-karras": ("LMSDiscreteScheduler", dict(timestep_spacing="trailing", use_karras_sigmas=True),
+                            "lms", "trailing karras", "log"),
+    "dpm2-leading": ("KDPM2DiscreteScheduler", dict(timestep_spacing="leading"), "dpm2", "leading", "log"),
+    "dpm2_a-leading": ("KDPM2AncestralDiscreteScheduler", dict(timestep_spacing="leading"), "dpm2_a", "leading",
+                       "log"),
+    "dpmpp_2m-leading": ("DPMSolverMultistepScheduler", dict(timestep_spacing="leading"), "dpmpp_2m", None, "log"),
+    "dpmpp_2m-karras": ("DPMSolverMultistepScheduler", dict(timestep_spacing="leading", use_karras_sigmas=True),
+                        "dpmpp_2m", "karras", "nearest"),
+    "ddim-leading": ("DDIMScheduler", dict(timestep_spacing="leading", set_alpha_to_one=False, clip_sample=False),
+                     "ddim", "leading", "log"),
+    "ddim-eta-leading": ("DDIMScheduler", dict(timestep_spacing="leading", set_alpha_to_one=False,
+                                               clip_sample=False), "ddim", "leading", "log"),
+    "ddpm-leading": ("DDPMScheduler", dict(timestep_spacing="leading", clip_sample=False), "ddpm", "leading", "log"),
+}
+ABAR_SPACE = {"DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler"}   # init_noise_sigma = 1, x_t
+
+
+def run_ours_like_diffusers(case, prediction, steps, seed, scheduler, interpolation=None, model=None):
+    cls, _, name, schedule, default_interp = DIFFUSERS_CASES[case]
+    # The same schedule table as the scheduler: diffusers' float32 cumprod makes 1 - abar_0 lose ~4 digits, so
+    # its sigma_min (hence every Karras sigma) differs from LDM's float64 one by up to 1.3e-5 relative.
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    sigmas_train = sigmas_from_alphas_cumprod(alphas_cumprod)
+    if schedule is None:                          # DPMSolverMultistep's own "leading": (n + 1) partitions
+        t = scheduler.timesteps.double()
+        sigmas = torch.cat([t_to_sigma(t, sigmas_train, "linear"), torch.zeros(1, dtype=torch.float64)])
+    else:
+        final = "sigma_min" if cls == "DDIMScheduler" else "zero"
+        sigmas = S.get_sigmas(schedule, steps, sigmas_train, final=final)
+    abar_space = cls in ABAR_SPACE
+    vp_start = abar_space or "leading" in schedule_of(case)
+    denoise = make_denoiser(model or ToyModel(), alphas_cumprod, prediction, interpolation or default_interp)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g) * S.init_noise_sigma(sigmas[0].item(), vp_start)
+    trajectory = []
+    kwargs = {"eta": 0.5} if case == "ddim-eta-leading" else {}
+    x = S.SAMPLERS[name](lambda x, s: denoise(x, s, CONTEXT), x, sigmas, noise=S.noise_from(g, SHAPE),
+                         callback=lambda i, x, d, s: trajectory.append(x), **kwargs)
+    trajectory.append(x)
+    if abar_space:                                # x_t = x / sqrt(1 + sigma^2): diffusers' coordinates
+        trajectory = [x / (1 + s ** 2) ** 0.5 for x, s in zip(trajectory, sigmas.tolist())]
+    return trajectory
+
+
+def schedule_of(case):
+    return DIFFUSERS_CASES[case][1].get("timestep_spacing", "")
+
+
+def diffusers_trajectory(case, prediction, steps, seed):
+    cls, extra, *_ = DIFFUSERS_CASES[case]
+    scheduler = getattr(diffusers, cls)(**SD_SCHEDULER_CONFIG, **extra,
+                                        prediction_type="epsilon" if prediction == "eps" else "v_prediction")
+    eta = 0.5 if case == "ddim-eta-leading" else None
+    return run_diffusers(scheduler, ToyModel(), steps, CONTEXT, seed, eta=eta), scheduler
+
+
+# diffusers computes its schedule and steps in float32 (we in float64 for the scalars): 1e-4 of the std, the
+# issue's bound, leaves room for that rounding (~1e-6 measured) and none for a wrong t, sigma or step.
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("case", list(DIFFUSERS_CASES))
+def test_sampler_equals_diffusers_step_by_step(case, prediction):
+    # 7 steps: "linspace" timesteps are fractional (999 / 6 = 166.5), "leading" ones are 1 + 142 k
+    theirs, scheduler = diffusers_trajectory(case, prediction, 7, seed=42)
+    ours = run_ours_like_diffusers(case, prediction, 7, 42, scheduler)
+    assert len(ours) == len(theirs)
+    assert max(rel_err(a, b) for a, b in zip(ours, theirs)) <= 1e-4
+
+
+def test_diffusers_linspace_needs_linear_interpolation():
+    """diffusers' fractional "linspace" timesteps come with linearly interpolated sigmas: mapping those sigmas
+    back to t log-linearly (k-diffusion's rule) feeds the U-Net other timesteps than diffusers does."""
+    scheduler = diffusers.EulerDiscreteScheduler(**SD_SCHEDULER_CONFIG, timestep_spacing="linspace")
+    scheduler.set_timesteps(7)
+    fed = {}
+    for interpolation in ("linear", "log"):
+        fed[interpolation] = ToyModel()
+        run_ours_like_diffusers("euler-linspace", "eps", 7, 42, scheduler, interpolation, fed[interpolation])
+        fed[interpolation] = torch.stack([t[0] for _, t in fed[interpolation].calls]).double()
+    # measured: linear ~1e-5 (diffusers' timesteps are float32), log 6e-4 at t = 166.5, 499.5, 832.5
+    assert (fed["linear"] - scheduler.timesteps.double()).abs().max() < 1e-4
+    assert (fed["log"] - scheduler.timesteps.double()).abs().max() > 3e-4
+
+
+def test_diffusers_comparison_can_fail_on_the_seed():
+    theirs, scheduler = diffusers_trajectory("euler_a-leading", "eps", 10, seed=42)
+    ours = run_ours_like_diffusers("euler_a-leading", "eps", 10, 43, scheduler)
+    assert rel_err(ours[-1], theirs[-1]) > 1e-2
+
+
+def test_diffusers_sigmas_equal_get_sigmas():
+    """The schedules alone, for each spacing, with and without Karras (diffusers' EulerDiscreteScheduler)."""
+    for spacing in ("linspace", "leading", "trailing"):
+        for karras in (False, True):
+            for steps in (7, 10, 30):
+                sched = diffusers.EulerDiscreteScheduler(**SD_SCHEDULER_CONFIG, timestep_spacing=spacing,
+                                                         use_karras_sigmas=karras)
+                sched.set_timesteps(steps)
+                ours = S.get_sigmas(spacing + (" karras" if karras else ""), steps, SIGMAS_TRAIN)
+                assert rel_err(ours, sched.sigmas) < 1e-5, (spacing, karras, steps)
+    # SD's own config ("leading") never starts at sigma_max; k-diffusion's always does
+    assert S.get_sigmas("leading", 10, SIGMAS_TRAIN)[0] < 0.9 * SIGMAS_TRAIN[-1]
+    assert S.get_sigmas("leading karras", 10, SIGMAS_TRAIN)[0] != S.get_sigmas("karras", 10, SIGMAS_TRAIN)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A toy problem with an exact denoiser: a 2-D Gaussian mixture
+# ---------------------------------------------------------------------------------------------------------------
+
+MEANS = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], dtype=torch.float64)
+STDS = torch.tensor([0.3, 0.5, 0.4], dtype=torch.float64)
+WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+
+
+def gmm_denoiser(x, sigma):
+    """E[x0 | x0 + sigma eps = x] for the mixture sum_k w_k N(mu_k, s_k^2 I): the posterior-weighted mean of each
+    component's Gaussian posterior mean mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k). Exact, closed form."""
+    var = STDS ** 2 + sigma ** 2                                            # (K,) variance of x given component k
+    diff = x[:, None, :] - MEANS                                            # (N, K, 2)
+    logp = WEIGHTS.log() - diff.pow(2).sum(-1) / (2 * var) - var.log()      # 2-D isotropic Gaussian, up to a const
+    post = torch.softmax(logp, dim=1)                                       # (N, K)
+    return (post[..., None] * (MEANS + (STDS ** 2 / var)[:, None] * diff)).sum(1)
+
+
+def gmm_moments():
+    mean = (WEIGHTS[:, None] * MEANS).sum(0)
+    second = (WEIGHTS[:, None, None] * (STDS[:, None, None] ** 2 * torch.eye(2)
+                                        + MEANS[:, :, None] * MEANS[:, None, :])).sum(0)
+    return mean, second - mean[:, None] * mean[None, :]
+
+
+def toy_sigmas(steps):
+    return torch.cat([S.sigmas_karras(steps, 0.002, 80.0), torch.zeros(1, dtype=torch.float64)])
+
+
+def moment_error(x):
+    mean, cov = gmm_moments()
+    return max((x.mean(0) - mean).abs().max().item(), (torch.cov(x.T) - cov).abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpm2", "lms", "dpmpp_2m", "ddim"])
+def test_deterministic_samplers_reach_the_target_moments(name):
+    x = torch.randn(10000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
+    errors = [moment_error(S.SAMPLERS[name](gmm_denoiser, x, toy_sigmas(n))) for n in (4, 16, 64)]
+    # the error shrinks with the step count (measured, euler: 1.8, 0.45, 0.10; 2nd-order: ~0.04 at 64 steps);
+    # the Monte Carlo error of 10000 samples' covariance is ~0.03, so 0.12 separates "converged" from 16 steps
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < (0.12 if name in ("euler", "ddim") else 0.05), errors
+
+
+def test_euler_converges_with_steps_but_euler_a_does_not():
+    """For one seed, Euler's sample settles as steps double (first order: the change halves); Euler a's keeps
+    changing by O(data scale), because each run injects differently-sized fresh noise at different sigmas."""
+    x = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
+
+    def final(name, n):
+        noise = S.noise_from(torch.Generator().manual_seed(1), (2000, 2), dtype=torch.float64)
+        return S.SAMPLERS[name](gmm_denoiser, x, toy_sigmas(n), noise=noise)
+
+    def change(name, n):                         # mean distance between the n- and 2n-step samples
+        return (final(name, n) - final(name, 2 * n)).norm(dim=1).mean().item()
+
+    euler = [change("euler", n) for n in (10, 40, 160)]
+    euler_a = [change("euler_a", n) for n in (10, 40, 160)]
+    assert euler[2] < euler[0] / 8 and euler[2] < 0.01, euler
+    assert min(euler_a) > 0.3, euler_a          # the mixture's components are 0.3 .. 0.5 wide
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Callback, names, errors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(S.SAMPLERS))
+def test_callback_exposes_x_denoised_and_sigma(name):
+    sigmas = toy_sigmas(6)
+    x0 = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
+    seen = []
+    noise = S.noise_from(torch.Generator().manual_seed(1), (50, 2), dtype=torch.float64)
+    S.SAMPLERS[name](gmm_denoiser, x0, sigmas, noise=noise, callback=lambda *a: seen.append(a))
+    assert [i for i, *_ in seen] == list(range(6))
+    assert [s for *_, s in seen] == sigmas[:-1].tolist()
+    assert torch.equal(seen[0][1], x0)
+    for i, x, denoised, sigma in seen:       # denoised is D(x, sigma) of the x reported with it
+        assert torch.allclose(denoised, gmm_denoiser(x, sigma))
+
+
+def test_names_identifiers_and_a1111_display_names():
+    for key in S.SAMPLERS:
+        assert S.parse_sampler(key) == (key, None)
+    assert S.parse_sampler("Euler a") == ("euler_a", None)
+    assert S.parse_sampler("DPM2 a") == ("dpm2_a", None)
+    assert S.parse_sampler("DPM++ 2S a Karras") == ("dpmpp_2s_a", "karras")
+    assert S.parse_sampler("DPM++ 2M Karras") == ("dpmpp_2m", "karras")
+    assert S.parse_sampler("DPM++ 2M SDE Exponential") == ("dpmpp_2m_sde", "exponential")
+    assert S.parse_sampler("LMS Karras") == ("lms", "karras")
+
+
+def test_sample_entry_point_dispatches_and_checks():
+    sigmas = toy_sigmas(5)
+    x = torch.randn(10, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
+    assert torch.equal(S.sample("Heun", gmm_denoiser, x, sigmas), S.heun(gmm_denoiser, x, sigmas))
+    noise = lambda: S.noise_from(torch.Generator().manual_seed(1), (10, 2), dtype=torch.float64)   # noqa: E731
+    assert torch.equal(S.sample("Euler a", gmm_denoiser, x, sigmas, noise(), eta=0.5),
+                       S.euler_a(gmm_denoiser, x, sigmas, noise(), eta=0.5))
+    with pytest.raises(ValueError, match="takes no eta"):
+        S.sample("euler", gmm_denoiser, x, sigmas, eta=0.5)
+    with pytest.raises(ValueError, match="draws fresh noise"):
+        S.sample("euler_a", gmm_denoiser, x, sigmas)
+    with pytest.raises(ValueError, match="euler_a.*DPM\\+\\+ 2M"):
+        S.sample("Euler b", gmm_denoiser, x, sigmas)
+    with pytest.raises(ValueError, match="valid: discrete, karras"):
+        S.get_sigmas("cosine", 10, SIGMAS_TRAIN)
+    with pytest.raises(ValueError, match="valid: discrete, karras"):
+        S.get_sigmas("leading karras rho", 10, SIGMAS_TRAIN)
+    with pytest.raises(ValueError, match="positive integer"):
+        S.get_sigmas("karras", 0, SIGMAS_TRAIN)
+
+
+def test_ancestral_split_is_the_ddpm_posterior_at_eta_1():
+    sigma, sigma_next = 3.0, 1.5
+    down, up = S.ancestral_split(sigma, sigma_next, 1.0)
+    assert math.isclose(down ** 2 + up ** 2, sigma_next ** 2)
+    assert math.isclose(up ** 2, sigma_next ** 2 * (1 - sigma_next ** 2 / sigma ** 2))
+    assert S.ancestral_split(sigma, sigma_next, 0.0) == (sigma_next, 0.0)
+    assert S.ancestral_split(sigma, 0.0, 1.0) == (0.0, 0.0)

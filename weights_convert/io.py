@@ -1,0 +1,190 @@
+"""Reading and writing checkpoint files one tensor at a time.
+
+A 4.3 GB Stable Diffusion file must not sit in RAM twice. safetensors is a tiny format (an 8-byte header
+length, a JSON header of name -> dtype/shape/byte range, then the raw bytes), so we read it ourselves with
+plain `readinto` into the tensor's own memory: one copy per tensor, nothing memory-mapped that would count
+against the process, and a clear error when the file is truncated. `.ckpt` files are pickles; they are
+opened only with `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
+"""
+import json
+import os
+import struct
+import zipfile
+from collections.abc import Mapping
+
+import torch
+
+# safetensors dtype names (https://github.com/huggingface/safetensors, "Format")
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match what we expect; the message names the problem."""
+
+
+class Tensors(Mapping):
+    """name -> tensor held in memory (a loaded `.ckpt`, or tensors a conversion computed).
+
+    `pop` hands a tensor over and forgets it, so a loader that moves tensors into a model one by one never
+    holds a second full copy.
+    """
+
+    def __init__(self, tensors, metadata=None):
+        self._tensors = dict(tensors)
+        self.metadata = dict(metadata or {})
+
+    def __getitem__(self, name):
+        return self._tensors[name]
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self):
+        return len(self._tensors)
+
+    def shape(self, name):
+        return tuple(self._tensors[name].shape)
+
+    def pop(self, name):
+        return self._tensors.pop(name)
+
+
+class SafetensorsFile(Mapping):
+    """name -> tensor of a .safetensors file; each tensor is read from disk when it is indexed."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                raise CheckpointError(f"{self.path}: not a safetensors file, or truncated "
+                                      f"(header claims {n} bytes, file has {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{self.path}: corrupted safetensors header ({e})") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._start = 8 + n
+        self._entries = header
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self._start + end > size:
+            first = next(k for k, e in header.items() if self._start + e["data_offsets"][1] > size)
+            raise CheckpointError(f"{self.path}: truncated safetensors file: {size} bytes, the header needs "
+                                  f"{self._start + end} (first incomplete tensor: {first!r})")
+
+    def __getitem__(self, name):
+        entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        dtype = DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        data = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self._start + begin)
+            if f.readinto(data.numpy()) != end - begin:
+                raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
+        return data.view(dtype).reshape(entry["shape"])
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self):
+        return len(self._entries)
+
+    def shape(self, name):
+        return tuple(self._entries[name]["shape"])
+
+    pop = __getitem__   # reading from disk holds nothing to forget
+
+
+def read_checkpoint(path):
+    """Open a .safetensors (lazily) or .ckpt/.pt/.bin (via torch.load(weights_only=True)) state dict."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    if path.endswith(".safetensors"):
+        return SafetensorsFile(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read this .ckpt (truncated or corrupted?): "
+                              f"{str(e).splitlines()[0]}") from None
+    except Exception as e:  # weights_only refuses arbitrary pickled objects with an UnpicklingError
+        raise CheckpointError(f"{path}: refusing to load: torch.load(weights_only=True) failed: "
+                              f"{str(e).splitlines()[0]}") from None
+    # Lightning/LDM training checkpoints wrap the weights: {"state_dict": {...}, "global_step": ...}
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        extras = {k: v for k, v in obj.items() if k != "state_dict"}
+        obj = obj["state_dict"]
+    else:
+        extras = {}
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (optionally under 'state_dict')")
+    metadata = {k: str(v) for k, v in extras.items() if isinstance(v, (int, float, str))}
+    return Tensors(obj, metadata)
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write name -> tensor as .safetensors, streaming one tensor at a time (no second copy in RAM)."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)   # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def write_ckpt(path, tensors):
+    """Write a `.ckpt` the way LDM training did: the weights under "state_dict"."""
+    torch.save({"state_dict": {k: v.contiguous() for k, v in tensors.items()}}, path)
+
+
+class LazyState(Mapping):
+    """minisd name -> tensor, where each tensor is fetched from its source (and transformed) only when asked.
+
+    A layout converter fills it with `add(name, source, key, fn)`; the model loader then `pop`s tensors one
+    at a time straight into the model. `origin(name)` is the key in the source file, for error messages.
+    """
+
+    def __init__(self):
+        self._entries = {}
+
+    def add(self, name, source, key=None, fn=None):
+        self._entries[name] = (source, name if key is None else key, fn)
+
+    def __getitem__(self, name):
+        source, key, fn = self._entries[name]
+        return fn(source[key]) if fn else source[key]
+
+    def pop(self, name):
+        source, key, fn = self._entries.pop(name)
+        t = source.pop(key)
+        return fn(t) if fn else t
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self):
+        return len(self._entries)
+
+    def shape(self, name):
+        source, key, fn = self._entries[name]
+        shape = source.shape(key)
+        return tuple(fn(torch.empty(shape, device="meta")).shape) if fn else shape
+
+    def origin(self, name):
+        return self._entries[name][1]
