@@ -200,14 +200,18 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv.
+
+    `size` is the size of the skip connection this output meets: a side that was odd on the way down (a 520 px
+    image has 65 latents -> 33 -> 17 -> 9) comes back to it instead of to twice the smaller side (diffusers'
+    `upsample_size`; for even sides it is the same 2x)."""
 
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    def forward(self, x, size=None):
+        return self.conv(F.interpolate(x, size=size or (2 * x.shape[-2], 2 * x.shape[-1]), mode="nearest"))
 
 
 class UNetBlock(nn.ModuleList):
@@ -218,12 +222,14 @@ class UNetBlock(nn.ModuleList):
     def __init__(self, *layers):
         super().__init__(layers)
 
-    def forward(self, x, emb, context):
+    def forward(self, x, emb, context, upsample_size=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -310,16 +316,13 @@ class UNet(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)   # skip connection: concat channels
+            h = torch.cat([h, skips.pop()], dim=1)                        # skip connection: concat channels
+            h = block(h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None)
         return self.out(h).to(x.dtype)
 
     def _check_inputs(self, x, context):
         cfg = self.cfg
-        factor = 2 ** (len(cfg.channel_mult) - 1)
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, h, w), got {tuple(x.shape)}")
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"latent height and width must be multiples of {factor} (the U-Net halves them "
-                             f"{len(cfg.channel_mult) - 1} times), got {tuple(x.shape[2:])}")
         if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
             raise ValueError(f"context must be ({x.shape[0]}, N, {cfg.context_dim}), got {tuple(context.shape)}")

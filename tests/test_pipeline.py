@@ -214,6 +214,20 @@ def test_img2img_accepts_any_mode_and_resizes_to_a_multiple_of_the_vae_factor(sd
 # prompts and errors
 
 
+def test_unet_takes_odd_latent_sizes_like_diffusers(sd1):
+    """A side that is odd on the way down (SD at 520 px: 65 latents) comes back to the skip's size on the way up,
+    as diffusers' upsample_size does; LDM's fixed 2x upsampling would fail to concatenate."""
+    ours, ref = sd1
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 9, 7, generator=g), torch.randn(2, 77, 64, generator=g)
+    t = torch.tensor([999.0, 321.5])
+    with torch.no_grad():
+        mine = ours.model.unet(x, t, ctx)
+        theirs = ref.unet(x, t, encoder_hidden_states=ctx).sample
+    assert mine.shape == (2, 4, 9, 7)
+    assert (mine - theirs).abs().max() <= 1e-4 * theirs.std()       # fp32, same tolerance as the U-Net tests
+
+
 def test_long_prompts_are_chunked_and_short_ones_are_one_chunk(sd1):
     ours, _ = sd1
     short_c, short_u = ours.encode_prompts(PROMPT, "")

@@ -192,7 +192,6 @@ TINY = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=
 
 @pytest.mark.parametrize("x_shape, t, ctx_shape, message", [
     ((1, 3, 8, 8), [1.0], (1, 77, 16), "x must be"),
-    ((1, 4, 7, 8), [1.0], (1, 77, 16), "multiples of 2"),
     ((1, 4, 8, 8), [1.0], (1, 77, 15), "context must be"),
     ((2, 4, 8, 8), [1.0, 2.0], (1, 77, 16), "context must be"),
     ((2, 4, 8, 8), [1.0, 2.0, 3.0], (2, 77, 16), "t must be"),
