@@ -23,11 +23,19 @@ def attention_math(q, k, v, causal=False):
     return weights @ v
 
 
-def attention(q, k, v, heads, causal=False, fast=True):
+def attention(q, k, v, heads, causal=False, fast=True, slice_size=None):
     """Multi-head attention on already-projected tokens.
 
     q: (B, Nq, heads*d), k and v: (B, Nk, heads*d) -> (B, Nq, heads*d). `fast=False` takes the readable path.
+    slice_size: compute at most that many queries at a time ("attention slicing"). Each query's softmax runs over
+    the keys only, so slices are independent and the result is the same; the (Nq, Nk) score matrix of the math
+    path (4096 x 4096 per head at 512 px) then never exists whole.
     """
+    if slice_size and q.shape[1] > slice_size:
+        if causal:
+            raise ValueError("attention slicing is for the U-Net and VAE; causal (text) attention is not sliced")
+        return torch.cat([attention(q[:, i:i + slice_size], k, v, heads, fast=fast)
+                          for i in range(0, q.shape[1], slice_size)], dim=1)
     q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
     if fast:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)

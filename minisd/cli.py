@@ -1,4 +1,4 @@
-"""The `minisd` command line: generate, img2img, convert.
+"""The `minisd` command line: generate, img2img, convert, train-tiny.
 
     minisd generate "a red circle on a blue background"                       # the tiny built-in model, CPU
     minisd generate "a castle at dusk" --model v1-5-pruned-emaonly.safetensors --steps 25 --seed 1 --out castle.png
@@ -38,6 +38,10 @@ def _add_common(p):
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="auto: fp16 on CUDA (VAE decode kept in fp32), fp32 on CPU")
     p.add_argument("--emphasis", action="store_true", help="A1111 prompt weights: (word), (word:1.3), [word]")
+    p.add_argument("--attention-slice", type=int, default=None, metavar="N",
+                   help="compute attention N queries at a time: same image, less memory")
+    p.add_argument("--vae-tile", type=int, default=None, metavar="N",
+                   help="decode in N x N latent tiles with blended seams (e.g. 64) for very large images")
     p.add_argument("--save-steps", default=None, metavar="DIR",
                    help="write each step's denoised estimate as a PNG into DIR (to watch the image form)")
 
@@ -57,6 +61,9 @@ def build_parser():
     c = sub.add_parser("convert", help="convert a checkpoint between layouts (python -m weights_convert)",
                        add_help=False)
     c.add_argument("args", nargs=argparse.REMAINDER)
+    t = sub.add_parser("train-tiny", help="train the tiny built-in model from scratch (minisd train-tiny --out DIR)",
+                       add_help=False)
+    t.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -85,7 +92,8 @@ def run(args):
             raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
         init = Image.open(args.init_image)
         from_pil(init, log=lambda *_: None)
-    pipe = Pipeline.load(args.model, args.prediction, args.device, args.dtype)
+    pipe = Pipeline.load(args.model, args.prediction, args.device, args.dtype, progress=True)
+    pipe.set_memory_options(args.attention_slice, args.vae_tile)
     seed = args.seed
     if seed is None:
         import random
@@ -123,6 +131,9 @@ def main(argv=None):
     if argv[:1] == ["convert"]:
         from weights_convert.__main__ import main as convert_main
         return convert_main(argv[1:])
+    if argv[:1] == ["train-tiny"]:
+        from .tiny import main as train_tiny_main
+        return train_tiny_main(argv[1:])
     args = build_parser().parse_args(argv)
     from weights_convert.io import CheckpointError
     from .download import DownloadError

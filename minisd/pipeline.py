@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from . import diffusion, samplers
 from .prompts import apply_emphasis, prompt_pair_tokens
@@ -114,7 +115,7 @@ class Result:
 class Pipeline:
     """A loaded model on a device, with generate() and img2img()."""
 
-    def __init__(self, model, device="cpu", dtype=torch.float32, name=None, log=print):
+    def __init__(self, model, device="cpu", dtype=torch.float32, name=None, log=print, progress=False):
         self.device = pick_device(device) if isinstance(device, str) else device
         self.dtype = pick_dtype(dtype, self.device) if not isinstance(dtype, torch.dtype) else dtype
         self.model = model.to(self.device, self.dtype).eval()
@@ -125,6 +126,8 @@ class Pipeline:
             self.model.unet.to(memory_format=torch.channels_last)
         self.name = name or model.config.name
         self.log = log
+        self.progress = progress        # a tqdm bar over the sampling steps (the CLI turns it on)
+        self.vae_tile = None            # latent tile size for a tiled VAE decode (None: decode in one piece)
         cfg = model.config
         betas = diffusion.scaled_linear_betas(cfg.beta_start, cfg.beta_end, cfg.num_timesteps)
         self.alphas_cumprod = diffusion.alphas_cumprod_from_betas(betas)
@@ -132,7 +135,7 @@ class Pipeline:
         self.factor = 2 ** (len(cfg.vae.ch_mult) - 1)     # pixels per latent, 8 for SD
 
     @classmethod
-    def load(cls, model=None, prediction=None, device="auto", dtype="auto", log=print):
+    def load(cls, model=None, prediction=None, device="auto", dtype="auto", log=print, progress=False):
         """model: a checkpoint path or diffusers folder, a named model ("sd15", "sd21", "sd21-base"), or None for
         the tiny built-in one. prediction: None/"auto" (detected), "eps" or "v"."""
         from . import download
@@ -152,7 +155,7 @@ class Pipeline:
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
         sd = load_model(model, prediction=prediction, dtype=torch.float32, device="cpu")
-        return cls(sd, device, dtype, name=name, log=log)
+        return cls(sd, device, dtype, name=name, log=log, progress=progress)
 
     # -- text ---------------------------------------------------------------------------------------------
 
@@ -200,12 +203,30 @@ class Pipeline:
     def _sample(self, x, sigmas, key, cond, uncond, cfg, schedule, generator, eta, callback, rescale):
         denoise = self._denoiser(cond, uncond, cfg, schedule, x.shape[0], rescale)
         noise = samplers.noise_from(generator, tuple(x.shape), self.device, self.dtype)
-        sigmas = sigmas.to(self.device)
-        return samplers.sample(key, denoise, x, sigmas, noise=noise, eta=eta, callback=callback)
+        if self.progress:       # the samplers call back once per step, before it: count those
+            bar = tqdm(total=len(sigmas) - 1, desc=key, unit="step")
+            user_callback = callback
+
+            def callback(i, x, denoised, sigma):
+                bar.update(1)
+                if user_callback:
+                    user_callback(i, x, denoised, sigma)
+        try:
+            return samplers.sample(key, denoise, x, sigmas.to(self.device), noise=noise, eta=eta, callback=callback)
+        finally:
+            if self.progress:
+                bar.close()
+
+    def set_memory_options(self, attention_slice=None, vae_tile=None):
+        """Trade speed for memory: attention computed `attention_slice` queries at a time (exactly the same
+        result), and the VAE decoding `vae_tile` x `vae_tile` latent tiles with blended seams (approximately)."""
+        self.model.unet.set_attention_slicing(attention_slice)
+        self.model.vae.set_attention_slicing(attention_slice)
+        self.vae_tile = vae_tile
 
     @torch.no_grad()
     def decode(self, latents):
-        return self.model.vae.decode(latents.to(self.vae_dtype))
+        return self.model.vae.decode(latents.to(self.vae_dtype), tile=self.vae_tile)
 
     def decode_preview(self, latents):
         return to_pil(self.decode(latents))

@@ -218,22 +218,26 @@ def heun(denoise, x, sigmas, noise=None, callback=None):
     return x
 
 
+def _dpm2_step(denoise, x, d, sigma, sigma_to):
+    """DPM-Solver-2 from sigma to sigma_to (Lu et al. 2022a, Alg. 1 with r = 1/2; k-diffusion's sample_dpm_2): the
+    slope at the midpoint sigma_mid = sqrt(sigma sigma_to) (halfway in log sigma) carries the whole step. d is the
+    slope at sigma. A step to 0 has no midpoint in log sigma and is a plain Euler step (it lands on D)."""
+    if sigma_to == 0:
+        return x + d * (sigma_to - sigma)
+    sigma_mid = math.exp((math.log(sigma) + math.log(sigma_to)) / 2)
+    x_mid = x + d * (sigma_mid - sigma)
+    return x + to_d(x_mid, sigma_mid, denoise(x_mid, sigma_mid)) * (sigma_to - sigma)
+
+
 @torch.no_grad()
 def dpm2(denoise, x, sigmas, noise=None, callback=None):
-    """DPM-Solver-2 in sigma space (Lu et al. 2022a, Alg. 1 with r = 1/2; k-diffusion's sample_dpm_2): take the
-    slope at the midpoint sigma_mid = sqrt(sigma sigma_next) (halfway in log sigma) for the whole step."""
+    """DPM2: one DPM-Solver-2 step per interval (see _dpm2_step); two model calls per step but the last."""
     sigmas = _host(sigmas)
     for i, (sigma, sigma_next) in _steps(sigmas):
         denoised = denoise(x, sigma)
         if callback:
             callback(i, x, denoised, sigma)
-        d = to_d(x, sigma, denoised)
-        if sigma_next == 0:
-            x = x + d * (sigma_next - sigma)
-        else:
-            sigma_mid = math.exp((math.log(sigma) + math.log(sigma_next)) / 2)
-            x_mid = x + d * (sigma_mid - sigma)
-            x = x + to_d(x_mid, sigma_mid, denoise(x_mid, sigma_mid)) * (sigma_next - sigma)
+        x = _dpm2_step(denoise, x, to_d(x, sigma, denoised), sigma, sigma_next)
     return x
 
 
@@ -246,13 +250,8 @@ def dpm2_a(denoise, x, sigmas, noise=None, callback=None, eta=1.0):
         if callback:
             callback(i, x, denoised, sigma)
         sigma_down, sigma_up = ancestral_split(sigma, sigma_next, eta)
-        d = to_d(x, sigma, denoised)
-        if sigma_down == 0:
-            x = x + d * (sigma_down - sigma)
-        else:
-            sigma_mid = math.exp((math.log(sigma) + math.log(sigma_down)) / 2)
-            x_mid = x + d * (sigma_mid - sigma)
-            x = x + to_d(x_mid, sigma_mid, denoise(x_mid, sigma_mid)) * (sigma_down - sigma)
+        x = _dpm2_step(denoise, x, to_d(x, sigma, denoised), sigma, sigma_down)
+        if sigma_down != 0:     # as k-diffusion: no noise after a step that lands on D
             x = x + noise() * sigma_up
     return x
 

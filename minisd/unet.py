@@ -105,11 +105,13 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])   # LDM: Sequential(Linear, Dropout) -> key `to_out.0`
-        self.fast = True    # SDPA (True) or the readable math path (False) in minisd.attention
+        self.fast = True        # SDPA (True) or the readable math path (False) in minisd.attention
+        self.slice_size = None  # queries per attention slice (None: all at once)
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, fast=self.fast)
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, fast=self.fast,
+                        slice_size=self.slice_size)
         return self.to_out[0](out)
 
 
@@ -293,6 +295,12 @@ class UNet(nn.Module):
         for m in self.modules():
             if isinstance(m, CrossAttention):
                 m.fast = fast
+
+    def set_attention_slicing(self, slice_size):
+        """Compute attention `slice_size` queries at a time (None: off); same result, less peak memory."""
+        for m in self.modules():
+            if isinstance(m, CrossAttention):
+                m.slice_size = slice_size
 
     def forward(self, x, t, context):
         """x (B, 4, h, w), t (B,) or a scalar, context (B, N, context_dim) -> (B, 4, h, w) in x's dtype.

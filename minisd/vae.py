@@ -58,13 +58,14 @@ class AttnBlock(nn.Module):
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
-        self.fast = True    # SDPA (True) or the readable math path (False) in minisd.attention
+        self.fast = True        # SDPA (True) or the readable math path (False) in minisd.attention
+        self.slice_size = None  # queries per attention slice (None: all at once)
 
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
         q, k, v = (rearrange(conv(h), "b c h w -> b (h w) c") for conv in (self.q, self.k, self.v))
-        h = attention(q, k, v, heads=1, fast=self.fast)                 # (B, H*W, C), scale 1/sqrt(C)
+        h = attention(q, k, v, heads=1, fast=self.fast, slice_size=self.slice_size)   # (B, H*W, C), 1/sqrt(C)
         h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
         return x + self.proj_out(h)
 
@@ -206,6 +207,12 @@ class VAE(nn.Module):
             if isinstance(m, AttnBlock):
                 m.fast = fast
 
+    def set_attention_slicing(self, slice_size):
+        """Compute the mid-block attention `slice_size` queries at a time (None: off); same result."""
+        for m in self.modules():
+            if isinstance(m, AttnBlock):
+                m.slice_size = slice_size
+
     def posterior(self, images):
         """images (B, 3, H, W) in [-1, 1] -> (mean, logvar) of q(z|x), each (B, embed_dim, H/8, W/8), UNSCALED.
 
@@ -229,11 +236,61 @@ class VAE(nn.Module):
         mean, logvar = self.posterior(images)
         return (sample_posterior(mean, logvar, generator) * self.cfg.scale_factor).to(images.dtype)
 
-    def decode(self, latents):
+    def decode(self, latents, tile=None, overlap=None):
         """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1] but NOT clamped.
 
-        Runs in the dtype of the weights (`vae.to(torch.float16)`) and returns the latents' dtype."""
+        Runs in the dtype of the weights (`vae.to(torch.float16)`) and returns the latents' dtype.
+        tile: decode `tile` x `tile` latent tiles overlapping by `overlap` (default a quarter tile, as diffusers)
+        and blend them (see `tiled`), for images whose full-resolution decoder activations would not fit in
+        memory; None decodes in one piece."""
         if latents.ndim != 4 or latents.shape[1] != self.cfg.embed_dim:
             raise ValueError(f"latents must be (B, {self.cfg.embed_dim}, h, w), got {tuple(latents.shape)}")
         z = latents.to(self.post_quant_conv.weight.dtype) / self.cfg.scale_factor
-        return self.decoder(self.post_quant_conv(z)).to(latents.dtype)
+        decode = lambda z: self.decoder(self.post_quant_conv(z))
+        if tile is not None and max(z.shape[-2:]) > tile:
+            factor = 2 ** (len(self.cfg.ch_mult) - 1)
+            overlap = tile // 4 if overlap is None else overlap
+            return tiled(decode, z, tile, overlap, factor).to(latents.dtype)
+        return decode(z).to(latents.dtype)
+
+
+def _tile_starts(size, tile, overlap):
+    if size <= tile:
+        return [0]
+    return list(range(0, size - tile, tile - overlap)) + [size - tile]    # the last tile ends at the edge
+
+
+def _ramp(n, width, first, last):
+    """Blend weights along one side of a tile: rising over `width` pixels where a neighbour overlaps it."""
+    w = torch.ones(n)
+    up = (torch.arange(width) + 0.5) / width
+    if not first:
+        w[:width] = up
+    if not last:
+        w[n - width:] = torch.minimum(w[n - width:], up.flip(0))
+    return w
+
+
+def tiled(fn, x, tile, overlap, scale):
+    """fn on overlapping tiles of x, the outputs blended with linear ramps across each overlap, so no seam shows.
+
+    fn maps (B, C, h, w) -> (B, C', h * scale, w * scale) (the decoder: scale 8). The decoder is not local (its
+    mid-block attention sees the whole tile, its convs see a few latents around each one), so a tiled decode is
+    close to, not equal to, a whole one; the overlap gives each tile's border context that is then faded out.
+    """
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
+    H, W = x.shape[-2:]
+    ys, xs = _tile_starts(H, tile, overlap), _tile_starts(W, tile, overlap)
+    out, total = None, torch.zeros(H * scale, W * scale, device=x.device)
+    for y in ys:
+        for x0 in xs:
+            part = fn(x[..., y:y + tile, x0:x0 + tile])
+            h, w = part.shape[-2:]
+            weight = (_ramp(h, overlap * scale, y == ys[0], y == ys[-1])[:, None]
+                      * _ramp(w, overlap * scale, x0 == xs[0], x0 == xs[-1])[None, :]).to(part.device)
+            if out is None:
+                out = part.new_zeros(*part.shape[:2], H * scale, W * scale)
+            out[..., y * scale:y * scale + h, x0 * scale:x0 * scale + w] += part * weight.to(part.dtype)
+            total[y * scale:y * scale + h, x0 * scale:x0 * scale + w] += weight
+    return out / total.to(out.dtype)

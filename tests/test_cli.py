@@ -42,6 +42,14 @@ def test_same_seed_same_image_and_no_silent_overwrite(model_file, tmp_path, caps
     assert a.read_bytes() != before
 
 
+def test_attention_slicing_gives_the_same_image(model_file, tmp_path):
+    assert _generate(model_file, tmp_path / "a.png") == 0
+    assert _generate(model_file, tmp_path / "b.png", "--attention-slice", "7", "--vae-tile", "8") == 0
+    a, b = (np.asarray(Image.open(tmp_path / n), dtype=np.float32) for n in ("a.png", "b.png"))
+    # slicing is exact; the tiled decode (16x16 latents in 8x8 tiles) blends seams, so pixels may move a little
+    assert a.shape == b.shape and np.abs(a - b).mean() < 255 * 0.1
+
+
 def test_batch_into_a_directory(model_file, tmp_path):
     assert _generate(model_file, tmp_path / "outs", "--batch", "2") == 0
     assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == ["00000-42.png", "00001-42.png"]
