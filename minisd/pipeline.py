@@ -118,10 +118,12 @@ class Pipeline:
     def __init__(self, model, device="cpu", dtype=torch.float32, name=None, log=print, progress=False):
         self.device = pick_device(device) if isinstance(device, str) else device
         self.dtype = pick_dtype(dtype, self.device) if not isinstance(dtype, torch.dtype) else dtype
-        self.model = model.to(self.device, self.dtype).eval()
         # fp16 decoders overflow on SD 2.1 (black images): keep the VAE in fp32 then, as diffusers' force_upcast
         self.vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
-        self.model.vae.to(self.vae_dtype)
+        self.model = model.eval()
+        model.text_encoder.to(self.device, self.dtype)
+        model.unet.to(self.device, self.dtype)
+        model.vae.to(self.device, self.vae_dtype)
         if self.device.type == "cuda":
             self.model.unet.to(memory_format=torch.channels_last)
         self.name = name or model.config.name

@@ -6,11 +6,12 @@ It is SD 1.5 in miniature, not a different network: the same TextEncoder (CLIP a
 tokenizer, 77 tokens), the same cross-attention UNet, the same KL VAE with SD's downsampling factor 8 (64x64x3
 images -> 8x8x4 latents), the same scaled-linear noise schedule and eps-prediction. Only the widths shrink.
 
-The recipe follows latent diffusion (Rombach et al. 2022) in two phases, both run by minisd.train's one loop:
+The recipe follows latent diffusion (Rombach et al. 2022) in three phases, all run by minisd.train's one loop:
   1. the autoencoder: L1 reconstruction + a small KL pull of q(z|x) toward N(0, I) (LDM Sec. 3, App. G);
+  2. the decoder alone, longer, with the encoder frozen: sharper pictures from the same latent space;
      then every training image of a fixed bank is encoded once, and scale_factor = 1 / std(latents), the rule
      that gave SD's 0.18215 (LDM `scale_by_std`);
-  2. the text encoder and U-Net jointly, on the noise-prediction loss || eps - eps_theta(x_t, t, c) ||^2 over the
+  3. the text encoder and U-Net jointly, on the noise-prediction loss || eps - eps_theta(x_t, t, c) ||^2 over the
      forward process x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM eq. 4 and 14), with 10% of captions
      replaced by "" so the same network also learns the unconditional model that classifier-free guidance needs
      (Ho & Salimans 2022, Alg. 1).
@@ -41,8 +42,9 @@ TINY = ModelConfig(
     text=TextConfig(width=64, layers=2, heads=4),
     unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2),
                     num_heads=4, context_dim=64, norm_groups=8),
-    # four levels = three stride-2 downsamplings: SD's factor 8. scale_factor is measured by phase 1 (see above)
-    vae=VAEConfig(ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=4, scale_factor=1.0),
+    # four levels = three stride-2 downsamplings: SD's factor 8. scale_factor = 1 / 2.2544, the latent std the
+    # shipped run measured after its VAE phases; train_tiny measures it again and stores what it finds
+    vae=VAEConfig(ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=4, scale_factor=0.44359),
     image_size=64,
 )
 
@@ -64,6 +66,7 @@ class Recipe:
     vae_steps: int = 800
     vae_batch: int = 16
     vae_lr: float = 2e-3
+    decoder_steps: int = 1000
     kl_weight: float = 1e-4          # per latent element, against a per-pixel L1: enough to keep q(z|x) smooth
     bank_size: int = 4096            # training images encoded once for phase 2
     steps: int = 1600
@@ -217,65 +220,75 @@ def latent_bank(vae, seed, n, chunk=256):
     return torch.cat(means), torch.cat(logvars), captions
 
 
-def train_tiny(out_dir, recipe=Recipe(), log=print):
-    """Run both phases into out_dir (resuming whatever is there) and write out_dir/minisd-tiny.safetensors (fp16,
-    the EMA weights) plus out_dir/report.json. Returns the path of the weights."""
-    from .model import StableDiffusion, save_model
-    os.makedirs(out_dir, exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-    t_start = time.time()
-    torch.manual_seed(recipe.seed)                       # the initial weights (overwritten on resume)
-    model = StableDiffusion(TINY)
+def train_autoencoder(vae, recipe, out_dir, log=print):
+    """Phase 1: the whole VAE on L1 reconstruction of a posterior sample + a small KL term."""
+    cfg = TrainConfig(steps=recipe.vae_steps, lr=recipe.vae_lr, warmup_steps=50, ema_decay=0.99,
+                      checkpoint_every=100, seed=recipe.seed)
 
-    # Phase 1: the autoencoder
-    vae = model.vae
-    cfg1 = TrainConfig(steps=recipe.vae_steps, lr=recipe.vae_lr, warmup_steps=50, ema_decay=0.99,
-                       checkpoint_every=100, seed=recipe.seed)
-
-    def loss1(step, generator):
+    def loss_fn(step, generator):
         images, _ = image_batch(recipe.seed, step, recipe.vae_batch)
         return vae_loss(vae, images, generator, recipe.kl_weight)
 
-    progress = _Progress("vae", cfg1.steps, out_dir)
-    weights = train(vae, dict(vae.named_parameters()), loss1, cfg1, out_dir, "vae", on_step=progress, log=log)
+    progress = _Progress("vae", cfg.steps, out_dir)
+    vae.load_state_dict(train(vae, dict(vae.named_parameters()), loss_fn, cfg, out_dir, "vae", progress, log))
     progress.close()
-    vae.load_state_dict(weights)
+
+
+def train_decoder(vae, recipe, out_dir, log=print):
+    """Phase 2: the decoder alone, on fresh images, to sharpen edges and colours. The encoder is frozen, so the
+    latent space (and anything trained on it) stays valid: how SD's VAE was improved (sd-vae-ft-mse)."""
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    trainable = {f"decoder.{k}": p for k, p in vae.decoder.named_parameters()}
+    trainable.update({f"post_quant_conv.{k}": p for k, p in vae.post_quant_conv.named_parameters()})
+    cfg = TrainConfig(steps=recipe.decoder_steps, lr=recipe.vae_lr / 2, warmup_steps=50, ema_decay=0.99,
+                      checkpoint_every=100, seed=recipe.seed + 2)
+
+    def loss_fn(step, generator):
+        images, _ = image_batch(recipe.seed + 2, step, recipe.vae_batch)
+        with torch.no_grad():
+            mean, logvar = vae.posterior(images)
+        recon = vae.decoder(vae.post_quant_conv(sample_posterior(mean, logvar, generator)))
+        return (recon - images).abs().mean()
+
+    progress = _Progress("decoder", cfg.steps, out_dir)
+    vae.load_state_dict(train(vae, trainable, loss_fn, cfg, out_dir, "decoder", progress, log), strict=False)
+    progress.close()
     vae.eval().requires_grad_(False)
-    t_vae = time.time() - t_start
 
-    # The latent bank and the scale factor
-    bank_path = os.path.join(out_dir, "bank.pt")
-    if os.path.exists(bank_path):
-        bank = torch.load(bank_path, map_location="cpu", weights_only=True)
-    else:
-        mean, logvar, captions = latent_bank(vae, recipe.seed, recipe.bank_size)
-        unique = [""] + sorted(set(captions))            # row 0: the empty prompt of caption dropout
-        index = torch.tensor([unique.index(c) for c in captions])
-        tokens = model.tokenizer(unique)                 # (len(unique), 77)
-        bank = {"mean": mean, "logvar": logvar, "caption": index, "tokens": tokens,
-                "scale_factor": torch.tensor(1 / mean.std().item())}
-        _atomic_torch_save(bank, bank_path)
-    scale = bank["scale_factor"].item()
-    config = replace(TINY, vae=replace(TINY.vae, scale_factor=round(scale, 5)))
-    model.config, vae.cfg = config, config.vae
-    log(f"latent std {1 / scale:.4f} -> scale_factor {config.vae.scale_factor}")
 
-    # Phase 2: text encoder + U-Net on the noise-prediction loss
+def make_bank(model, recipe, out_dir):
+    """Encode the phase-3 training images once (cached in out_dir/bank.pt); scale_factor = 1 / std(latents)."""
+    path = os.path.join(out_dir, "bank.pt")
+    if os.path.exists(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    mean, logvar, captions = latent_bank(model.vae, recipe.seed, recipe.bank_size)
+    unique = [""] + sorted(set(captions))                # row 0: the empty prompt of caption dropout
+    bank = {"mean": mean, "logvar": logvar, "caption": torch.tensor([unique.index(c) for c in captions]),
+            "tokens": model.tokenizer(unique),           # (len(unique), 77)
+            "scale_factor": torch.tensor(1 / mean.std().item())}
+    _atomic_torch_save(bank, path)
+    return bank
+
+
+def train_text_and_unet(model, bank, recipe, out_dir, log=print):
+    """Phase 3: text encoder + U-Net jointly on the noise-prediction loss, with caption dropout."""
+    config = model.config
     alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas(config.beta_start, config.beta_end,
                                                                    config.num_timesteps)).float()
     trainable = {f"text_encoder.{k}": p for k, p in model.text_encoder.named_parameters()}
     trainable.update({f"unet.{k}": p for k, p in model.unet.named_parameters()})
-    cfg2 = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=100, ema_decay=recipe.ema_decay,
-                       checkpoint_every=100, seed=recipe.seed + 1)
+    cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=100, ema_decay=recipe.ema_decay,
+                      checkpoint_every=100, seed=recipe.seed + 1)
 
-    def loss2(step, generator):
+    def loss_fn(step, generator):
         i = torch.randint(0, len(bank["mean"]), (recipe.batch,), generator=generator)
         x0 = sample_posterior(bank["mean"][i], bank["logvar"][i], generator) * config.vae.scale_factor
         keep = torch.rand(recipe.batch, generator=generator) >= recipe.caption_dropout
         tokens = bank["tokens"][torch.where(keep, bank["caption"][i], 0)]
         return diffusion_loss(model, x0, tokens, generator, alphas_cumprod)
 
-    progress = _Progress("unet", cfg2.steps, out_dir)
+    progress = _Progress("unet", cfg.steps, out_dir)
     grid_scores = {}
 
     def on_step(step, loss, lr):
@@ -285,19 +298,43 @@ def train_tiny(out_dir, recipe=Recipe(), log=print):
             progress.bar.write(f"step {step + 1}: sample grid judged {grid_scores[step + 1]:.0%} correct")
             model.train()
 
-    weights = train(model, trainable, loss2, cfg2, out_dir, "unet", on_step=on_step, log=log)
+    weights = train(model, trainable, loss_fn, cfg, out_dir, "unet", on_step=on_step, log=log)
     progress.close()
-    model.load_state_dict(weights, strict=False)          # the EMA weights
+    model.load_state_dict(weights, strict=False)          # the EMA weights of the text encoder and U-Net
     model.eval().requires_grad_(False)
+    return grid_scores
+
+
+def train_tiny(out_dir, recipe=Recipe(), log=print):
+    """Run the three phases into out_dir (resuming whatever is there) and write out_dir/minisd-tiny.safetensors
+    (fp16, EMA weights) plus out_dir/report.json. Returns the path of the weights."""
+    from .model import StableDiffusion, save_model
+    os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+    times = {"start": time.time()}
+    torch.manual_seed(recipe.seed)                       # the initial weights (overwritten on resume)
+    model = StableDiffusion(TINY)
+
+    train_autoencoder(model.vae, recipe, out_dir, log)
+    times["vae"] = time.time()
+    train_decoder(model.vae, recipe, out_dir, log)
+    times["decoder"] = time.time()
+    bank = make_bank(model, recipe, out_dir)
+    config = replace(TINY, vae=replace(TINY.vae, scale_factor=round(bank["scale_factor"].item(), 5)))
+    model.config, model.vae.cfg = config, config.vae
+    log(f"latent std {1 / bank['scale_factor'].item():.4f} -> scale_factor {config.vae.scale_factor}")
+    times["bank"] = time.time()
+    grid_scores = train_text_and_unet(model, bank, recipe, out_dir, log)
+    times["unet"] = time.time()
 
     path = os.path.join(out_dir, "minisd-tiny.safetensors")
-    half = copy.deepcopy(model).half()
-    save_model(half, path + ".tmp.safetensors")
+    save_model(copy.deepcopy(model).half(), path + ".tmp.safetensors")
     os.replace(path + ".tmp.safetensors", path)
-    wall = time.time() - t_start
+    wall = time.time() - times["start"]
     log(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB) after {wall:.0f} s")
+    phases = list(times)
     report = {"recipe": asdict(recipe), "config": asdict(config), "seconds": round(wall),
-              "seconds_vae": round(t_vae), "grid_scores": grid_scores}
+              "seconds_by_phase": {b: round(times[b] - times[a]) for a, b in zip(phases, phases[1:])},
+              "grid_scores": grid_scores}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return path
