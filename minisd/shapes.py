@@ -160,6 +160,10 @@ def judge(image):
     # than half the smallest distance between two of our colours (yellow and orange, 90 apart).
     dist = np.linalg.norm(a - background_rgb, axis=-1)
     fg = dist > MIN_COLOUR_DISTANCE / 2
+    # The outer ring is where the background was read from, so it is never foreground (every shape of the dataset
+    # keeps >= 2.5 px from the edge). Without this, a decoder's faint 1-px rim of edge artefacts stretches the
+    # bounding box to the whole image and every shape reads as a triangle.
+    fg[0] = fg[-1] = fg[:, 0] = fg[:, -1] = False
     background = nearest_colour(background_rgb)
     if fg.sum() < 0.01 * fg.size:
         return None, None, background

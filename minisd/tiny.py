@@ -74,7 +74,9 @@ class Recipe:
     lr: float = 1.5e-3
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
-    sample_every: int = 200
+    refine_steps: int = 2000
+    refine_lr: float = 1e-3
+    sample_every: int = 500
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,15 +273,16 @@ def make_bank(model, recipe, out_dir):
     return bank
 
 
-def train_text_and_unet(model, bank, recipe, out_dir, log=print):
-    """Phase 3: text encoder + U-Net jointly on the noise-prediction loss, with caption dropout."""
+def train_text_and_unet(model, bank, recipe, cfg: TrainConfig, out_dir, name="unet", log=print):
+    """Phase 3: text encoder + U-Net jointly on the noise-prediction loss, with caption dropout. Starts from the
+    weights the model holds and leaves the EMA weights in it."""
     config = model.config
     alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas(config.beta_start, config.beta_end,
                                                                    config.num_timesteps)).float()
+    model.text_encoder.requires_grad_(True)
+    model.unet.requires_grad_(True)
     trainable = {f"text_encoder.{k}": p for k, p in model.text_encoder.named_parameters()}
     trainable.update({f"unet.{k}": p for k, p in model.unet.named_parameters()})
-    cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=100, ema_decay=recipe.ema_decay,
-                      checkpoint_every=100, seed=recipe.seed + 1)
 
     def loss_fn(step, generator):
         i = torch.randint(0, len(bank["mean"]), (recipe.batch,), generator=generator)
@@ -288,17 +291,18 @@ def train_text_and_unet(model, bank, recipe, out_dir, log=print):
         tokens = bank["tokens"][torch.where(keep, bank["caption"][i], 0)]
         return diffusion_loss(model, x0, tokens, generator, alphas_cumprod)
 
-    progress = _Progress("unet", cfg.steps, out_dir)
+    progress = _Progress(name, cfg.steps, out_dir)
     grid_scores = {}
 
     def on_step(step, loss, lr):
         progress(step, loss, lr)
         if (step + 1) % recipe.sample_every == 0:
-            grid_scores[step + 1] = sample_grid(model, os.path.join(out_dir, "samples", f"step-{step + 1:05d}.png"))
+            grid = os.path.join(out_dir, "samples", f"{name}-{step + 1:05d}.png")
+            grid_scores[step + 1] = sample_grid(model, grid)
             progress.bar.write(f"step {step + 1}: sample grid judged {grid_scores[step + 1]:.0%} correct")
             model.train()
 
-    weights = train(model, trainable, loss_fn, cfg, out_dir, "unet", on_step=on_step, log=log)
+    weights = train(model, trainable, loss_fn, cfg, out_dir, name, on_step=on_step, log=log)
     progress.close()
     model.load_state_dict(weights, strict=False)          # the EMA weights of the text encoder and U-Net
     model.eval().requires_grad_(False)
@@ -323,8 +327,14 @@ def train_tiny(out_dir, recipe=Recipe(), log=print):
     model.config, model.vae.cfg = config, config.vae
     log(f"latent std {1 / bank['scale_factor'].item():.4f} -> scale_factor {config.vae.scale_factor}")
     times["bank"] = time.time()
-    grid_scores = train_text_and_unet(model, bank, recipe, out_dir, log)
+    cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=100, ema_decay=recipe.ema_decay,
+                      checkpoint_every=100, seed=recipe.seed + 1)
+    grid_scores = {"unet": train_text_and_unet(model, bank, recipe, cfg, out_dir, "unet", log)}
     times["unet"] = time.time()
+    if recipe.refine_steps:    # a second, shorter cosine from the EMA weights at a lower learning rate
+        cfg = replace(cfg, steps=recipe.refine_steps, lr=recipe.refine_lr, warmup_steps=20, seed=recipe.seed + 3)
+        grid_scores["refine"] = train_text_and_unet(model, bank, recipe, cfg, out_dir, "refine", log)
+        times["refine"] = time.time()
 
     path = os.path.join(out_dir, "minisd-tiny.safetensors")
     save_model(copy.deepcopy(model).half(), path + ".tmp.safetensors")
@@ -348,13 +358,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--vae-steps", type=int, default=d.vae_steps)
     p.add_argument("--steps", type=int, default=d.steps, help="text encoder + U-Net steps")
+    p.add_argument("--refine-steps", type=int, default=d.refine_steps, help="steps of the second, lower-lr cosine")
     p.add_argument("--bank-size", type=int, default=d.bank_size)
     p.add_argument("--sample-every", type=int, default=d.sample_every)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     recipe = replace(d, seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, bank_size=args.bank_size,
-                     sample_every=args.sample_every)
+                     refine_steps=args.refine_steps, sample_every=args.sample_every)
     train_tiny(args.out, recipe)
     return 0
 
