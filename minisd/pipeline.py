@@ -205,19 +205,15 @@ class Pipeline:
     def _sample(self, x, sigmas, key, cond, uncond, cfg, schedule, generator, eta, callback, rescale):
         denoise = self._denoiser(cond, uncond, cfg, schedule, x.shape[0], rescale)
         noise = samplers.noise_from(generator, tuple(x.shape), self.device, self.dtype)
-        if self.progress:       # the samplers call back once per step, before it: count those
-            bar = tqdm(total=len(sigmas) - 1, desc=key, unit="step")
-            user_callback = callback
+        # a tqdm bar over the steps (a no-op unless self.progress); the samplers call back once per step
+        bar = tqdm(total=len(sigmas) - 1, desc=key, unit="step", disable=not self.progress)
 
-            def callback(i, x, denoised, sigma):
-                bar.update(1)
-                if user_callback:
-                    user_callback(i, x, denoised, sigma)
-        try:
-            return samplers.sample(key, denoise, x, sigmas.to(self.device), noise=noise, eta=eta, callback=callback)
-        finally:
-            if self.progress:
-                bar.close()
+        def counted(i, x, denoised, sigma):
+            bar.update(1)
+            if callback:
+                callback(i, x, denoised, sigma)
+        with bar:
+            return samplers.sample(key, denoise, x, sigmas.to(self.device), noise=noise, eta=eta, callback=counted)
 
     def set_memory_options(self, attention_slice=None, vae_tile=None):
         """Trade speed for memory: attention computed `attention_slice` queries at a time (exactly the same

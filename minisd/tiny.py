@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from . import shapes
 from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig
 from .diffusion import alphas_cumprod_from_betas, q_sample, scaled_linear_betas
-from .train import TrainConfig, train
+from .train import TrainConfig, atomic_save, train
 from .vae import sample_posterior
 
 # The networks of SD 1.5 at a small size. The text encoder's 49408 x 64 token table (3.2M) is half the model:
@@ -177,12 +177,6 @@ def sample_grid(model, path, seeds=(0, 1)):
 # The recipe
 
 
-def _atomic_torch_save(obj, path):
-    tmp = str(path) + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class _Progress:
     """A tqdm bar plus a JSON-lines log of the running loss (out_dir/log.jsonl)."""
 
@@ -269,7 +263,7 @@ def make_bank(model, recipe, out_dir):
     bank = {"mean": mean, "logvar": logvar, "caption": torch.tensor([unique.index(c) for c in captions]),
             "tokens": model.tokenizer(unique),           # (len(unique), 77)
             "scale_factor": torch.tensor(1 / mean.std().item())}
-    _atomic_torch_save(bank, path)
+    atomic_save(bank, path)
     return bank
 
 

@@ -9,6 +9,7 @@ has to hold the weights, the optimizer state, the EMA weights and the step numbe
 """
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -62,10 +63,18 @@ class EMA:
             self.shadow[k].lerp_(p.detach().float(), 1 - d)
 
 
-def _atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def atomic_save(obj, path):
+    """torch.save to a fresh temporary file in the same folder, then rename over `path`: a reader (or a crash)
+    sees the old file or the new one, never half of one, and two writers never share a temporary name."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_step=None, log=print):
@@ -111,7 +120,7 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
         if on_step is not None:
             on_step(step, loss.item(), lr)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _atomic_save({
+            atomic_save({
                 "params": {k: p.detach() for k, p in trainable.items()},
                 "optimizer": opt.state_dict(),
                 "ema": ema.shadow if ema is not None else {},
