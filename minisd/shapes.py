@@ -6,8 +6,8 @@ function of (seed, index), so a training stream can be resumed exactly from its 
 for the same images again.
 
 The judge is deliberately not learned: it measures whether a generated image says what its prompt asked for,
-with rules simple enough to check by eye (border pixels -> background colour; pixels far from it -> foreground;
-how much of its bounding box the foreground fills -> shape).
+with rules simple enough to check by eye (border pixels -> background colour; the largest connected region of
+pixels far from it -> foreground; how much of its bounding box the foreground fills -> shape).
 """
 import json
 import os
@@ -151,6 +151,31 @@ SQUARE_MIN_FILL = (1.0 + np.pi / 4) / 2
 CIRCLE_MIN_FILL = (np.pi / 4 + 0.5) / 2
 
 
+def largest_region(mask):
+    """The largest 4-connected region of a boolean (H, W) mask, by flood fill."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    best = []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        stack, region = [start], []
+        while stack:
+            y, x = stack.pop()
+            region.append((y, x))
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        if len(region) > len(best):
+            best = region
+    out = np.zeros_like(mask)
+    if best:
+        out[tuple(np.array(best).T)] = True
+    return out
+
+
 def judge(image):
     """Read (colour, shape, background) off an image; shape is None when no foreground is found."""
     a = np.asarray(image.convert("RGB"), dtype=np.float64)                       # (H, W, 3)
@@ -164,6 +189,9 @@ def judge(image):
     # keeps >= 2.5 px from the edge). Without this, a decoder's faint 1-px rim of edge artefacts stretches the
     # bounding box to the whole image and every shape reads as a triangle.
     fg[0] = fg[-1] = fg[:, 0] = fg[:, -1] = False
+    # The shape is one connected region; specks elsewhere (a decoder's artefacts near the edges) are not part of it
+    # and would stretch its bounding box.
+    fg = largest_region(fg)
     background = nearest_colour(background_rgb)
     if fg.sum() < 0.01 * fg.size:
         return None, None, background

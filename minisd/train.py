@@ -87,7 +87,8 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, f"{name}.ckpt.pt")
     params = list(trainable.values())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # fused: one kernel over all tensors instead of a dozen passes each (~15% of a tiny-model step on CPU)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
     ema = EMA(trainable, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
     if os.path.exists(ckpt_path):
@@ -97,7 +98,7 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
                 p.copy_(state["params"][k])
         opt.load_state_dict(state["optimizer"])
         if ema is not None:
-            ema.shadow = state["ema"]
+            ema.shadow = {k: v.to(trainable[k].device) for k, v in state["ema"].items()}
             ema.num_updates = state["ema_updates"]
         start = state["step"]
         log(f"resumed {name} from step {start}")

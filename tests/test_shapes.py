@@ -60,3 +60,14 @@ def test_judge_can_fail():
     assert not shapes.agrees(s, "orange", "circle", "blue")
     blank = Image.new("RGB", (64, 64), shapes.COLOURS["white"])
     assert shapes.judge(blank) == (None, None, "white")
+
+
+def test_judge_reads_the_shape_not_specks_near_the_edge():
+    # a decoder's edge artefacts: a 2x6 speck of foreground-like colour far from the shape must not stretch the
+    # shape's bounding box (it would turn the circle into a "triangle")
+    image = np.array(shapes.draw("red", "circle", "blue", scale=0.5))
+    image[60:62, 50:56] = shapes.COLOURS["red"]
+    assert shapes.judge(Image.fromarray(image)) == ("red", "circle", "blue")
+    mask = np.zeros((5, 5), bool)
+    mask[0, 0] = mask[2:5, 2:5] = True
+    assert shapes.largest_region(mask).sum() == 9 and not shapes.largest_region(mask)[0, 0]
