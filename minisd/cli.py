@@ -42,6 +42,10 @@ def _add_common(p):
                    help="compute attention N queries at a time: same image, less memory")
     p.add_argument("--vae-tile", type=int, default=None, metavar="N",
                    help="decode in N x N latent tiles with blended seams (e.g. 64) for very large images")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net (slow first step, faster after; best on CUDA)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA only: replay the U-Net step as a CUDA graph (removes Python launch overhead)")
     p.add_argument("--save-steps", default=None, metavar="DIR",
                    help="write each step's denoised estimate as a PNG into DIR (to watch the image form)")
 
@@ -92,7 +96,8 @@ def run(args):
             raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
         init = Image.open(args.init_image)
         from_pil(init, log=lambda *_: None)
-    pipe = Pipeline.load(args.model, args.prediction, args.device, args.dtype, progress=True)
+    pipe = Pipeline.load(args.model, args.prediction, args.device, args.dtype, progress=True, compile=args.compile,
+                         cuda_graph=args.cuda_graph)
     pipe.set_memory_options(args.attention_slice, args.vae_tile)
     seed = args.seed
     if seed is None:

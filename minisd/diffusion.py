@@ -94,7 +94,12 @@ def t_to_sigma(t, sigmas_train, interpolation="log"):
 
 
 def _per_sample(value, x):
-    """A scalar or a (B,) tensor of per-sample values, shaped to broadcast against x (B, C, H, W)."""
+    """A scalar or a (B,) tensor of per-sample values, shaped to broadcast against x (B, C, H, W).
+
+    A Python float is returned as it is: it becomes a kernel argument, so nothing is copied to x's device (on a
+    GPU, copying a tensor from pageable host memory waits until the GPU has finished all work queued before)."""
+    if isinstance(value, float):
+        return value
     value = torch.as_tensor(value, dtype=torch.float64)
     return value.reshape(-1, *[1] * (x.ndim - 1)).to(x.device, x.dtype)
 
@@ -135,25 +140,40 @@ def scalings(sigma, prediction):
     raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
 
 
-def make_denoiser(model, alphas_cumprod, prediction="eps", interpolation="log"):
+def make_denoiser(model, alphas_cumprod, prediction="eps", interpolation="log", sigmas=None, device="cpu",
+                  dtype=torch.float32):
     """Wrap a U-Net `model(x_t, t, context)` that predicts eps or v into D(x, sigma, context) -> x0 estimate.
 
     sigma: a Python float (what the samplers pass) or a (B,) tensor. The U-Net gets t = sigma_to_t(sigma) as a
     (B,) float tensor, fractional in general; `interpolation` picks the sigma -> t rule (see `sigma_to_t`).
     This is k-diffusion's DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser, written as a closure.
+
+    sigmas (optional): the schedule about to be sampled, with the `device` and `dtype` of the model's input. Its
+    timesteps are computed now and put on the device in one copy, so that a step at one of those sigmas (a Python
+    float) sends nothing from the host to the device: its scalings are Python floats (kernel arguments) and its t
+    is looked up. On a GPU each host-to-device copy would otherwise wait for the previous step to finish, leaving
+    the GPU idle while Python prepares the next one.
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
     sigmas_train = sigmas_from_alphas_cumprod(alphas_cumprod.to(torch.float64).cpu())
     sigma_to_t(1.0, sigmas_train, interpolation)  # fail now, not at the first step, on a bad name
+    # t in float32 even for a half-precision x (t = 999 has a resolution of 0.5 in fp16); float64 for float64
+    timesteps = {}
+    if sigmas is not None:
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+        t = sigma_to_t(sigmas, sigmas_train, interpolation)
+        timesteps = dict(zip(sigmas.tolist(), t.to(device, torch.promote_types(dtype, torch.float32))))
 
     def denoise(x, sigma, context=None):
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).cpu()
+        if not isinstance(sigma, float):
+            sigma = torch.as_tensor(sigma, dtype=torch.float64).cpu()
         c_skip, c_out, c_in = (_per_sample(c, x) for c in scalings(sigma, prediction))
-        # t in float32 even for a half-precision x (t = 999 has a resolution of 0.5 in fp16); float64 for float64
         t_dtype = torch.promote_types(x.dtype, torch.float32)
-        t = sigma_to_t(sigma, sigmas_train, interpolation).to(x.device, t_dtype).expand(x.shape[0])
-        return c_skip * x + c_out * model(x * c_in, t, context)
+        t = timesteps.get(sigma) if isinstance(sigma, float) else None
+        if t is None or t.dtype != t_dtype or t.device != x.device:
+            t = sigma_to_t(sigma, sigmas_train, interpolation).to(x.device, t_dtype)
+        return c_skip * x + c_out * model(x * c_in, t.expand(x.shape[0]), context)
 
     return denoise
 
@@ -180,14 +200,15 @@ def cfg_denoiser(denoise, cond, uncond=None, scale=7.5, rescale=0.0):
     def guided(x, sigma):
         if scale == 1 or uncond is None:
             return denoise(x, sigma, cond)
-        batch_sigma = torch.as_tensor(sigma)
-        if batch_sigma.ndim == 1:
-            batch_sigma = torch.cat([batch_sigma, batch_sigma])
+        batch_sigma = sigma             # a float (the samplers' case) or a scalar tensor serves both halves
+        if torch.is_tensor(sigma) and sigma.ndim == 1:
+            batch_sigma = torch.cat([sigma, sigma])
         d_uncond, d_cond = denoise(torch.cat([x, x]), batch_sigma, torch.cat([uncond, cond])).chunk(2)
         d = d_uncond + scale * (d_cond - d_uncond)
         if rescale:
             # D = c_skip x + c_out v: std(v) is the std of D - c_skip x, up to the per-sample factor |c_out|
-            base = _per_sample(1 / (torch.as_tensor(sigma, dtype=torch.float64) ** 2 + 1), x) * x
+            s = sigma if isinstance(sigma, float) else torch.as_tensor(sigma, dtype=torch.float64)
+            base = _per_sample(1 / (s ** 2 + 1), x) * x
             dims = list(range(1, x.ndim))
             ratio = (d_cond - base).std(dim=dims, keepdim=True) / (d - base).std(dim=dims, keepdim=True)
             d = base + (d - base) * (rescale * ratio + 1 - rescale)

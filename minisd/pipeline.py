@@ -112,10 +112,56 @@ class Result:
     schedule: str
 
 
-class Pipeline:
-    """A loaded model on a device, with generate() and img2img()."""
+class CUDAGraphUNet:
+    """The U-Net call of a sampling step, captured once as a CUDA graph and replayed at every step.
 
-    def __init__(self, model, device="cpu", dtype=torch.float32, name=None, log=print, progress=False):
+    In eager mode each step launches ~1,000 small kernels one by one from Python; on a fast GPU the GPU then waits
+    for the CPU. A graph replays the whole recorded launch sequence at once. It reads its inputs from fixed
+    buffers and writes a fixed output buffer, so each call copies x, t and context in (device-to-device, no
+    sync) and the caller must use the output before the next call (the denoiser's arithmetic does). One graph
+    per input shape; CUDA only (torch.cuda.graphs)."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.graphs = {}        # input shapes -> (graph, static inputs, static output)
+
+    def __call__(self, x, t, context):
+        key = (x.shape, x.dtype, context.shape)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x, t, context)
+        graph, inputs, out = self.graphs[key]
+        for buffer, value in zip(inputs, (x, t, context)):
+            buffer.copy_(value)
+        graph.replay()
+        return out
+
+    def _capture(self, x, t, context):
+        inputs = [v.clone() for v in (x, t, context)]
+        # warm up on a side stream first: cuDNN/cuBLAS choose algorithms and torch.compile compiles outside the
+        # capture (neither may happen while a graph is recorded)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.unet(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.unet(*inputs)
+        return graph, inputs, out
+
+
+class Pipeline:
+    """A loaded model on a device, with generate() and img2img().
+
+    Two optional fast paths for the U-Net call, the only heavy work of the sampling loop (both give the same
+    images up to floating-point rounding; tests/test_fast_path.py):
+      compile=True      torch.compile (TorchInductor fuses the elementwise ops and norms into fewer kernels)
+      cuda_graph=True   record the call once as a CUDA graph and replay it every step (CUDAGraphUNet)
+    """
+
+    def __init__(self, model, device="cpu", dtype=torch.float32, name=None, log=print, progress=False,
+                 compile=False, cuda_graph=False):
         self.device = pick_device(device) if isinstance(device, str) else device
         self.dtype = pick_dtype(dtype, self.device) if not isinstance(dtype, torch.dtype) else dtype
         # fp16 decoders overflow on SD 2.1 (black images): keep the VAE in fp32 then, as diffusers' force_upcast
@@ -125,7 +171,15 @@ class Pipeline:
         model.unet.to(self.device, self.dtype)
         model.vae.to(self.device, self.vae_dtype)
         if self.device.type == "cuda":
+            # NHWC is the layout the tensor cores' convolution kernels want (no transposes around each conv)
             self.model.unet.to(memory_format=torch.channels_last)
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
+        self.unet_call = self.model.unet
+        if compile:
+            self.unet_call = torch.compile(self.unet_call)
+        if cuda_graph:
+            self.unet_call = CUDAGraphUNet(self.unet_call)
         self.name = name or model.config.name
         self.log = log
         self.progress = progress        # a tqdm bar over the sampling steps (the CLI turns it on)
@@ -137,7 +191,8 @@ class Pipeline:
         self.factor = 2 ** (len(cfg.vae.ch_mult) - 1)     # pixels per latent, 8 for SD
 
     @classmethod
-    def load(cls, model=None, prediction=None, device="auto", dtype="auto", log=print, progress=False):
+    def load(cls, model=None, prediction=None, device="auto", dtype="auto", log=print, progress=False,
+             compile=False, cuda_graph=False):
         """model: a checkpoint path or diffusers folder, a named model ("sd15", "sd21", "sd21-base"), or None for
         the tiny built-in one. prediction: None/"auto" (detected), "eps" or "v"."""
         from . import download
@@ -157,7 +212,7 @@ class Pipeline:
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
         sd = load_model(model, prediction=prediction, dtype=torch.float32, device="cpu")
-        return cls(sd, device, dtype, name=name, log=log, progress=progress)
+        return cls(sd, device, dtype, name=name, log=log, progress=progress, compile=compile, cuda_graph=cuda_graph)
 
     # -- text ---------------------------------------------------------------------------------------------
 
@@ -178,13 +233,12 @@ class Pipeline:
         final = "sigma_min" if key == "ddim" else "zero"
         return samplers.get_sigmas(schedule, steps, self.sigmas_train, final=final)
 
-    def _denoiser(self, cond, uncond, cfg, schedule, batch, rescale=0.0):
-        unet = self.model.unet
+    def _denoiser(self, cond, uncond, cfg, schedule, batch, rescale=0.0, sigmas=None):
         spacing = schedule.split()[0]
         # diffusers interpolates sigma -> t linearly; k-diffusion in log sigma. Only fractional t tells them apart.
         interpolation = "linear" if spacing in ("linspace", "leading", "trailing") else "log"
-        denoise = diffusion.make_denoiser(lambda x, t, c: unet(x, t, c), self.alphas_cumprod,
-                                          self.model.config.prediction, interpolation)
+        denoise = diffusion.make_denoiser(self.unet_call, self.alphas_cumprod, self.model.config.prediction,
+                                          interpolation, sigmas=sigmas, device=self.device, dtype=self.dtype)
         cond, uncond = cond.expand(batch, -1, -1), uncond.expand(batch, -1, -1)
         return diffusion.cfg_denoiser(denoise, cond, uncond, scale=cfg, rescale=rescale)
 
@@ -203,7 +257,9 @@ class Pipeline:
 
     @torch.no_grad()
     def _sample(self, x, sigmas, key, cond, uncond, cfg, schedule, generator, eta, callback, rescale):
-        denoise = self._denoiser(cond, uncond, cfg, schedule, x.shape[0], rescale)
+        # the per-step constants go to the device here, before the loop (see diffusion.make_denoiser), and the
+        # samplers get the sigmas as Python floats: no step reads anything back from a tensor
+        denoise = self._denoiser(cond, uncond, cfg, schedule, x.shape[0], rescale, sigmas)
         noise = samplers.noise_from(generator, tuple(x.shape), self.device, self.dtype)
         # a tqdm bar over the steps (a no-op unless self.progress); the samplers call back once per step
         bar = tqdm(total=len(sigmas) - 1, desc=key, unit="step", disable=not self.progress)
@@ -213,7 +269,7 @@ class Pipeline:
             if callback:
                 callback(i, x, denoised, sigma)
         with bar:
-            return samplers.sample(key, denoise, x, sigmas.to(self.device), noise=noise, eta=eta, callback=counted)
+            return samplers.sample(key, denoise, x, sigmas.tolist(), noise=noise, eta=eta, callback=counted)
 
     def set_memory_options(self, attention_slice=None, vae_tile=None):
         """Trade speed for memory: attention computed `attention_slice` queries at a time (exactly the same
@@ -221,6 +277,8 @@ class Pipeline:
         self.model.unet.set_attention_slicing(attention_slice)
         self.model.vae.set_attention_slicing(attention_slice)
         self.vae_tile = vae_tile
+        if isinstance(self.unet_call, CUDAGraphUNet):
+            self.unet_call.graphs.clear()       # recorded with the old options: record again at the next call
 
     @torch.no_grad()
     def decode(self, latents):

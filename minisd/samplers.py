@@ -127,8 +127,12 @@ def init_noise_sigma(sigma_max, variance_preserving=False):
 
 def noise_from(generator, shape, device="cpu", dtype=torch.float32):
     """The noise source: each call draws randn(shape) from the CPU `generator`, then moves it to the device.
-    Drawing on the CPU makes a seed give the same image on every device (and the same as diffusers)."""
-    return lambda: torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+    Drawing on the CPU makes a seed give the same image on every device (and the same as diffusers).
+    For a GPU the draw lands in pinned (page-locked) memory, so the copy is queued behind the running step
+    instead of waiting for it (a copy from ordinary memory synchronises the host with the GPU)."""
+    pinned = torch.device(device).type == "cuda"
+    return lambda: torch.randn(shape, generator=generator, dtype=torch.float32, pin_memory=pinned).to(
+        device, dtype, non_blocking=pinned)
 
 
 # ---------------------------------------------------------------------------------------------------------------

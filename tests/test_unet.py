@@ -103,13 +103,16 @@ def test_math_and_sdpa_attention_paths_agree(ref):
 
 
 # Reduced precision, vs the fp32 LDM output. fp16 meets the issue's 1e-2 x std. bf16 cannot at these random
-# weights: it keeps 8 significant bits to fp16's 11 (eps 2^-7 vs 2^-10), and the measured errors scale with eps
-# (SD1.5: fp16 0.009, bf16 0.074 x std; ratio 8.2). Merely rounding the weights and inputs to bf16 and computing
-# in fp32 already moves the output by 0.052 x std, and diffusers' bf16 U-Net on the same weights is off by
-# 0.070 x std, so no implementation gets near 1e-2. The bf16 bound is the fp16 one scaled by that eps ratio (8).
-# Both bounds still catch precision bugs: e.g. timestep features made in bf16 (999 rounds to 1000) or a
-# GroupNorm whose variance is accumulated in half precision.
-LOW_PRECISION_TOL = {torch.float16: 1e-2, torch.bfloat16: 8e-2}
+# weights: it keeps 8 significant bits to fp16's 11 (eps 2^-7 vs 2^-10), and merely rounding the weights and
+# inputs to bf16 and computing in fp32 already moves the output by ~0.05 x std. How far a bf16 forward lands
+# beyond that depends on the CPU's bf16 kernels (native avx512_bf16 dot products or emulation), so bf16 is judged
+# against the reference in the same precision on the same machine: diffusers' bf16 U-Net holding the same weights
+# (measured on an AMD EPYC with avx512_bf16: diffusers 0.067 / 0.077 x std, minisd 0.064 / 0.082 x std for
+# SD1.5 / SD2.1). minisd may be at most 1.25x the reference's error: a max over ~500 outputs of rounding noise
+# moves by that much between two correct implementations, while precision bugs cost far more, e.g. timestep
+# features made in bf16 (999 rounds to 1000) or a GroupNorm whose variance is accumulated in half precision.
+FP16_TOL = 1e-2                 # x output std
+BF16_VS_REFERENCE = 1.25        # x diffusers' bf16 error on the same inputs
 
 
 # fp16 runs at the SD2.1 config only: CPU fp16 forwards are the slowest here, the two configs run the same code
@@ -126,7 +129,16 @@ def test_reduced_precision_inference(ref, dtype):
     err, std = R.max_err(out, expected), expected.std().item()
     report(f"{dtype} vs fp32 LDM", ref, err, std)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    assert err <= LOW_PRECISION_TOL[dtype] * std
+    if dtype == torch.float16:
+        assert err <= FP16_TOL * std
+        return
+    reference = R.diffusers_unet(ref.name, ref.state_dict).to(dtype)
+    with torch.no_grad():
+        ref_out = reference(ref.x.to(dtype), ref.t, encoder_hidden_states=ref.context.to(dtype)).sample
+    del reference
+    ref_err = R.max_err(ref_out, expected)
+    report("diffusers bf16 vs fp32 LDM", ref, ref_err, std)
+    assert err <= BF16_VS_REFERENCE * ref_err
 
 
 def test_comparison_can_fail(ref):
