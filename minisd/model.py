@@ -68,15 +68,17 @@ def build_on_meta(config: ModelConfig, tokenizer=None):
         return StableDiffusion(config, tokenizer)
 
 
-def load_model(path, prediction=None, ema=False, dtype=torch.float32, device="cpu", config=None, verbose=True):
+def load_model(path, prediction=None, ema=False, dtype=torch.float32, device="cpu", config=None, verbose=True,
+               log=print):
     """Load any supported checkpoint into a StableDiffusion (in eval mode).
 
     prediction: "eps" / "v" when no config beside the file says it (see weights_convert/detect.py);
     ema: take the U-Net from the EMA copy (model_ema.*) of full LDM training files;
     dtype: floating-point tensors are cast one at a time as they are read;
-    config: a ModelConfig to use instead of the one read off the file.
+    config: a ModelConfig to use instead of the one read off the file;
+    verbose: say what was found (layout, text encoder, prediction) through `log`.
     """
-    ckpt = detect.read(path, prediction=prediction, ema=ema, config=config, verbose=verbose)
+    ckpt = detect.read(path, prediction=prediction, ema=ema, config=config, verbose=verbose, log=log)
     tokenizer = None
     if ckpt.tokenizer_folder:
         tokenizer = Tokenizer.from_diffusers(ckpt.tokenizer_folder)

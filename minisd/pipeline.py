@@ -211,7 +211,7 @@ class Pipeline:
             name = path.name if path.is_dir() else path.stem
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
-        sd = load_model(model, prediction=prediction, dtype=torch.float32, device="cpu")
+        sd = load_model(model, prediction=prediction, dtype=torch.float32, device="cpu", log=log)
         return cls(sd, device, dtype, name=name, log=log, progress=progress, compile=compile, cuda_graph=cuda_graph)
 
     # -- text ---------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def _named(cfg, fallback):
     return dataclasses.replace(cfg, name=fallback)
 
 
-def read(path, prediction=None, ema=False, config=None, verbose=True):
+def read(path, prediction=None, ema=False, config=None, verbose=True, log=print):
     """Open any supported checkpoint; returns a Checkpoint whose state is minisd-named and lazy.
 
     `config` (a ModelConfig) replaces the config read off the file, for LDM files whose head counts differ
@@ -130,7 +130,7 @@ def read(path, prediction=None, ema=False, config=None, verbose=True):
     if verbose:
         t = ckpt.config.text
         family = "SD2 (OpenCLIP-H text encoder)" if t.activation == "gelu" else "SD1 (OpenAI CLIP text encoder)"
-        print(f"minisd: {path}: {desc}; {family}, text width {t.width}, context {ckpt.config.unet.context_dim}; "
+        log(f"minisd: {path}: {desc}; {family}, text width {t.width}, context {ckpt.config.unet.context_dim}; "
               f"{ckpt.config.prediction}-prediction ({how}); U-Net weights: "
               f"{'EMA (model_ema.*)' if ckpt.used_ema else 'as stored'}; config {ckpt.config.name!r}")
     return ckpt

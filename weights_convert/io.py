@@ -1,12 +1,15 @@
 """Reading and writing checkpoint files one tensor at a time.
 
 A 4.3 GB Stable Diffusion file must not sit in RAM twice. safetensors is a tiny format (an 8-byte header
-length, a JSON header of name -> dtype/shape/byte range, then the raw bytes), so we read it ourselves with
-plain `readinto` into the tensor's own memory: one copy per tensor, nothing memory-mapped that would count
-against the process, and a clear error when the file is truncated. `.ckpt` files are pickles; they are
-opened only with `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
+length, a JSON header of name -> dtype/shape/byte range, then the raw bytes), so we read it ourselves, with a
+clear error when the file is truncated. Each tensor is a private memory map of its own byte range: loading
+reads nothing, the operating system pages the bytes in when a weight is first used (from its page cache, so the
+file is never in RAM twice), and a tensor that is cast to another dtype or device is unmapped as soon as the
+cast copy exists. `.ckpt` files are pickles; they are opened only with `torch.load(weights_only=True)`, which
+refuses anything but tensors and plain containers.
 """
 import json
+import mmap
 import os
 import struct
 import zipfile
@@ -85,11 +88,23 @@ class SafetensorsFile(Mapping):
         dtype = DTYPES.get(entry["dtype"])
         if dtype is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
-        data = torch.empty(end - begin, dtype=torch.uint8)
+        offset = self._start + begin
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        if offset % dtype.itemsize:          # not aligned for its dtype (never in files safetensors writes): copy
+            data = torch.empty(end - begin, dtype=torch.uint8)
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                if f.readinto(data.numpy()) != end - begin:
+                    raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
+            return data.view(dtype).reshape(entry["shape"])
+        # A map must start on a page boundary: map from the page holding the first byte. ACCESS_COPY makes it
+        # private and writable (a write copies that page instead of changing the file, e.g. when fine-tuning);
+        # the tensor keeps the map alive, and the map closes when the last tensor using it is gone.
+        page = offset - offset % mmap.ALLOCATIONGRANULARITY
         with open(self.path, "rb") as f:
-            f.seek(self._start + begin)
-            if f.readinto(data.numpy()) != end - begin:
-                raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
+            mapped = mmap.mmap(f.fileno(), offset + (end - begin) - page, access=mmap.ACCESS_COPY, offset=page)
+        data = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=offset - page)
         return data.view(dtype).reshape(entry["shape"])
 
     def __iter__(self):
