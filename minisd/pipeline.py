@@ -220,8 +220,8 @@ class Pipeline:
     def encode_prompts(self, prompt, negative_prompt="", emphasis=False):
         """(cond, uncond) contexts, each (1, n * 77, width); n > 1 for prompts longer than 75 tokens."""
         c_ids, c_w, u_ids, u_w = prompt_pair_tokens(self.model.tokenizer, prompt, negative_prompt, emphasis)
-        ids = torch.cat([c_ids, u_ids]).to(self.device)
-        z = self.model.text_encoder(ids)                                    # (2n, 77, width)
+        # one pass per prompt (as diffusers does): half the working memory of one batch of both, at the same speed
+        z = torch.cat([self.model.text_encoder(ids.to(self.device)) for ids in (c_ids, u_ids)])   # (2n, 77, width)
         z = apply_emphasis(z, torch.cat([c_w, u_w]).to(self.device))
         cond, uncond = z.chunk(2)
         return cond.reshape(1, -1, z.shape[-1]), uncond.reshape(1, -1, z.shape[-1])
