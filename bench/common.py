@@ -213,5 +213,17 @@ def write_section(name, markdown, path=RESULTS):
     print(f"wrote the {name!r} section of {path}")
 
 
+def report(result, text, json_path, write, section, title):
+    """The end of a benchmark run: save the raw result (json_path), print the rendered text, and with `write`
+    regenerate RESULTS.md's `section` (a --small smoke-test run never is)."""
+    if json_path:
+        save_json(json_path, result)
+    print("\n" + text)
+    if write:
+        if result.get("small"):
+            raise SystemExit("--small runs are smoke tests: not written to RESULTS.md")
+        write_section(section, f"{title}\n\n{text}")
+
+
 def save_json(path, data):
     Path(path).write_text(json.dumps(data, indent=1))

@@ -337,17 +337,12 @@ def main():
             new["rows"].pop("lifetime", None)        # a partial child run says nothing of the whole life
         result["rows"].update(new["rows"])
         result.setdefault("updates", []).append(f"rows {', '.join(new['rows'])} measured again: {new['machine']}")
-    if args.json:
-        common.save_json(args.json, result)
-    text = render(result)
-    print("\n" + text)
-    if args.write:
-        if result.get("small"):
-            raise SystemExit("--small runs are smoke tests: not written to RESULTS.md")
-        name = "compare-cpu" if result["device"] == "cpu" else f"compare-cuda-{result['dtype']}"
-        title = {"compare-cpu": "## minisd vs diffusers on CPU (bench/compare.py)"}.get(
-            name, f"## minisd vs diffusers on CUDA, {result['dtype']} (bench/compare.py)")
-        common.write_section(name, f"{title}\n\n{text}")
+    if result["device"] == "cpu":
+        section, title = "compare-cpu", "## minisd vs diffusers on CPU (bench/compare.py)"
+    else:
+        section = f"compare-cuda-{result['dtype']}"
+        title = f"## minisd vs diffusers on CUDA, {result['dtype']} (bench/compare.py)"
+    common.report(result, render(result), args.json, args.write, section, title)
 
 
 if __name__ == "__main__":

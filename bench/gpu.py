@@ -335,14 +335,8 @@ def render(r):
 def main():
     args = parse_args()
     result = json.loads(open(args.from_json).read()) if args.from_json else measure(args)
-    if args.json:
-        common.save_json(args.json, result)
-    text = render(result)
-    print("\n" + text)
-    if args.write:
-        if result.get("small"):
-            raise SystemExit("--small runs are smoke tests: not written to RESULTS.md")
-        common.write_section(f"gpu-{result['dtype']}", f"## The CUDA fast path, {result['dtype']} (bench/gpu.py)\n\n{text}")
+    common.report(result, render(result), args.json, args.write, f"gpu-{result['dtype']}",
+                  f"## The CUDA fast path, {result['dtype']} (bench/gpu.py)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 
 For each cfg: exact agreement (colour, shape and background all right) and per-attribute accuracy on the 26
 training combinations of tiny.eval_combinations, and exact agreement on the 12 held-out combinations; one image per
-(combination, seed), the default sampler (DPM++ 2M Karras, 20 steps). Then the deterministic samplers' spread.
+(combination, seed) from tiny.judged, as tests/test_tiny.py (DPM++ 2M Karras, 20 steps). Then the deterministic
+samplers' spread.
 """
 import argparse
 import itertools
@@ -13,18 +14,8 @@ import time
 
 import torch
 
-from minisd import shapes
 from minisd.pipeline import Pipeline
-from minisd.tiny import eval_combinations
-
-
-def judge_all(pipe, combos, seeds, cfg):
-    rows = []
-    for combo in combos:
-        for seed in seeds:
-            image = pipe.generate(shapes.caption(*combo), cfg=cfg, seed=seed).images[0]
-            rows.append((combo, shapes.judge(image)))
-    return rows
+from minisd.tiny import eval_combinations, judged
 
 
 def summary(rows):
@@ -50,8 +41,8 @@ def main():
     print("|---|---|---|---|---|---|")
     for cfg in args.cfg:
         t0 = time.time()
-        exact, n, (colour, shape, background) = summary(judge_all(pipe, train, seeds, cfg))
-        h_exact, h_n, _ = summary(judge_all(pipe, held, seeds, cfg))
+        exact, n, (colour, shape, background) = summary(judged(pipe, train, seeds, cfg))
+        h_exact, h_n, _ = summary(judged(pipe, held, seeds, cfg))
         print(f"| {cfg:g} | {exact / n:.1%} ({exact}/{n}) | {colour:.1%} | {shape:.1%} | {background:.1%} | "
               f"{h_exact / h_n:.1%} ({h_exact}/{h_n}) |   ({time.time() - t0:.0f} s)", flush=True)
 

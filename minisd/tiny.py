@@ -136,14 +136,17 @@ def eval_combinations(held_out):
     return combos if held_out else combos[::6]
 
 
+def judged(pipe, combos, seeds=(0,), cfg=7.5, steps=20, sampler="dpmpp_2m"):
+    """[(asked-for (colour, shape, background), what shapes.judge reads)]: one image per (combination, seed)."""
+    return [(combo, shapes.judge(pipe.generate(shapes.caption(*combo), steps=steps, cfg=cfg, sampler=sampler,
+                                               seed=seed).images[0]))
+            for combo in combos for seed in seeds]
+
+
 def adherence(pipe, combos, seeds=(0,), cfg=7.5, steps=20, sampler="dpmpp_2m"):
-    """Fraction of images the judge reads as their prompt: one image per (combination, seed)."""
-    hits = 0
-    for combo in combos:
-        for seed in seeds:
-            image = pipe.generate(shapes.caption(*combo), steps=steps, cfg=cfg, sampler=sampler, seed=seed).images[0]
-            hits += shapes.agrees(image, *combo)
-    return hits / (len(combos) * len(seeds))
+    """Fraction of images the judge reads exactly as their prompt."""
+    rows = judged(pipe, combos, seeds, cfg, steps, sampler)
+    return sum(want == got for want, got in rows) / len(rows)
 
 
 def image_grid(images, columns):
