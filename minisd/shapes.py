@@ -116,6 +116,19 @@ def stream(seed, start=0, size=64, held_out=False):
         index += 1
 
 
+def mislabel(colour, shape, background, rng):
+    """A wrong caption for an image of (colour, shape, background): one attribute, chosen at random, replaced by
+    another value, keeping foreground != background and staying among the training combinations.
+
+    The shipped model is trained with some captions wrong, the way web alt-text is (see tiny.Recipe.caption_noise).
+    `rng` is a numpy Generator."""
+    truth = (colour, shape, background)
+    options = [c for c in all_combinations(held_out=False) if sum(a != b for a, b in zip(c, truth)) == 1]
+    attribute = rng.integers(3)
+    options = [c for c in options if c[attribute] != truth[attribute]]
+    return options[rng.integers(len(options))]
+
+
 def write_image_folder(folder, n, seed=0, size=64, held_out=False):
     """Write n samples as PNGs plus a metadata.jsonl of {"file_name", "text"} rows (the fine-tuning layout)."""
     os.makedirs(folder, exist_ok=True)

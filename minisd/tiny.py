@@ -14,7 +14,8 @@ The recipe follows latent diffusion (Rombach et al. 2022) in three phases, all r
   3. the text encoder and U-Net jointly, on the noise-prediction loss || eps - eps_theta(x_t, t, c) ||^2 over the
      forward process x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM eq. 4 and 14), with 10% of captions
      replaced by "" so the same network also learns the unconditional model that classifier-free guidance needs
-     (Ho & Salimans 2022, Alg. 1).
+     (Ho & Salimans 2022, Alg. 1). A fixed 20% of the training images carry a caption with one attribute wrong,
+     like web alt-text (`noisy_captions`): that is what makes guidance matter, as it does for SD.
 Everything random at step i is drawn from a generator seeded with (seed, i), so an interrupted run resumes exactly.
 """
 import argparse
@@ -74,6 +75,7 @@ class Recipe:
     lr: float = 1e-3
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    caption_noise: float = 0.2       # fraction of bank images whose caption names one attribute wrongly
     sample_every: int = 1000
 
 
@@ -259,16 +261,36 @@ def train_decoder(vae, recipe, out_dir, log=print):
     vae.eval().requires_grad_(False)
 
 
+def noisy_captions(captions, fraction, seed):
+    """Replace `fraction` of the captions (a fixed, seeded choice) by shapes.mislabel's wrong ones.
+
+    Why: with every caption right, the conditional model alone already draws the prompt, and classifier-free
+    guidance has nothing left to fix. SD's web captions are often wrong, and guidance is what makes SD follow the
+    prompt anyway: sampling eps_u + w (eps_c - eps_u) draws from p(x|c) p(c|x)^(w-1) (Ho & Salimans 2022,
+    Sec. 3.2), and an image that contradicts c has a low p(c|x). The tiny model keeps that property of SD."""
+    import numpy as np
+    rng = np.random.default_rng([seed, 3])
+    out = list(captions)
+    for i in np.flatnonzero(rng.random(len(captions)) < fraction):
+        words = captions[i].split()                      # "a {colour} {shape} on a {background} background"
+        out[i] = shapes.caption(*shapes.mislabel(words[1], words[2], words[5], rng))
+    return out
+
+
 def make_bank(model, recipe, out_dir):
     """Encode the phase-3 training images once (cached in out_dir/bank.pt); scale_factor = 1 / std(latents)."""
     path = os.path.join(out_dir, "bank.pt")
+    made_by = torch.tensor([recipe.seed, recipe.bank_size, round(recipe.caption_noise * 1e6)])
     if os.path.exists(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        bank = torch.load(path, map_location="cpu", weights_only=True)
+        if "made_by" in bank and torch.equal(bank["made_by"], made_by):
+            return bank                                  # else made by another recipe: make it again
     mean, logvar, captions = latent_bank(model.vae, recipe.seed, recipe.bank_size)
+    captions = noisy_captions(captions, recipe.caption_noise, recipe.seed)
     unique = [""] + sorted(set(captions))                # row 0: the empty prompt of caption dropout
     bank = {"mean": mean, "logvar": logvar, "caption": torch.tensor([unique.index(c) for c in captions]),
             "tokens": model.tokenizer(unique),           # (len(unique), 77)
-            "scale_factor": torch.tensor(1 / mean.std().item())}
+            "scale_factor": torch.tensor(1 / mean.std().item()), "made_by": made_by}
     atomic_save(bank, path)
     return bank
 
@@ -360,13 +382,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=d.steps, help="text encoder + U-Net steps")
     p.add_argument("--bank-size", type=int, default=d.bank_size)
     p.add_argument("--sample-every", type=int, default=d.sample_every)
+    p.add_argument("--caption-noise", type=float, default=d.caption_noise)
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (use 1 on a busy machine: OpenMP threads that wait for each other lose)")
     p.add_argument("--device", default="cpu", help="cpu (how the shipped weights were made) or cuda")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     recipe = replace(d, seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, bank_size=args.bank_size,
-                     sample_every=args.sample_every)
+                     sample_every=args.sample_every, caption_noise=args.caption_noise)
     train_tiny(args.out, recipe, args.device)
     return 0
 

@@ -71,3 +71,16 @@ def test_judge_reads_the_shape_not_specks_near_the_edge():
     mask = np.zeros((5, 5), bool)
     mask[0, 0] = mask[2:5, 2:5] = True
     assert shapes.largest_region(mask).sum() == 9 and not shapes.largest_region(mask)[0, 0]
+
+
+def test_mislabel_changes_exactly_one_attribute_and_stays_in_training():
+    rng = np.random.default_rng(0)
+    changed = set()
+    for combo in shapes.all_combinations(held_out=False):
+        for _ in range(6):
+            wrong = shapes.mislabel(*combo, rng=rng)
+            differs = [a != b for a, b in zip(wrong, combo)]
+            assert sum(differs) == 1 and wrong[0] != wrong[2]
+            assert wrong in shapes.all_combinations(held_out=False)    # never leaks a held-out combination
+            changed.add(differs.index(True))
+    assert changed == {0, 1, 2}                                        # colour, shape and background all occur
