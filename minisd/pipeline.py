@@ -173,6 +173,7 @@ class Pipeline:
         if self.device.type == "cuda":
             # NHWC is the layout the tensor cores' convolution kernels want (no transposes around each conv)
             self.model.unet.to(memory_format=torch.channels_last)
+        self._vae_nhwc = self.device.type != "cpu"     # see vae()
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
         self.unet_call = self.model.unet
@@ -281,8 +282,21 @@ class Pipeline:
             self.unet_call.graphs.clear()       # recorded with the old options: record again at the next call
 
     @torch.no_grad()
+    def vae(self):
+        """The VAE; on the CPU, its conv weights turned NHWC (channels_last) at first use.
+
+        oneDNN's CPU convolutions read and write NHWC as it is, but reorder an NCHW map into a blocked layout and
+        back around every conv: for the decoder's last levels at 512 px, a 256 MiB copy each way. NHWC decodes
+        512 px in ~22% less memory and ~10% less time (measured, 1 thread). Done at first use, not at load, since
+        loading leaves the weights mapped from the file until then. The U-Net keeps NCHW on the CPU: its maps are
+        small and its time is in the weights (no gain measured)."""
+        if not self._vae_nhwc:
+            self.model.vae.to(memory_format=torch.channels_last)
+            self._vae_nhwc = True
+        return self.model.vae
+
     def decode(self, latents):
-        return self.model.vae.decode(latents.to(self.vae_dtype), tile=self.vae_tile)
+        return self.vae().decode(latents.to(self.vae_dtype), tile=self.vae_tile)
 
     def decode_preview(self, latents):
         return to_pil(self.decode(latents))
@@ -338,7 +352,7 @@ class Pipeline:
         generator = torch.Generator().manual_seed(seed)
         cond, uncond = self.encode_prompts(prompt, negative_prompt, emphasis)
         sigmas = self.sigmas(schedule, steps, key)[steps - run:]
-        vae = self.model.vae
+        vae = self.vae()
         mean, logvar = vae.posterior(image.to(self.device, self.vae_dtype))
         eps = torch.randn(mean.shape, generator=generator)           # the posterior sample's draw, then ...
         x0 = (mean + torch.exp(0.5 * logvar) * eps.to(mean)) * vae.cfg.scale_factor

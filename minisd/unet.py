@@ -77,11 +77,13 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_channels, out_channels, emb_dim, groups=32):
         super().__init__()
+        # SiLU may overwrite the norm's output in place (inplace=True): nothing else reads that temporary. Not in
+        # emb_layers, whose input is the embedding every ResBlock shares.
         self.in_layers = nn.Sequential(
-            GroupNorm32(groups, in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+            GroupNorm32(groups, in_channels), nn.SiLU(inplace=True), nn.Conv2d(in_channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
         self.out_layers = nn.Sequential(
-            GroupNorm32(groups, out_channels), nn.SiLU(),
+            GroupNorm32(groups, out_channels), nn.SiLU(inplace=True),
             nn.Identity(),   # index 2 is LDM's Dropout (p=0 for SD); kept so the conv is still `out_layers.3`
             nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -89,7 +91,7 @@ class ResBlock(nn.Module):
     def forward(self, x, emb):
         h = self.in_layers(x)
         h = h + self.emb_layers(emb)[:, :, None, None]   # one bias per channel, chosen by the timestep
-        return self.skip_connection(x) + self.out_layers(h)
+        return self.out_layers(h).add_(self.skip_connection(x))    # the skip, added into a fresh output
 
 
 class CrossAttention(nn.Module):
@@ -124,7 +126,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x):
         a, gate = self.proj(x).chunk(2, dim=-1)
-        return a * F.gelu(gate)
+        return F.gelu(gate).mul_(a)        # a * gelu(gate), multiplied into gelu's fresh output (no new tensor)
 
 
 class FeedForward(nn.Module):
@@ -288,7 +290,8 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(UNetBlock(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(inplace=True),
+                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def set_fast_attention(self, fast: bool):
         """Choose SDPA (True) or the readable math path (False) for every attention layer."""

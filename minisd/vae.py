@@ -42,9 +42,12 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))     # LDM's dropout sits before conv2; SD trained with p=0
-        return self.nin_shortcut(x) + h
+        # SiLU overwrites the norm's output in place: nothing else reads that temporary, and one fewer full-size
+        # map is alive (256 MiB at the decoder's last level for a 512 px image). Autograd allows it: the norm's
+        # backward needs the norm's input, not its output.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))    # LDM's dropout sits before conv2; SD used p=0
+        return h.add_(self.nin_shortcut(x))        # the skip, added into conv2's fresh output (no new map)
 
 
 class AttnBlock(nn.Module):
@@ -151,7 +154,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -174,7 +177,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):          # lowest resolution first
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 def sample_posterior(mean, logvar, generator=None):
