@@ -281,7 +281,6 @@ class Pipeline:
         if isinstance(self.unet_call, CUDAGraphUNet):
             self.unet_call.graphs.clear()       # recorded with the old options: record again at the next call
 
-    @torch.no_grad()
     def vae(self):
         """The VAE; on the CPU, its conv weights turned NHWC (channels_last) at first use.
 
@@ -295,6 +294,7 @@ class Pipeline:
             self._vae_nhwc = True
         return self.model.vae
 
+    @torch.no_grad()
     def decode(self, latents):
         return self.vae().decode(latents.to(self.vae_dtype), tile=self.vae_tile)
 

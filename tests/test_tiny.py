@@ -108,3 +108,9 @@ def test_noisy_captions_are_a_fixed_fraction_each_wrong_in_one_attribute():
     wrong = [(a.split(), b.split()) for a, b in zip(captions, noisy) if a != b]
     assert 0.17 < len(wrong) / len(captions) < 0.23
     assert all(sum(x != y for x, y in zip(a, b)) == 1 for a, b in wrong)
+
+
+def test_pipeline_decode_records_no_autograd_graph(pipe):
+    # the weights require grad (a loaded model can be fine-tuned); decoding for display must not build a graph
+    assert next(pipe.model.vae.parameters()).requires_grad
+    assert not pipe.decode(torch.randn(1, 4, 8, 8)).requires_grad
