@@ -51,6 +51,12 @@ def caption(colour, shape, background):
     return f"a {colour} {shape} on a {background} background"
 
 
+def parse_caption(text):
+    """(colour, shape, background) of a caption written by `caption` (its inverse)."""
+    words = text.split()
+    return words[1], words[2], words[5]
+
+
 def all_combinations(held_out=None):
     """Every (colour, shape, background) with colour != background; `held_out` True/False keeps only that part."""
     combos = [(c, s, b) for c in COLOURS for s in SHAPES for b in COLOURS if c != b]

@@ -170,8 +170,7 @@ def sample_grid(model, path, seeds=(0, 1)):
         for prompt in GRID_PROMPTS:
             image = pipe.generate(prompt, seed=seed).images[0]
             images.append(image)
-            words = prompt.split()
-            hits += shapes.agrees(image, words[1], words[2], words[5])
+            hits += shapes.agrees(image, *shapes.parse_caption(prompt))
     image_grid(images, len(GRID_PROMPTS)).save(path)
     return hits / len(images)
 
@@ -272,8 +271,7 @@ def noisy_captions(captions, fraction, seed):
     rng = np.random.default_rng([seed, 3])
     out = list(captions)
     for i in np.flatnonzero(rng.random(len(captions)) < fraction):
-        words = captions[i].split()                      # "a {colour} {shape} on a {background} background"
-        out[i] = shapes.caption(*shapes.mislabel(words[1], words[2], words[5], rng))
+        out[i] = shapes.caption(*shapes.mislabel(*shapes.parse_caption(captions[i]), rng))
     return out
 
 
