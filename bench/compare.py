@@ -18,10 +18,11 @@ Time: both pipelines live in this process and each row runs minisd, diffusers, m
 warm-up round each); the figure is the median, so machine noise hits both equally. Each row also prints the
 largest difference between the two outputs, to show it is the same work.
 
-Memory on CPU: a process can only see its own peak, so each implementation runs the work of every row once more
-in a fresh child process that loads only its own library and model. Before each row the child returns freed heap
+Memory on CPU: a process can only see its own peak, so each implementation runs the work of every row again
+(--mem-reps times) in a fresh child process that loads only its own library and model. Before each row the child returns freed heap
 to the OS (malloc_trim) and resets its peak resident set (writing 5 to /proc/self/clear_refs); the row's figure
-is the peak during the row minus the resident memory before it: the working memory on top of the loaded model.
+is the peak during the row minus the resident memory before it: the working memory on top of the loaded model (the
+median of --mem-reps such runs: glibc keeps some freed blocks, which moves a single reading by tens of MiB).
 Row (e) reports the child's whole peak while loading, and the peak minus the memory after its imports.
 Memory on CUDA: torch.cuda.max_memory_allocated during the row minus what was allocated before it.
 """
@@ -65,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--from", dest="from_json", default=None, help="render a saved run instead of measuring")
     p.add_argument("--write", action="store_true", help="regenerate this run's section of bench/RESULTS.md")
     p.add_argument("--update", default=None, help="measure --rows again and replace them in this saved run")
+    p.add_argument("--mem-reps", type=int, default=3, help="CPU memory: runs of each row per child (median)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-rows", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -110,9 +112,8 @@ def minisd_work(pipe, args, inp):
     dev, dt = pipe.device, pipe.dtype
     x, t, ctx = inp["x"].to(dev, dt), inp["t"].to(dev), inp["context"].to(dev, dt)
     latents = inp["latents"].to(dev)
-    unet = pipe.model.unet
     return dict(
-        unet=lambda: unet(x, t, ctx),
+        unet=lambda: pipe.unet()(x, t, ctx),     # the U-Net as the pipeline runs it (oneDNN-prepared on the CPU)
         txt2img=lambda: np.asarray(pipe.generate(PROMPT, NEGATIVE, args.steps, 7.5, "euler", "leading", seed=1,
                                                  width=args.size, height=args.size).images[0]),
         vae=lambda: pipe.decode(latents),
@@ -180,12 +181,21 @@ def child(args):
         work = (minisd_work(pipe, args, inp) if args.child == "minisd"
                 else diffusers_work(pipe, args, inp, torch.float32 if dtype == torch.float16 else dtype))
         with torch.no_grad():
+            if args.child == "minisd":      # the one-time oneDNN preparation at first use (Pipeline.unet)
+                t0 = time.perf_counter()
+                out["prepare"], peak = common.peak_rss_of(lambda: (pipe.text_encoder(), pipe.unet()))
+                out["prepare_seconds"] = time.perf_counter() - t0
+                lifetime_peak = max(lifetime_peak, peak)
             # one-time allocations (thread pools, kernel caches) before any row: a U-Net call on 8x8 latents
             x, t, ctx = inp["x"][..., :8, :8].to(dtype), inp["t"], inp["context"].to(dtype)
-            pipe.model.unet(x, t, ctx) if args.child == "minisd" else pipe.unet(x, t, encoder_hidden_states=ctx)
+            pipe.unet()(x, t, ctx) if args.child == "minisd" else pipe.unet(x, t, encoder_hidden_states=ctx)
             for row in rows:
-                out[row], peak = common.peak_rss_of(work[row])
-                lifetime_peak = max(lifetime_peak, peak)
+                # the heap's state (glibc keeps some freed blocks) moves a single reading by tens of MiB: the
+                # median of --mem-reps runs, the same for both libraries
+                runs = [common.peak_rss_of(work[row]) for _ in range(args.mem_reps)]
+                out[row] = median([net for net, _ in runs])
+                out[row + "_runs"] = [net for net, _ in runs]
+                lifetime_peak = max([lifetime_peak, *(peak for _, peak in runs)])
         out["lifetime_peak_rss"] = lifetime_peak      # loading, reading every weight, and every row
     print(json.dumps(out))
 
@@ -193,7 +203,7 @@ def child(args):
 def run_child(args, impl, rows):
     cmd = [sys.executable, __file__, "--child", impl, "--child-rows", ",".join(rows), "--ckpt", args.ckpt,
            "--device", args.device, "--dtype", args.dtype, "--unet", str(args.unet), "--size", str(args.size),
-           "--steps", str(args.steps), "--vae", str(args.vae)]
+           "--steps", str(args.steps), "--vae", str(args.vae), "--mem-reps", str(args.mem_reps)]
     if args.diffusers_config:
         cmd += ["--diffusers-config", args.diffusers_config]
     if args.small:
@@ -226,7 +236,7 @@ def measure(args):
         else:
             common.write_config(args.diffusers_config)
     result = dict(machine=common.machine(), device=args.device, dtype=args.dtype, unet=args.unet, size=args.size,
-                  steps=args.steps, vae=args.vae, reps=args.reps, file_gb=os.path.getsize(args.ckpt) / 1e9,
+                  steps=args.steps, vae=args.vae, reps=args.reps, mem_reps=args.mem_reps, file_gb=os.path.getsize(args.ckpt) / 1e9,
                   rows={}, small=args.small)
     cpu = not args.device.startswith("cuda")
     rows = [r for r in args.rows if r in ROWS]
@@ -248,6 +258,8 @@ def measure(args):
                                       for impl in loads}
         if rows:
             result["rows"]["lifetime"] = {impl: dict(peak=mem[impl]["lifetime_peak_rss"]) for impl in mem}
+            if "prepare" in mem["minisd"]:
+                result["prepare"] = dict(seconds=mem["minisd"]["prepare_seconds"], peak=mem["minisd"]["prepare"])
 
     dtype = torch_dtype(args.dtype)
     ours = common.load_minisd(args.ckpt, args.device, args.dtype)
@@ -263,7 +275,7 @@ def measure(args):
             entry.update({impl: dict(seconds=median(times[impl]), times=times[impl]) for impl in work})
             for impl in work:
                 if cpu:
-                    entry[impl]["peak"] = mem[impl][row]
+                    entry[impl]["peak"], entry[impl]["peak_runs"] = mem[impl][row], mem[impl][row + "_runs"]
                 else:
                     entry[impl]["peak"], _, entry[impl]["reserved"] = common.peak_cuda_of(work[impl][row])
         result["rows"][row] = entry
@@ -290,7 +302,9 @@ def render(result):
              f"{', '.join(f'{k} {v}' for k, v in r['reps'].items())}); ratios are minisd / diffusers "
              f"(below 1: minisd is faster or smaller). "
              + ("Memory: peak resident memory of the row's work above the loaded model, each implementation in "
-                "its own child process (see the docstring of bench/compare.py); load: the child's whole peak, and "
+                "its own child process (see the docstring of bench/compare.py)"
+                + (f", the median of {r['mem_reps']} runs of the row" if r.get("mem_reps", 1) > 1 else "")
+                + "; load: the child's whole peak, and "
                 "in brackets the peak above the memory after its imports. diffusers leaves the weights "
                 "memory-mapped from the file, to be read when first used, which makes its load fast and small; "
                 "(e') is the peak over the whole child process, once every weight has been read."
@@ -323,6 +337,12 @@ def render(result):
                 diff += f" ({e['mean_diff']:.1e})"
         lines.append(f"| {TITLES[row].format(**fmt)} | {m['seconds']:.3f} s | {d['seconds']:.3f} s | "
                      f"{m['seconds'] / d['seconds']:.2f} | {' | '.join(mem)} | {diff} |")
+    if "prepare" in r:
+        p = r["prepare"]
+        lines += ["", f"minisd prepares the text encoder and U-Net for oneDNN at their first use on the CPU "
+                  f"(minisd/onednn.py: conv weights reordered once into oneDNN's blocked layout): "
+                  f"{p['seconds']:.1f} s once, peak {gib(p['peak'])} above the loaded model while it runs; "
+                  f"(e') includes it, the timed rows run after it."]
     return "\n".join(lines)
 
 
@@ -336,6 +356,8 @@ def main():
         if not set(ROWS) <= set(new["rows"]):
             new["rows"].pop("lifetime", None)        # a partial child run says nothing of the whole life
         result["rows"].update(new["rows"])
+        if "prepare" in new:
+            result["prepare"] = new["prepare"]
         result.setdefault("updates", []).append(f"rows {', '.join(new['rows'])} measured again: {new['machine']}")
     if result["device"] == "cpu":
         section, title = "compare-cpu", "## minisd vs diffusers on CPU (bench/compare.py)"

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import diffusion, samplers
+from . import diffusion, onednn, samplers
 from .prompts import apply_emphasis, prompt_pair_tokens
 
 DEFAULT_SAMPLER = "dpmpp_2m"        # A1111's default since 1.6 ("DPM++ 2M" with the Karras schedule)
@@ -158,15 +158,22 @@ class Pipeline:
     images up to floating-point rounding; tests/test_fast_path.py):
       compile=True      torch.compile (TorchInductor fuses the elementwise ops and norms into fewer kernels)
       cuda_graph=True   record the call once as a CUDA graph and replay it every step (CUDAGraphUNet)
+    and one for the CPU in fp32:
+      prepack=True      the text encoder's and U-Net's conv and linear layers swapped for oneDNN ones with their
+                        weights prepared once (minisd/onednn.py), at their first use. Inference only, and it
+                        changes the model's modules in place, so it is on where the pipeline owns the model it
+                        loaded (Pipeline.load) and off for a model handed in (which may be in training)
     """
 
     def __init__(self, model, device="cpu", dtype=torch.float32, name=None, log=print, progress=False,
-                 compile=False, cuda_graph=False):
+                 compile=False, cuda_graph=False, prepack=False):
         self.device = pick_device(device) if isinstance(device, str) else device
         self.dtype = pick_dtype(dtype, self.device) if not isinstance(dtype, torch.dtype) else dtype
         # fp16 decoders overflow on SD 2.1 (black images): keep the VAE in fp32 then, as diffusers' force_upcast
         self.vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
         self.model = model.eval()
+        onednn.restore(model.text_encoder)     # in case an earlier Pipeline prepared them: .to() needs plain layers
+        onednn.restore(model.unet)
         model.text_encoder.to(self.device, self.dtype)
         model.unet.to(self.device, self.dtype)
         model.vae.to(self.device, self.vae_dtype)
@@ -174,6 +181,8 @@ class Pipeline:
             # NHWC is the layout the tensor cores' convolution kernels want (no transposes around each conv)
             self.model.unet.to(memory_format=torch.channels_last)
         self._vae_nhwc = self.device.type != "cpu"     # see vae()
+        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        self._to_prepare = {"text_encoder", "unet"} if prepack and cpu_fp32 and not compile else set()  # see unet()
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
         self.unet_call = self.model.unet
@@ -193,9 +202,9 @@ class Pipeline:
 
     @classmethod
     def load(cls, model=None, prediction=None, device="auto", dtype="auto", log=print, progress=False,
-             compile=False, cuda_graph=False):
+             compile=False, cuda_graph=False, prepack=True):
         """model: a checkpoint path or diffusers folder, a named model ("sd15", "sd21", "sd21-base"), or None for
-        the tiny built-in one. prediction: None/"auto" (detected), "eps" or "v"."""
+        the tiny built-in one. prediction: None/"auto" (detected), "eps" or "v". prepack: see the class."""
         from . import download
         from .model import load_model
         if prediction == "auto":
@@ -213,7 +222,8 @@ class Pipeline:
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
         sd = load_model(model, prediction=prediction, dtype=torch.float32, device="cpu", log=log)
-        return cls(sd, device, dtype, name=name, log=log, progress=progress, compile=compile, cuda_graph=cuda_graph)
+        return cls(sd, device, dtype, name=name, log=log, progress=progress, compile=compile, cuda_graph=cuda_graph,
+                   prepack=prepack)
 
     # -- text ---------------------------------------------------------------------------------------------
 
@@ -222,7 +232,8 @@ class Pipeline:
         """(cond, uncond) contexts, each (1, n * 77, width); n > 1 for prompts longer than 75 tokens."""
         c_ids, c_w, u_ids, u_w = prompt_pair_tokens(self.model.tokenizer, prompt, negative_prompt, emphasis)
         # one pass per prompt (as diffusers does): half the working memory of one batch of both, at the same speed
-        z = torch.cat([self.model.text_encoder(ids.to(self.device)) for ids in (c_ids, u_ids)])   # (2n, 77, width)
+        encoder = self.text_encoder()
+        z = torch.cat([encoder(ids.to(self.device)) for ids in (c_ids, u_ids)])   # (2n, 77, width)
         z = apply_emphasis(z, torch.cat([c_w, u_w]).to(self.device))
         cond, uncond = z.chunk(2)
         return cond.reshape(1, -1, z.shape[-1]), uncond.reshape(1, -1, z.shape[-1])
@@ -235,6 +246,7 @@ class Pipeline:
         return samplers.get_sigmas(schedule, steps, self.sigmas_train, final=final)
 
     def _denoiser(self, cond, uncond, cfg, schedule, batch, rescale=0.0, sigmas=None):
+        self.unet()     # prepared at first use (prepack); self.unet_call calls the same module
         spacing = schedule.split()[0]
         # diffusers interpolates sigma -> t linearly; k-diffusion in log sigma. Only fractional t tells them apart.
         interpolation = "linear" if spacing in ("linspace", "leading", "trailing") else "log"
@@ -281,6 +293,24 @@ class Pipeline:
         if isinstance(self.unet_call, CUDAGraphUNet):
             self.unet_call.graphs.clear()       # recorded with the old options: record again at the next call
 
+    def _prepared(self, name):
+        net = getattr(self.model, name)
+        if name in self._to_prepare:
+            onednn.prepare(net)
+            self._to_prepare.discard(name)
+        return net
+
+    def text_encoder(self):
+        """The text encoder; with prepack, its linear layers swapped for oneDNN ones at first use (see unet())."""
+        return self._prepared("text_encoder")
+
+    def unet(self):
+        """The U-Net; with prepack (CPU, fp32), its conv weights reordered once into oneDNN's blocked layout and
+        its linear layers run by oneDNN, at first use (minisd/onednn.py: on the CPU every plain conv call copies
+        its weight into that layout first; at 256 px that copy costs more than the deep levels' convolutions).
+        At first use and not at load, since loading leaves the weights mapped from the file until then."""
+        return self._prepared("unet")
+
     def vae(self):
         """The VAE; on the CPU, its conv weights turned NHWC (channels_last) at first use.
 
@@ -288,7 +318,7 @@ class Pipeline:
         back around every conv: for the decoder's last levels at 512 px, a 256 MiB copy each way. NHWC decodes
         512 px in ~22% less memory and ~10% less time (measured, 1 thread). Done at first use, not at load, since
         loading leaves the weights mapped from the file until then. The U-Net keeps NCHW on the CPU: its maps are
-        small and its time is in the weights (no gain measured)."""
+        small and its time is in the weights (no gain measured); those are prepared instead (unet())."""
         if not self._vae_nhwc:
             self.model.vae.to(memory_format=torch.channels_last)
             self._vae_nhwc = True
