@@ -19,7 +19,7 @@ warm-up round each); the figure is the median, so machine noise hits both equall
 largest difference between the two outputs, to show it is the same work.
 
 Memory on CPU: a process can only see its own peak, so each implementation runs the work of every row again
-(--mem-reps times) in a fresh child process that loads only its own library and model. Before each row the child returns freed heap
+(--mem-reps times per row) in a fresh child process that loads only its own library and model. Before each row the child returns freed heap
 to the OS (malloc_trim) and resets its peak resident set (writing 5 to /proc/self/clear_refs); the row's figure
 is the peak during the row minus the resident memory before it: the working memory on top of the loaded model (the
 median of --mem-reps such runs: glibc keeps some freed blocks, which moves a single reading by tens of MiB).
@@ -66,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--from", dest="from_json", default=None, help="render a saved run instead of measuring")
     p.add_argument("--write", action="store_true", help="regenerate this run's section of bench/RESULTS.md")
     p.add_argument("--update", default=None, help="measure --rows again and replace them in this saved run")
-    p.add_argument("--mem-reps", type=int, default=3, help="CPU memory: runs of each row per child (median)")
+    p.add_argument("--mem-reps", default="unet=3,txt2img=3,vae=3,text=9",
+                   help="CPU memory: runs of each row in each child, the figure is their median")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-rows", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -78,6 +79,7 @@ def parse_args(argv=None):
         k, v = item.split("=")
         reps[k] = int(v)
     args.reps = reps
+    args.mem_reps = {k: int(v) for k, v in (item.split("=") for item in args.mem_reps.split(",") if item)}
     args.rows = [r for r in args.rows.split(",") if r and not (cuda and r == "load")]
     if args.small:
         args.unet, args.size, args.vae, args.steps = min(args.unet, 8), min(args.size, 64), min(args.vae, 64), 2
@@ -192,7 +194,7 @@ def child(args):
             for row in rows:
                 # the heap's state (glibc keeps some freed blocks) moves a single reading by tens of MiB: the
                 # median of --mem-reps runs, the same for both libraries
-                runs = [common.peak_rss_of(work[row]) for _ in range(args.mem_reps)]
+                runs = [common.peak_rss_of(work[row]) for _ in range(args.mem_reps.get(row, 1))]
                 out[row] = median([net for net, _ in runs])
                 out[row + "_runs"] = [net for net, _ in runs]
                 lifetime_peak = max([lifetime_peak, *(peak for _, peak in runs)])
@@ -203,7 +205,8 @@ def child(args):
 def run_child(args, impl, rows):
     cmd = [sys.executable, __file__, "--child", impl, "--child-rows", ",".join(rows), "--ckpt", args.ckpt,
            "--device", args.device, "--dtype", args.dtype, "--unet", str(args.unet), "--size", str(args.size),
-           "--steps", str(args.steps), "--vae", str(args.vae), "--mem-reps", str(args.mem_reps)]
+           "--steps", str(args.steps), "--vae", str(args.vae),
+           "--mem-reps", ",".join(f"{k}={v}" for k, v in args.mem_reps.items())]
     if args.diffusers_config:
         cmd += ["--diffusers-config", args.diffusers_config]
     if args.small:
@@ -303,7 +306,8 @@ def render(result):
              f"(below 1: minisd is faster or smaller). "
              + ("Memory: peak resident memory of the row's work above the loaded model, each implementation in "
                 "its own child process (see the docstring of bench/compare.py)"
-                + (f", the median of {r['mem_reps']} runs of the row" if r.get("mem_reps", 1) > 1 else "")
+                + (", the median of several runs of the row (" + ", ".join(f"{k} {v}" for k, v in r["mem_reps"].items())
+                   + ")" if "mem_reps" in r else "")
                 + "; load: the child's whole peak, and "
                 "in brackets the peak above the memory after its imports. diffusers leaves the weights "
                 "memory-mapped from the file, to be read when first used, which makes its load fast and small; "

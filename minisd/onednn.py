@@ -47,6 +47,7 @@ class Conv2d(nn.Module):
         self.bias = conv.bias                                         # the same Parameter (or None)
 
     def forward(self, x):
+        _inference_only(self, x)
         return torch.ops.mkldnn._convolution_pointwise(
             x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
 
@@ -81,6 +82,7 @@ class Linear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
 
     def forward(self, x):
+        _inference_only(self, x)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def to_linear(self):
@@ -92,8 +94,17 @@ class Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN matmul"
 
 
+def _inference_only(layer, x):
+    # these ops have no backward: autograd would pass through them silently with wrong (missing) gradients
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, layer.weight, layer.bias)):
+        raise RuntimeError("a network prepared for oneDNN inference (minisd.onednn) ran with autograd on: run it "
+                           "under torch.no_grad(), or call minisd.onednn.restore on it to train")
+
+
 def _preparable(layer):
     w = layer.weight
+    if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+        return False
     return w.device.type == "cpu" and w.dtype == torch.float32 and not w.is_mkldnn
 
 

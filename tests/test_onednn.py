@@ -85,3 +85,12 @@ def test_pipeline_load_prepares_at_first_use_and_a_handed_in_model_stays_plain(t
     b = plain.generate("a red circle", steps=3, seed=0, width=64, height=64)
     assert not onednn.is_prepared(fast.model.unet) and not onednn.is_prepared(fast.model.text_encoder)
     _close(a.latents, b.latents)
+
+
+def test_a_prepared_network_refuses_autograd_instead_of_giving_wrong_gradients():
+    unet = onednn.prepare(_random(UNet(SMALL_SD1.unet), 6))
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 77, SMALL_SD1.unet.context_dim)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        unet(x, t, c)                    # its Linear layers share the trainable Parameters
+    with torch.no_grad():
+        unet(x, t, c)
