@@ -327,7 +327,7 @@ def render(result):
         e = r["rows"][row]
         m, d = e["minisd"], e["diffusers"]
         if row == "lifetime":
-            lines.append(f"| (e') the child process's whole life: load, read every weight, rows (a)-(d) once | - | - "
+            lines.append(f"| (e') the child process's whole life: load, read every weight, prepare (minisd), rows (a)-(d) | - | - "
                          f"| - | {gib(m['peak'])} | {gib(d['peak'])} | {m['peak'] / d['peak']:.2f} | - |")
             continue
         if row == "load":
