@@ -195,8 +195,7 @@ def child(args):
                 # the heap's state (glibc keeps some freed blocks) moves a single reading by tens of MiB: the
                 # median of --mem-reps runs, the same for both libraries
                 runs = [common.peak_rss_of(work[row]) for _ in range(args.mem_reps.get(row, 1))]
-                out[row] = median([net for net, _ in runs])
-                out[row + "_runs"] = [net for net, _ in runs]
+                out[row] = [net for net, _ in runs]
                 lifetime_peak = max([lifetime_peak, *(peak for _, peak in runs)])
         out["lifetime_peak_rss"] = lifetime_peak      # loading, reading every weight, and every row
     print(json.dumps(out))
@@ -278,7 +277,7 @@ def measure(args):
             entry.update({impl: dict(seconds=median(times[impl]), times=times[impl]) for impl in work})
             for impl in work:
                 if cpu:
-                    entry[impl]["peak"], entry[impl]["peak_runs"] = mem[impl][row], mem[impl][row + "_runs"]
+                    entry[impl]["peak"], entry[impl]["peak_runs"] = median(mem[impl][row]), mem[impl][row]
                 else:
                     entry[impl]["peak"], _, entry[impl]["reserved"] = common.peak_cuda_of(work[impl][row])
         result["rows"][row] = entry

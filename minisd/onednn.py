@@ -13,8 +13,8 @@ the whole SD1 text encoder about 5%), so `Linear` below only changes which libra
 `prepare(module)` swaps a network's nn.Conv2d and nn.Linear layers for the two classes below, in place;
 `restore(module)` swaps them back. A prepared network computes the same function (up to float rounding,
 tests/test_onednn.py) and has the same state_dict (the blocked weights are written out in PyTorch's layout), but
-it is for inference only: no gradients reach its convolution weights, and `.to()` cannot move them (restore
-first). `Pipeline.load` prepares the text encoder and U-Net of the model it loaded at their first use on the CPU.
+it is for inference only (these ops have no backward, so a call with autograd on raises), and `.to()` cannot
+move its blocked weights (restore first). `Pipeline.load` prepares the text encoder and U-Net of the model it loaded at their first use on the CPU.
 
 The ops are PyTorch's own oneDNN entry points (the ones TorchInductor's CPU backend emits), in `torch.ops.mkldnn`.
 """
@@ -33,7 +33,7 @@ class Conv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not _zero_padded(conv):
             raise ValueError("minisd.onednn.Conv2d takes convolutions with numeric zero padding")
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.padding, self.stride = list(conv.padding), list(conv.stride)
@@ -101,9 +101,13 @@ def _inference_only(layer, x):
                            "under torch.no_grad(), or call minisd.onednn.restore on it to train")
 
 
+def _zero_padded(conv):
+    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)    # not "same" / "valid"
+
+
 def _preparable(layer):
     w = layer.weight
-    if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+    if isinstance(layer, nn.Conv2d) and not _zero_padded(layer):
         return False
     return w.device.type == "cpu" and w.dtype == torch.float32 and not w.is_mkldnn
 

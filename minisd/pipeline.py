@@ -180,9 +180,13 @@ class Pipeline:
         if self.device.type == "cuda":
             # NHWC is the layout the tensor cores' convolution kernels want (no transposes around each conv)
             self.model.unet.to(memory_format=torch.channels_last)
-        self._vae_nhwc = self.device.type != "cpu"     # see vae()
-        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        self._to_prepare = {"text_encoder", "unet"} if prepack and cpu_fp32 and not compile else set()  # see unet()
+        # what each network gets at its first use (see vae() and unet()): done then and not at load, since
+        # loading leaves the weights mapped from the file until they are first read
+        self._at_first_use = {}
+        if self.device.type == "cpu":
+            self._at_first_use["vae"] = lambda vae: vae.to(memory_format=torch.channels_last)
+            if prepack and self.dtype == torch.float32 and not compile:
+                self._at_first_use["text_encoder"] = self._at_first_use["unet"] = onednn.prepare
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
         self.unet_call = self.model.unet
@@ -293,36 +297,31 @@ class Pipeline:
         if isinstance(self.unet_call, CUDAGraphUNet):
             self.unet_call.graphs.clear()       # recorded with the old options: record again at the next call
 
-    def _prepared(self, name):
+    def _ready(self, name):
         net = getattr(self.model, name)
-        if name in self._to_prepare:
-            onednn.prepare(net)
-            self._to_prepare.discard(name)
+        first_use = self._at_first_use.pop(name, None)
+        if first_use:
+            first_use(net)
         return net
 
     def text_encoder(self):
         """The text encoder; with prepack, its linear layers swapped for oneDNN ones at first use (see unet())."""
-        return self._prepared("text_encoder")
+        return self._ready("text_encoder")
 
     def unet(self):
         """The U-Net; with prepack (CPU, fp32), its conv weights reordered once into oneDNN's blocked layout and
         its linear layers run by oneDNN, at first use (minisd/onednn.py: on the CPU every plain conv call copies
-        its weight into that layout first; at 256 px that copy costs more than the deep levels' convolutions).
-        At first use and not at load, since loading leaves the weights mapped from the file until then."""
-        return self._prepared("unet")
+        its weight into that layout first; at 256 px that copy costs more than the deep levels' convolutions)."""
+        return self._ready("unet")
 
     def vae(self):
         """The VAE; on the CPU, its conv weights turned NHWC (channels_last) at first use.
 
         oneDNN's CPU convolutions read and write NHWC as it is, but reorder an NCHW map into a blocked layout and
         back around every conv: for the decoder's last levels at 512 px, a 256 MiB copy each way. NHWC decodes
-        512 px in ~22% less memory and ~10% less time (measured, 1 thread). Done at first use, not at load, since
-        loading leaves the weights mapped from the file until then. The U-Net keeps NCHW on the CPU: its maps are
-        small and its time is in the weights (no gain measured); those are prepared instead (unet())."""
-        if not self._vae_nhwc:
-            self.model.vae.to(memory_format=torch.channels_last)
-            self._vae_nhwc = True
-        return self.model.vae
+        512 px in ~22% less memory and ~10% less time (measured, 1 thread). The U-Net keeps NCHW on the CPU: its
+        maps are small and its time is in the weights (no gain measured); those are prepared instead (unet())."""
+        return self._ready("vae")
 
     @torch.no_grad()
     def decode(self, latents):
