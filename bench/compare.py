@@ -115,7 +115,7 @@ def minisd_work(pipe, args, inp):
     x, t, ctx = inp["x"].to(dev, dt), inp["t"].to(dev), inp["context"].to(dev, dt)
     latents = inp["latents"].to(dev)
     return dict(
-        unet=lambda: pipe.unet()(x, t, ctx),     # the U-Net as the pipeline runs it (oneDNN-prepared on the CPU)
+        unet=lambda: pipe.unet_call(x, t, ctx),  # the U-Net as the pipeline runs it (oneDNN-prepared on the CPU)
         txt2img=lambda: np.asarray(pipe.generate(PROMPT, NEGATIVE, args.steps, 7.5, "euler", "leading", seed=1,
                                                  width=args.size, height=args.size).images[0]),
         vae=lambda: pipe.decode(latents),
@@ -183,14 +183,9 @@ def child(args):
         work = (minisd_work(pipe, args, inp) if args.child == "minisd"
                 else diffusers_work(pipe, args, inp, torch.float32 if dtype == torch.float16 else dtype))
         with torch.no_grad():
-            if args.child == "minisd":      # the one-time oneDNN preparation at first use (Pipeline.unet)
-                t0 = time.perf_counter()
-                out["prepare"], peak = common.peak_rss_of(lambda: (pipe.text_encoder(), pipe.unet()))
-                out["prepare_seconds"] = time.perf_counter() - t0
-                lifetime_peak = max(lifetime_peak, peak)
             # one-time allocations (thread pools, kernel caches) before any row: a U-Net call on 8x8 latents
             x, t, ctx = inp["x"][..., :8, :8].to(dtype), inp["t"], inp["context"].to(dtype)
-            pipe.unet()(x, t, ctx) if args.child == "minisd" else pipe.unet(x, t, encoder_hidden_states=ctx)
+            pipe.unet_call(x, t, ctx) if args.child == "minisd" else pipe.unet(x, t, encoder_hidden_states=ctx)
             for row in rows:
                 # the heap's state (glibc keeps some freed blocks) moves a single reading by tens of MiB: the
                 # median of --mem-reps runs, the same for both libraries

@@ -15,7 +15,7 @@ import time
 import torch
 
 from minisd.pipeline import Pipeline
-from minisd.tiny import eval_combinations, judged
+from minisd.tiny.evaluate import eval_combinations, judged
 
 
 def summary(rows):

@@ -5,10 +5,39 @@
 Two paths compute the same thing: `attention_math` spells the equation out for readers, and the default path
 calls `torch.nn.functional.scaled_dot_product_attention`, which dispatches to fused (flash / memory-efficient)
 kernels. tests/test_attention.py checks that they agree.
+
+Every attention layer of the three networks is an `AttentionLayer`, and every network an `AttentionSettings`:
+`net.set_fast_attention(False)` / `net.set_attention_slicing(n)` reach each layer inside it.
 """
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+
+class AttentionLayer(nn.Module):
+    """What the attention layers share: which path computes them, and how many queries at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self.fast = True        # SDPA (True) or the readable math path (False)
+        self.slice_size = None  # queries per attention slice (None: all at once); see `attention`
+
+
+class AttentionSettings:
+    """Mixed into each network (UNet, VAE, TextEncoder): settings that reach every AttentionLayer inside it."""
+
+    def set_fast_attention(self, fast: bool):
+        """Choose SDPA (True) or the readable math path (False) for every attention layer."""
+        for m in self.modules():
+            if isinstance(m, AttentionLayer):
+                m.fast = fast
+
+    def set_attention_slicing(self, slice_size):
+        """Compute attention `slice_size` queries at a time (None: off); same result, less peak memory."""
+        for m in self.modules():
+            if isinstance(m, AttentionLayer):
+                m.slice_size = slice_size
 
 
 def attention_math(q, k, v, causal=False):

@@ -6,12 +6,22 @@
     minisd convert v2-1_768-ema-pruned.safetensors sd21.minisd.safetensors --to minisd
 """
 import argparse
+import os
+import random
 import sys
 import time
 
-from . import samplers
+from PIL import Image
 
-SCHEDULE_CHOICES = ("default", "karras", "exponential", "discrete", "linspace", "leading", "trailing")
+from weights_convert.io import CheckpointError
+
+from . import convert, samplers, schedules
+from .download import DownloadError
+from .images import a1111_parameters, from_pil, output_paths, save_png
+from .pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
+from .tiny import recipe as tiny_recipe
+
+SCHEDULE_CHOICES = ("default", *schedules.SHAPES, *schedules.SPACINGS)
 
 
 def _add_common(p):
@@ -72,7 +82,6 @@ def build_parser():
 
 
 def _step_saver(pipe, folder):
-    import os
     os.makedirs(folder, exist_ok=True)
 
     def callback(i, x, denoised, sigma):
@@ -82,16 +91,12 @@ def _step_saver(pipe, folder):
 
 
 def run(args):
-    from .images import a1111_parameters, output_paths, save_png
-    from .pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline, from_pil, resolve_schedule
-
     sampler = args.sampler or DEFAULT_SAMPLER
     steps = DEFAULT_STEPS if args.steps is None else args.steps
     cfg = DEFAULT_CFG if args.cfg is None else args.cfg
-    resolve_schedule(sampler, args.schedule)            # a bad sampler/schedule fails before the model loads
+    samplers.resolve(sampler, args.schedule)            # a bad sampler/schedule fails before the model loads
     init = None
     if args.command == "img2img":
-        from PIL import Image
         if not 0.0 <= args.strength <= 1.0:
             raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
         init = Image.open(args.init_image)
@@ -101,7 +106,6 @@ def run(args):
     pipe.set_memory_options(args.attention_slice, args.vae_tile)
     seed = args.seed
     if seed is None:
-        import random
         seed = random.randrange(2 ** 32)
     print(f"seed {seed}")
     paths = output_paths(args.out, [seed] * args.batch, overwrite=args.overwrite)
@@ -119,7 +123,7 @@ def run(args):
     if args.command == "img2img":
         extra["denoising_strength"] = args.strength
     for b, (image, path) in enumerate(zip(result.images, paths)):
-        params = a1111_parameters(args.prompt, args.negative_prompt, steps, _display_name(result.sampler), cfg,
+        params = a1111_parameters(args.prompt, args.negative_prompt, steps, samplers.display_name(result.sampler), cfg,
                                   seed, width, height, pipe.name, schedule_type=result.schedule.capitalize(),
                                   batch_pos=b if args.batch > 1 else None, **extra)
         save_png(image, path, params, overwrite=args.overwrite)
@@ -127,21 +131,13 @@ def run(args):
     print(f"{len(result.images)} image(s) in {time.time() - t0:.1f} s on {pipe.device} ({pipe.dtype})")
 
 
-def _display_name(key):
-    return {v: k for k, v in samplers.DISPLAY_NAMES.items()}.get(key, key)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["convert"]:
-        from weights_convert.__main__ import main as convert_main
-        return convert_main(argv[1:])
+        return convert.main(argv[1:])
     if argv[:1] == ["train-tiny"]:
-        from .tiny import main as train_tiny_main
-        return train_tiny_main(argv[1:])
+        return tiny_recipe.main(argv[1:])
     args = build_parser().parse_args(argv)
-    from weights_convert.io import CheckpointError
-    from .download import DownloadError
     try:
         run(args)
     except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, DownloadError) as e:

@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import AttentionLayer, AttentionSettings, attention
 from .config import TextConfig
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(AttentionLayer):
     """Causal multi-head self-attention with q, k, v packed in one projection (nn.MultiheadAttention's names)."""
 
     def __init__(self, width, heads):
@@ -30,7 +30,6 @@ class SelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
-        self.fast = True    # SDPA (True) or the readable math path (False) in minisd.attention
 
     def forward(self, x):                                                  # x: (B, N, width)
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
@@ -74,7 +73,7 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(AttentionSettings, nn.Module):
     """tokens (B, N) -> per-token conditioning (B, N, width), N <= 77."""
 
     def __init__(self, cfg: TextConfig):
@@ -88,12 +87,6 @@ class TextEncoder(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-
-    def set_fast_attention(self, fast: bool):
-        """Choose SDPA (True) or the readable math path (False) in every attention layer."""
-        for m in self.modules():
-            if isinstance(m, SelfAttention):
-                m.fast = fast
 
     def forward(self, tokens, clip_skip=1):
         """clip_skip=1: the last computed layer, then ln_final (what SD conditions on). clip_skip=k: the output

@@ -3,7 +3,7 @@
 The same network classes serve Stable Diffusion 1.5, 2.1 and the tiny built-in model; only these numbers
 change. Every field is named after the argument of the original LDM / CLIP code it mirrors.
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -78,4 +78,17 @@ SD21_BASE = ModelConfig(
     vae=VAEConfig(), prediction="eps", image_size=512)
 SD21_V = replace(SD21_BASE, name="sd21", prediction="v", image_size=768)
 
-PRESETS = {c.name: c for c in (SD15, SD21_BASE, SD21_V)}
+# The tiny built-in model (minisd/tiny/): the networks of SD 1.5 at a small size. The text encoder's 49408 x 64 token table (3.2M) is half the model:
+# CLIP's whole vocabulary is kept so that any prompt tokenizes as it would for SD.
+TINY = ModelConfig(
+    name="minisd-tiny",
+    text=TextConfig(width=64, layers=2, heads=4),
+    unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+                    num_heads=4, context_dim=64, norm_groups=8),
+    # four levels = three stride-2 downsamplings: SD's factor 8. scale_factor = 1 / 2.1673, the latent std the
+    # shipped run measured after its VAE phases; train_tiny measures it again and stores what it finds
+    vae=VAEConfig(ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=4, scale_factor=0.46141),
+    image_size=64,
+)
+
+PRESETS = {c.name: c for c in (SD15, SD21_BASE, SD21_V, TINY)}

@@ -1,4 +1,7 @@
-"""Saving generated images: PNG files that carry their generation parameters, and output file names.
+"""Images in and out: PIL <-> tensors, and PNG files that carry their generation parameters.
+
+Tensors hold images as (B, 3, H, W) in [-1, 1], the range the VAE was trained on; `to_pil` / `from_pil` /
+`to_tensor` convert with diffusers' rounding and resizing, so the same seed gives the same pixels.
 
 The parameters go into a PNG text chunk named `parameters` in the layout AUTOMATIC1111's web UI writes
 (`create_infotext` in its modules/processing.py), so A1111's "PNG Info" tab, civitai and most image viewers
@@ -17,8 +20,41 @@ import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+
+def to_pil(images):
+    """(B, 3, H, W) in [-1, 1] -> PIL images, rounding as diffusers does."""
+    images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in (images * 255).round().astype("uint8")]
+
+
+def to_tensor(images):
+    """PIL RGB images of one size -> (B, 3, H, W) in [-1, 1]."""
+    a = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
+
+
+def from_pil(image, multiple=8, log=print):
+    """PIL image of any mode -> (1, 3, H, W) in [-1, 1], resized down to a multiple of `multiple` if needed."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"init_image must be a PIL image, got {type(image).__name__}")
+    image = image.convert("RGB")           # RGBA, L, P, CMYK... -> RGB (alpha dropped, as diffusers does)
+    w, h = image.size
+    w8, h8 = w - w % multiple, h - h % multiple
+    if w8 == 0 or h8 == 0:
+        raise ValueError(f"init image is {w}x{h}; it must be at least {multiple}x{multiple}")
+    if (w8, h8) != (w, h):
+        log(f"init image {w}x{h} resized to {w8}x{h8} (a multiple of {multiple})")
+        image = image.resize((w8, h8), Image.LANCZOS)      # diffusers' VaeImageProcessor does the same
+    return to_tensor([image])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PNG files with A1111 parameters
 
 # A1111's key order (create_infotext); keyword argument -> label. Other keywords are written after these, in the
 # order given, labelled by sentence-casing the keyword (eta -> "Eta"), and "Version" comes last, as in A1111.

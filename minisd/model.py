@@ -9,6 +9,7 @@ init), each tensor is read from the file, cast, and becomes the parameter itself
 is the model plus one tensor, not the model twice. The key maps live in weights_convert/.
 """
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,11 +17,35 @@ from torch import nn
 from weights_convert import detect, native
 from weights_convert.io import CheckpointError
 
+from . import download
 from .clip import TextEncoder
 from .config import ModelConfig
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import VAE
+
+
+TINY_WEIGHTS = Path(__file__).parent / "assets" / "minisd-tiny.safetensors"
+
+
+def tiny_model_path():
+    """The tiny built-in model's weights (fp16, inside the package; see minisd/tiny/)."""
+    if not TINY_WEIGHTS.exists():
+        raise FileNotFoundError(f"the tiny built-in model is missing ({TINY_WEIGHTS}); rebuild it with "
+                                f"`minisd train-tiny --out DIR` and copy DIR/minisd-tiny.safetensors there")
+    return str(TINY_WEIGHTS)
+
+
+def locate(model, log=print):
+    """(path, display name) of what the user named: None = the tiny built-in model, a named model ("sd15", "sd21",
+    "sd21-base", fetched once into the cache), else a checkpoint file or diffusers folder."""
+    if model is None:
+        log(f"no --model given: using the tiny built-in model ({tiny_model_path()})")
+        return tiny_model_path(), "minisd-tiny"
+    if model in download.MODELS:
+        return download.fetch_model(model), model
+    path = Path(model)
+    return model, path.name if path.is_dir() else path.stem     # A1111 names a model by its file name
 
 
 class StableDiffusion(nn.Module):

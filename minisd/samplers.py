@@ -9,8 +9,8 @@ Every sampler has the same signature:
 
   denoise(x, sigma) -> x0 estimate, the D of Karras et al. (`diffusion.make_denoiser` / `cfg_denoiser`)
   x         the starting latent at sigmas[0], already scaled: x = initial_noise * sigmas[0] in k-diffusion's
-            convention (see `init_noise_sigma` for diffusers')
-  sigmas    1-D, decreasing; `get_sigmas` makes them
+            convention (see `schedules.init_noise_sigma` for diffusers')
+  sigmas    1-D, decreasing; `schedules.get_sigmas` makes them
   noise()   a fresh N(0, I) tensor shaped like x, for the ancestral / SDE samplers (see `noise_from`)
   callback(i, x, denoised, sigma)   after each model call: x is the latent at noise level sigma, denoised is D(x)
 
@@ -19,110 +19,17 @@ initial latents first, then every noise() draw, in exactly the order k-diffusion
 
 Host/device: the sigmas are read to the host ONCE (Python floats); all per-step scalar arithmetic is on the CPU in
 float64, and the loops test `sigma_next > 0` on floats, so no step waits on the GPU (no per-step `.item()`).
+
+`plan(sampler, schedule, steps, sigmas_train)` is the one place that reads a sampler's name and knows its rules
+(default schedule, final sigma, starting noise scale, sigma -> t interpolation); the pipeline follows the plan.
 """
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .diffusion import t_to_sigma
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sigma schedules
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def sigmas_karras(steps, sigma_min, sigma_max, rho=7.0):
-    """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
-
-    rho = 7 spends more steps at low noise, where detail is decided. No final zero appended."""
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-
-
-def sigmas_exponential(steps, sigma_min, sigma_max):
-    """Evenly spaced in log sigma (the time variable of DPM-Solver). No final zero appended."""
-    return torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
-
-
-def diffusers_timesteps(spacing, steps, num_train=1000, steps_offset=1):
-    """diffusers' `timestep_spacing` for its *DiscreteSchedulers (Euler, Euler a, Heun, LMS, KDPM2, KDPM2 a;
-    DDIM and DDPM round "linspace" to integers), Lin et al. 2023, Table 2:
-
-      linspace  t = linspace(0, 999, n) reversed: fractional, starts at 999, ends at 0.
-      leading   t = (0, r, 2r, ...) * reversed + steps_offset, r = 1000 // n: SD's own config (steps_offset = 1).
-                It never reaches t = 999 (t_max = 901 for 10 steps), so the first step is not at sigma_max.
-      trailing  t = round(1000, 1000 - r, ...) - 1, r = 1000 / n: starts at 999 and stops short of 0.
-    """
-    if spacing == "linspace":
-        return np.linspace(0, num_train - 1, steps, dtype=np.float32)[::-1].astype(np.float64)
-    if spacing == "leading":
-        return (np.arange(0, steps) * (num_train // steps)).round()[::-1].astype(np.float64) + steps_offset
-    if spacing == "trailing":
-        return np.arange(num_train, 0, -num_train / steps).round().astype(np.float64) - 1
-    raise ValueError(f"unknown timestep spacing {spacing!r}; valid: linspace, leading, trailing")
-
-
-SPACINGS = ("discrete", "linspace", "leading", "trailing")
-SHAPES = ("karras", "exponential")
-SCHEDULES = ("discrete", "karras", "exponential", "linspace", "leading", "trailing",
-             "<spacing> karras", "<spacing> exponential")
-
-
-def get_sigmas(schedule, steps, sigmas_train, steps_offset=1, final="zero"):
-    """The noise levels to visit: `steps` model noise levels then a final one (0, or the model's sigma_min).
-
-    schedule is a spacing, optionally followed by a shape:
-      "discrete"   k-diffusion's default (A1111's): t = linspace(999, 0, n), sigma(t) log-interpolated between
-                   the 1000 training sigmas (DiscreteSchedule.get_sigmas). Runs from sigma_max to sigma_min.
-      "linspace" / "leading" / "trailing"   diffusers' timestep_spacing (see `diffusers_timesteps`) with its
-                   *linear* sigma interpolation (np.interp). At fractional t (only "linspace") that differs from
-                   k-diffusion's log interpolation; sample with make_denoiser(interpolation="linear") to feed the
-                   U-Net the same t as diffusers does.
-      "... karras" / "... exponential"   re-space the same endpoints Karras-style (rho = 7) or log-uniformly.
-                   "karras" alone = "discrete karras" = k-diffusion's get_sigmas_karras(n, sigma_min, sigma_max)
-                   with the model's sigma range (A1111's "X Karras"). "leading karras" is diffusers'
-                   use_karras_sigmas=True on SD's config: diffusers takes the endpoints of its *spaced* sigmas, so
-                   with "leading" Karras starts at sigma(t=1 + (n-1) * (1000 // n)), not at sigma_max — a
-                   deliberate diffusers/k-diffusion difference, both offered here.
-    final: "zero" (k-diffusion; diffusers' final_sigmas_type="zero") or "sigma_min", the model's smallest sigma
-    (diffusers' DDIM with set_alpha_to_one=False, SD's config, ends its last step at abar_0, not at 1).
-    Returns a float64 CPU tensor of steps + 1 sigmas.
-    """
-    words = schedule.lower().split()
-    if words in (["karras"], ["exponential"]):
-        words = ["discrete"] + words
-    if not (words and words[0] in SPACINGS and (len(words) == 1 or (len(words) == 2 and words[1] in SHAPES))):
-        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)} "
-                         f"(spacing: {', '.join(SPACINGS)})")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if final not in ("zero", "sigma_min"):
-        raise ValueError(f"unknown final {final!r}; valid: zero, sigma_min")
-    sigmas_train = sigmas_train.to(torch.float64).cpu()
-    n_train = len(sigmas_train)
-    if words[0] == "discrete":
-        sigmas = t_to_sigma(torch.linspace(n_train - 1, 0, steps, dtype=torch.float64), sigmas_train, "log")
-    else:
-        t = torch.from_numpy(diffusers_timesteps(words[0], steps, n_train, steps_offset).copy())
-        sigmas = t_to_sigma(t, sigmas_train, "linear")
-    if words[1:] == ["karras"]:
-        sigmas = sigmas_karras(steps, sigmas[-1].item(), sigmas[0].item())
-    elif words[1:] == ["exponential"]:
-        sigmas = sigmas_exponential(steps, sigmas[-1].item(), sigmas[0].item())
-    last = sigmas_train[:1] if final == "sigma_min" else sigmas.new_zeros(1)
-    return torch.cat([sigmas, last])
-
-
-def init_noise_sigma(sigma_max, variance_preserving=False):
-    """The std of the starting latent: x = randn * init_noise_sigma.
-
-    k-diffusion / A1111 use sigma_max. Exact for the forward process is sqrt(sigma_max^2 + 1) (x = x0 + sigma eps
-    with unit-variance latents x0), which is what diffusers uses with "leading" spacing and, written in abar space
-    as x_T = randn, in DDIM / DDPM / DPMSolverMultistep; its Euler-family schedulers use sigma_max with "linspace"
-    and "trailing". Pass variance_preserving=True to get sqrt(sigma_max^2 + 1).
-    """
-    return (sigma_max ** 2 + 1) ** 0.5 if variance_preserving else sigma_max
+from . import schedules
 
 
 def noise_from(generator, shape, device="cpu", dtype=torch.float32):
@@ -433,7 +340,7 @@ def ddpm(denoise, x, sigmas, noise=None, callback=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Names
+# Names and plans
 # ---------------------------------------------------------------------------------------------------------------
 
 SAMPLERS = {
@@ -442,20 +349,22 @@ SAMPLERS = {
     "ddim": ddim, "ddpm": ddpm,
 }
 ANCESTRAL = {"euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "ddim"}   # take eta, draw noise
-STOCHASTIC = ANCESTRAL | {"ddpm"}
 # A1111's display names (the web UI's sampler dropdown)
 DISPLAY_NAMES = {
     "Euler": "euler", "Euler a": "euler_a", "Heun": "heun", "DPM2": "dpm2", "DPM2 a": "dpm2_a", "LMS": "lms",
     "DPM++ 2S a": "dpmpp_2s_a", "DPM++ 2M": "dpmpp_2m", "DPM++ SDE": "dpmpp_sde", "DPM++ 2M SDE": "dpmpp_2m_sde",
     "DDIM": "ddim", "DDPM": "ddpm",
 }
+DEFAULT = "dpmpp_2m"                       # A1111's default since 1.6 ("DPM++ 2M" with the Karras schedule)
+# SD's own DDIM / DDPM run on its training timesteps ("leading", diffusers' config); every other sampler on Karras
+DEFAULT_SCHEDULE = {"ddim": "leading", "ddpm": "leading"}
 
 
 def parse_sampler(name):
     """"dpmpp_2m" -> ("dpmpp_2m", None); "DPM++ 2M Karras" -> ("dpmpp_2m", "karras"): the sampler and the schedule
     its A1111 name asks for (None: the caller's default). Raises ValueError listing the valid names."""
     schedule = None
-    for shape in SHAPES:
+    for shape in schedules.SHAPES:
         if name.lower().endswith(" " + shape):
             name, schedule = name[: -len(shape) - 1], shape
     key = DISPLAY_NAMES.get(name, name)
@@ -466,9 +375,64 @@ def parse_sampler(name):
     return key, schedule
 
 
+def display_name(key):
+    """A1111's name for a sampler key ("dpmpp_2m" -> "DPM++ 2M"), as written into PNG parameters."""
+    return next((d for d, k in DISPLAY_NAMES.items() if k == key), key)
+
+
+def resolve(sampler, schedule=None):
+    """(sampler key, schedule) from a sampler name that may carry A1111's " Karras" suffix and an explicit
+    schedule (None or "default" picks the sampler's default). Checks both names; reads no model."""
+    key, from_name = parse_sampler(sampler)
+    if schedule in (None, "default"):
+        schedule = from_name or DEFAULT_SCHEDULE.get(key, "karras")
+    elif from_name and from_name not in schedule.split():
+        raise ValueError(f"sampler {sampler!r} asks for the {from_name} schedule but --schedule is {schedule!r}")
+    schedules.check(schedule)
+    return key, schedule
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one sampling run needs, decided once from the sampler's name, the schedule and the step count."""
+    sampler: str            # the key in SAMPLERS
+    schedule: str
+    sigmas: torch.Tensor    # steps + 1 noise levels, float64 on the CPU
+    init_sigma: float       # the starting latent is randn * init_sigma
+    interpolation: str      # how the denoiser turns sigma into the U-Net's t: "linear" (diffusers) or "log"
+
+    def last(self, n):
+        """The plan of the last n steps (img2img): it starts at sigmas[-n - 1]."""
+        return Plan(self.sampler, self.schedule, self.sigmas[len(self.sigmas) - 1 - n:], self.init_sigma,
+                    self.interpolation)
+
+
+def plan(sampler, schedule, steps, sigmas_train):
+    """The Plan for `steps` steps of `sampler` (a key or an A1111 name) on a model with these training sigmas.
+
+    The rules, each one a difference between the libraries users compare against:
+      final sigma   SD's DDIM (diffusers, set_alpha_to_one=False) ends its last step at abar_0, i.e. at the
+                    model's sigma_min, not at 0; every other sampler ends at 0.
+      start         k-diffusion and A1111 start at x = sigma_max * randn. diffusers starts DDIM / DDPM at x_T = randn
+                    in the variance-preserving space (sqrt(sigma^2 + 1) in sigma space), and its Euler-family
+                    schedulers do the same with "leading" timesteps (`init_noise_sigma`). Following both keeps
+                    the same-seed-same-image promise.
+      sigma -> t    diffusers interpolates linearly between the training sigmas, k-diffusion in log sigma; only a
+                    fractional t (between two training steps) tells them apart.
+    """
+    key, schedule = resolve(sampler, schedule)
+    final = "sigma_min" if key == "ddim" else "zero"
+    sigmas = schedules.get_sigmas(schedule, steps, sigmas_train, final=final)
+    spacing = schedule.split()[0]
+    variance_preserving = key in ("ddim", "ddpm") or spacing == "leading"
+    init_sigma = schedules.init_noise_sigma(sigmas[0].item(), variance_preserving)
+    interpolation = "linear" if spacing in ("linspace", "leading", "trailing") else "log"
+    return Plan(key, schedule, sigmas, init_sigma, interpolation)
+
+
 def sample(name, denoise, x, sigmas, noise=None, eta=None, callback=None):
-    """Run the sampler called `name` (an identifier or an A1111 display name; a schedule suffix is ignored here,
-    it is for get_sigmas). eta is only accepted by ancestral samplers; stochastic ones need `noise`."""
+    """Run the sampler called `name` (a key or an A1111 display name; a schedule suffix is ignored here, it is for
+    the sigmas). eta is only accepted by ancestral samplers; stochastic ones need `noise`."""
     key, _ = parse_sampler(name)
     kwargs = {}
     if eta is not None:

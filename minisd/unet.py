@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from minisd.attention import attention
+from minisd.attention import AttentionLayer, AttentionSettings, attention
 from minisd.config import UNetConfig
 
 
@@ -94,7 +94,7 @@ class ResBlock(nn.Module):
         return self.out_layers(h).add_(self.skip_connection(x))    # the skip, added into a fresh output
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(AttentionLayer):
     """Multi-head attention from the image tokens to `context` (the text), or to themselves when it is None.
 
     Queries come from x, keys and values from the context: softmax(Q K^T / sqrt(d)) V (LDM eq. 3)."""
@@ -107,8 +107,6 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])   # LDM: Sequential(Linear, Dropout) -> key `to_out.0`
-        self.fast = True        # SDPA (True) or the readable math path (False) in minisd.attention
-        self.slice_size = None  # queries per attention slice (None: all at once)
 
     def forward(self, x, context=None):
         context = x if context is None else context
@@ -239,7 +237,7 @@ class UNetBlock(nn.ModuleList):
         return x
 
 
-class UNet(nn.Module):
+class UNet(AttentionSettings, nn.Module):
     """The LDM U-Net; state_dict keys equal the official `model.diffusion_model.*` keys minus that prefix."""
 
     def __init__(self, cfg: UNetConfig = UNetConfig()):
@@ -292,18 +290,6 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(inplace=True),
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
-
-    def set_fast_attention(self, fast: bool):
-        """Choose SDPA (True) or the readable math path (False) for every attention layer."""
-        for m in self.modules():
-            if isinstance(m, CrossAttention):
-                m.fast = fast
-
-    def set_attention_slicing(self, slice_size):
-        """Compute attention `slice_size` queries at a time (None: off); same result, less peak memory."""
-        for m in self.modules():
-            if isinstance(m, CrossAttention):
-                m.slice_size = slice_size
 
     def forward(self, x, t, context):
         """x (B, 4, h, w), t (B,) or a scalar, context (B, N, context_dim) -> (B, 4, h, w) in x's dtype.

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from minisd.attention import attention
+from minisd.attention import AttentionLayer, AttentionSettings, attention
 from minisd.config import VAEConfig
 
 
@@ -50,7 +50,7 @@ class ResnetBlock(nn.Module):
         return h.add_(self.nin_shortcut(x))        # the skip, added into conv2's fresh output (no new map)
 
 
-class AttnBlock(nn.Module):
+class AttnBlock(AttentionLayer):
     """Single-head self-attention over all H*W positions (only in the lowest-resolution middle block)."""
 
     def __init__(self, channels, groups=32):
@@ -61,8 +61,6 @@ class AttnBlock(nn.Module):
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
-        self.fast = True        # SDPA (True) or the readable math path (False) in minisd.attention
-        self.slice_size = None  # queries per attention slice (None: all at once)
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -191,7 +189,7 @@ def sample_posterior(mean, logvar, generator=None):
     return mean + torch.exp(0.5 * logvar) * eps.to(mean.device, mean.dtype)
 
 
-class VAE(nn.Module):
+class VAE(AttentionSettings, nn.Module):
     """The whole autoencoder, with state_dict keys equal to LDM's `first_stage_model.*` minus that prefix."""
 
     def __init__(self, cfg: VAEConfig = VAEConfig()):
@@ -203,18 +201,6 @@ class VAE(nn.Module):
         # LDM's VQ models, where the quantiser sat between them
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-
-    def set_fast_attention(self, fast: bool):
-        """Choose SDPA (True) or the readable math path (False) for the mid-block attention."""
-        for m in self.modules():
-            if isinstance(m, AttnBlock):
-                m.fast = fast
-
-    def set_attention_slicing(self, slice_size):
-        """Compute the mid-block attention `slice_size` queries at a time (None: off); same result."""
-        for m in self.modules():
-            if isinstance(m, AttnBlock):
-                m.slice_size = slice_size
 
     def posterior(self, images):
         """images (B, 3, H, W) in [-1, 1] -> (mean, logvar) of q(z|x), each (B, embed_dim, H/8, W/8), UNSCALED.

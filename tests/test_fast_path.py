@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from checkpoints import SMALL_SD1
-from minisd import diffusion, samplers
+from minisd import diffusion, samplers, schedules
 from minisd.model import StableDiffusion, save_model
 from minisd.pipeline import Pipeline
 
@@ -92,7 +92,7 @@ def test_precomputed_timesteps_give_the_same_denoiser():
         return torch.sin(x * 1.7 + t[:, None, None, None] / 100)
 
     alphas_cumprod = diffusion.alphas_cumprod_from_betas(diffusion.scaled_linear_betas())
-    sigmas = samplers.get_sigmas("karras", 5, diffusion.sigmas_from_alphas_cumprod(alphas_cumprod))
+    sigmas = schedules.get_sigmas("karras", 5, diffusion.sigmas_from_alphas_cumprod(alphas_cumprod))
     plain = diffusion.make_denoiser(model, alphas_cumprod, "eps")
     tabled = diffusion.make_denoiser(model, alphas_cumprod, "eps", sigmas=sigmas)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -1,5 +1,5 @@
-"""minisd.onednn: a network prepared for oneDNN inference computes what the plain one does, keeps its state_dict,
-restores exactly, and is only prepared where the Pipeline owns the model.
+"""minisd.fast.onednn: a network prepared for oneDNN inference computes what the plain one does, refuses to be
+saved or loaded into, restores exactly, and is only prepared where the Pipeline owns the model.
 
 Tolerance: max abs difference <= 1e-5 x the output's largest magnitude (fp32 on CPU; oneDNN and MKL sum the
 products in different orders, nothing else differs).
@@ -8,9 +8,10 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from checkpoints import SMALL_SD1, SMALL_SD2, write_ldm_checkpoint
-from minisd import onednn
+from minisd.fast import onednn
 from minisd.clip import TextEncoder
 from minisd.pipeline import Pipeline
 from minisd.unet import UNet
@@ -48,7 +49,7 @@ def test_prepared_unet_and_text_encoder_compute_the_same(cfg):
         _close(p_unet(x, t, context), want)
 
 
-def test_prepared_state_dict_is_unchanged_and_restore_is_exact():
+def test_restore_gives_back_the_same_state_dict_and_output():
     unet = _random(UNet(SMALL_SD1.unet), 3)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 77, SMALL_SD1.unet.context_dim)
@@ -56,32 +57,35 @@ def test_prepared_state_dict_is_unchanged_and_restore_is_exact():
         want = unet(x, t, c)
         onednn.prepare(unet)
         assert onednn.is_prepared(unet)
+        assert set(unet.state_dict()) == set(before)       # every key is still there (the conv weights opaque)
+        onednn.restore(unet)
+        assert not onednn.is_prepared(unet)
         after = unet.state_dict()
         assert list(after) == list(before)
         assert all(torch.equal(after[k], before[k]) for k in before)
-        onednn.restore(unet)
-        assert not onednn.is_prepared(unet)
         assert torch.equal(unet(x, t, c), want)          # the plain layers again, the same values
     unet.load_state_dict(before)                          # and an ordinary module again
 
 
-def test_loading_weights_into_a_prepared_network_is_refused():
+def test_saving_or_loading_a_prepared_network_fails_loudly_not_silently():
     unet = onednn.prepare(_random(UNet(SMALL_SD1.unet), 4))
-    with pytest.raises(RuntimeError, match="restore"):
-        unet.load_state_dict(unet.state_dict())
+    plain = _random(UNet(SMALL_SD1.unet), 4).state_dict()
+    with pytest.raises(RuntimeError):
+        unet.load_state_dict(plain)                       # an opaque oneDNN weight cannot be overwritten
+    with pytest.raises(ValueError):
+        save_file(dict(unet.state_dict()), "/dev/null")   # nor written out as if it were plain
 
 
-def test_pipeline_load_prepares_at_first_use_and_a_handed_in_model_stays_plain(tmp_path):
+def test_pipeline_load_prepares_and_a_handed_in_model_stays_plain(tmp_path):
     ckpt = tmp_path / "model.safetensors"
     write_ldm_checkpoint(ckpt, SMALL_SD1, seed=5)
     fast = Pipeline.load(str(ckpt), device="cpu", dtype="fp32", log=lambda *_: None)
-    assert not onednn.is_prepared(fast.model.unet)          # not at load: the weights stay mapped until used
-    a = fast.generate("a red circle", steps=3, seed=0, width=64, height=64)
     assert onednn.is_prepared(fast.model.unet) and onednn.is_prepared(fast.model.text_encoder)
+    a = fast.generate("a red circle", steps=3, seed=0, width=64, height=64)
 
     # a model handed in (it may be in training) is left as it is; a prepared one is restored first
     plain = Pipeline(fast.model, device="cpu", dtype=torch.float32, log=lambda *_: None)
-    assert not onednn.is_prepared(fast.model.unet)
+    assert not onednn.is_prepared(fast.model.unet) and not onednn.is_prepared(fast.model.text_encoder)
     b = plain.generate("a red circle", steps=3, seed=0, width=64, height=64)
     assert not onednn.is_prepared(fast.model.unet) and not onednn.is_prepared(fast.model.text_encoder)
     _close(a.latents, b.latents)

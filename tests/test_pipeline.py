@@ -167,6 +167,9 @@ def _init_image(size=32, mode="RGB"):
     ("sd1", "euler", "leading", "EulerDiscreteScheduler", 0.6),
     ("sd2", "ddim", "leading", "DDIMScheduler", 0.5),
     ("sd1", "euler_a", "leading", "EulerAncestralDiscreteScheduler", 0.8),
+    # strength 1: diffusers still mixes the init latent in at the first sigma (x = x0 + sigma_0 noise)
+    ("sd1", "euler", "leading", "EulerDiscreteScheduler", 1.0),
+    ("sd2", "ddim", "leading", "DDIMScheduler", 1.0),
 ])
 def test_img2img_equals_diffusers(request, model, sampler, schedule, scheduler, strength):
     import diffusers
@@ -185,16 +188,17 @@ def test_img2img_equals_diffusers(request, model, sampler, schedule, scheduler, 
     assert err <= TOL, f"max abs pixel error {err:.4f} (image std {theirs.std():.3f})"
 
 
-def test_img2img_strength_zero_returns_the_input_and_one_is_txt2img(sd1):
+def test_img2img_strength_zero_returns_the_input_and_one_still_starts_from_it(sd1):
     ours, _ = sd1
     init = _init_image()
     same = ours.img2img(PROMPT, init, 0.0, steps=10, seed=1).images[0]
     assert np.array_equal(np.asarray(same), np.asarray(init))
     # 0.05 x 10 steps rounds down to zero steps too (diffusers' int(steps * strength)), not a crash
     assert np.array_equal(np.asarray(ours.img2img(PROMPT, init, 0.05, steps=10, seed=1).images[0]), np.asarray(init))
-    full = ours.img2img(PROMPT, init, 1.0, steps=4, sampler="euler", seed=3).images[0]
-    txt = ours.generate(PROMPT, steps=4, sampler="euler", seed=3, width=32, height=32).images[0]
-    assert np.array_equal(np.asarray(full), np.asarray(txt))
+    # strength 1 runs every step, from x0 + sigma_0 * noise (diffusers' arithmetic), not from pure noise
+    full = ours.img2img(PROMPT, init, 1.0, steps=4, sampler="euler", seed=3).latents
+    txt = ours.generate(PROMPT, steps=4, sampler="euler", seed=3, width=32, height=32).latents
+    assert not torch.equal(full, txt)
 
 
 def test_img2img_accepts_any_mode_and_resizes_to_a_multiple_of_the_vae_factor(sd1):

@@ -12,6 +12,7 @@ from _sampler_refs import (ALPHAS_CUMPROD, CONTEXT_DIM, SD_SCHEDULER_CONFIG, SHA
 from k_diffusion.external import DiscreteEpsDDPMDenoiser, DiscreteVDDPMDenoiser
 
 from minisd import samplers as S
+from minisd import schedules
 from minisd.diffusion import make_denoiser, sigmas_from_alphas_cumprod, t_to_sigma
 from minisd.unet import UNet
 from minisd.config import UNetConfig
@@ -61,12 +62,12 @@ def test_schedules_equal_k_diffusion():
     smin, smax = ref.sigma_min.item(), ref.sigma_max.item()
     for steps in (1, 10, 25):
         # float64 on both sides: equal to rounding
-        assert rel_err(S.get_sigmas("discrete", steps, SIGMAS_TRAIN), ref.get_sigmas(steps)) < 1e-12
+        assert rel_err(schedules.get_sigmas("discrete", steps, SIGMAS_TRAIN), ref.get_sigmas(steps)) < 1e-12
         karras = K.sampling.get_sigmas_karras(steps, smin, smax).double()            # k-diffusion: float32 ramp
-        assert rel_err(S.get_sigmas("karras", steps, SIGMAS_TRAIN), karras) < 1e-6
+        assert rel_err(schedules.get_sigmas("karras", steps, SIGMAS_TRAIN), karras) < 1e-6
         expo = K.sampling.get_sigmas_exponential(steps, smin, smax).double()
-        assert rel_err(S.get_sigmas("exponential", steps, SIGMAS_TRAIN), expo) < 1e-6
-    assert S.get_sigmas("karras", 10, SIGMAS_TRAIN)[1] != S.get_sigmas("discrete", 10, SIGMAS_TRAIN)[1]
+        assert rel_err(schedules.get_sigmas("exponential", steps, SIGMAS_TRAIN), expo) < 1e-6
+    assert schedules.get_sigmas("karras", 10, SIGMAS_TRAIN)[1] != schedules.get_sigmas("discrete", 10, SIGMAS_TRAIN)[1]
 
 
 # float64 end to end, so the comparison sees our arithmetic, not float32 rounding in either (k-diffusion's
@@ -75,14 +76,14 @@ def test_schedules_equal_k_diffusion():
 @pytest.mark.parametrize("schedule", ["discrete", "karras"])
 @pytest.mark.parametrize("name", list(K_NAMES))
 def test_sampler_equals_k_diffusion(name, schedule, prediction):
-    sigmas = S.get_sigmas(schedule, 10, SIGMAS_TRAIN)
+    sigmas = schedules.get_sigmas(schedule, 10, SIGMAS_TRAIN)
     ours, theirs = run_both(name, ToyModel(), prediction, sigmas, CONTEXT.double(), torch.float64)
     assert rel_err(ours, theirs) <= 1e-5
 
 
 def test_k_diffusion_comparison_can_fail():
     """A different noise stream or a perturbed schedule is caught by the same comparison."""
-    sigmas = S.get_sigmas("karras", 10, SIGMAS_TRAIN)
+    sigmas = schedules.get_sigmas("karras", 10, SIGMAS_TRAIN)
     ours, theirs = run_both("euler", ToyModel(), "eps", sigmas * (1 + 1e-3), CONTEXT.double(), torch.float64)
     ref_x = run_both("euler", ToyModel(), "eps", sigmas, CONTEXT.double(), torch.float64)[1]
     assert rel_err(ours, ref_x) > 1e-4
@@ -109,7 +110,7 @@ def small_unet():
 # rounding of sigma -> t (k-diffusion's float32 interpolation); measured ~1e-6.
 @pytest.mark.parametrize("name,schedule", [("dpmpp_2m", "karras"), ("euler_a", "discrete")])
 def test_sampler_through_unet_equals_k_diffusion(small_unet, name, schedule):
-    sigmas = S.get_sigmas(schedule, 6, SIGMAS_TRAIN).float()
+    sigmas = schedules.get_sigmas(schedule, 6, SIGMAS_TRAIN).float()
     ours, theirs = run_both(name, small_unet, "eps", sigmas, CONTEXT, torch.float32)
     assert rel_err(ours, theirs) <= 1e-5
 
@@ -166,12 +167,12 @@ def run_ours_like_diffusers(case, prediction, steps, seed, scheduler, interpolat
         sigmas = torch.cat([t_to_sigma(t, sigmas_train, "linear"), torch.zeros(1, dtype=torch.float64)])
     else:
         final = "sigma_min" if cls == "DDIMScheduler" else "zero"
-        sigmas = S.get_sigmas(schedule, steps, sigmas_train, final=final)
+        sigmas = schedules.get_sigmas(schedule, steps, sigmas_train, final=final)
     abar_space = cls in ABAR_SPACE
     vp_start = abar_space or "leading" in schedule_of(case)
     denoise = make_denoiser(model or ToyModel(), alphas_cumprod, prediction, interpolation or default_interp)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(SHAPE, generator=g) * S.init_noise_sigma(sigmas[0].item(), vp_start)
+    x = torch.randn(SHAPE, generator=g) * schedules.init_noise_sigma(sigmas[0].item(), vp_start)
     trajectory = []
     kwargs = {"eta": 0.5} if case == "ddim-eta-leading" else {}
     x = S.SAMPLERS[name](lambda x, s: denoise(x, s, CONTEXT), x, sigmas, noise=S.noise_from(g, SHAPE),
@@ -235,11 +236,11 @@ def test_diffusers_sigmas_equal_get_sigmas():
                 sched = diffusers.EulerDiscreteScheduler(**SD_SCHEDULER_CONFIG, timestep_spacing=spacing,
                                                          use_karras_sigmas=karras)
                 sched.set_timesteps(steps)
-                ours = S.get_sigmas(spacing + (" karras" if karras else ""), steps, SIGMAS_TRAIN)
+                ours = schedules.get_sigmas(spacing + (" karras" if karras else ""), steps, SIGMAS_TRAIN)
                 assert rel_err(ours, sched.sigmas) < 1e-5, (spacing, karras, steps)
     # SD's own config ("leading") never starts at sigma_max; k-diffusion's always does
-    assert S.get_sigmas("leading", 10, SIGMAS_TRAIN)[0] < 0.9 * SIGMAS_TRAIN[-1]
-    assert S.get_sigmas("leading karras", 10, SIGMAS_TRAIN)[0] != S.get_sigmas("karras", 10, SIGMAS_TRAIN)[0]
+    assert schedules.get_sigmas("leading", 10, SIGMAS_TRAIN)[0] < 0.9 * SIGMAS_TRAIN[-1]
+    assert schedules.get_sigmas("leading karras", 10, SIGMAS_TRAIN)[0] != schedules.get_sigmas("karras", 10, SIGMAS_TRAIN)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def gmm_moments():
 
 
 def toy_sigmas(steps):
-    return torch.cat([S.sigmas_karras(steps, 0.002, 80.0), torch.zeros(1, dtype=torch.float64)])
+    return torch.cat([schedules.sigmas_karras(steps, 0.002, 80.0), torch.zeros(1, dtype=torch.float64)])
 
 
 def moment_error(x):
@@ -349,11 +350,11 @@ def test_sample_entry_point_dispatches_and_checks():
     with pytest.raises(ValueError, match="euler_a.*DPM\\+\\+ 2M"):
         S.sample("Euler b", gmm_denoiser, x, sigmas)
     with pytest.raises(ValueError, match="valid: discrete, karras"):
-        S.get_sigmas("cosine", 10, SIGMAS_TRAIN)
+        schedules.get_sigmas("cosine", 10, SIGMAS_TRAIN)
     with pytest.raises(ValueError, match="valid: discrete, karras"):
-        S.get_sigmas("leading karras rho", 10, SIGMAS_TRAIN)
+        schedules.get_sigmas("leading karras rho", 10, SIGMAS_TRAIN)
     with pytest.raises(ValueError, match="positive integer"):
-        S.get_sigmas("karras", 0, SIGMAS_TRAIN)
+        schedules.get_sigmas("karras", 0, SIGMAS_TRAIN)
 
 
 def test_ancestral_split_is_the_ddpm_posterior_at_eta_1():

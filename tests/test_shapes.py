@@ -4,7 +4,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from minisd import shapes
+from minisd.tiny import shapes
 
 
 def test_samples_are_a_pure_function_of_seed_and_index():

@@ -9,10 +9,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from minisd import shapes
-from minisd.config import PRESETS
+from minisd.config import PRESETS, TINY
+from minisd.model import tiny_model_path
 from minisd.pipeline import Pipeline
-from minisd.tiny import TINY, adherence, diffusion_loss, eval_combinations, noisy_captions, tiny_model_path
+from minisd.tiny import shapes
+from minisd.tiny.evaluate import adherence, eval_combinations
+from minisd.tiny.recipe import noisy_captions
+from minisd.train.loss import diffusion_loss
 
 SEEDS = (0, 1)
 DEFAULT_CFG = 7.5

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from minisd.train import EMA, TrainConfig, learning_rate, train
+from minisd.train.loop import EMA, TrainConfig, train
+from minisd.train.lr import learning_rate
 
 
 def test_learning_rate_warms_up_then_follows_cosine_cycles():

@@ -13,9 +13,8 @@ import torch
 
 from minisd.clip import TextEncoder
 from minisd.config import SD1_TEXT, SD2_TEXT, TextConfig
-from minisd.model import load_model
+from minisd.model import load_model, tiny_model_path
 from minisd.pipeline import Pipeline
-from minisd.tiny import tiny_model_path
 
 pipe = Pipeline(load_model(tiny_model_path(), verbose=False))     # the tiny built-in model, on the CPU in fp32
 encoder, tokenizer = pipe.model.text_encoder, pipe.model.tokenizer

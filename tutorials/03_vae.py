@@ -11,10 +11,10 @@
 # %%
 import torch
 
-from minisd import shapes
-from minisd.model import load_model
-from minisd.pipeline import Pipeline, to_pil
-from minisd.tiny import tiny_model_path, to_tensor
+from minisd.tiny import shapes
+from minisd.model import load_model, tiny_model_path
+from minisd.pipeline import Pipeline
+from minisd.images import to_pil, to_tensor
 
 pipe = Pipeline(load_model(tiny_model_path(), verbose=False))     # the tiny built-in model, on the CPU in fp32
 vae = pipe.model.vae
@@ -74,7 +74,7 @@ save(grid(rows, labels=["input/8", "ch 0", "ch 1", "ch 2", "ch 3"], scale=8), "0
 # decoding). For SD's autoencoder that number is 0.18215 (its latents have std about 5.5). minisd applies it in
 # exactly one place: `VAE.encode` multiplies, `VAE.decode` divides.
 #
-# The tiny model's autoencoder was measured the same way (`minisd/tiny.py`). We can repeat the measurement on a
+# The tiny model's autoencoder was measured the same way (`minisd/tiny/recipe.py`). We can repeat the measurement on a
 # fresh batch of training images:
 
 # %%

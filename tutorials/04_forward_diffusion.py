@@ -54,10 +54,9 @@ save(fig, "04_schedule.png")
 # changes along the row.
 
 # %%
-from minisd import shapes
-from minisd.model import load_model
-from minisd.pipeline import to_pil
-from minisd.tiny import tiny_model_path, to_tensor
+from minisd.tiny import shapes
+from minisd.model import load_model, tiny_model_path
+from minisd.images import to_pil, to_tensor
 
 vae = load_model(tiny_model_path(), verbose=False).vae
 x0_pixels = to_tensor([shapes.draw("yellow", "triangle", "purple")])          # (1, 3, 64, 64)

@@ -12,9 +12,8 @@
 # %%
 import torch
 
-from minisd.model import load_model
+from minisd.model import load_model, tiny_model_path
 from minisd.pipeline import Pipeline
-from minisd.tiny import tiny_model_path
 from minisd.unet import BasicTransformerBlock, ResBlock, SpatialTransformer, timestep_embedding
 
 pipe = Pipeline(load_model(tiny_model_path(), verbose=False))     # the tiny built-in model, on the CPU in fp32

@@ -17,10 +17,9 @@
 # %%
 import torch
 
-from minisd import diffusion, samplers
-from minisd.model import load_model
+from minisd import diffusion, samplers, schedules
+from minisd.model import load_model, tiny_model_path
 from minisd.pipeline import Pipeline
-from minisd.tiny import tiny_model_path
 
 pipe = Pipeline(load_model(tiny_model_path(), verbose=False))     # the tiny built-in model, on the CPU in fp32
 unet, sigmas_train = pipe.model.unet, pipe.sigmas_train           # the 1000 training sigmas (tutorial 4)
@@ -36,7 +35,7 @@ def D(x, sigma, context):
 @torch.no_grad()
 def my_euler(prompt, seed, steps, cfg=7.5):
     cond, uncond = pipe.encode_prompts(prompt)                         # (1, 77, 64) each; uncond: "" (tutorial 7)
-    sigmas = samplers.get_sigmas("karras", steps, sigmas_train).tolist()   # Karras et al. eq. 5, then 0
+    sigmas = schedules.get_sigmas("karras", steps, sigmas_train).tolist()   # Karras et al. eq. 5, then 0
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed)) * sigmas[0]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         denoised_uncond, denoised_cond = D(x, sigma, uncond), D(x, sigma, cond)
@@ -59,7 +58,7 @@ assert torch.allclose(mine, theirs, atol=1e-4)     # not bit-equal: the pipeline
 # D(x, sigma_min): at sigma_next = 0, x + d (0 - sigma) = D.
 #
 # ## Sigma schedules
-# *Which* noise levels the loop visits is a separate choice, `samplers.get_sigmas(schedule, steps, sigmas_train)`:
+# *Which* noise levels the loop visits is a separate choice, `schedules.get_sigmas(schedule, steps, sigmas_train)`:
 #
 # - `discrete` (k-diffusion's and A1111's default): steps evenly spaced in t from 999 to 0;
 # - `karras`: Karras et al. 2022 eq. 5 with rho = 7, the same endpoints, more steps at low noise where detail
@@ -75,7 +74,7 @@ from _figures import grid, save
 
 fig, ax = plt.subplots(figsize=(6, 3.5))
 for schedule in ("discrete", "karras", "leading"):
-    sigmas = samplers.get_sigmas(schedule, steps, sigmas_train)
+    sigmas = schedules.get_sigmas(schedule, steps, sigmas_train)
     print(f"{schedule:>8}: first {sigmas[0]:.3f}, then {sigmas[1]:.3f}, ..., last nonzero {sigmas[-2]:.4f}, "
           f"steps below sigma 1: {(sigmas[:-1] < 1).sum().item()} of {steps}")
     ax.semilogy(range(steps), sigmas[:-1], "o-", markersize=3, label=schedule)

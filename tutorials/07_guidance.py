@@ -14,10 +14,10 @@
 # %%
 import torch
 
-from minisd import diffusion, shapes
-from minisd.model import load_model
+from minisd import diffusion
+from minisd.tiny import shapes
+from minisd.model import load_model, tiny_model_path
 from minisd.pipeline import Pipeline
-from minisd.tiny import tiny_model_path
 
 pipe = Pipeline(load_model(tiny_model_path(), verbose=False))     # the tiny built-in model, on the CPU in fp32
 cond, uncond = pipe.encode_prompts("a red circle on a blue background")
@@ -61,7 +61,7 @@ save(grid(rows, labels=[f"cfg {s}" for s in scales]), "07_cfg_scales.png")
 # fraction that `shapes.judge` reads exactly as their prompt over 13 captions x 2 seeds.
 
 # %%
-from minisd.tiny import adherence, eval_combinations
+from minisd.tiny.evaluate import adherence, eval_combinations
 
 combos = eval_combinations(held_out=False)[::2]
 rows = [[pipe.generate(shapes.caption(*c), seed=0, steps=20, cfg=s).images[0] for c in combos[:8]]

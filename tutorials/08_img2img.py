@@ -13,16 +13,15 @@
 #     x      = x_0 + sigmas[0] * noise           # diffusion.add_noise: the forward process in sigma form
 
 # %%
-from minisd import shapes
-from minisd.model import load_model
-from minisd.pipeline import Pipeline, resolve_schedule
-from minisd.tiny import tiny_model_path
+from minisd.tiny import shapes
+from minisd.model import load_model, tiny_model_path
+from minisd.pipeline import Pipeline
 
 pipe = Pipeline(load_model(tiny_model_path(), verbose=False))     # the tiny built-in model, on the CPU in fp32
 steps = 20
-key, schedule = resolve_schedule("dpmpp_2m")                      # the default sampler and its schedule: karras
-sigmas = pipe.sigmas(schedule, steps, key)
-print(f"{steps} steps, {schedule} schedule, sigma_max = {sigmas[0]:.2f}")
+plan = pipe.plan("dpmpp_2m", steps=steps)         # the default sampler, its schedule (karras) and its sigmas
+sigmas = plan.sigmas
+print(f"{steps} steps, {plan.schedule} schedule, sigma_max = {sigmas[0]:.2f}")
 strengths = [0.2, 0.4, 0.6, 0.8, 1.0]
 for strength in strengths:
     run = int(steps * strength)
@@ -64,7 +63,9 @@ save(grid(rows, labels=["input"] + [f"s={s}" for s in strengths],
           row_labels=["seed 0", "seed 1", "0, cfg 1"], label_width=56), "08_strength_grid.png")
 
 # %% [markdown]
-# At strength 1.0 no trace of the input is left, and `img2img` is `generate` (minisd calls it). The same
+# At strength 1.0 every step runs, but the start is still x0 + sigma_max * noise (diffusers' arithmetic, which
+# minisd follows so that the same seed gives the same image): at sigma_max = 14.6 the image is 7% of the signal, and
+# its broad colours can survive. The same
 # arithmetic with `steps=50` gives 50 * strength steps: a higher step count refines the path, it does not change
 # how much of the image survives.
 #

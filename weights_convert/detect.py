@@ -50,19 +50,19 @@ def read_ldm_yaml(path):
     return kind, 8 * int(m.group(1)) if m else None, float(s.group(1)) if s else None
 
 
-def choose_prediction(path, sd2, from_config, argument, source=""):
+def choose_prediction(path, sd2, from_config, argument, source="", log=print):
     """The eps/v decision described in the module docstring; prints how it was made."""
     if argument not in (None, "eps", "v"):
         raise ValueError(f"prediction must be 'eps' or 'v', got {argument!r}")
     if from_config:
         if argument and argument != from_config:
-            print(f"minisd: {source} says {from_config}-prediction; it wins over prediction={argument!r}")
+            log(f"minisd: {source} says {from_config}-prediction; it wins over prediction={argument!r}")
         return from_config, f"from {source}"
     if argument:
         return argument, "as asked"
     stem = os.path.splitext(os.path.basename(str(path).rstrip("/")))[0].lower()
     if sd2 and re.search(r"768|(^|[^a-z0-9])v([^a-z0-9]|$)", stem):
-        print(f"minisd: GUESSING v-prediction for {os.path.basename(str(path))!r} (an SD2 model with '768' or 'v' "
+        log(f"minisd: GUESSING v-prediction for {os.path.basename(str(path))!r} (an SD2 model with '768' or 'v' "
               f"in its name); pass prediction='eps' or put the LDM yaml beside the file if that is wrong")
         return "v", "guessed from the file name"
     return "eps", "default"
@@ -89,7 +89,7 @@ def read(path, prediction=None, ema=False, config=None, verbose=True, log=print)
         from_config = diffusers.read_prediction(path)
         cfg = diffusers.read_config(path, name=stem)
         pred, how = choose_prediction(path, cfg.text.activation == "gelu", from_config, prediction,
-                                      "scheduler/scheduler_config.json")
+                                      "scheduler/scheduler_config.json", log=log)
         cfg = dataclasses.replace(config or cfg, prediction=pred)
         ckpt = Checkpoint(cfg, diffusers.from_diffusers(path, cfg), "diffusers",
                           tokenizer_folder=os.path.join(path, "tokenizer")
@@ -99,7 +99,8 @@ def read(path, prediction=None, ema=False, config=None, verbose=True, log=print)
         tensors = read_checkpoint(path)
         if tensors.metadata.get("format") == native.FORMAT:
             cfg, state, used_ema = native.read_native(path)
-            pred, how = choose_prediction(path, False, cfg.prediction, prediction, "the minisd file's config")
+            pred, how = choose_prediction(path, False, cfg.prediction, prediction, "the minisd file's config",
+                                          log=log)
             ckpt = Checkpoint(dataclasses.replace(config or cfg, prediction=pred), state, "minisd", used_ema)
             desc = "minisd file"
         elif ldm.is_ldm(tensors):
@@ -110,7 +111,8 @@ def read(path, prediction=None, ema=False, config=None, verbose=True, log=print)
             if stored and not from_config:
                 from_config = native.config_from_json(stored).prediction
             pred, how = choose_prediction(path, sd2, from_config, prediction,
-                                          os.path.basename(yaml) if yaml else "the config minisd stored in the file")
+                                          os.path.basename(yaml) if yaml else "the config minisd stored in the file",
+                                          log=log)
             if config is not None:
                 cfg = config
             elif stored:
@@ -119,7 +121,7 @@ def read(path, prediction=None, ema=False, config=None, verbose=True, log=print)
                 cfg = ldm.infer_config(tensors, name=stem, scale_factor=scale or 0.18215,
                                        image_size=image_size or (768 if sd2 and pred == "v" else 512))
             cfg = dataclasses.replace(cfg, prediction=pred)
-            state, used_ema = ldm.from_ldm(tensors, cfg, ema=ema)
+            state, used_ema = ldm.from_ldm(tensors, cfg, ema=ema, log=log)
             ckpt = Checkpoint(cfg, state, "ldm", used_ema)
             desc = "original LDM single file"
         else:

@@ -158,7 +158,7 @@ def schedule_buffers(cfg: ModelConfig):
 # ---------------------------------------------------------------------------------------------------------
 # LDM state dict <-> minisd state (`text_encoder.*`, `unet.*`, `vae.*`, `extra.*`)
 
-def from_ldm(t, cfg: ModelConfig, ema=False):
+def from_ldm(t, cfg: ModelConfig, ema=False, log=print):
     """minisd's state (lazy) from an LDM state dict `t` (a Tensors/SafetensorsFile).
 
     ema=True takes the U-Net from `model_ema.*` (the non-EMA U-Net is then kept under `extra.`); returns
@@ -195,7 +195,7 @@ def from_ldm(t, cfg: ModelConfig, ema=False):
     unet_keys = [k[len(UNET):] for k in keys if k.startswith(UNET)]
     used_ema = ema and all(ema_key(k) in t for k in unet_keys)
     if ema and not used_ema:
-        print("minisd: no EMA weights (model_ema.*) in this file; using model.diffusion_model.* "
+        log("minisd: no EMA weights (model_ema.*) in this file; using model.diffusion_model.* "
               "(in '-emaonly' / '-ema-pruned' files those already are the EMA weights)")
     for k in unet_keys:
         if used_ema:

@@ -13,7 +13,6 @@ import re
 
 import torch
 
-from minisd.clip import TextEncoder
 from minisd.config import TextConfig
 
 # ---- transformers CLIPTextModel (keys under `text_model.`; transformers >= 5.6 saves them without it) ----
@@ -40,6 +39,9 @@ TRANSFORMERS_QKV = {      # one packed minisd tensor: the three transformers ten
     "attn.in_proj_bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
 }
 TRANSFORMERS_UNUSED = ("embeddings.position_ids", "text_projection.weight")   # a buffer; the CLIP-space head
+# the same tables read the other way: transformers name -> minisd name
+FROM_TRANSFORMERS = {v: k for k, v in TRANSFORMERS.items()}
+FROM_TRANSFORMERS_BLOCK = {v: k for k, v in TRANSFORMERS_BLOCK.items()}
 
 # ---- open_clip (the SD2 file holds them under `cond_stage_model.model.`) ----
 OPEN_CLIP_UNUSED = ("text_projection", "logit_scale", "logit_bias")   # the contrastive heads SD never uses
@@ -50,9 +52,17 @@ _BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
 
 
 def expected_shapes(cfg: TextConfig):
-    """minisd's parameter names and shapes for `cfg`, read off the module itself (built on the meta device)."""
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in TextEncoder(cfg).state_dict().items()}
+    """minisd's text-encoder parameter names and shapes for `cfg` (minisd/clip.py builds exactly these; tested)."""
+    w = cfg.width
+    shapes = {"token_embedding.weight": (cfg.vocab_size, w), "positional_embedding": (cfg.context_length, w)}
+    block = {"ln_1.weight": (w,), "ln_1.bias": (w,), "attn.in_proj_weight": (3 * w, w), "attn.in_proj_bias": (3 * w,),
+             "attn.out_proj.weight": (w, w), "attn.out_proj.bias": (w,), "ln_2.weight": (w,), "ln_2.bias": (w,),
+             "mlp.c_fc.weight": (4 * w, w), "mlp.c_fc.bias": (4 * w,), "mlp.c_proj.weight": (w, 4 * w),
+             "mlp.c_proj.bias": (w,)}
+    for i in range(cfg.layers):
+        shapes.update({f"transformer.resblocks.{i}.{k}": v for k, v in block.items()})
+    shapes.update({"ln_final.weight": (w,), "ln_final.bias": (w,)})
+    return shapes
 
 
 def check(ours, cfg: TextConfig):
@@ -79,11 +89,10 @@ def from_transformers(sd, cfg: TextConfig = None):
         layer = _LAYER.match(name)
         if name in TRANSFORMERS_UNUSED or (layer and cfg is not None and int(layer[1]) >= cfg.layers):
             unused[key] = tensor
-        elif name in TRANSFORMERS.values():
-            ours[next(k for k, v in TRANSFORMERS.items() if v == name)] = tensor
-        elif layer and layer[2] in TRANSFORMERS_BLOCK.values():
-            ours[f"transformer.resblocks.{layer[1]}." +
-                 next(k for k, v in TRANSFORMERS_BLOCK.items() if v == layer[2])] = tensor
+        elif name in FROM_TRANSFORMERS:
+            ours[FROM_TRANSFORMERS[name]] = tensor
+        elif layer and layer[2] in FROM_TRANSFORMERS_BLOCK:
+            ours[f"transformer.resblocks.{layer[1]}.{FROM_TRANSFORMERS_BLOCK[layer[2]]}"] = tensor
         elif layer and any(layer[2] in parts for parts in TRANSFORMERS_QKV.values()):
             qkv[(int(layer[1]), layer[2])] = tensor
         else:

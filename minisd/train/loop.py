@@ -1,4 +1,4 @@
-"""One training loop for everything minisd trains: the tiny model's VAE, its text encoder + U-Net, and (later)
+"""The one training loop for everything minisd trains: the tiny model's VAE, its text encoder + U-Net, and (later)
 DreamBooth and Textual Inversion fine-tuning. What differs between them is data: which parameters train, which
 loss is computed on a batch, which batches come in. The loop itself — AdamW, a warmup + cosine-with-restarts
 learning rate, an EMA copy of the weights, atomic checkpoints and exact resumption — is the same.
@@ -7,14 +7,14 @@ Exact resumption works because nothing random is carried from step to step: batc
 (seed, i), and so is the noise drawn at step `i` (a generator seeded with (seed, i)). A checkpoint therefore only
 has to hold the weights, the optimizer state, the EMA weights and the step number.
 """
-import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from .lr import learning_rate
 
 
 @dataclass(frozen=True)
@@ -30,17 +30,6 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 500
     seed: int = 0
-
-
-def learning_rate(step, cfg: TrainConfig):
-    """Linear warmup to cfg.lr, then cfg.cycles cosine decays to cfg.min_lr_ratio * cfg.lr, each restarting at
-    the top (SGDR, Loshchilov & Hutter 2017, eq. 5, with T_i = (steps - warmup) / cycles)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)      # 0 -> 1 over training
-    cycle_progress = (progress * cfg.cycles) % 1.0
-    cosine = 0.5 * (1 + math.cos(math.pi * cycle_progress))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
 class EMA:

@@ -11,10 +11,11 @@ on the same (unchanged) weight was faster on that machine (a 77x768 by 768x3072 
 the whole SD1 text encoder about 5%), so `Linear` below only changes which library multiplies.
 
 `prepare(module)` swaps a network's nn.Conv2d and nn.Linear layers for the two classes below, in place;
-`restore(module)` swaps them back. A prepared network computes the same function (up to float rounding,
-tests/test_onednn.py) and has the same state_dict (the blocked weights are written out in PyTorch's layout), but
-it is for inference only (these ops have no backward, so a call with autograd on raises), and `.to()` cannot
-move its blocked weights (restore first). `Pipeline.load` prepares the text encoder and U-Net of the model it loaded at their first use on the CPU.
+`restore(module)` swaps them back, with the same values. A prepared network computes the same function (up to
+float rounding, tests/test_onednn.py) but it is for inference only: these ops have no backward (a call with
+autograd on raises), `.to()` cannot move the blocked weights, and its state_dict holds them as opaque oneDNN
+tensors, which safetensors and load_state_dict refuse. To save, train or move it, restore it first. `minisd.fast.prepare` prepares the text encoder and U-Net of a model that
+`Pipeline.load` loaded for the CPU.
 
 The ops are PyTorch's own oneDNN entry points (the ones TorchInductor's CPU backend emits), in `torch.ops.mkldnn`.
 """
@@ -42,7 +43,9 @@ class Conv2d(nn.Module):
         hint = [1, conv.in_channels, 8 * self.stride[0], 8 * self.stride[1]]
         blocked = torch._C._nn.mkldnn_reorder_conv2d_weight(
             conv.weight.detach().to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, hint)
-        self.register_buffer("weight", blocked, persistent=False)    # written out by _save_to_state_dict
+        # in the state_dict as it is (an opaque oneDNN tensor): saving it or loading into it fails loudly, never
+        # silently; restore() gives the plain Parameter back
+        self.register_buffer("weight", blocked)
         self.weight_requires_grad = conv.weight.requires_grad         # given back by to_conv
         self.bias = conv.bias                                         # the same Parameter (or None)
 
@@ -57,16 +60,6 @@ class Conv2d(nn.Module):
         conv.weight = nn.Parameter(self.weight.to_dense(), requires_grad=self.weight_requires_grad)
         conv.bias = self.bias
         return conv
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # the same keys and values as the nn.Conv2d it replaced: the weight back in (out, in, kh, kw) layout
-        destination[prefix + "weight"] = self.weight.to_dense()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        raise RuntimeError("this network was prepared for oneDNN inference (minisd.onednn.prepare); "
-                           "call minisd.onednn.restore on it before loading weights")
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -1,4 +1,5 @@
-"""The tiny built-in model: Stable Diffusion's own networks at a small config, trained from scratch on shapes.
+"""The tiny built-in model's recipe: Stable Diffusion's own networks at a small config (config.TINY), trained
+from scratch on shapes.
 
     minisd train-tiny --out runs/tiny          # reproduces minisd/assets/minisd-tiny.safetensors on 2 CPU cores
 
@@ -6,7 +7,7 @@ It is SD 1.5 in miniature, not a different network: the same TextEncoder (CLIP a
 tokenizer, 77 tokens), the same cross-attention UNet, the same KL VAE with SD's downsampling factor 8 (64x64x3
 images -> 8x8x4 latents), the same scaled-linear noise schedule and eps-prediction. Only the widths shrink.
 
-The recipe follows latent diffusion (Rombach et al. 2022) in three phases, all run by minisd.train's one loop:
+The recipe follows latent diffusion (Rombach et al. 2022) in three phases, all run by minisd.train.loop:
   1. the autoencoder: L1 reconstruction + a small KL pull of q(z|x) toward N(0, I) (LDM Sec. 3, App. G);
   2. the decoder alone, longer, with the encoder frozen: sharper pictures from the same latent space;
      then every training image of a fixed bank is encoded once, and scale_factor = 1 / std(latents), the rule
@@ -25,40 +26,20 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
+from ..config import TINY
+from ..diffusion import alphas_cumprod_from_betas, scaled_linear_betas
+from ..images import to_tensor
+from ..model import StableDiffusion, save_model
+from ..train.loop import TrainConfig, atomic_save, train
+from ..train.loss import diffusion_loss
+from ..vae import sample_posterior
 from . import shapes
-from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig
-from .diffusion import alphas_cumprod_from_betas, q_sample, scaled_linear_betas
-from .train import TrainConfig, atomic_save, train
-from .vae import sample_posterior
-
-# The networks of SD 1.5 at a small size. The text encoder's 49408 x 64 token table (3.2M) is half the model:
-# CLIP's whole vocabulary is kept so that any prompt tokenizes as it would for SD.
-TINY = ModelConfig(
-    name="minisd-tiny",
-    text=TextConfig(width=64, layers=2, heads=4),
-    unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2),
-                    num_heads=4, context_dim=64, norm_groups=8),
-    # four levels = three stride-2 downsamplings: SD's factor 8. scale_factor = 1 / 2.1673, the latent std the
-    # shipped run measured after its VAE phases; train_tiny measures it again and stores what it finds
-    vae=VAEConfig(ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=4, scale_factor=0.46141),
-    image_size=64,
-)
-
-ASSET = Path(__file__).parent / "assets" / "minisd-tiny.safetensors"
-
-
-def tiny_model_path():
-    """The shipped weights (fp16, inside the package)."""
-    if not ASSET.exists():
-        raise FileNotFoundError(f"the tiny built-in model is missing ({ASSET}); rebuild it with "
-                                f"`minisd train-tiny --out DIR` and copy DIR/minisd-tiny.safetensors there")
-    return str(ASSET)
-
+from .evaluate import sample_grid
 
 @dataclass(frozen=True)
 class Recipe:
@@ -83,13 +64,6 @@ class Recipe:
 # Data: pure functions of (seed, index)
 
 
-def to_tensor(images):
-    """PIL images -> (B, 3, H, W) in [-1, 1]."""
-    import numpy as np
-    a = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
-    return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
-
-
 def image_batch(seed, step, batch):
     """Batch `step` of the endless training stream `seed`: samples step*batch ... step*batch + batch - 1."""
     samples = [shapes.sample(seed, step * batch + j) for j in range(batch)]
@@ -109,72 +83,6 @@ def vae_loss(vae, images, generator, kl_weight):
     return (recon - images).abs().mean() + kl_weight * kl.mean()
 
 
-def diffusion_loss(model, x0, tokens, generator, alphas_cumprod):
-    """The simple DDPM objective (Ho et al. 2020, eq. 14): t ~ U{0..999}, eps ~ N(0, I),
-    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, loss = || eps - eps_theta(x_t, t, text(c)) ||^2.
-
-    x0: scaled latents (B, 4, h, w); tokens: (B, 77). Shared by from-scratch training and fine-tuning."""
-    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)    # drawn on the CPU: same on any device
-    x_t = q_sample(x0, noise, t, alphas_cumprod)
-    eps = model.unet(x_t, t.float().to(x0.device), model.text_encoder(tokens.to(x0.device)))
-    return F.mse_loss(eps, noise)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Measuring: sample grids during training, adherence judged by shapes.judge
-
-
-GRID_PROMPTS = [shapes.caption(*c) for c in [
-    ("red", "circle", "blue"), ("yellow", "square", "black"), ("white", "triangle", "green"),
-    ("orange", "circle", "purple"), ("blue", "triangle", "yellow"), ("black", "circle", "white"),
-    ("red", "square", "green"), ("blue", "circle", "yellow")]]          # the last two are held out
-
-
-def eval_combinations(held_out):
-    """A fixed prompt list. Train: every 6th training combination (26, covering all colours, shapes and
-    backgrounds); held out: all 12 held-out combinations."""
-    combos = shapes.all_combinations(held_out=held_out)
-    return combos if held_out else combos[::6]
-
-
-def judged(pipe, combos, seeds=(0,), cfg=7.5, steps=20, sampler="dpmpp_2m"):
-    """[(asked-for (colour, shape, background), what shapes.judge reads)]: one image per (combination, seed)."""
-    return [(combo, shapes.judge(pipe.generate(shapes.caption(*combo), steps=steps, cfg=cfg, sampler=sampler,
-                                               seed=seed).images[0]))
-            for combo in combos for seed in seeds]
-
-
-def adherence(pipe, combos, seeds=(0,), cfg=7.5, steps=20, sampler="dpmpp_2m"):
-    """Fraction of images the judge reads exactly as their prompt."""
-    rows = judged(pipe, combos, seeds, cfg, steps, sampler)
-    return sum(want == got for want, got in rows) / len(rows)
-
-
-def image_grid(images, columns):
-    from PIL import Image
-    w, h = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * w, rows * h), "gray")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % columns) * w, (i // columns) * h))
-    return grid
-
-
-def sample_grid(model, path, seeds=(0, 1)):
-    """One row per seed, one column per GRID_PROMPTS entry (default sampler, 20 steps, cfg 7.5)."""
-    from .pipeline import Pipeline
-    pipe = Pipeline(model, next(model.parameters()).device, torch.float32, log=lambda *_: None)
-    images, hits = [], 0
-    for seed in seeds:
-        for prompt in GRID_PROMPTS:
-            image = pipe.generate(prompt, seed=seed).images[0]
-            images.append(image)
-            hits += shapes.agrees(image, *shapes.parse_caption(prompt))
-    image_grid(images, len(GRID_PROMPTS)).save(path)
-    return hits / len(images)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The recipe
 
@@ -183,7 +91,6 @@ class _Progress:
     """A tqdm bar plus a JSON-lines log of the running loss (out_dir/log.jsonl)."""
 
     def __init__(self, phase, total, out_dir, every=50):
-        from tqdm import tqdm
         self.bar = tqdm(total=total, desc=phase, dynamic_ncols=True, mininterval=2.0)
         self.phase, self.every, self.losses = phase, every, []
         self.log_path = os.path.join(out_dir, "log.jsonl")
@@ -267,7 +174,6 @@ def noisy_captions(captions, fraction, seed):
     guidance has nothing left to fix. SD's web captions are often wrong, and guidance is what makes SD follow the
     prompt anyway: sampling eps_u + w (eps_c - eps_u) draws from p(x|c) p(c|x)^(w-1) (Ho & Salimans 2022,
     Sec. 3.2), and an image that contradicts c has a low p(c|x). The tiny model keeps that property of SD."""
-    import numpy as np
     rng = np.random.default_rng([seed, 3])
     out = list(captions)
     for i in np.flatnonzero(rng.random(len(captions)) < fraction):
@@ -336,7 +242,6 @@ def train_tiny(out_dir, recipe=Recipe(), device="cpu", log=print):
     """Run the three phases into out_dir (resuming whatever is there) and write out_dir/minisd-tiny.safetensors
     (fp16, EMA weights) plus out_dir/report.json. Returns the path of the weights. The shipped weights were trained
     on the CPU; on a GPU every random draw is the same (they come from CPU generators) but the arithmetic differs."""
-    from .model import StableDiffusion, save_model
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
     times = {"start": time.time()}
     torch.manual_seed(recipe.seed)                       # the initial weights (overwritten on resume)
