@@ -22,6 +22,7 @@ class AttentionLayer(nn.Module):
         super().__init__()
         self.fast = True        # SDPA (True) or the readable math path (False)
         self.slice_size = None  # queries per attention slice (None: all at once); see `attention`
+        self.upcast = False     # compute in fp32 when the weights are fp16/bf16 (SD2's U-Net); see `attention`
 
 
 class AttentionSettings:
@@ -32,6 +33,12 @@ class AttentionSettings:
         for m in self.modules():
             if isinstance(m, AttentionLayer):
                 m.fast = fast
+
+    def set_attention_upcast(self, upcast: bool):
+        """Compute every attention layer in fp32 whatever the weights' dtype (SD2's U-Net: see `attention`)."""
+        for m in self.modules():
+            if isinstance(m, AttentionLayer):
+                m.upcast = upcast
 
     def set_attention_slicing(self, slice_size):
         """Compute attention `slice_size` queries at a time (None: off); same result, less peak memory."""
@@ -52,14 +59,19 @@ def attention_math(q, k, v, causal=False):
     return weights @ v
 
 
-def attention(q, k, v, heads, causal=False, fast=True, slice_size=None):
+def attention(q, k, v, heads, causal=False, fast=True, slice_size=None, upcast=False):
     """Multi-head attention on already-projected tokens.
 
     q: (B, Nq, heads*d), k and v: (B, Nk, heads*d) -> (B, Nq, heads*d). `fast=False` takes the readable path.
     slice_size: compute at most that many queries at a time ("attention slicing"). Each query's softmax runs over
     the keys only, so slices are independent and the result is the same; the (Nq, Nk) score matrix of the math
     path (4096 x 4096 per head at 512 px) then never exists whole.
+    upcast: with fp16/bf16 inputs, compute the attention in fp32 and return the input dtype. SD2's real weights
+    give q.k scores beyond fp16's 65504 (the known black images); the original code computes attention in fp32
+    for that reason (LDM `_ATTN_PRECISION = "fp32"`) and diffusers upcasts SD2's U-Net (`upcast_attention`).
     """
+    if upcast and q.dtype in (torch.float16, torch.bfloat16):
+        return attention(q.float(), k.float(), v.float(), heads, causal, fast, slice_size).to(q.dtype)
     if slice_size and q.shape[1] > slice_size:
         if causal:
             raise ValueError("attention slicing is for the U-Net and VAE; causal (text) attention is not sliced")

@@ -37,6 +37,9 @@ class UNetConfig:
     context_dim: int = 768            # width of the text encoder output
     use_linear_in_transformer: bool = False   # SD2: proj_in/proj_out are Linear, SD1: 1x1 Conv2d
     norm_groups: int = 32
+    # SD2: attention computed in fp32 when the weights are fp16/bf16, or its scores overflow fp16 (black images);
+    # LDM's _ATTN_PRECISION = "fp32", diffusers' upcast_attention
+    upcast_attention: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ SD2_TEXT = TextConfig(width=1024, layers=23, heads=16, activation="gelu", pad_id
 SD15 = ModelConfig(name="sd15", text=SD1_TEXT, unet=UNetConfig(), vae=VAEConfig())
 SD21_BASE = ModelConfig(
     name="sd21-base", text=SD2_TEXT,
-    unet=UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
+    unet=UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True,
+                    upcast_attention=True),
     vae=VAEConfig(), prediction="eps", image_size=512)
 SD21_V = replace(SD21_BASE, name="sd21", prediction="v", image_size=768)
 

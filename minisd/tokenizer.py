@@ -1,28 +1,33 @@
-r"""CLIP's tokenizer: byte-level BPE (Sennrich et al. 2016; Radford et al. 2019 & 2021), stdlib only.
+r"""CLIP's tokenizer: byte-level BPE (Sennrich et al. 2016; Radford et al. 2019 & 2021).
 
 A prompt becomes 77 token ids in four steps, in this file's order:
 
-1. clean: NFC-normalise, `html.unescape` twice (as CLIP does), collapse whitespace runs to one space, strip,
-   lowercase;
+1. clean: repair the text with ftfy, `html.unescape` twice, collapse whitespace runs to one space, strip,
+   lowercase (CLIP's basic_clean + whitespace_clean, as in OpenAI CLIP and open_clip);
 2. pre-tokenise: CLIP's regex splits the text into words, single digits and punctuation runs;
 3. BPE: each pre-token, as UTF-8 bytes mapped to printable characters, is merged pair by pair in the order the
    merges were learned; the last symbol of a word carries the end-of-word marker `</w>`;
 4. frame: <|startoftext|> + ids + <|endoftext|>, truncated to 77 with <|endoftext|> kept last, padded to 77.
 
+Why clean first, and with ftfy: the text encoders were trained on captions cleaned this way, so the ids they
+know are those of the cleaned text. ftfy's `fix_text` repairs mojibake ("cafÃ©" -> "café"), straightens curly
+quotes (’ -> '), expands ligatures (ﬁ -> fi), narrows full-width characters (Ａ -> A), removes control characters
+and terminal escapes, unescapes HTML entities when the text holds no "<", and NFC-normalises. Each of these
+changes the bytes BPE sees, hence the ids ("cafÃ©" is 4 tokens, "café" 1), so it must run before
+pre-tokenisation; HTML unescaping follows it as in CLIP (web captions were often escaped twice).
+
 Differences from the references, all deliberate and tested in tests/test_tokenizer.py:
 
-- ftfy's `fix_text` is not applied (minisd's runtime depends on nothing but torch, einops, numpy, safetensors,
-  pillow, tqdm). OpenAI CLIP and open_clip run it first. Beyond NFC normalisation, which minisd does itself, it
-  repairs mojibake ("cafÃ©" -> "café") and also: straightens curly quotes (’ -> '), expands ligatures (ﬁ -> fi),
-  narrows full-width characters (Ａ -> A), removes control characters and terminal escapes, unescapes HTML
-  entities once more when the text holds no "<", and normalises line breaks. minisd fed `ftfy.fix_text(text)`
-  gives open_clip's ids on every tested input but two kinds: open_clip renamed the specials <start_of_text> /
-  <end_of_text>, so typed "<|endoftext|>" is text to it; and U+0345 (see the regex note). transformers'
-  CLIPTokenizer (what diffusers uses) does not run ftfy either.
-- transformers' CLIPTokenizer differs from CLIP's algorithm (and so from minisd) on: HTML entities (it does not
-  unescape: "&amp;" stays), word-final capital sigma (its per-character lowercasing gives σ where str.lower()
-  gives ς), U+001C..U+001F (whitespace to str.split(), kept as symbols by its Unicode \s), special-token strings
-  in another case ("<|ENDOFTEXT|>": it matches specials before lowercasing), and "'ſ" (see below).
+- open_clip (SD2) renamed the specials <start_of_text> / <end_of_text>, so a typed "<|endoftext|>" is text to
+  it; and U+0345 (see the regex note). On every other tested input minisd gives open_clip's ids.
+- transformers' CLIPTokenizer (what diffusers runs for SD1). In transformers 5 it is only the `tokenizers`-backed
+  (formerly "fast") class; its normalizer is NFC, \s+ -> " ", lowercase: no ftfy and no HTML unescaping. (The
+  slow class of transformers 4, which SD1's original code used, ran ftfy.fix_text when ftfy was installed.)
+  So it differs from CLIP's algorithm (and so from minisd) on: text ftfy repairs (among it control characters
+  such as U+001C..U+001F, which ftfy removes; fed CLIP's cleaned text it agrees), HTML entities ("&amp;"
+  stays), word-final capital sigma (its per-character lowercasing gives σ where str.lower() gives ς),
+  special-token strings in another case ("<|ENDOFTEXT|>": it matches specials before lowercasing), and "'ſ"
+  (see below).
 - The pre-tokeniser regex. CLIP's pattern, for the third-party `regex` package, is
       <\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+
   with IGNORECASE. The stdlib `re` has no \p{...} classes, so `_unicode_classes` spells \p{L} (letters) and
@@ -43,6 +48,7 @@ import re
 import unicodedata
 from functools import lru_cache
 
+import ftfy
 import torch
 
 BOS = 49406                 # <|startoftext|>
@@ -86,8 +92,8 @@ def _pattern():
 
 
 def clean(text):
-    """Text normalisation before pre-tokenisation (CLIP's basic_clean + whitespace_clean + lower, minus ftfy)."""
-    text = unicodedata.normalize("NFC", text)          # what ftfy.fix_text and transformers both do
+    """Text normalisation before pre-tokenisation: CLIP's basic_clean + whitespace_clean + lower."""
+    text = ftfy.fix_text(text)                         # repair first: mojibake, quotes, widths, ... then NFC
     text = html.unescape(html.unescape(text))          # CLIP unescapes twice: web captions were double-escaped
     return " ".join(text.split()).lower()
 

@@ -111,7 +111,7 @@ class CrossAttention(AttentionLayer):
     def forward(self, x, context=None):
         context = x if context is None else context
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, fast=self.fast,
-                        slice_size=self.slice_size)
+                        slice_size=self.slice_size, upcast=self.upcast)
         return self.to_out[0](out)
 
 
@@ -290,6 +290,7 @@ class UNet(AttentionSettings, nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(inplace=True),
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.set_attention_upcast(cfg.upcast_attention)
 
     def forward(self, x, t, context):
         """x (B, 4, h, w), t (B,) or a scalar, context (B, N, context_dim) -> (B, 4, h, w) in x's dtype.

@@ -342,7 +342,8 @@ def _small():
         name="small-sd2",
         text=TextConfig(width=64, layers=2, heads=1, activation="gelu", pad_id=0, source_layers=3),
         unet=UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2, 1),
-                        num_head_channels=64, context_dim=64, use_linear_in_transformer=True),
+                        num_head_channels=64, context_dim=64, use_linear_in_transformer=True,
+                        upcast_attention=True),        # the SD2 family computes attention in fp32 (config.py)
         vae=vae, prediction="v", image_size=768)
     return sd1, sd2
 

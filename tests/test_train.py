@@ -8,15 +8,15 @@ from minisd.train.loop import EMA, TrainConfig, train
 from minisd.train.lr import learning_rate
 
 
-def test_learning_rate_warms_up_then_follows_cosine_cycles():
-    cfg = TrainConfig(steps=1100, lr=1.0, warmup_steps=100, cycles=2)
+def test_tiny_schedule_warms_up_then_follows_cosine_cycles():
+    cfg = TrainConfig(steps=1100, lr=1.0, lr_schedule="tiny", warmup_steps=100, cycles=2)
     assert learning_rate(0, cfg) == pytest.approx(0.01)
     assert learning_rate(99, cfg) == pytest.approx(1.0)
     assert learning_rate(100, cfg) == pytest.approx(1.0)              # top of cycle 1
     assert learning_rate(350, cfg) == pytest.approx(0.5)              # a quarter through: cos(pi/2) half-way down
     assert learning_rate(599, cfg) < 1e-4                             # bottom of cycle 1 ...
     assert learning_rate(600, cfg) == pytest.approx(1.0)              # ... restarts at the top
-    one = TrainConfig(steps=1100, lr=1.0, warmup_steps=100, cycles=1)
+    one = TrainConfig(steps=1100, lr=1.0, lr_schedule="tiny", warmup_steps=100, cycles=1)
     assert learning_rate(600, one) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
@@ -42,7 +42,7 @@ def _toy_problem(seed=0):
 
 
 def test_interrupted_training_resumes_exactly(tmp_path):
-    cfg = TrainConfig(steps=40, lr=1e-2, warmup_steps=5, checkpoint_every=10)
+    cfg = TrainConfig(steps=40, lr=1e-2, lr_schedule="tiny", warmup_steps=5, checkpoint_every=10)
     net, loss_fn = _toy_problem()
     straight = train(net, dict(net.named_parameters()), loss_fn, cfg, tmp_path / "a", "toy", log=lambda *_: None)
 

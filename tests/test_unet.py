@@ -1,6 +1,8 @@
 """minisd's U-Net computes what the original LDM UNetModel and diffusers' UNet2DConditionModel compute, at the
-real SD1.5 and SD2.1 configs, with random weights and tiny 8x8 latents (the weights, not the spatial size, are
-what makes a config: every layer, head split and projection type is exercised).
+real SD1.5 and SD2.1 configs (SD2.1-base and SD2.1-v share the U-Net), with random weights and small 16x16 latents.
+The weights, not the spatial size, make a config, but the size must let every layer matter: at 8x8 latents the
+middle block sees one token, where self-attention returns its value whatever q and k are; at 16x16 it sees 2x2
+tokens (test_every_self_attention_sees_several_tokens).
 
 One LDM U-Net per config is built and redrawn (tests/_image_refs.py); minisd and diffusers take the same weight
 tensors, so a config costs one 3.4 GB copy. Tolerances: fp32 on CPU, max abs error <= 1e-4 x output std: the
@@ -28,18 +30,20 @@ def ref(request):
     cfg = PRESETS[name].unet
     ldm = R.ldm_unet(name, seed=0)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 8, 8, generator=g)
+    x = torch.randn(2, 4, 16, 16, generator=g)
     context = torch.randn(2, 77, cfg.context_dim, generator=g)
     # float timesteps, one whole and one fractional (k-diffusion's samplers pass fractional ones); int64
     # timesteps are checked on a small config below, to save two forwards of the full model
     t = torch.tensor([999.0, 500.5])
     with torch.no_grad():
         out = ldm(x, t, context=context)
+        x8 = x[..., :8, :8].contiguous()        # the reduced-precision checks run at 8x8 (time budget, below)
+        out8 = ldm(x8, t, context=context)
     state_dict = ldm.state_dict()
     del ldm                                     # its parameters live on in state_dict
     unet = R.minisd_with(lambda: UNet(cfg), state_dict)
     yield SimpleNamespace(name=name, cfg=cfg, state_dict=state_dict, unet=unet, x=x, context=context,
-                          t=t, out=out, ours={})
+                          t=t, out=out, x8=x8, out8=out8, ours={})
     del state_dict, unet
     gc.collect()
 
@@ -117,15 +121,17 @@ BF16_VS_REFERENCE = 1.25        # x diffusers' bf16 error on the same inputs
 
 # fp16 runs at the SD2.1 config only: CPU fp16 forwards are the slowest here, the two configs run the same code
 # in every dtype-sensitive place, and SD2's attention is the one known to overflow fp16 in other implementations.
+# These run at 8x8 latents: precision is a property of every layer's arithmetic, which 8x8 exercises; the 16x16
+# fp32 tests above are what show every attention layer matters. (16x16 in fp16 on the CPU took 2+ minutes.)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_reduced_precision_inference(ref, dtype):
     if dtype == torch.float16 and ref.name != "sd21-base":
         pytest.skip("fp16 is checked at the SD2.1 config (time budget)")
     unet = R.minisd_with(lambda: UNet(ref.cfg), ref.state_dict, dtype=dtype)
     with torch.no_grad():
-        out = unet(ref.x.to(dtype), ref.t, ref.context.to(dtype))
+        out = unet(ref.x8.to(dtype), ref.t, ref.context.to(dtype))
     del unet
-    expected = ref.out
+    expected = ref.out8
     err, std = R.max_err(out, expected), expected.std().item()
     report(f"{dtype} vs fp32 LDM", ref, err, std)
     assert out.dtype == dtype and torch.isfinite(out).all()
@@ -134,7 +140,7 @@ def test_reduced_precision_inference(ref, dtype):
         return
     reference = R.diffusers_unet(ref.name, ref.state_dict).to(dtype)
     with torch.no_grad():
-        ref_out = reference(ref.x.to(dtype), ref.t, encoder_hidden_states=ref.context.to(dtype)).sample
+        ref_out = reference(ref.x8.to(dtype), ref.t, encoder_hidden_states=ref.context.to(dtype)).sample
     del reference
     ref_err = R.max_err(ref_out, expected)
     report("diffusers bf16 vs fp32 LDM", ref, ref_err, std)
@@ -154,6 +160,22 @@ def test_comparison_can_fail(ref):
         finally:
             weight[0, 0] = old
     print(f"\n[{ref.name}] one weight changed: err {R.max_err(moved, ref.out) / tol:.3g} x tol")
+    assert R.max_err(moved, ref.out) > 10 * tol
+
+
+def test_every_self_attention_sees_several_tokens(ref):
+    """The middle block's self-attention q projection changes the output: it attends over more than one token."""
+    tol = FP32_TOL * ref.out.std().item()
+    key = "middle_block.1.transformer_blocks.0.attn1.to_q.weight"
+    weight = ref.state_dict[key]                                       # shared with ref.unet
+    with torch.no_grad():
+        old = weight.clone()
+        weight.mul_(4.0)                                               # sharper attention over the 2x2 tokens
+        try:
+            moved = ref.unet(ref.x, ref.t, ref.context)
+        finally:
+            weight.copy_(old)
+    print(f"\n[{ref.name}] middle-block q scaled: err {R.max_err(moved, ref.out) / tol:.3g} x tol")
     assert R.max_err(moved, ref.out) > 10 * tol
 
 

@@ -6,9 +6,12 @@ files from the same factory. Equality here is exact (torch.equal): a conversion 
 nothing.
 """
 import dataclasses
+import os
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -267,6 +270,87 @@ class Evil:
 
 
 def test_ckpt_with_arbitrary_objects_is_refused(tmp_path):
+    """An unknown class is refused even when it would do nothing: only a short list of known classes loads."""
     torch.save({"state_dict": {"a": torch.zeros(1)}, "obj": Evil()}, tmp_path / "evil.ckpt")
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match=r"refusing to load: .*'test_weights_convert\.Evil'"):
         read_checkpoint(tmp_path / "evil.ckpt")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# .ckpt files from training (PyTorch Lightning): more than tensors, loaded without running anything
+
+def pickled_as(monkeypatch, full_name, obj):
+    """Make `obj` pickle as the global `full_name` (a class of a package we do not install, e.g. Lightning):
+    a stand-in module in sys.modules while the test runs. Only torch.save needs it; reading imports nothing."""
+    module_name, name = full_name.rsplit(".", 1)
+    obj.__module__, obj.__qualname__ = module_name, name
+    parts = module_name.split(".")
+    for parent in (".".join(parts[:i]) for i in range(1, len(parts))):   # pickle imports the parents first
+        if parent not in sys.modules:
+            monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
+    monkeypatch.setitem(sys.modules, module_name, types.SimpleNamespace(**{name: obj}))
+    return obj
+
+
+def write_lightning_ckpt(path, monkeypatch, state_dict):
+    """What a PyTorch Lightning 1.x training run of LDM saves: the weights plus loop counters, versions, numpy
+    scalars, and callback state keyed by the callback's class (an instance too, as some versions pickle)."""
+    ModelCheckpoint = pickled_as(monkeypatch, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+                                 type("ModelCheckpoint", (), {}))
+    callback = ModelCheckpoint()
+    callback.dirpath, callback.monitor = "logs/checkpoints", "val/loss_simple_ema"
+    numpy2_scalar = pickled_as(monkeypatch, "numpy._core.multiarray.scalar", lambda dtype, data: None)
+
+    class Numpy2Float:   # a float64 as numpy 2 pickles it (numpy 1 is installed here)
+        def __reduce__(self):
+            return numpy2_scalar, (np.dtype("float64"), np.float64(0.25).tobytes())
+
+    torch.save({"epoch": 6, "global_step": np.int64(470000), "pytorch-lightning_version": "1.4.2",
+                "state_dict": state_dict,
+                "callbacks": {ModelCheckpoint: {"monitor": "val/loss_simple_ema", "best_model_score": None,
+                                                "best_model_path": "", "kth_value": torch.tensor(float("inf"))}},
+                "checkpoint_callback": callback, "loss": np.float32(0.125), "lr": Numpy2Float(),
+                "torch_version": torch.torch_version.TorchVersion("1.12.1"),
+                "optimizer_states": [], "lr_schedulers": []}, str(path))
+    monkeypatch.undo()   # the reader has no Lightning and no fake numpy 2 to fall back on
+
+
+def test_lightning_ckpt_loads_with_its_tensors_exact(tmp_path, monkeypatch):
+    weights = {"model.diffusion_model.out.2.weight": torch.randn(4, 8, 3, 3),
+               "model.diffusion_model.out.2.bias": torch.randn(4).half(),
+               "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+               "model_ema.num_updates": torch.tensor(470000, dtype=torch.int32)}
+    write_lightning_ckpt(tmp_path / "last.ckpt", monkeypatch, weights)
+    with pytest.raises(Exception):   # sanity: the file is more than torch's weights_only loader accepts
+        torch.load(tmp_path / "last.ckpt", weights_only=True)
+    allowed = set(torch.serialization.get_safe_globals())
+    loaded = read_checkpoint(tmp_path / "last.ckpt")
+    assert_identical(weights, dict(loaded))
+    assert loaded.metadata == {"epoch": "6", "global_step": "470000", "pytorch-lightning_version": "1.4.2",
+                               "loss": "0.125", "lr": "0.25", "torch_version": "1.12.1"}
+    assert "pytorch_lightning.callbacks.model_checkpoint" not in sys.modules   # nothing was imported
+    assert set(torch.serialization.get_safe_globals()) == allowed   # torch's allowlist was widened for one call
+
+
+# the name each call is pickled under (protocol 2, torch.save's): os.system is posix.system, and Python 3 writes
+# subprocess under its Python 2 name "commands" (a plain unpickler maps it back)
+@pytest.mark.parametrize("payload", ["posix.system", "builtins.eval", "commands.Popen"])
+def test_ckpt_that_would_run_a_command_is_refused_and_runs_nothing(tmp_path, payload):
+    marker = tmp_path / "PWNED"
+    call = {"posix.system": (os.system, (f"touch {marker}",)),
+            "builtins.eval": (eval, (f"__import__('pathlib').Path({str(marker)!r}).touch()",)),
+            "commands.Popen": (subprocess.Popen, (["touch", str(marker)],))}[payload]
+
+    class Payload:
+        def __reduce__(self):
+            return call
+
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "global_step": Payload()}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/evil\.ckpt: refusing to load: .*'{payload}'[^\n]*$"):
+        read_checkpoint(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+    # sanity: the payload is live; an unrestricted unpickler runs it (never do this on a downloaded file)
+    obj = torch.load(tmp_path / "evil.ckpt", weights_only=False)
+    if payload == "commands.Popen":
+        obj["global_step"].wait()
+    assert marker.exists()

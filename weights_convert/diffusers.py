@@ -139,6 +139,7 @@ def unet_config_json(cfg: UNetConfig, image_size):
         "transformer_layers_per_block": cfg.transformer_depth, "norm_num_groups": cfg.norm_groups,
         "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1, "flip_sin_to_cos": True,
         "freq_shift": 0, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+        "upcast_attention": cfg.upcast_attention,
     }
 
 
@@ -162,7 +163,10 @@ def unet_config_from_json(c):
                                                   if t.startswith("CrossAttn")),
                       transformer_depth=depth, context_dim=c["cross_attention_dim"],
                       use_linear_in_transformer=c.get("use_linear_projection", False),
-                      norm_groups=c.get("norm_num_groups", 32), **head_args)
+                      norm_groups=c.get("norm_num_groups", 32),
+                      # SD2 (1024-wide text) upcasts whatever the folder says: 2.1-base's config leaves it off
+                      upcast_attention=bool(c.get("upcast_attention")) or c["cross_attention_dim"] == 1024,
+                      **head_args)
 
 
 def vae_config_json(cfg: VAEConfig, image_size):

@@ -5,8 +5,20 @@ length, a JSON header of name -> dtype/shape/byte range, then the raw bytes), so
 clear error when the file is truncated. Each tensor is a private memory map of its own byte range: loading
 reads nothing, the operating system pages the bytes in when a weight is first used (from its page cache, so the
 file is never in RAM twice), and a tensor that is cast to another dtype or device is unmapped as soon as the
-cast copy exists. `.ckpt` files are pickles; they are opened only with `torch.load(weights_only=True)`, which
-refuses anything but tensors and plain containers.
+cast copy exists.
+
+`.ckpt` files are pickles, and unpickling can call any function the file names (`os.system`, ...). They are
+opened only with `torch.load(weights_only=True)`: torch's restricted unpickler, which calls nothing but the
+tensor-rebuild functions, storages and plain containers, builds no other object, and refuses any other name.
+Training checkpoints (PyTorch Lightning) also pickle loop counters, numpy scalars and callback state keyed by
+the callback's class; the few such names listed in STAND_INS are given to that same unpickler, for the one
+call, mapped to inert stand-ins defined here (the real classes are never imported). Any other name in the
+pickle is refused before anything is unpickled, with an error that names it.
+
+Why torch's unpickler and not our own `pickle.Unpickler` with a restricted `find_class`: restricting the names
+is not enough, as a standard unpickler still applies BUILD / SETITEMS / APPENDS to whatever the allowed names
+produce (BUILD on an allowed *class* sets attributes on it, process-wide); torch's also restricts those opcodes
+to tensors, plain containers and the allowlisted types, and it reads storages as torch.load always has.
 """
 import json
 import mmap
@@ -15,6 +27,7 @@ import struct
 import zipfile
 from collections.abc import Mapping
 
+import numpy
 import torch
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, "Format")
@@ -119,6 +132,77 @@ class SafetensorsFile(Mapping):
     pop = __getitem__   # reading from disk holds nothing to forget
 
 
+class PickledStandIn:
+    """Inert stand-in for a class a training checkpoint pickles (e.g. a Lightning callback): it records the
+    arguments and the state the pickle hands it, and has no other behaviour. `name` is the class it replaces."""
+    name = None
+
+    def __new__(cls, *args):          # the NEWOBJ opcode calls cls.__new__(cls, *args), REDUCE calls cls(*args)
+        self = super().__new__(cls)
+        self.args, self.state = args, None
+        return self
+
+    def __init__(self, *args):
+        pass
+
+    def __setstate__(self, state):   # the BUILD opcode
+        self.state = state
+
+    def __repr__(self):
+        return f"<stand-in for {self.name}>"
+
+
+def stand_in(name):
+    """A distinct stand-in class per name: callback state is keyed by the class, so two must not collide."""
+    return type(name.rsplit(".", 1)[1], (PickledStandIn,), {"name": name})
+
+
+NumpyDtype = stand_in("numpy.dtype")   # pickled as numpy.dtype("i8", False, True), then BUILD (3, "<", ...)
+NumpyScalar = stand_in("numpy.core.multiarray.scalar")
+NUMPY_NUMBERS = {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"}
+
+
+def numpy_scalar(dtype, data):
+    """numpy's pickled scalar, `scalar(dtype, raw bytes)`, as a Python bool/int/float/complex; a scalar of any
+    other dtype stays inert. Only numpy.frombuffer reads the bytes: nothing from the file is called."""
+    code = dtype.args[0] if isinstance(dtype, NumpyDtype) and dtype.args else None
+    if code in NUMPY_NUMBERS and isinstance(data, bytes):
+        order = dtype.state[1] if isinstance(dtype.state, tuple) and len(dtype.state) > 1 else "="
+        order = order if order in ("<", ">", "=", "|") else "="
+        return numpy.frombuffer(data, numpy.dtype(code).newbyteorder(order), count=1)[0].item()
+    return NumpyScalar(dtype, data)
+
+
+# Names a training .ckpt pickles besides what torch's weights_only unpickler already accepts, and what they
+# load as. This is the whole list: a pickle naming anything else is refused.
+STAND_INS = {
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint":
+        stand_in("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint":        # Lightning 2's package name
+        stand_in("lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
+    "numpy.dtype": NumpyDtype,
+    "numpy.core.multiarray.scalar": numpy_scalar,
+    "numpy._core.multiarray.scalar": numpy_scalar,                        # numpy 2's name for the module
+    "torch.torch_version.TorchVersion": torch.torch_version.TorchVersion,  # torch's own `str` subclass
+}
+
+
+def unpickle_ckpt(path):
+    """torch.load(weights_only=True) accepting STAND_INS too. torch's allowlist is process-wide; `safe_globals`
+    extends it for the duration of the `with` only (a load in another thread meanwhile would accept the same
+    inert stand-ins, nothing more). torch's own error for an unknown global buries its name under advice to
+    retry with weights_only=False, so the pickle's names are first listed statically (torch's disassembler:
+    nothing is unpickled) and an unknown one is refused by name."""
+    with torch.serialization.safe_globals([(obj, name) for name, obj in STAND_INS.items()]):
+        if zipfile.is_zipfile(path):   # every torch.save since torch 1.6; torch.load checks the older format
+            unknown = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+            if unknown:
+                more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+                raise CheckpointError(f"{path}: refusing to load: its pickle names {unknown[0]!r}{more}, which is "
+                                      "neither tensor data nor a known checkpoint class; unpickling could run code")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_checkpoint(path):
     """Open a .safetensors (lazily) or .ckpt/.pt/.bin (via torch.load(weights_only=True)) state dict."""
     path = str(path)
@@ -127,13 +211,18 @@ def read_checkpoint(path):
     if path.endswith(".safetensors"):
         return SafetensorsFile(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = unpickle_ckpt(path)
+    except CheckpointError:
+        raise
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path}: cannot read this .ckpt (truncated or corrupted?): "
                               f"{str(e).splitlines()[0]}") from None
-    except Exception as e:  # weights_only refuses arbitrary pickled objects with an UnpicklingError
-        raise CheckpointError(f"{path}: refusing to load: torch.load(weights_only=True) failed: "
-                              f"{str(e).splitlines()[0]}") from None
+    except Exception as e:  # the restricted unpickler's UnpicklingError; its specific reason follows a preamble
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line or "Can only" in line),
+                      lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"{path}: refusing to load: torch's weights_only unpickler refused it: "
+                              f"{reason.strip()}") from None
     # Lightning/LDM training checkpoints wrap the weights: {"state_dict": {...}, "global_step": ...}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         extras = {k: v for k, v in obj.items() if k != "state_dict"}

@@ -86,10 +86,12 @@ def infer_unet_config(t, open_clip):
     if len(set(blocks_per_level)) != 1:
         raise CheckpointError(f"U-Net levels have different numbers of res blocks {blocks_per_level}")
     heads = dict(num_head_channels=64) if open_clip else dict(num_heads=8)
+    # SD2 (OpenCLIP) computes attention in fp32 under fp16 weights, as LDM's code and diffusers do
     return UNetConfig(in_channels=shape("input_blocks.0.0.weight")[1], out_channels=shape("out.2.weight")[0],
                       model_channels=ch, channel_mult=tuple(mult), num_res_blocks=blocks_per_level[0],
                       attention_resolutions=tuple(sorted(attention, reverse=True)),   # LDM order: (4, 2, 1)
-                      transformer_depth=depth, context_dim=context_dim, use_linear_in_transformer=linear, **heads)
+                      transformer_depth=depth, context_dim=context_dim, use_linear_in_transformer=linear,
+                      upcast_attention=open_clip, **heads)
 
 
 def infer_vae_config(t, prefix=VAE, scale_factor=0.18215):

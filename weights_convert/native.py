@@ -18,6 +18,8 @@ def config_to_json(cfg: ModelConfig):
 def config_from_json(s):
     """The inverse of config_to_json (JSON lists become the tuples the dataclasses hold)."""
     d = json.loads(s)
+    if "unet" in d and "upcast_attention" not in d["unet"]:      # written before the field existed: SD2 upcasts
+        d["unet"]["upcast_attention"] = d["unet"].get("context_dim") == 1024
     tuples = lambda sub: {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
     try:
         return ModelConfig(**{**d, "text": TextConfig(**d["text"]), "unet": UNetConfig(**tuples(d["unet"])),

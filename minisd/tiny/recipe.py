@@ -128,8 +128,8 @@ def latent_bank(vae, seed, n, chunk=256):
 
 def train_autoencoder(vae, recipe, out_dir, log=print):
     """Phase 1: the whole VAE on L1 reconstruction of a posterior sample + a small KL term."""
-    cfg = TrainConfig(steps=recipe.vae_steps, lr=recipe.vae_lr, warmup_steps=50, ema_decay=0.99,
-                      checkpoint_every=100, seed=recipe.seed)
+    cfg = TrainConfig(steps=recipe.vae_steps, lr=recipe.vae_lr, lr_schedule="tiny", warmup_steps=50,
+                      ema_decay=0.99, checkpoint_every=100, seed=recipe.seed)
 
     device = next(vae.parameters()).device
 
@@ -149,8 +149,8 @@ def train_decoder(vae, recipe, out_dir, log=print):
     vae.quant_conv.requires_grad_(False)
     trainable = {f"decoder.{k}": p for k, p in vae.decoder.named_parameters()}
     trainable.update({f"post_quant_conv.{k}": p for k, p in vae.post_quant_conv.named_parameters()})
-    cfg = TrainConfig(steps=recipe.decoder_steps, lr=recipe.vae_lr / 2, warmup_steps=50, ema_decay=0.99,
-                      checkpoint_every=100, seed=recipe.seed + 2)
+    cfg = TrainConfig(steps=recipe.decoder_steps, lr=recipe.vae_lr / 2, lr_schedule="tiny", warmup_steps=50,
+                      ema_decay=0.99, checkpoint_every=100, seed=recipe.seed + 2)
 
     device = next(vae.parameters()).device
 
@@ -256,8 +256,8 @@ def train_tiny(out_dir, recipe=Recipe(), device="cpu", log=print):
     model.config, model.vae.cfg = config, config.vae
     log(f"latent std {1 / bank['scale_factor'].item():.4f} -> scale_factor {config.vae.scale_factor}")
     times["bank"] = time.time()
-    cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=100, ema_decay=recipe.ema_decay,
-                      checkpoint_every=100, seed=recipe.seed + 1)
+    cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, lr_schedule="tiny", warmup_steps=100,
+                      ema_decay=recipe.ema_decay, checkpoint_every=100, seed=recipe.seed + 1)
     grid_scores = train_text_and_unet(model, bank, recipe, cfg, out_dir, "unet", log)
     times["unet"] = time.time()
 

@@ -1,7 +1,7 @@
 """The one training loop for everything minisd trains: the tiny model's VAE, its text encoder + U-Net, and (later)
 DreamBooth and Textual Inversion fine-tuning. What differs between them is data: which parameters train, which
-loss is computed on a batch, which batches come in. The loop itself — AdamW, a warmup + cosine-with-restarts
-learning rate, an EMA copy of the weights, atomic checkpoints and exact resumption — is the same.
+loss is computed on a batch, which batches come in. The loop itself — AdamW, a learning-rate schedule from
+lr.py, an EMA copy of the weights, atomic checkpoints and exact resumption — is the same.
 
 Exact resumption works because nothing random is carried from step to step: batch `i` is a pure function of
 (seed, i), and so is the noise drawn at step `i` (a generator seeded with (seed, i)). A checkpoint therefore only
@@ -23,9 +23,11 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
-    warmup_steps: int = 100
-    cycles: int = 1                    # cosine cycles; > 1 restarts the cosine from the top ("with hard restarts")
-    min_lr_ratio: float = 0.0
+    lr_schedule: str = "constant"      # a name in lr.SCHEDULES (diffusers' names, plus the tiny recipe's "tiny")
+    warmup_steps: int = 0
+    cycles: float | None = None        # cosine periods (cosine) or restarts (cosine_with_restarts); None: default
+    min_lr_ratio: float = 0.0          # floor of the decay, as a fraction of lr
+    lr_power: float = 1.0              # polynomial's exponent
     ema_decay: float = 0.999           # 0 disables the EMA copy
     grad_clip: float = 1.0
     checkpoint_every: int = 500
