@@ -18,8 +18,10 @@ from weights_convert.io import CheckpointError
 from . import convert, samplers, schedules
 from .download import DownloadError
 from .images import a1111_parameters, from_pil, output_paths, save_png
+from .metrics import fid
 from .pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
 from .tiny import recipe as tiny_recipe
+from .train import cli as train_cli
 
 SCHEDULE_CHOICES = ("default", *schedules.SHAPES, *schedules.SPACINGS)
 
@@ -35,11 +37,16 @@ def _add_common(p):
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--sampler", default=None,
-                   help="euler, euler_a, heun, dpm2, dpm2_a, dpmpp_2s_a, dpmpp_2m, lms, ddim, ddpm, dpmpp_sde, "
+                   help="euler, euler_a, heun, dpm2, dpm2_a, dpmpp_2s_a, dpmpp_2m, lms, ddim, ddpm, plms, dpmpp_sde, "
                         "dpmpp_2m_sde, or an A1111 name such as 'DPM++ 2M Karras' (default dpmpp_2m, Karras)")
     p.add_argument("--schedule", default="default", choices=SCHEDULE_CHOICES,
-                   help="sigma schedule; default: karras (leading for ddim/ddpm)")
+                   help="sigma schedule; default: karras (leading for ddim/plms/ddpm)")
     p.add_argument("--eta", type=float, default=None, help="noise amount of ancestral samplers (default 1; ddim 0)")
+    p.add_argument("--s-churn", type=float, default=None,
+                   help="euler/heun/dpm2: noise added back before each step (Karras et al. 2022 Alg. 2; default 0)")
+    p.add_argument("--s-tmin", type=float, default=None, help="churn only where sigma >= this (default 0)")
+    p.add_argument("--s-tmax", type=float, default=None, help="churn only where sigma <= this (default inf)")
+    p.add_argument("--s-noise", type=float, default=None, help="scale of the churn noise (default 1)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     p.add_argument("--batch", type=int, default=1, help="images per run")
     p.add_argument("--out", default="outputs/", help="a .png file or a directory (default outputs/)")
@@ -72,9 +79,13 @@ def build_parser():
     i.add_argument("--init-image", required=True, help="the starting image (any mode; resized to a multiple of 8)")
     i.add_argument("--strength", type=float, required=True,
                    help="0..1: how much noise is added, i.e. how many of the steps run (int(steps * strength))")
+    sub.add_parser("fid", help="Frechet Inception Distance between two image folders or .npz statistics "
+                   "(minisd fid --help)", add_help=False)
     c = sub.add_parser("convert", help="convert a checkpoint between layouts (python -m weights_convert)",
                        add_help=False)
     c.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("train", help="fine-tune: minisd train finetune | dreambooth (minisd train --help)",
+                   add_help=False)
     t = sub.add_parser("train-tiny", help="train the tiny built-in model from scratch (minisd train-tiny --out DIR)",
                        add_help=False)
     t.add_argument("args", nargs=argparse.REMAINDER)
@@ -110,9 +121,10 @@ def run(args):
     print(f"seed {seed}")
     paths = output_paths(args.out, [seed] * args.batch, overwrite=args.overwrite)
     callback = _step_saver(pipe, args.save_steps) if args.save_steps else None
+    churn = {k: getattr(args, k) for k in ("s_churn", "s_tmin", "s_tmax", "s_noise") if getattr(args, k) is not None}
     common = dict(negative_prompt=args.negative_prompt, steps=steps, cfg=cfg, sampler=sampler,
                   schedule=args.schedule, eta=args.eta, seed=seed, batch=args.batch, emphasis=args.emphasis,
-                  callback=callback)
+                  callback=callback, churn=churn or None)
     t0 = time.time()
     if args.command == "generate":
         result = pipe.generate(args.prompt, width=args.width, height=args.height, **common)
@@ -137,6 +149,10 @@ def main(argv=None):
         return convert.main(argv[1:])
     if argv[:1] == ["train-tiny"]:
         return tiny_recipe.main(argv[1:])
+    if argv[:1] == ["train"]:
+        return train_cli.main(argv[1:])
+    if argv[:1] == ["fid"]:
+        return fid.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         run(args)

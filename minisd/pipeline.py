@@ -12,7 +12,9 @@ The steps, each in the module that explains it:
 
 Noise convention (shared with samplers.py): one CPU torch.Generator seeded with `seed` draws, in this order,
 the VAE posterior sample (img2img only), the initial noise randn(B, 4, H/8, W/8), then every fresh-noise draw of
-an ancestral sampler. That is diffusers' order, so the same seed gives the same image as diffusers.
+an ancestral sampler. That is diffusers' order, so the same seed gives the same image as diffusers. The SDE
+samplers (dpmpp_sde, dpmpp_2m_sde) instead read their noise off a Brownian tree seeded with `seed`
+(brownian.py), as k-diffusion and diffusers' DPMSolverSDEScheduler(noise_sampler_seed=seed) do.
 """
 import random
 from dataclasses import dataclass
@@ -147,7 +149,7 @@ class Pipeline:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
 
     @torch.no_grad()
-    def _sample(self, x, plan, cond, uncond, cfg, generator, eta, callback, rescale):
+    def _sample(self, x, plan, cond, uncond, cfg, generator, eta, callback, rescale, churn=None):
         """Run the plan from x at plan.sigmas[0]: the guided denoiser, the noise source, a progress bar."""
         # the per-step constants go to the device here, before the loop (see diffusion.make_denoiser), and the
         # samplers get the sigmas as Python floats: no step reads anything back from a tensor
@@ -157,7 +159,11 @@ class Pipeline:
         batch = x.shape[0]
         denoise = diffusion.cfg_denoiser(denoise, cond.expand(batch, -1, -1), uncond.expand(batch, -1, -1),
                                          scale=cfg, rescale=rescale)
-        noise = samplers.noise_from(generator, tuple(x.shape), self.device, self.dtype)
+        if plan.brownian:       # the SDE samplers: a Brownian tree seeded with the seed (diffusers' noise_sampler_seed)
+            noise = samplers.brownian_noise(generator.initial_seed(), tuple(x.shape), *plan.brownian,
+                                            device=self.device, dtype=self.dtype)
+        else:
+            noise = samplers.noise_from(generator, tuple(x.shape), self.device, self.dtype)
         # a tqdm bar over the steps (a no-op unless self.progress); the samplers call back once per step
         bar = tqdm(total=len(plan.sigmas) - 1, desc=plan.sampler, unit="step", disable=not self.progress)
 
@@ -167,7 +173,7 @@ class Pipeline:
                 callback(i, x, denoised, sigma)
         with bar:
             return samplers.sample(plan.sampler, denoise, x, plan.sigmas.tolist(), noise=noise, eta=eta,
-                                   callback=counted)
+                                   callback=counted, **(churn or {}))
 
     def set_memory_options(self, attention_slice=None, vae_tile=None):
         """Trade speed for memory: attention computed `attention_slice` queries at a time (exactly the same
@@ -188,8 +194,10 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, prompt, negative_prompt="", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, sampler=DEFAULT_SAMPLER,
                  schedule=None, eta=None, seed=None, width=None, height=None, batch=1, emphasis=False,
-                 callback=None, rescale=0.0) -> Result:
-        """txt2img. seed None draws a random one (returned in the Result, and printed by the CLI)."""
+                 callback=None, rescale=0.0, churn=None) -> Result:
+        """txt2img. seed None draws a random one (returned in the Result, and printed by the CLI).
+        churn: {"s_churn": ..., "s_tmin": ..., "s_tmax": ..., "s_noise": ...} for euler, heun and dpm2
+        (Karras et al. 2022, Alg. 2; A1111's sampler settings), None for none."""
         size = self.model.config.image_size
         width, height = width or size, height or size
         self._check(steps, cfg, width, height, batch)
@@ -200,13 +208,13 @@ class Pipeline:
         shape = (batch, self.model.config.unet.in_channels, height // self.factor, width // self.factor)
         x = torch.randn(shape, generator=generator) * plan.init_sigma      # drawn on the CPU: device-independent
         latents = self._sample(x.to(self.device, self.dtype), plan, cond, uncond, cfg, generator, eta, callback,
-                               rescale)
+                               rescale, churn)
         return Result(to_pil(self.decode(latents)), latents, seed, plan.sampler, plan.schedule)
 
     @torch.no_grad()
     def img2img(self, prompt, init_image, strength=0.75, negative_prompt="", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
                 sampler=DEFAULT_SAMPLER, schedule=None, eta=None, seed=None, batch=1, emphasis=False,
-                callback=None, rescale=0.0) -> Result:
+                callback=None, rescale=0.0, churn=None) -> Result:
         """img2img (SDEdit, Meng et al. 2022): encode the image, noise it to the level `strength` selects with the
         forward process, and run only the remaining steps.
 
@@ -239,5 +247,5 @@ class Pipeline:
         x0 = x0.expand(batch, -1, -1, -1)                            # one encoding serves the batch (diffusers)
         noise = torch.randn(x0.shape, generator=generator)           # ... the forward-process noise
         x = diffusion.add_noise(x0.to(self.dtype), noise.to(self.device, self.dtype), plan.sigmas[0].item())
-        latents = self._sample(x, plan, cond, uncond, cfg, generator, eta, callback, rescale)
+        latents = self._sample(x, plan, cond, uncond, cfg, generator, eta, callback, rescale, churn)
         return Result(to_pil(self.decode(latents)), latents, seed, plan.sampler, plan.schedule)

@@ -1,7 +1,8 @@
 """Samplers: walk a latent from noise level sigmas[0] down to sigmas[-1] (usually 0), in sigma space.
 
-Read next to Karras et al. 2022 ("EDM"), DDIM (Song et al. 2021), DPM-Solver++ (Lu et al. 2022) and k-diffusion's
-`sampling.py`, which these functions follow line for line (and are tested against, with diffusers' schedulers).
+Read next to Karras et al. 2022 ("EDM"), DDIM (Song et al. 2021), PNDM (Liu et al. 2022), DPM-Solver++ (Lu et al.
+2022) and k-diffusion's `sampling.py`, which these functions follow line for line (and are tested against, with
+diffusers' schedulers and LDM's own DDIM / PLMS samplers).
 
 Every sampler has the same signature:
 
@@ -11,11 +12,15 @@ Every sampler has the same signature:
   x         the starting latent at sigmas[0], already scaled: x = initial_noise * sigmas[0] in k-diffusion's
             convention (see `schedules.init_noise_sigma` for diffusers')
   sigmas    1-D, decreasing; `schedules.get_sigmas` makes them
-  noise()   a fresh N(0, I) tensor shaped like x, for the ancestral / SDE samplers (see `noise_from`)
+  noise(sigma, sigma_next)   an N(0, I) tensor shaped like x for the step sigma -> sigma_next, for the ancestral
+            and SDE samplers and churn: k-diffusion's `noise_sampler`. `noise_from` ignores the interval (fresh
+            draws); `brownian.brownian_noise` returns the normalised increment of one Brownian path over it
   callback(i, x, denoised, sigma)   after each model call: x is the latent at noise level sigma, denoised is D(x)
 
 Noise convention (the pipeline and tests rely on it): one CPU torch.Generator seeded with the user's seed draws the
-initial latents first, then every noise() draw, in exactly the order k-diffusion calls its `noise_sampler`.
+initial latents first, then every noise draw, in exactly the order k-diffusion calls its `noise_sampler`. The SDE
+samplers (dpmpp_sde, dpmpp_2m_sde) instead read a Brownian tree seeded with the user's seed, as k-diffusion (A1111)
+and diffusers do by default (see `Plan.brownian`).
 
 Host/device: the sigmas are read to the host ONCE (Python floats); all per-step scalar arithmetic is on the CPU in
 float64, and the loops test `sigma_next > 0` on floats, so no step waits on the GPU (no per-step `.item()`).
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 
 from . import schedules
+from .brownian import brownian_noise  # noqa: F401  (the SDE samplers' noise source, beside noise_from)
 
 
 def noise_from(generator, shape, device="cpu", dtype=torch.float32):
@@ -38,8 +44,8 @@ def noise_from(generator, shape, device="cpu", dtype=torch.float32):
     For a GPU the draw lands in pinned (page-locked) memory, so the copy is queued behind the running step
     instead of waiting for it (a copy from ordinary memory synchronises the host with the GPU)."""
     pinned = torch.device(device).type == "cuda"
-    return lambda: torch.randn(shape, generator=generator, dtype=torch.float32, pin_memory=pinned).to(
-        device, dtype, non_blocking=pinned)
+    return lambda sigma=None, sigma_next=None: torch.randn(
+        shape, generator=generator, dtype=torch.float32, pin_memory=pinned).to(device, dtype, non_blocking=pinned)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,6 +72,18 @@ def ancestral_split(sigma, sigma_next, eta=1.0):
     return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up
 
 
+def churn(x, sigma, steps, noise, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
+    """Karras et al. 2022, Alg. 2 lines 4-6: before the step, raise the noise level from sigma to
+    sigma_hat = (1 + gamma) sigma by adding fresh noise of std s_noise sqrt(sigma_hat^2 - sigma^2), with
+    gamma = min(s_churn / steps, sqrt(2) - 1) for s_tmin <= sigma <= s_tmax and 0 elsewhere. Returns
+    (x_hat, sigma_hat); s_churn = 0 (the default) returns x and sigma themselves and draws nothing."""
+    gamma = min(s_churn / steps, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    if gamma == 0:
+        return x, sigma
+    sigma_hat = sigma * (gamma + 1)
+    return x + noise(sigma, sigma_hat) * s_noise * (sigma_hat ** 2 - sigma ** 2) ** 0.5, sigma_hat
+
+
 def _host(sigmas):
     """The sigmas as Python floats: one device->host read per sampling run, none per step."""
     return sigmas.tolist() if torch.is_tensor(sigmas) else [float(s) for s in sigmas]
@@ -81,14 +99,17 @@ def _steps(sigmas):
 
 
 @torch.no_grad()
-def euler(denoise, x, sigmas, noise=None, callback=None):
-    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn; = DDIM, eta = 0)."""
+def euler(denoise, x, sigmas, noise=None, callback=None, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 with Euler steps; = DDIM, eta = 0
+    without churn). With s_churn > 0 each step first adds noise up to sigma_hat (see `churn`), then steps from
+    sigma_hat to sigma_next."""
     sigmas = _host(sigmas)
     for i, (sigma, sigma_next) in _steps(sigmas):
-        denoised = denoise(x, sigma)
+        x, sigma_hat = churn(x, sigma, len(sigmas) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = denoise(x, sigma_hat)
         if callback:
-            callback(i, x, denoised, sigma)
-        x = x + to_d(x, sigma, denoised) * (sigma_next - sigma)
+            callback(i, x, denoised, sigma_hat)
+        x = x + to_d(x, sigma_hat, denoised) * (sigma_next - sigma_hat)
     return x
 
 
@@ -106,26 +127,28 @@ def euler_a(denoise, x, sigmas, noise=None, callback=None, eta=1.0):
         sigma_down, sigma_up = ancestral_split(sigma, sigma_next, eta)
         x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
         if sigma_next > 0:
-            x = x + noise() * sigma_up
+            x = x + noise(sigma, sigma_next) * sigma_up
     return x
 
 
 @torch.no_grad()
-def heun(denoise, x, sigmas, noise=None, callback=None):
-    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1): an Euler step, then average its slope with the slope at
-    the end point. The last step (to sigma = 0, where the slope is undefined) is plain Euler. 2n - 1 model calls."""
+def heun(denoise, x, sigmas, noise=None, callback=None, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1; Alg. 2 with churn, see `churn`): an Euler step, then
+    average its slope with the slope at the end point. The last step (to sigma = 0, where the slope is undefined)
+    is plain Euler. 2n - 1 model calls."""
     sigmas = _host(sigmas)
     for i, (sigma, sigma_next) in _steps(sigmas):
-        denoised = denoise(x, sigma)
+        x, sigma_hat = churn(x, sigma, len(sigmas) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = denoise(x, sigma_hat)
         if callback:
-            callback(i, x, denoised, sigma)
-        d = to_d(x, sigma, denoised)
-        x_euler = x + d * (sigma_next - sigma)
+            callback(i, x, denoised, sigma_hat)
+        d = to_d(x, sigma_hat, denoised)
+        x_euler = x + d * (sigma_next - sigma_hat)
         if sigma_next == 0:
             x = x_euler
         else:
             d_next = to_d(x_euler, sigma_next, denoise(x_euler, sigma_next))
-            x = x + (d + d_next) / 2 * (sigma_next - sigma)
+            x = x + (d + d_next) / 2 * (sigma_next - sigma_hat)
     return x
 
 
@@ -141,14 +164,16 @@ def _dpm2_step(denoise, x, d, sigma, sigma_to):
 
 
 @torch.no_grad()
-def dpm2(denoise, x, sigmas, noise=None, callback=None):
-    """DPM2: one DPM-Solver-2 step per interval (see _dpm2_step); two model calls per step but the last."""
+def dpm2(denoise, x, sigmas, noise=None, callback=None, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
+    """DPM2: one DPM-Solver-2 step per interval (see _dpm2_step), from sigma_hat after churn (see `churn`; k-diffusion's
+    sample_dpm_2); two model calls per step but the last."""
     sigmas = _host(sigmas)
     for i, (sigma, sigma_next) in _steps(sigmas):
-        denoised = denoise(x, sigma)
+        x, sigma_hat = churn(x, sigma, len(sigmas) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = denoise(x, sigma_hat)
         if callback:
-            callback(i, x, denoised, sigma)
-        x = _dpm2_step(denoise, x, to_d(x, sigma, denoised), sigma, sigma_next)
+            callback(i, x, denoised, sigma_hat)
+        x = _dpm2_step(denoise, x, to_d(x, sigma_hat, denoised), sigma_hat, sigma_next)
     return x
 
 
@@ -163,7 +188,7 @@ def dpm2_a(denoise, x, sigmas, noise=None, callback=None, eta=1.0):
         sigma_down, sigma_up = ancestral_split(sigma, sigma_next, eta)
         x = _dpm2_step(denoise, x, to_d(x, sigma, denoised), sigma, sigma_down)
         if sigma_down != 0:     # as k-diffusion: no noise after a step that lands on D
-            x = x + noise() * sigma_up
+            x = x + noise(sigma, sigma_next) * sigma_up
     return x
 
 
@@ -212,7 +237,7 @@ def dpmpp_2s_a(denoise, x, sigmas, noise=None, callback=None, eta=1.0):
             x_mid = (sigma_mid / sigma) * x - math.expm1(-h / 2) * denoised
             x = (sigma_down / sigma) * x - math.expm1(-h) * denoise(x_mid, sigma_mid)
         if sigma_next > 0:
-            x = x + noise() * sigma_up
+            x = x + noise(sigma, sigma_next) * sigma_up
     return x
 
 
@@ -243,9 +268,10 @@ def dpmpp_2m(denoise, x, sigmas, noise=None, callback=None):
 
 @torch.no_grad()
 def dpmpp_sde(denoise, x, sigmas, noise=None, callback=None, eta=1.0, r=0.5):
-    """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde): a 2-stage DPM-Solver++ step, each stage ancestral.
-    Two noise draws per step (stage 1, stage 2). k-diffusion defaults to a Brownian-tree noise source; here noise()
-    gives independent draws (equal to k-diffusion given the same noise_sampler)."""
+    """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde; diffusers' DPMSolverSDEScheduler at r = 1/2): a 2-stage
+    DPM-Solver++ step, each stage ancestral. Two noise reads per step, over (sigma, sigma_s) and (sigma, sigma_next):
+    with a Brownian tree (`brownian.brownian_noise`, k-diffusion's and diffusers' default) they are increments of one
+    path, so the result converges as the step count grows; with `noise_from` they are independent draws."""
     sigmas = _host(sigmas)
     for i, (sigma, sigma_next) in _steps(sigmas):
         denoised = denoise(x, sigma)
@@ -258,12 +284,12 @@ def dpmpp_sde(denoise, x, sigmas, noise=None, callback=None, eta=1.0, r=0.5):
         sigma_s = math.exp(-(lam + r * (lam_next - lam)))
         sd, su = ancestral_split(sigma, sigma_s, eta)             # stage 1: to sigma_s
         x_2 = (sd / sigma) * x - math.expm1(lam + math.log(sd)) * denoised
-        x_2 = x_2 + noise() * su
+        x_2 = x_2 + noise(sigma, sigma_s) * su
         denoised_2 = denoise(x_2, sigma_s)
         sd, su = ancestral_split(sigma, sigma_next, eta)          # stage 2: to sigma_next
         denoised_d = (1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * denoised_2
         x = (sd / sigma) * x - math.expm1(lam + math.log(sd)) * denoised_d
-        x = x + noise() * su
+        x = x + noise(sigma, sigma_next) * su
     return x
 
 
@@ -271,7 +297,8 @@ def dpmpp_sde(denoise, x, sigmas, noise=None, callback=None, eta=1.0, r=0.5):
 def dpmpp_2m_sde(denoise, x, sigmas, noise=None, callback=None, eta=1.0):
     """DPM-Solver++(2M) SDE, midpoint variant (Lu et al. 2022b, the SDE solver of Sec. 5; k-diffusion's
     sample_dpmpp_2m_sde): the data-prediction SDE step x = (sigma_next/sigma) e^{-eta h} x + (1 - e^{-(1+eta)h}) D
-    + sigma_next sqrt(1 - e^{-2 eta h}) z, with the 2M correction from the previous D."""
+    + sigma_next sqrt(1 - e^{-2 eta h}) z, with the 2M correction from the previous D. z = noise(sigma, sigma_next):
+    a Brownian tree's increment by default in k-diffusion and the pipeline (see `dpmpp_sde`)."""
     sigmas = _host(sigmas)
     old_denoised, h_last = None, None
     for i, (sigma, sigma_next) in _steps(sigmas):
@@ -287,7 +314,7 @@ def dpmpp_2m_sde(denoise, x, sigmas, noise=None, callback=None, eta=1.0):
             if old_denoised is not None:
                 x = x - 0.5 * math.expm1(-h - eta_h) * (h / h_last) * (denoised - old_denoised)
             if eta:
-                x = x + noise() * sigma_next * (-math.expm1(-2 * eta_h)) ** 0.5
+                x = x + noise(sigma, sigma_next) * sigma_next * (-math.expm1(-2 * eta_h)) ** 0.5
             h_last = h
         old_denoised = denoised
     return x
@@ -312,7 +339,40 @@ def ddim(denoise, x, sigmas, noise=None, callback=None, eta=0.0):
         sigma_down, sigma_up = ancestral_split(sigma, sigma_next, eta)
         x = denoised + sigma_down * eps
         if sigma_next > 0 and sigma_up > 0:
-            x = x + noise() * sigma_up
+            x = x + noise(sigma, sigma_next) * sigma_up
+    return x
+
+
+# Adams-Bashforth weights for equal steps, newest eps first (PNDM's PLMS; LDM's plms.py)
+ADAMS_BASHFORTH = {0: (1.0,), 1: (3 / 2, -1 / 2), 2: (23 / 12, -16 / 12, 5 / 12),
+                   3: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+@torch.no_grad()
+def plms(denoise, x, sigmas, noise=None, callback=None):
+    """PLMS, pseudo linear multistep (Liu et al. 2022, "PNDM": linear multistep on eps with DDIM as the transfer
+    step; LDM's PLMSSampler, SD 1.x's `txt2img.py --plms`; diffusers' PNDMScheduler with skip_prk_steps).
+
+    A DDIM step moved by eps', a 4th-order Adams-Bashforth extrapolation of this and the last three eps, instead of
+    by eps. DDIM's step is an Euler step in sigma space (see `ddim`), so in sigma space PLMS is linear multistep
+    x_next = x + (sigma_next - sigma) eps',  eps' = (55 e_0 - 59 e_1 + 37 e_2 - 9 e_3) / 24
+    with the weights of *equal* steps (its timesteps are evenly spaced in t, not in sigma: these are not `lms`'s
+    integrated weights), and orders 2 and 3 while the history fills. The first step has no history: a Heun step
+    ("pseudo improved Euler"), eps' = (e(x) + e(x_euler)) / 2, with a second model call."""
+    sigmas = _host(sigmas)
+    eps_old = []                                        # newest first
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        eps = to_d(x, sigma, denoised)
+        if not eps_old and sigma_next > 0:
+            x_euler = x + eps * (sigma_next - sigma)
+            eps_prime = (eps + to_d(x_euler, sigma_next, denoise(x_euler, sigma_next))) / 2
+        else:
+            eps_prime = sum(w * e for w, e in zip(ADAMS_BASHFORTH[len(eps_old)], [eps] + eps_old))
+        x = x + eps_prime * (sigma_next - sigma)
+        eps_old = [eps] + eps_old[:2]
     return x
 
 
@@ -335,7 +395,7 @@ def ddpm(denoise, x, sigmas, noise=None, callback=None):
         r = sigma_next ** 2 / sigma ** 2
         x = r * x + (1 - r) * denoised
         if sigma_next > 0:
-            x = x + noise() * sigma_next * (1 - r) ** 0.5
+            x = x + noise(sigma, sigma_next) * sigma_next * (1 - r) ** 0.5
     return x
 
 
@@ -346,18 +406,23 @@ def ddpm(denoise, x, sigmas, noise=None, callback=None):
 SAMPLERS = {
     "euler": euler, "euler_a": euler_a, "heun": heun, "dpm2": dpm2, "dpm2_a": dpm2_a, "lms": lms,
     "dpmpp_2s_a": dpmpp_2s_a, "dpmpp_2m": dpmpp_2m, "dpmpp_sde": dpmpp_sde, "dpmpp_2m_sde": dpmpp_2m_sde,
-    "ddim": ddim, "ddpm": ddpm,
+    "ddim": ddim, "plms": plms, "ddpm": ddpm,
 }
 ANCESTRAL = {"euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "ddim"}   # take eta, draw noise
+BROWNIAN = {"dpmpp_sde", "dpmpp_2m_sde"}   # their noise is a Brownian tree's (k-diffusion's and diffusers' default)
+CHURN = {"euler", "heun", "dpm2"}          # take s_churn, s_tmin, s_tmax, s_noise (Karras et al. 2022, Alg. 2)
 # A1111's display names (the web UI's sampler dropdown)
 DISPLAY_NAMES = {
     "Euler": "euler", "Euler a": "euler_a", "Heun": "heun", "DPM2": "dpm2", "DPM2 a": "dpm2_a", "LMS": "lms",
     "DPM++ 2S a": "dpmpp_2s_a", "DPM++ 2M": "dpmpp_2m", "DPM++ SDE": "dpmpp_sde", "DPM++ 2M SDE": "dpmpp_2m_sde",
-    "DDIM": "ddim", "DDPM": "ddpm",
+    "DDIM": "ddim", "PLMS": "plms", "DDPM": "ddpm",
 }
 DEFAULT = "dpmpp_2m"                       # A1111's default since 1.6 ("DPM++ 2M" with the Karras schedule)
-# SD's own DDIM / DDPM run on its training timesteps ("leading", diffusers' config); every other sampler on Karras
-DEFAULT_SCHEDULE = {"ddim": "leading", "ddpm": "leading"}
+# SD's own DDIM / PLMS / DDPM run on its training timesteps ("leading": diffusers' config, and LDM's
+# make_ddim_timesteps("uniform") when the step count divides 1000); every other sampler on Karras
+DEFAULT_SCHEDULE = {"ddim": "leading", "plms": "leading", "ddpm": "leading"}
+# LDM's DDIM / PLMS (and diffusers' DDIM / PNDM with set_alpha_to_one=False) end their last step at abar_0
+ENDS_AT_SIGMA_MIN = {"ddim", "plms"}
 
 
 def parse_sampler(name):
@@ -400,46 +465,65 @@ class Plan:
     sigmas: torch.Tensor    # steps + 1 noise levels, float64 on the CPU
     init_sigma: float       # the starting latent is randn * init_sigma
     interpolation: str      # how the denoiser turns sigma into the U-Net's t: "linear" (diffusers) or "log"
+    # (sigma_min, sigma_max): the SDE samplers' noise is a Brownian tree on this interval, seeded with the seed;
+    # None: fresh draws from the seed's generator
+    brownian: tuple | None = None
 
     def last(self, n):
-        """The plan of the last n steps (img2img): it starts at sigmas[-n - 1]."""
+        """The plan of the last n steps (img2img): it starts at sigmas[-n - 1]. The Brownian tree keeps the whole
+        schedule's interval, as diffusers' DPMSolverSDEScheduler does in img2img."""
         return Plan(self.sampler, self.schedule, self.sigmas[len(self.sigmas) - 1 - n:], self.init_sigma,
-                    self.interpolation)
+                    self.interpolation, self.brownian)
 
 
 def plan(sampler, schedule, steps, sigmas_train):
     """The Plan for `steps` steps of `sampler` (a key or an A1111 name) on a model with these training sigmas.
 
     The rules, each one a difference between the libraries users compare against:
-      final sigma   SD's DDIM (diffusers, set_alpha_to_one=False) ends its last step at abar_0, i.e. at the
-                    model's sigma_min, not at 0; every other sampler ends at 0.
+      final sigma   SD's DDIM and PLMS (LDM; diffusers with set_alpha_to_one=False) end their last step at abar_0,
+                    i.e. at the model's sigma_min, not at 0; every other sampler ends at 0.
       start         k-diffusion and A1111 start at x = sigma_max * randn. diffusers starts DDIM / DDPM at x_T = randn
                     in the variance-preserving space (sqrt(sigma^2 + 1) in sigma space), and its Euler-family
                     schedulers do the same with "leading" timesteps (`init_noise_sigma`). Following both keeps
                     the same-seed-same-image promise.
       sigma -> t    diffusers interpolates linearly between the training sigmas, k-diffusion in log sigma; only a
                     fractional t (between two training steps) tells them apart.
+      noise         the SDE samplers read a Brownian tree on [smallest nonzero sigma, sigma_max] of the schedule
+                    (k-diffusion's BrownianTreeNoiseSampler, diffusers' DPMSolverSDEScheduler), seeded by the
+                    pipeline with the user's seed: diffusers' noise_sampler_seed=seed; A1111's seed for one image
+                    (A1111 gives each image of a batch its own tree, diffusers and minisd one tree for the batch).
     """
     key, schedule = resolve(sampler, schedule)
-    final = "sigma_min" if key == "ddim" else "zero"
+    final = "sigma_min" if key in ENDS_AT_SIGMA_MIN else "zero"
     sigmas = schedules.get_sigmas(schedule, steps, sigmas_train, final=final)
     spacing = schedule.split()[0]
-    variance_preserving = key in ("ddim", "ddpm") or spacing == "leading"
+    variance_preserving = key in ("ddim", "plms", "ddpm") or spacing == "leading"
     init_sigma = schedules.init_noise_sigma(sigmas[0].item(), variance_preserving)
     interpolation = "linear" if spacing in ("linspace", "leading", "trailing") else "log"
-    return Plan(key, schedule, sigmas, init_sigma, interpolation)
+    brownian = (sigmas[sigmas > 0].min().item(), sigmas.max().item()) if key in BROWNIAN else None
+    return Plan(key, schedule, sigmas, init_sigma, interpolation, brownian)
 
 
-def sample(name, denoise, x, sigmas, noise=None, eta=None, callback=None):
+def sample(name, denoise, x, sigmas, noise=None, eta=None, callback=None, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf,
+           s_noise=1.0):
     """Run the sampler called `name` (a key or an A1111 display name; a schedule suffix is ignored here, it is for
-    the sigmas). eta is only accepted by ancestral samplers; stochastic ones need `noise`."""
+    the sigmas). eta is only accepted by ancestral samplers, churn (s_churn, s_tmin, s_tmax, s_noise; see `churn`)
+    by euler, heun and dpm2; stochastic runs need `noise`."""
     key, _ = parse_sampler(name)
     kwargs = {}
     if eta is not None:
         if key not in ANCESTRAL:
             raise ValueError(f"sampler {key!r} takes no eta; ancestral samplers: {', '.join(sorted(ANCESTRAL))}")
         kwargs["eta"] = eta
-    draws = key == "ddpm" or (key in ANCESTRAL and kwargs.get("eta", 0.0 if key == "ddim" else 1.0) != 0)
+    churn_args = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+    if churn_args != dict(s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
+        if key not in CHURN:
+            raise ValueError(f"sampler {key!r} takes no churn (s_churn, s_tmin, s_tmax, s_noise); samplers with "
+                             f"churn: {', '.join(sorted(CHURN))}")
+        kwargs.update(churn_args)
+    draws = key == "ddpm" or (key in ANCESTRAL and kwargs.get("eta", 0.0 if key == "ddim" else 1.0) != 0) or (
+        s_churn > 0)
     if draws and noise is None:
-        raise ValueError(f"sampler {key!r} draws fresh noise: pass noise=noise_from(generator, shape, ...)")
+        raise ValueError(f"sampler {key!r} draws fresh noise: pass noise=noise_from(generator, shape, ...)"
+                         + (" or brownian_noise(seed, shape, sigma_min, sigma_max)" if key in BROWNIAN else ""))
     return SAMPLERS[key](denoise, x, sigmas, noise=noise, callback=callback, **kwargs)

@@ -66,8 +66,19 @@ def test_img2img_and_save_steps(model_file, tmp_path):
     assert len(list(steps_dir.iterdir())) == 2           # int(4 * 0.5) steps ran, one preview each
 
 
+def test_churn_flags_reach_the_sampler_and_plms_runs(model_file, tmp_path):
+    assert _generate(model_file, tmp_path / "plain.png", "--sampler", "euler") == 0
+    assert _generate(model_file, tmp_path / "churn.png", "--sampler", "euler", "--s-churn", "1.0",
+                     "--s-tmin", "0.05", "--s-noise", "1.003") == 0
+    plain, churned = (np.asarray(Image.open(tmp_path / n)) for n in ("plain.png", "churn.png"))
+    assert not np.array_equal(plain, churned)           # the churn noise changed the path
+    assert _generate(model_file, tmp_path / "plms.png", "--sampler", "PLMS") == 0
+    assert parse_a1111_parameters(read_png_parameters(tmp_path / "plms.png"))["Sampler"] == "PLMS"
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--sampler", "euler b"], "unknown sampler"),
+    (["--sampler", "euler_a", "--s-churn", "1"], "takes no churn"),
     (["--width", "33"], "multiple of"),
     (["--steps", "0"], "steps must be a positive integer"),
 ])

@@ -14,8 +14,9 @@ prompt = "A photo of a Red circle on a  blue background, 4K!! stablediffusion-st
 
 # %% [markdown]
 # ## Step 1 and 2: clean, then split into words
-# `clean` lowercases, unescapes HTML and collapses whitespace; CLIP's regex then cuts the text into words,
-# single digits and runs of punctuation. Note that "4k" becomes two pieces: digits are always split off one by one.
+# `clean` repairs mis-decoded text with ftfy (as CLIP and open_clip do), unescapes HTML, lowercases and collapses
+# whitespace; CLIP's regex then cuts the text into words, single digits and runs of punctuation. Note that "4k"
+# becomes two pieces: digits are always split off one by one.
 
 # %%
 text = clean(prompt)
