@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
+from safetensors.torch import load_file
 
 from minisd.clip import TextEncoder
 from minisd.config import SD1_TEXT, TextConfig
@@ -87,7 +88,6 @@ def _read(path):
     if not path.is_file():
         raise ValueError(f"CLIP weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
 

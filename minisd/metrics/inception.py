@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from minisd.download import DownloadError, cache_dir, download as fetch
 
 FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FILENAME
@@ -250,7 +253,6 @@ def default_weights_path() -> Path:
 def load_inception(path=None, download=True, device="cpu") -> InceptionV3:
     """The FID Inception in eval mode. `path` (`--inception-weights FILE`) if given; else pytorch-fid's cached
     file if present; else minisd's cache, fetched there first when `download` is set."""
-    from minisd.download import cache_dir
     if path is None:
         candidates = [default_weights_path(), cache_dir() / FILENAME]
         path = next((p for p in candidates if p.is_file()), None)
@@ -261,7 +263,6 @@ def load_inception(path=None, download=True, device="cpu") -> InceptionV3:
         raise ValueError(f"Inception weights file {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
             state_dict = load_file(path)
         else:   # a pickled dict of tensors: weights_only refuses anything that would run code
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -273,7 +274,6 @@ def load_inception(path=None, download=True, device="cpu") -> InceptionV3:
 
 
 def _fetch(path, candidates, download):
-    from minisd.download import DownloadError, download as fetch
     by_hand = (f"Download\n  {URL}\nand put it at one of\n  " + "\n  ".join(map(str, candidates)) +
                "\n(or pass its path with --inception-weights FILE)")
     if not download:
