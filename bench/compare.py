@@ -1,8 +1,9 @@
 """minisd against diffusers, side by side, on the same random-weight full-SD1.5 file in the official layout.
 
-    python bench/compare.py                          # CPU, fp32: rows (a)-(e), about 15 minutes on 2 cores
+    python bench/compare.py                          # CPU, fp32: rows (a)-(f), about 20 minutes on 2 cores
     python bench/compare.py --write                  # ... and regenerate its section of bench/RESULTS.md
     python bench/compare.py --device cuda --dtype fp16 --json out.json   # rows (a)-(d) on a GPU
+    python bench/compare.py --rows cli --ckpt FILE --diffusers-config DIR   # only the whole-process row (f)
     python bench/compare.py --from out.json --write  # write RESULTS.md from a saved run (e.g. from the GPU machine)
     python bench/compare.py --small                  # smoke test of the script on a small config (numbers meaningless)
     python bench/compare.py --rows text --update run.json --json run2.json   # measure rows again, keep the rest
@@ -12,7 +13,10 @@ On CPU the U-Net row uses 32x32 latents and txt2img 256x256 px (a 512 px txt2img
 --unet, --size, --vae, --steps and --reps set the size of the work.
 
 Rows: (a) U-Net forward, batch 2 (one CFG step); (b) txt2img with Euler and CFG 7.5; (c) VAE decode;
-(d) text encoding of a prompt and a negative prompt; (e) loading the single file (CPU only).
+(d) text encoding of a prompt and a negative prompt; (e) loading the single file (CPU only); (f) the whole process
+a user waits for: `minisd generate PROMPT --model FILE --width 128 --height 128 --steps 10 --sampler euler
+--schedule leading` against bench/diffusers_generate.py doing the same (load, first use, sampling, decode, save),
+each a fresh subprocess, alternated, median of --reps cli (CPU only; --cli-size, --cli-steps).
 
 Time: both pipelines live in this process and each row runs minisd, diffusers, minisd, diffusers, ... (after one
 warm-up round each); the figure is the median, so machine noise hits both equally. Each row also prints the
@@ -35,6 +39,7 @@ import tempfile
 import time
 
 import numpy as np
+from PIL import Image
 
 import common
 from common import gib, median, torch
@@ -45,7 +50,8 @@ TITLES = {"unet": "(a) U-Net forward, batch 2 (CFG), {unet}x{unet} latents",
           "txt2img": "(b) txt2img {size}x{size} px, {steps} steps Euler, CFG 7.5, batch 1",
           "vae": "(c) VAE decode {vae}x{vae} px",
           "text": "(d) text encoding (prompt + negative prompt)",
-          "load": "(e) load the single file ({file})"}
+          "load": "(e) load the single file ({file})",
+          "cli": "(f) whole process: `minisd generate` {cli_size}x{cli_size} px, {cli_steps} steps Euler vs the same in diffusers"}
 
 
 def parse_args(argv=None):
@@ -57,7 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--vae", type=int, default=512, help="VAE decode image side")
     p.add_argument("--reps", default=None, help="rounds per row, e.g. unet=5,txt2img=2,vae=3,text=10,load=2")
-    p.add_argument("--rows", default="unet,txt2img,vae,text,load")
+    p.add_argument("--rows", default="unet,txt2img,vae,text,load,cli")
+    p.add_argument("--cli-size", type=int, default=128, help="image side of the whole-process row (f)")
+    p.add_argument("--cli-steps", type=int, default=10, help="sampling steps of the whole-process row (f)")
     p.add_argument("--ckpt", default=None, help="use this SD1.5-layout file instead of writing a random one")
     p.add_argument("--diffusers-config", default=None, help="the config folder for from_single_file")
     p.add_argument("--dir", default=None, help="where to write the temporary files")
@@ -74,13 +82,13 @@ def parse_args(argv=None):
     cuda = args.device.startswith("cuda")
     args.unet = args.unet or (64 if cuda else 32)
     args.size = args.size or (512 if cuda else 256)
-    reps = dict(unet=5, txt2img=2, vae=3, text=10, load=2) if not cuda else dict(unet=20, txt2img=5, vae=10, text=20)
+    reps = dict(unet=5, txt2img=2, vae=3, text=10, load=2, cli=3) if not cuda else dict(unet=20, txt2img=5, vae=10, text=20)
     for item in filter(None, (args.reps or "").split(",")):
         k, v = item.split("=")
         reps[k] = int(v)
     args.reps = reps
     args.mem_reps = {k: int(v) for k, v in (item.split("=") for item in args.mem_reps.split(",") if item)}
-    args.rows = [r for r in args.rows.split(",") if r and not (cuda and r == "load")]
+    args.rows = [r for r in args.rows.split(",") if r and not (cuda and r in ("load", "cli"))]
     if args.small:
         args.unet, args.size, args.vae, args.steps = min(args.unet, 8), min(args.size, 64), min(args.vae, 64), 2
     return args
@@ -211,6 +219,38 @@ def run_child(args, impl, rows):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def whole_process(args):
+    """Row (f): the wall time of `minisd generate ...` and of bench/diffusers_generate.py doing the same, each a fresh
+    process (imports, load, first use, sampling, decode, PNG), alternated, after one warm-up round (which also puts
+    the file in the page cache for both)."""
+    out = tempfile.mkdtemp(dir=args.dir)
+    common_args = ["--width", str(args.cli_size), "--height", str(args.cli_size), "--steps", str(args.cli_steps),
+                   "--seed", "1"]
+    cmds = {"minisd": [sys.executable, "-c", "from minisd.cli import main; main()", "generate", PROMPT,
+                       "--model", args.ckpt, "--sampler", "euler", "--schedule", "leading", "--device", "cpu",
+                       "--dtype", "fp32", "--overwrite", "--out", os.path.join(out, "minisd.png"), *common_args],
+            "diffusers": [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "diffusers_generate.py"),
+                          PROMPT, "--model", args.ckpt, "--config", args.diffusers_config,
+                          "--out", os.path.join(out, "diffusers.png"), *common_args]}
+    logs = {impl: [] for impl in cmds}
+
+    def runner(impl):
+        def run():
+            r = subprocess.run(cmds[impl], capture_output=True, text=True, cwd=str(common.ROOT))
+            if r.returncode:
+                raise SystemExit(f"{impl} generate failed:\n{r.stderr[-4000:]}")
+            logs[impl].append(r.stdout + r.stderr)
+        return run
+    times = common.alternate({impl: runner(impl) for impl in cmds}, args.reps.get("cli", 3), "cpu", warmup=1)
+    for impl in cmds:
+        print(f"cli {impl}: {[round(t, 1) for t in times[impl]]} s", flush=True)
+    a, b = (np.asarray(Image.open(os.path.join(out, f"{impl}.png"))) for impl in cmds)
+    decision = [line for line in logs["minisd"][-1].splitlines() if "oneDNN" in line]
+    return dict(minisd=dict(seconds=median(times["minisd"]), times=times["minisd"]),
+                diffusers=dict(seconds=median(times["diffusers"]), times=times["diffusers"]),
+                max_diff=diff(a, b)[0], mean_diff=diff(a, b)[1], onednn_log=decision)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 def measure(args):
@@ -232,7 +272,7 @@ def measure(args):
             checkpoints.write_diffusers_config(args.diffusers_config, cfg)
         else:
             common.write_config(args.diffusers_config)
-    result = dict(machine=common.machine(), device=args.device, dtype=args.dtype, unet=args.unet, size=args.size,
+    result = dict(machine=common.machine(), cpu=common.cpu_flags(), device=args.device, dtype=args.dtype, unet=args.unet, size=args.size,
                   steps=args.steps, vae=args.vae, reps=args.reps, mem_reps=args.mem_reps, file_gb=os.path.getsize(args.ckpt) / 1e9,
                   rows={}, small=args.small)
     cpu = not args.device.startswith("cuda")
@@ -257,6 +297,13 @@ def measure(args):
             result["rows"]["lifetime"] = {impl: dict(peak=mem[impl]["lifetime_peak_rss"]) for impl in mem}
             if "prepare" in mem["minisd"]:
                 result["prepare"] = dict(seconds=mem["minisd"]["prepare_seconds"], peak=mem["minisd"]["prepare"])
+
+    if cpu and "cli" in args.rows:
+        result["rows"]["cli"] = whole_process(args)
+        result.update(cli_size=args.cli_size, cli_steps=args.cli_steps)
+    if not rows:
+        tmp.cleanup()
+        return result
 
     dtype = torch_dtype(args.dtype)
     ours = common.load_minisd(args.ckpt, args.device, args.dtype)
@@ -284,9 +331,11 @@ def measure(args):
 
 def render(result):
     r = result
-    fmt = dict(unet=r["unet"], size=r["size"], steps=r["steps"], vae=r["vae"], file=f"{r['file_gb']:.2f} GB")
+    fmt = dict(unet=r["unet"], size=r["size"], steps=r["steps"], vae=r["vae"], file=f"{r['file_gb']:.2f} GB",
+               cli_size=r.get("cli_size", 128), cli_steps=r.get("cli_steps", 10))
     device = "CPU" if r["device"] == "cpu" else "CUDA"
-    lines = [f"Machine: {r['machine']}.", *[f"Update: {u}." for u in r.get("updates", [])], "",
+    lines = [f"Machine: {r['machine']}.", *([f"CPU: {r['cpu']}."] if "cpu" in r else []),
+             *[f"Update: {u}." for u in r.get("updates", [])], "",
              f"{device}, {r['dtype']}, full SD1.5 configuration (random weights), official single-file layout. "
              "Each row runs the same work in both: (b) minisd's `euler` sampler on the `leading` schedule against "
              "diffusers' EulerDiscreteScheduler with SD's scheduler config"
@@ -315,11 +364,15 @@ def render(result):
                 "images agree only roughly; bench/gpu.py compares them in fp32." if r["dtype"] != "fp32" else "."),
              "", "| row | minisd | diffusers | time ratio | minisd peak | diffusers peak | memory ratio | max diff |",
              "|---|---|---|---|---|---|---|---|"]
-    for row in (*ROWS, "load", "lifetime"):
+    for row in (*ROWS, "load", "lifetime", "cli"):
         if row not in r["rows"]:
             continue
         e = r["rows"][row]
         m, d = e["minisd"], e["diffusers"]
+        if row == "cli":
+            lines.append(f"| {TITLES[row].format(**fmt)} | {m['seconds']:.1f} s | {d['seconds']:.1f} s | "
+                         f"{m['seconds'] / d['seconds']:.2f} | - | - | - | {e['max_diff']:.1e} ({e['mean_diff']:.1e}) |")
+            continue
         if row == "lifetime":
             lines.append(f"| (e') the child process's whole life: load, read every weight, prepare (minisd), rows (a)-(d) | - | - "
                          f"| - | {gib(m['peak'])} | {gib(d['peak'])} | {m['peak'] / d['peak']:.2f} | - |")
@@ -335,6 +388,9 @@ def render(result):
                 diff += f" ({e['mean_diff']:.1e})"
         lines.append(f"| {TITLES[row].format(**fmt)} | {m['seconds']:.3f} s | {d['seconds']:.3f} s | "
                      f"{m['seconds'] / d['seconds']:.2f} | {' | '.join(mem)} | {diff} |")
+    if "cli" in r["rows"] and r["rows"]["cli"].get("onednn_log"):
+        lines += ["", "(f): minisd's own log of its oneDNN decision in its last run: "
+                  + " ".join(r["rows"]["cli"]["onednn_log"]).strip()]
     if "prepare" in r:
         p = r["prepare"]
         lines += ["", f"minisd prepares the text encoder and U-Net for oneDNN at their first use on the CPU "

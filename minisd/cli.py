@@ -15,13 +15,12 @@ from PIL import Image
 
 from weights_convert.io import CheckpointError
 
-from . import convert, samplers, schedules
+from . import convert, lora, samplers, schedules
 from .download import DownloadError
 from .images import a1111_parameters, from_pil, output_paths, save_png
 from .metrics import fid
 from .pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
 from .tiny import recipe as tiny_recipe
-from .train import cli as train_cli
 
 SCHEDULE_CHOICES = ("default", *schedules.SHAPES, *schedules.SPACINGS)
 
@@ -65,6 +64,14 @@ def _add_common(p):
                    help="CUDA only: replay the U-Net step as a CUDA graph (removes Python launch overhead)")
     p.add_argument("--save-steps", default=None, metavar="DIR",
                    help="write each step's denoised estimate as a PNG into DIR (to watch the image form)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA (kohya/A1111 or diffusers file) at SCALE (default 1); repeat for several")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="where A1111's <lora:NAME:SCALE> in the prompt finds NAME.safetensors")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion file; its word is the one the file names (else its stem)")
+    p.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                   help="every textual-inversion file in DIR, each word its file's stem (A1111)")
 
 
 def build_parser():
@@ -84,11 +91,10 @@ def build_parser():
     c = sub.add_parser("convert", help="convert a checkpoint between layouts (python -m weights_convert)",
                        add_help=False)
     c.add_argument("args", nargs=argparse.REMAINDER)
-    sub.add_parser("train", help="fine-tune: minisd train finetune | dreambooth (minisd train --help)",
-                   add_help=False)
     t = sub.add_parser("train-tiny", help="train the tiny built-in model from scratch (minisd train-tiny --out DIR)",
                        add_help=False)
     t.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("merge-lora", help="merge LoRAs into a checkpoint (minisd merge-lora --help)", add_help=False)
     return parser
 
 
@@ -115,6 +121,9 @@ def run(args):
     pipe = Pipeline.load(args.model, args.prediction, args.device, args.dtype, progress=True, compile=args.compile,
                          cuda_graph=args.cuda_graph)
     pipe.set_memory_options(args.attention_slice, args.vae_tile)
+    pipe.load_embeddings(args.embedding, args.embeddings_dir)
+    pipe.set_loras([lora.parse_spec(spec) for spec in args.lora])
+    pipe.lora_dir = args.lora_dir
     seed = args.seed
     if seed is None:
         seed = random.randrange(2 ** 32)
@@ -149,10 +158,10 @@ def main(argv=None):
         return convert.main(argv[1:])
     if argv[:1] == ["train-tiny"]:
         return tiny_recipe.main(argv[1:])
-    if argv[:1] == ["train"]:
-        return train_cli.main(argv[1:])
     if argv[:1] == ["fid"]:
         return fid.main(argv[1:])
+    if argv[:1] == ["merge-lora"]:
+        return lora.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         run(args)

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from . import diffusion, fast, samplers
+from . import diffusion, embeddings, fast, lora, samplers
 from .images import from_pil, to_pil
 from .model import load_model, locate
-from .prompts import apply_emphasis, prompt_pair_tokens
+from .prompts import apply_emphasis, parse_lora_tags, prompt_pair_tokens
 
 DEFAULT_SAMPLER = samplers.DEFAULT
 DEFAULT_STEPS = 20
@@ -93,7 +93,7 @@ class Pipeline:
         model.unet.to(self.device, self.dtype)
         model.vae.to(self.device, self.vae_dtype)
         self.unet_call = fast.prepare(model, self.device, compile=compile, cuda_graph=cuda_graph,
-                                      onednn_layers=prepack)
+                                      onednn_layers=prepack, log=log)
         self.name = name or model.config.name
         self.log = log
         self.progress = progress        # a tqdm bar over the sampling steps (the CLI turns it on)
@@ -103,6 +103,10 @@ class Pipeline:
         self.alphas_cumprod = diffusion.alphas_cumprod_from_betas(betas)
         self.sigmas_train = diffusion.sigmas_from_alphas_cumprod(self.alphas_cumprod)
         self.factor = 2 ** (len(cfg.vae.ch_mult) - 1)     # pixels per latent, 8 for SD
+        self.embeddings = embeddings.Embeddings(cfg.text)  # textual inversion words (load_embeddings)
+        self.loras = []                 # [(LoRA, unet multiplier, text multiplier)] of set_loras
+        self.lora_dir = None            # where a prompt's <lora:NAME:MULT> finds NAME.safetensors
+        self._merged = ([], {})         # the LoRAs merged into the weights now, and the Parameters they replaced
 
     @classmethod
     def load(cls, model=None, prediction=None, device="auto", dtype="auto", log=print, progress=False,
@@ -120,15 +124,59 @@ class Pipeline:
         """The sampling plan (samplers.plan) for this model's noise schedule."""
         return samplers.plan(sampler, schedule, steps, self.sigmas_train)
 
+    # -- textual inversion and LoRA ---------------------------------------------------------------------
+
+    def load_embeddings(self, files=(), folder=None):
+        """Textual-inversion files (each named as the file names it) and/or every file of an A1111 embeddings
+        folder (named after their stems); see embeddings.py. Returns the words added."""
+        words = [self.embeddings.load(f) for f in files]
+        return words + (self.embeddings.load_folder(folder) if folder else [])
+
+    def set_loras(self, loras):
+        """Use these LoRAs from now on: [(file, multiplier)] or [(file, unet multiplier, text multiplier)]; []
+        for none. Every file is read and checked against the model before any weight changes (lora.py)."""
+        cfg = self.model.config
+        self.loras = [(lora.read(f, cfg), m[0], m[-1]) for f, *m in loras]
+        self._merge(self.loras)
+
+    def _merge(self, loras):
+        """Make `loras` the LoRAs merged into the weights: the previous ones are taken out (the original
+        Parameters put back, bit for bit), the new ones merged in. A oneDNN-prepared network keeps its own copy of
+        its conv weights, so it is restored to plain layers around the change and prepared again after."""
+        if [(l.path, u, t) for l, u, t in loras] == [(l.path, u, t) for l, u, t in self._merged[0]]:
+            return
+        prepared = [net for net in (self.model.text_encoder, self.model.unet) if fast.onednn.is_prepared(net)]
+        fast.restore(self.model)
+        lora.restore(self.model, self._merged[1])
+        self._merged = (list(loras), lora.apply(self.model, loras))
+        for net in prepared:
+            fast.onednn.prepare(net)
+        if isinstance(self.unet_call, fast.CUDAGraphUNet):
+            self.unet_call.graphs.clear()       # recorded with the old weights' memory: record again
+
+    def _prompt_loras(self, prompt):
+        """A1111's <lora:NAME:MULT> tags: cut out of the prompt, and NAME (a file in self.lora_dir) merged in
+        beside set_loras' LoRAs, until a prompt names others. Returns the prompt without its tags."""
+        prompt, tags = parse_lora_tags(prompt)
+        if tags and self.lora_dir is None:
+            raise ValueError(f"the prompt names <lora:{tags[0][0]}:...>, but no LoRA folder is set (--lora-dir)")
+        found = [(lora.read(lora.find(self.lora_dir, name), self.model.config), unet, te)
+                 for name, te, unet in tags]
+        self._merge(self.loras + found)
+        return prompt
+
     # -- text ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode_prompts(self, prompt, negative_prompt="", emphasis=False):
-        """(cond, uncond) contexts, each (1, n * 77, width); n > 1 for prompts longer than 75 tokens."""
-        c_ids, c_w, u_ids, u_w = prompt_pair_tokens(self.model.tokenizer, prompt, negative_prompt, emphasis)
+        """(cond, uncond) contexts, each (1, n * 77, width); n > 1 for prompts longer than 75 tokens. Words of
+        loaded textual-inversion embeddings become their vectors (embeddings.py)."""
+        encode = lambda text: self.embeddings.tokenize(text, self.model.tokenizer.encode)
+        c_ids, c_w, u_ids, u_w = prompt_pair_tokens(self.model.tokenizer, prompt, negative_prompt, emphasis,
+                                                    encode=encode)
         # one pass per prompt (as diffusers does): half the working memory of one batch of both, at the same speed
         encoder = self.model.text_encoder
-        z = torch.cat([encoder(ids.to(self.device)) for ids in (c_ids, u_ids)])   # (2n, 77, width)
+        z = torch.cat([self.embeddings.encode(encoder, ids.to(self.device)) for ids in (c_ids, u_ids)])
         z = apply_emphasis(z, torch.cat([c_w, u_w]).to(self.device))
         cond, uncond = z.chunk(2)
         return cond.reshape(1, -1, z.shape[-1]), uncond.reshape(1, -1, z.shape[-1])
@@ -204,6 +252,7 @@ class Pipeline:
         plan = self.plan(sampler, schedule, steps)
         seed = random.randrange(2 ** 32) if seed is None else int(seed)
         generator = torch.Generator().manual_seed(seed)
+        prompt = self._prompt_loras(prompt)
         cond, uncond = self.encode_prompts(prompt, negative_prompt, emphasis)
         shape = (batch, self.model.config.unet.in_channels, height // self.factor, width // self.factor)
         x = torch.randn(shape, generator=generator) * plan.init_sigma      # drawn on the CPU: device-independent
@@ -238,6 +287,7 @@ class Pipeline:
             pil = to_pil(image)[0]
             return Result([pil] * batch, None, seed, plan.sampler, plan.schedule)
         generator = torch.Generator().manual_seed(seed)
+        prompt = self._prompt_loras(prompt)
         cond, uncond = self.encode_prompts(prompt, negative_prompt, emphasis)
         plan = plan.last(run)
         vae = self.model.vae

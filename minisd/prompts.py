@@ -186,22 +186,42 @@ def pad_chunks(ids: torch.Tensor, weights: torch.Tensor, n_chunks: int, pad_id: 
             torch.cat([weights, empty_weights.expand(missing, -1)]))
 
 
-def prompt_tokens(tokenizer, text: str, emphasis: bool = True, backtrack: int = BACKTRACK):
-    """Prompt -> (ids (n, 77), weights (n, 77)) with minisd's Tokenizer (its encode and pad_id)."""
-    ids, weights = tokenize_weighted(text, tokenizer.encode, emphasis)
+def prompt_tokens(tokenizer, text: str, emphasis: bool = True, backtrack: int = BACKTRACK, encode=None):
+    """Prompt -> (ids (n, 77), weights (n, 77)) with minisd's Tokenizer (its encode and pad_id). `encode`
+    replaces tokenizer.encode (the pipeline's, which also knows textual-inversion words: embeddings.py)."""
+    ids, weights = tokenize_weighted(text, encode or tokenizer.encode, emphasis)
     return chunk_tokens(ids, weights, tokenizer.pad_id, backtrack=backtrack)
 
 
 def prompt_pair_tokens(tokenizer, prompt: str, negative_prompt: str, emphasis: bool = True,
-                       backtrack: int = BACKTRACK):
+                       backtrack: int = BACKTRACK, encode=None):
     """Positive and negative prompt as chunks, the shorter padded with empty chunks to the other's count.
 
     A1111 instead encodes the two separately with different lengths (or, with its "pad prompt/negative prompt"
     option, pads with encoded empty prompts as here); padding lets one U-Net call take both."""
-    cond = prompt_tokens(tokenizer, prompt, emphasis, backtrack)
-    uncond = prompt_tokens(tokenizer, negative_prompt, emphasis, backtrack)
+    cond = prompt_tokens(tokenizer, prompt, emphasis, backtrack, encode)
+    uncond = prompt_tokens(tokenizer, negative_prompt, emphasis, backtrack, encode)
     n = max(cond[0].shape[0], uncond[0].shape[0])
     return (*pad_chunks(*cond, n, tokenizer.pad_id), *pad_chunks(*uncond, n, tokenizer.pad_id))
+
+
+# A1111's extra-network tag for LoRAs: <lora:NAME>, <lora:NAME:MULT>, <lora:NAME:TEXT_MULT:UNET_MULT>
+_LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*){0,2})>")
+
+
+def parse_lora_tags(text: str):
+    """A1111's `<lora:NAME:MULT>` (modules/extra_networks.py): the tags are cut out of the prompt and returned as
+    [(NAME, text-encoder multiplier, U-Net multiplier)]; MULT defaults to 1, the U-Net's to the text encoder's."""
+    tags = []
+    for m in _LORA_TAG.finditer(text):
+        args = [a.strip() for a in m.group(2).split(":")[1:]]
+        try:
+            te = float(args[0]) if args and args[0] else 1.0
+            unet = float(args[1]) if len(args) > 1 and args[1] else te
+        except ValueError:
+            raise ValueError(f"bad multiplier in {m.group(0)!r}: expected <lora:NAME:NUMBER>") from None
+        tags.append((m.group(1).strip(), te, unet))
+    return _LORA_TAG.sub("", text), tags
 
 
 def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

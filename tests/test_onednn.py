@@ -1,5 +1,6 @@
 """minisd.fast.onednn: a network prepared for oneDNN inference computes what the plain one does, refuses to be
-saved or loaded into, restores exactly, and is only prepared where the Pipeline owns the model.
+saved or loaded into, restores exactly, lays each conv weight out for the shape it is called with, and is only
+prepared where the Pipeline owns the model and a prepared call was measured faster than a plain one.
 
 Tolerance: max abs difference <= 1e-5 x the output's largest magnitude (fp32 on CPU; oneDNN and MKL sum the
 products in different orders, nothing else differs).
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoints import SMALL_SD1, SMALL_SD2, write_ldm_checkpoint
+from minisd import fast
 from minisd.fast import onednn
 from minisd.clip import TextEncoder
 from minisd.pipeline import Pipeline
@@ -76,18 +78,24 @@ def test_saving_or_loading_a_prepared_network_fails_loudly_not_silently():
         save_file(dict(unet.state_dict()), "/dev/null")   # nor written out as if it were plain
 
 
-def test_pipeline_load_prepares_and_a_handed_in_model_stays_plain(tmp_path):
+def _prepared_faster(network, call, warm_up):
+    call()
+    return 1.0 if onednn.is_prepared(network) else 2.0
+
+
+def test_pipeline_load_prepares_and_a_handed_in_model_stays_plain(tmp_path, monkeypatch):
     ckpt = tmp_path / "model.safetensors"
     write_ldm_checkpoint(ckpt, SMALL_SD1, seed=5)
-    fast = Pipeline.load(str(ckpt), device="cpu", dtype="fp32", log=lambda *_: None)
-    assert onednn.is_prepared(fast.model.unet) and onednn.is_prepared(fast.model.text_encoder)
-    a = fast.generate("a red circle", steps=3, seed=0, width=64, height=64)
+    monkeypatch.setattr(fast, "_seconds", _prepared_faster)     # as measured on a machine where it is faster
+    loaded = Pipeline.load(str(ckpt), device="cpu", dtype="fp32", log=lambda *_: None)
+    assert onednn.is_prepared(loaded.model.unet) and onednn.is_prepared(loaded.model.text_encoder)
+    a = loaded.generate("a red circle", steps=3, seed=0, width=64, height=64)
 
     # a model handed in (it may be in training) is left as it is; a prepared one is restored first
-    plain = Pipeline(fast.model, device="cpu", dtype=torch.float32, log=lambda *_: None)
-    assert not onednn.is_prepared(fast.model.unet) and not onednn.is_prepared(fast.model.text_encoder)
+    plain = Pipeline(loaded.model, device="cpu", dtype=torch.float32, log=lambda *_: None)
+    assert not onednn.is_prepared(loaded.model.unet) and not onednn.is_prepared(loaded.model.text_encoder)
     b = plain.generate("a red circle", steps=3, seed=0, width=64, height=64)
-    assert not onednn.is_prepared(fast.model.unet) and not onednn.is_prepared(fast.model.text_encoder)
+    assert not onednn.is_prepared(loaded.model.unet) and not onednn.is_prepared(loaded.model.text_encoder)
     _close(a.latents, b.latents)
 
 
@@ -98,3 +106,46 @@ def test_a_prepared_network_refuses_autograd_instead_of_giving_wrong_gradients()
         unet(x, t, c)                    # its Linear layers share the trainable Parameters
     with torch.no_grad():
         unet(x, t, c)
+
+
+def test_a_network_measured_slower_prepared_is_left_plain_and_computes_the_same(tmp_path):
+    ckpt = tmp_path / "model.safetensors"
+    write_ldm_checkpoint(ckpt, SMALL_SD1, seed=7)
+    pipe = Pipeline.load(str(ckpt), device="cpu", dtype="fp32", log=lambda *_: None)
+    model = fast.restore(pipe.model)
+    want = pipe.generate("a red circle", steps=3, seed=0, width=64, height=64).latents
+
+    def seconds_of(network, call, warm_up):   # as on the AVX2 machine of the audit: the U-Net 4x slower prepared
+        call()
+        if network is model.unet:
+            return 4.0 if onednn.is_prepared(network) else 1.0
+        return 0.5 if onednn.is_prepared(network) else 1.0
+    messages = []
+    chosen = fast.choose_onednn(model, log=messages.append, seconds_of=seconds_of)
+    assert chosen == {"unet": (1.0, 4.0, False), "text_encoder": (1.0, 0.5, True)}
+    assert not onednn.is_prepared(model.unet)            # measured slower: not used
+    assert onednn.is_prepared(model.text_encoder)        # measured faster: used (the choice can go either way)
+    assert "unet 1.000 s plain, 4.000 s prepared: plain" in messages[0]
+    _close(pipe.generate("a red circle", steps=3, seed=0, width=64, height=64).latents, want)
+
+
+@pytest.mark.parametrize("cin, cout, k, side", [(1280, 1280, 3, 2), (960, 320, 1, 16)],
+                         ids=["3x3-on-2x2", "1x1-on-16x16"])
+def test_a_prepared_conv_reorders_no_weight_at_its_second_call(capfd, cin, cout, k, side):
+    # The slowdown of the audit: a weight laid out for an 8x8 map, called on the U-Net's 2x2 one, was reordered
+    # into the layout that map wants at every call (on AVX2 by oneDNN's generic loop, 1280x1280x3x3 -> seconds).
+    # oneDNN's verbose log names every primitive it runs: after the first call only the convolution may run.
+    # (Which shapes a stale layout hurts depends on the CPU: on an AVX-512 EPYC the 1x1 case, on AVX2 the 3x3 one.)
+    conv = torch.nn.Conv2d(cin, cout, k, padding=k // 2).eval()
+    prepared = onednn.Conv2d(conv)
+    x = torch.randn(2, cin, side, side)
+    with torch.no_grad():
+        want = conv(x)
+        prepared(x)                                       # lays the weight out for this shape
+        capfd.readouterr()
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            got = prepared(x)
+        log = [line for line in capfd.readouterr().out.splitlines() if ",primitive,exec," in line]
+    assert any(",convolution," in line for line in log), "no oneDNN log captured: the check could not fail"
+    assert not [line for line in log if ",reorder," in line], "\n".join(log)
+    _close(got, want)

@@ -6,7 +6,8 @@ channels cut into blocks of 8 or 16, so that one vector load feeds a row of FMAs
 maps are small the copy costs more than the convolution: measured on a 2-core AMD EPYC, a 1280-channel 3x3 conv
 on a 4x4 map (the U-Net's deepest level for a 256 px image) takes 29 ms with the copy and 6 ms without, and the
 copy of the largest weight (2560 -> 1280 channels, 112.5 MiB) is the peak memory of a whole U-Net call.
-`Conv2d` below makes that copy once. Linear layers: PyTorch sends fp32 matmuls to MKL's sgemm; oneDNN's matmul
+`Conv2d` below makes that copy once for each input shape it is called with (the layout oneDNN wants depends on
+the shape: see Conv2d.__init__). Linear layers: PyTorch sends fp32 matmuls to MKL's sgemm; oneDNN's matmul
 on the same (unchanged) weight was faster on that machine (a 77x768 by 768x3072 product: 2.0 ms against 2.4 ms;
 the whole SD1 text encoder about 5%), so `Linear` below only changes which library multiplies.
 
@@ -14,8 +15,9 @@ the whole SD1 text encoder about 5%), so `Linear` below only changes which libra
 `restore(module)` swaps them back, with the same values. A prepared network computes the same function (up to
 float rounding, tests/test_onednn.py) but it is for inference only: these ops have no backward (a call with
 autograd on raises), `.to()` cannot move the blocked weights, and its state_dict holds them as opaque oneDNN
-tensors, which safetensors and load_state_dict refuse. To save, train or move it, restore it first. `minisd.fast.prepare` prepares the text encoder and U-Net of a model that
-`Pipeline.load` loaded for the CPU.
+tensors, which safetensors and load_state_dict refuse. To save, train or move it, restore it first.
+`minisd.fast.prepare` prepares the text encoder and U-Net of a model that `Pipeline.load` loaded for the CPU, each
+where it is measured faster so (minisd.fast.choose_onednn).
 
 The ops are PyTorch's own oneDNN entry points (the ones TorchInductor's CPU backend emits), in `torch.ops.mkldnn`.
 """
@@ -39,18 +41,35 @@ class Conv2d(nn.Module):
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.padding, self.stride = list(conv.padding), list(conv.stride)
         self.dilation, self.groups = list(conv.dilation), conv.groups
-        # The blocked layout is chosen for an input shape; any shape works with it (an 8x8 map is just a hint).
-        hint = [1, conv.in_channels, 8 * self.stride[0], 8 * self.stride[1]]
-        blocked = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            conv.weight.detach().to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, hint)
+        # oneDNN picks its kernel, and with it the weight's blocked layout, from the whole problem: the input's shape
+        # as well as the weight's. A weight laid out for one input shape but called with another is reordered into
+        # the layout that shape wants at *every* call, by a generic loop where no JIT reorder exists between the two
+        # layouts. With AVX2 only, a 1280-channel 3x3 weight laid out for an 8x8 map but run on the U-Net's 2x2 one
+        # went Acdb24a -> Acdb32a through `simple:any` at each call: about 1 s a call against 0.09 s plain and
+        # 0.004 s laid out for 2x2 (ONEDNN_VERBOSE, bench/onednn_layers.py; 2 loaded cores), which made a whole
+        # prepared U-Net 4x slower than the plain one on an AVX2 EPYC. So the weight is laid out again for the
+        # shape a call brings, once per new shape (_lay_out_for): one copy, what a plain conv pays at every call.
+        self.laid_out_for = [1, conv.in_channels, 8 * self.stride[0], 8 * self.stride[1]]    # a first guess
+        blocked = self._reorder(conv.weight.detach(), self.laid_out_for)
         # in the state_dict as it is (an opaque oneDNN tensor): saving it or loading into it fails loudly, never
         # silently; restore() gives the plain Parameter back
         self.register_buffer("weight", blocked)
         self.weight_requires_grad = conv.weight.requires_grad         # given back by to_conv
         self.bias = conv.bias                                         # the same Parameter (or None)
 
+    def _reorder(self, dense_weight, input_shape):
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(
+            dense_weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, input_shape)
+
+    def _lay_out_for(self, input_shape):
+        # through the plain layout: two JIT reorders, where blocked -> blocked may be the generic loop
+        self.weight = self._reorder(self.weight.to_dense(), input_shape)
+        self.laid_out_for = input_shape
+
     def forward(self, x):
         _inference_only(self, x)
+        if list(x.shape) != self.laid_out_for:
+            self._lay_out_for(list(x.shape))
         return torch.ops.mkldnn._convolution_pointwise(
             x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
 
