@@ -21,6 +21,7 @@ from .images import a1111_parameters, from_pil, output_paths, save_png
 from .metrics import fid
 from .pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
 from .tiny import recipe as tiny_recipe
+from .train import cli as train_cli
 
 SCHEDULE_CHOICES = ("default", *schedules.SHAPES, *schedules.SPACINGS)
 
@@ -91,6 +92,8 @@ def build_parser():
     c = sub.add_parser("convert", help="convert a checkpoint between layouts (python -m weights_convert)",
                        add_help=False)
     c.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("train", help="fine-tune: minisd train finetune | dreambooth (minisd train --help)",
+                   add_help=False)
     t = sub.add_parser("train-tiny", help="train the tiny built-in model from scratch (minisd train-tiny --out DIR)",
                        add_help=False)
     t.add_argument("args", nargs=argparse.REMAINDER)
@@ -158,6 +161,8 @@ def main(argv=None):
         return convert.main(argv[1:])
     if argv[:1] == ["train-tiny"]:
         return tiny_recipe.main(argv[1:])
+    if argv[:1] == ["train"]:
+        return train_cli.main(argv[1:])
     if argv[:1] == ["fid"]:
         return fid.main(argv[1:])
     if argv[:1] == ["merge-lora"]:

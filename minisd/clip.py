@@ -15,6 +15,7 @@ Module names are open_clip's text-tower names, so SD2's official weights load by
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionLayer, AttentionSettings, attention
 from .config import TextConfig
@@ -46,7 +47,10 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.c_fc(x)
         if self.activation == "quick_gelu":   # OpenAI CLIP's sigmoid approximation of gelu (Hendrycks & Gimpel)
-            h = (1.702 * h).sigmoid_().mul_(h)    # h * sigmoid(1.702 h), in one temporary instead of three
+            if h.requires_grad:                   # autograd needs the sigmoid's output as it was
+                h = (1.702 * h).sigmoid() * h
+            else:
+                h = (1.702 * h).sigmoid_().mul_(h)    # h * sigmoid(1.702 h), in one temporary instead of three
         else:                                 # OpenCLIP-H: exact gelu, x * Phi(x)
             h = F.gelu(h)
         return self.c_proj(h)
@@ -87,6 +91,7 @@ class TextEncoder(AttentionSettings, nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        self.gradient_checkpointing = False     # training only: recompute each layer in backward (unet.py)
 
     def forward(self, tokens, clip_skip=1):
         """clip_skip=1: the last computed layer, then ln_final (what SD conditions on). clip_skip=k: the output
@@ -105,5 +110,8 @@ class TextEncoder(AttentionSettings, nn.Module):
 
         x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]   # (B, N, width)
         for block in self.transformer.resblocks[:n_layers - (clip_skip - 1)]:
-            x = block(x)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.ln_final(x)

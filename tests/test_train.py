@@ -64,3 +64,16 @@ def test_interrupted_training_resumes_exactly(tmp_path):
     # and the training did something (the comparison could fail)
     net0, _ = _toy_problem()
     assert not torch.equal(straight["0.weight"], net0[0].weight)
+
+
+def test_parameter_groups_train_at_their_own_rate(tmp_path):
+    """lr_scales: the first layer at rate 0 does not move at all (AdamW's decay is scaled by the rate too), the
+    rest trains at lr."""
+    cfg = TrainConfig(steps=3, lr=1e-2, optimizer="adamw", lr_scales=(("0.", 0.0),), ema_decay=0,
+                      checkpoint_every=10)
+    net, loss_fn = _toy_problem()
+    before = {k: p.detach().clone() for k, p in net.named_parameters()}
+    after = train(net, dict(net.named_parameters()), loss_fn, cfg, tmp_path, "toy", log=lambda *_: None)
+    assert torch.equal(after["0.weight"], before["0.weight"]) and torch.equal(after["0.bias"], before["0.bias"])
+    assert not torch.equal(after["2.weight"], before["2.weight"])
+

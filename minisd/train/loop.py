@@ -1,28 +1,40 @@
-"""The one training loop for everything minisd trains: the tiny model's VAE, its text encoder + U-Net, and (later)
-DreamBooth and Textual Inversion fine-tuning. What differs between them is data: which parameters train, which
-loss is computed on a batch, which batches come in. The loop itself — AdamW, a learning-rate schedule from
-lr.py, an EMA copy of the weights, atomic checkpoints and exact resumption — is the same.
+"""The one training loop for everything minisd trains: the tiny model's VAE, its text encoder + U-Net, full
+fine-tuning and DreamBooth (finetune.py, dreambooth.py). What differs between them is data: which parameters
+train, which loss is computed on a batch, which batches come in. The loop itself — AdamW, a learning-rate schedule
+from lr.py, gradient accumulation, mixed precision, an EMA copy of the weights, atomic checkpoints and exact
+resumption — is the same.
 
-Exact resumption works because nothing random is carried from step to step: batch `i` is a pure function of
-(seed, i), and so is the noise drawn at step `i` (a generator seeded with (seed, i)). A checkpoint therefore only
-has to hold the weights, the optimizer state, the EMA weights and the step number.
+Exact resumption works because nothing random is carried from step to step: micro-batch `k` is a pure function
+of (seed, k), and so is the noise drawn for it (a generator seeded with (seed, k)). With gradient accumulation
+A, optimizer step i is made of micro-batches i*A ... i*A + A - 1; with A = 1, k is the step. A checkpoint
+therefore only has to hold the weights, the optimizer state, the loss scaler, the EMA weights and the step number.
+
+Arithmetic, as diffusers' training scripts do it under accelerate: each micro-batch's loss is divided by A before
+backward (so A micro-batches of B give the gradient of one batch of A*B), the summed gradient is clipped once, and
+the learning-rate schedule counts optimizer steps, not micro-batches.
 """
+import json
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from .lr import learning_rate
 
+OPTIMIZERS = ("adamw_fused", "adamw", "adamw_8bit")
+PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int
+    steps: int                         # optimizer steps
     lr: float = 1e-3
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
+    adam_eps: float = 1e-8
     lr_schedule: str = "constant"      # a name in lr.SCHEDULES (diffusers' names, plus the tiny recipe's "tiny")
     warmup_steps: int = 0
     cycles: float | None = None        # cosine periods (cosine) or restarts (cosine_with_restarts); None: default
@@ -32,6 +44,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 500
     seed: int = 0
+    grad_accum: int = 1                # micro-batches per optimizer step
+    # "adamw_fused": torch's one-kernel AdamW (the tiny recipe: ~15% of a tiny-model step on CPU);
+    # "adamw": torch.optim.AdamW with its defaults, what diffusers' scripts build (the fine-tuning parity tests
+    # compare against it); "adamw_8bit": bitsandbytes' AdamW8bit (CUDA only, optional)
+    optimizer: str = "adamw_fused"
+    mixed_precision: str = "no"        # "no", "fp16" (autocast + a loss scaler) or "bf16" (autocast)
+    lr_scales: tuple = ()              # ((name prefix, factor), ...): parameter groups at lr * factor
 
 
 class EMA:
@@ -68,18 +87,77 @@ def atomic_save(obj, path):
         raise
 
 
-def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_step=None, log=print):
-    """Minimise loss_fn(step, generator) over the tensors in `trainable` ({name: nn.Parameter}).
+def param_groups(trainable: dict, cfg: TrainConfig):
+    """One optimizer group per learning-rate factor: a parameter takes the factor of the first prefix in
+    cfg.lr_scales its name starts with, else 1. Returns [(factor, [params]), ...] in first-seen order."""
+    groups = {}
+    for name, p in trainable.items():
+        factor = next((f for prefix, f in cfg.lr_scales if name.startswith(prefix)), 1.0)
+        groups.setdefault(factor, []).append(p)
+    return list(groups.items())
+
+
+def make_optimizer(groups, cfg: TrainConfig):
+    """AdamW over the parameter groups (dicts with "params"); the loop sets each group's rate every step."""
+    kw = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    if cfg.optimizer == "adamw_fused":
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kw)
+    if cfg.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("8-bit AdamW needs bitsandbytes (pip install bitsandbytes), CUDA only") from None
+        return bnb.optim.AdamW8bit(groups, **kw)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def check_config(cfg: TrainConfig, device):
+    """One-line errors for settings the loop cannot run, before anything starts."""
+    if cfg.grad_accum < 1:
+        raise ValueError(f"gradient accumulation steps must be >= 1, got {cfg.grad_accum}")
+    if cfg.mixed_precision not in PRECISIONS:
+        raise ValueError(f"unknown mixed precision {cfg.mixed_precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.optimizer == "adamw_8bit" and torch.device(device).type != "cuda":
+        raise ValueError("8-bit AdamW (bitsandbytes) runs on CUDA only")
+    if cfg.checkpoint_every < 1:
+        raise ValueError(f"checkpointing steps must be >= 1, got {cfg.checkpoint_every}")
+
+
+def _truncate_log(path, steps):
+    """Keep the lines of a JSON-lines log whose "step" is <= steps (what a resumed run has not redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= steps]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_step=None, log=print,
+          log_path=None):
+    """Minimise loss_fn(k, generator) over the tensors in `trainable` ({name: nn.Parameter}); k counts
+    micro-batches (k = step with no gradient accumulation) and the generator is seeded with (seed, k).
 
     `module` is the nn.Module the parameters live in (set to train mode). Checkpoints go to
     out_dir/{name}.ckpt.pt (resumed from automatically when present) and the final weights, EMA ones when enabled,
-    are returned as a {name: tensor} dict. `on_step(step, loss, lr)` may draw a progress bar or sample grids.
+    are returned as a {name: tensor} dict. `on_step(step, loss, lr)` may draw a progress bar or sample grids;
+    `loss` is the mean over the step's micro-batches and `lr` the rate the step used. log_path: a JSON-lines file
+    that gets {"step", "loss", "lr", "seconds"} after each optimizer step (step counts from 1).
     """
+    device = next(iter(trainable.values())).device
+    check_config(cfg, device)
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, f"{name}.ckpt.pt")
     params = list(trainable.values())
-    # fused: one kernel over all tensors instead of a dozen passes each (~15% of a tiny-model step on CPU)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
+    groups = param_groups(trainable, cfg)
+    opt = make_optimizer([{"params": ps} for _, ps in groups], cfg)
+    # fp16 gradients underflow: scale the loss up, unscale before clipping, skip steps that overflowed
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    autocast = PRECISIONS[cfg.mixed_precision]
     ema = EMA(trainable, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
     if os.path.exists(ckpt_path):
@@ -88,33 +166,51 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
             for k, p in trainable.items():
                 p.copy_(state["params"][k])
         opt.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         if ema is not None:
             ema.shadow = {k: v.to(trainable[k].device) for k, v in state["ema"].items()}
             ema.num_updates = state["ema_updates"]
         start = state["step"]
         log(f"resumed {name} from step {start}")
+    if log_path is not None:
+        _truncate_log(log_path, start)
 
     module.train()
     t0 = time.time()
     for step in range(start, cfg.steps):
         lr = learning_rate(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        loss = loss_fn(step, generator)
+        for group, (factor, _) in zip(opt.param_groups, groups):
+            group["lr"] = lr * factor
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            k = step * cfg.grad_accum + micro
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+            with torch.autocast(device.type, autocast) if autocast else nullcontext():
+                loss = loss_fn(k, generator)
+            scaled = loss / cfg.grad_accum if cfg.grad_accum > 1 else loss
+            scaler.scale(scaled).backward()
+            total += loss.item()
         if cfg.grad_clip:
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         if ema is not None:
             ema.update(trainable)
+        mean_loss = total / cfg.grad_accum
+        if log_path is not None:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step + 1, "loss": mean_loss, "lr": lr,
+                                    "seconds": round(time.time() - t0, 3)}) + "\n")
         if on_step is not None:
-            on_step(step, loss.item(), lr)
+            on_step(step, mean_loss, lr)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             atomic_save({
                 "params": {k: p.detach() for k, p in trainable.items()},
                 "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict(),
                 "ema": ema.shadow if ema is not None else {},
                 "ema_updates": ema.num_updates if ema is not None else 0,
                 "step": step + 1,

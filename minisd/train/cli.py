@@ -1,0 +1,85 @@
+"""`minisd train finetune ...` and `minisd train dreambooth ...`: argument parsing only (diffusers' flag names,
+with dashes). Each flag fills a field of common.FinetuneConfig of the same name; the methods do the rest."""
+import argparse
+import sys
+
+from weights_convert.io import CheckpointError
+
+from ..download import DownloadError
+from . import dreambooth, finetune
+from .common import SAVE_FORMATS, SCHEDULERS, FinetuneConfig
+
+METHODS = {"finetune": finetune, "dreambooth": dreambooth}
+
+
+def _common(p, default_lr):
+    d = FinetuneConfig(out="")
+    p.add_argument("--out", required=True, help="run folder: model.safetensors, train_log.jsonl, checkpoints/, "
+                                                "samples/, args.json")
+    p.add_argument("--model", default=None, help="file, diffusers folder, sd15 | sd21 | sd21-base; default: tiny")
+    p.add_argument("--resolution", type=int, default=None, help="training side in pixels (default: the model's)")
+    p.add_argument("--train-batch-size", type=int, default=d.train_batch_size)
+    p.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
+    p.add_argument("--max-train-steps", type=int, default=d.max_train_steps, help="optimizer steps")
+    p.add_argument("--learning-rate", type=float, default=default_lr)
+    p.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=SCHEDULERS)
+    p.add_argument("--lr-warmup-steps", type=int, default=d.lr_warmup_steps)
+    p.add_argument("--lr-cycles", type=float, default=None,
+                   help="cosine: periods (default 0.5); cosine_with_restarts: restarts (default 1)")
+    p.add_argument("--lr-min-ratio", type=float, default=d.lr_min_ratio, help="floor of the decay, fraction of lr")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--train-text-encoder", action="store_true")
+    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=("no", "fp16", "bf16"))
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    p.add_argument("--use-ema", action="store_true", help=f"save an EMA of the weights (decay {d.ema_decay})")
+    p.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes' AdamW8bit (CUDA only)")
+    p.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR weighting (Hang et al. 2023); 5 is usual")
+    p.add_argument("--noise-offset", type=float, default=d.noise_offset)
+    p.add_argument("--center-crop", action="store_true", help="centre crops (default: random crops)")
+    p.add_argument("--random-flip", action="store_true")
+    p.add_argument("--cache-latents", action="store_true", help="encode each image once (needs --center-crop)")
+    p.add_argument("--checkpointing-steps", type=int, default=d.checkpointing_steps)
+    p.add_argument("--validation-prompt", action="append", default=[], dest="validation_prompts",
+                   help="repeatable; images go to OUT/samples/")
+    p.add_argument("--validation-steps", type=int, default=d.validation_steps)
+    p.add_argument("--device", default=d.device, choices=("auto", "cuda", "cpu", "mps"))
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/checkpoints/")
+    p.add_argument("--save-format", default=d.save_format, choices=SAVE_FORMATS)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="minisd train", description="fine-tune Stable Diffusion")
+    sub = parser.add_subparsers(dest="method", required=True)
+    f = sub.add_parser("finetune", help="full fine-tuning on a folder of captioned images")
+    f.add_argument("--data", required=True, help="images with NAME.txt captions or a metadata.jsonl")
+    _common(f, finetune.DEFAULT_LR)
+    b = sub.add_parser("dreambooth", help="DreamBooth, optionally with prior preservation")
+    b.add_argument("--instance-dir", required=True)
+    b.add_argument("--instance-prompt", required=True)
+    b.add_argument("--class-prompt", default=None, help="turns on prior preservation")
+    b.add_argument("--class-dir", default=None)
+    b.add_argument("--num-class-images", type=int, default=100)
+    b.add_argument("--prior-loss-weight", type=float, default=1.0)
+    _common(b, dreambooth.DEFAULT_LR)
+    return parser
+
+
+def config_from_args(args):
+    fields = set(FinetuneConfig.__dataclass_fields__)
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["validation_prompts"] = tuple(values.get("validation_prompts", ()))
+    return FinetuneConfig(**values)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        METHODS[args.method].run(config_from_args(args))
+    except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
+        print(f"minisd train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

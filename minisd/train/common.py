@@ -1,0 +1,380 @@
+"""What full fine-tuning and DreamBooth share: the run's settings, a training step on a whole SD model, and the
+run folder (model file, log, samples, checkpoints). finetune.py and dreambooth.py only say where the batches come
+from; `fit` does the rest through the one loop (loop.py).
+
+One training step, as diffusers' train_dreambooth.py / train_text_to_image.py compute it:
+
+    x0   = (mean + exp(logvar / 2) * e) * scale_factor        VAE posterior sample, e ~ N(0, I)
+    eps  = n + noise_offset * o                                n ~ N(0, I) (B, 4, h, w), o ~ N(0, I) (B, 4, 1, 1)
+    t    ~ U{0, ..., 999}
+    x_t  = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    loss = finetune_loss(unet(x_t, t, text(c)), eps or v)      loss.py: SNR weights, prior preservation
+
+The four random draws (e, n, o, t) of micro-batch k come from its (seed, k) generator, in that order, after the
+batch's crops and flips: `draw` below. A test can hand `fit` its own `draws` function to put the same numbers into
+a reference implementation.
+"""
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from weights_convert import detect, ldm, native
+from weights_convert.io import write_safetensors
+
+from ..diffusion import alphas_cumprod_from_betas, q_sample, scaled_linear_betas
+from ..images import to_tensor
+from ..model import load_model, locate
+from ..pipeline import Pipeline
+from .data import check_resolution, load_image, make_batch, resize_and_crop
+from .loop import TrainConfig, train
+from .loss import finetune_loss, min_snr_weights, training_target
+from .lr import check_schedule
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SAVE_FORMATS = ("single_file", "diffusers")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every setting of a fine-tuning or DreamBooth run (the `minisd train` flags, diffusers' names)."""
+    out: str
+    model: str | None = None                 # what `minisd generate --model` takes; None = the tiny model
+    data: str | None = None                  # finetune: a folder of captioned images
+    instance_dir: str | None = None          # dreambooth: the subject's images ...
+    instance_prompt: str | None = None       # ... and their caption ("a photo of sks dog")
+    class_prompt: str | None = None          # dreambooth with prior preservation: the class ("a photo of a dog")
+    class_dir: str | None = None             # its images, generated until there are num_class_images
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    resolution: int | None = None            # None: the model's own size
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 400
+    learning_rate: float = 5e-6
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_cycles: float | None = None
+    lr_min_ratio: float = 0.0
+    seed: int = 0
+    train_text_encoder: bool = False
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    use_ema: bool = False
+    ema_decay: float = 0.9999                # diffusers' EMAModel default
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    center_crop: bool = False                # diffusers' default is a random crop
+    random_flip: bool = False
+    cache_latents: bool = False
+    checkpointing_steps: int = 500
+    validation_prompts: tuple = ()
+    validation_steps: int = 100
+    device: str = "auto"
+    resume: bool = False
+    save_format: str = "single_file"
+    use_8bit_adam: bool = False
+    max_grad_norm: float = 1.0
+    adam_weight_decay: float = 1e-2
+
+
+@dataclass
+class Draws:
+    """The random numbers of one micro-batch (see the module docstring)."""
+    posterior: torch.Tensor          # (B, 4, h, w): e of the VAE posterior sample
+    noise: torch.Tensor              # (B, 4, h, w): n
+    offset: torch.Tensor | None      # (B, 4, 1, 1): o, drawn only when noise_offset > 0
+    timesteps: torch.Tensor          # (B,) long
+
+
+def draw(generator, latent_shape, num_timesteps, noise_offset=0.0):
+    """Draws for one micro-batch, from its (seed, k) generator, on the CPU (the same numbers on any device)."""
+    posterior = torch.randn(latent_shape, generator=generator)
+    noise = torch.randn(latent_shape, generator=generator)
+    offset = torch.randn(*latent_shape[:2], 1, 1, generator=generator) if noise_offset else None
+    timesteps = torch.randint(0, num_timesteps, (latent_shape[0],), generator=generator)
+    return Draws(posterior, noise, offset, timesteps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches: which examples micro-batch k holds is a pure function of (seed, stream, k)
+
+
+def batch_indices(n, batch_size, k, seed, stream=0):
+    """Examples of micro-batch k: epochs of a fresh permutation each (sampling without replacement, as a shuffled
+    DataLoader does), position p = k * batch_size + j in the endless sequence of epochs."""
+    out = []
+    for p in range(k * batch_size, (k + 1) * batch_size):
+        epoch, i = divmod(p, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7 + stream))
+        out.append(int(order[i]))
+    return out
+
+
+@dataclass
+class Stream:
+    """One source of examples (the finetune folder; DreamBooth's instance or class folder), with its
+    posterior moments when latents are cached."""
+    examples: list
+    stream: int
+    cache: tuple = None              # (mean, logvar), each (N, 4, h, w), when --cache-latents
+
+
+def take(source: Stream, k, cfg: FinetuneConfig, resolution, generator):
+    """(pixels or None, moments or None, captions) of micro-batch k from `source`."""
+    idx = batch_indices(len(source.examples), cfg.train_batch_size, k, cfg.seed, source.stream)
+    captions = [source.examples[i].caption for i in idx]
+    if source.cache is not None:
+        return None, (source.cache[0][idx], source.cache[1][idx]), captions
+    pixels, _ = make_batch(source.examples, idx, resolution, cfg.center_crop, cfg.random_flip, generator)
+    return pixels, None, captions
+
+
+@torch.no_grad()
+def cache_moments(vae, examples, resolution, device, chunk=8):
+    """Posterior (mean, logvar) of every example, centre-cropped, encoded once (--cache-latents)."""
+    means, logvars = [], []
+    for start in range(0, len(examples), chunk):
+        images = [resize_and_crop(load_image(e.path), resolution) for e in examples[start:start + chunk]]
+        mean, logvar = vae.posterior(to_tensor(images).to(device, vae.quant_conv.weight.dtype))
+        means.append(mean.float())
+        logvars.append(logvar.float())
+    return torch.cat(means), torch.cat(logvars)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step
+
+
+def step_loss(model, pixels, moments, tokens, d: Draws, alphas_cumprod, cfg: FinetuneConfig, n_instance):
+    """The loss of one micro-batch (module docstring). pixels (B, 3, H, W) in [-1, 1], or moments = the cached
+    (mean, logvar); tokens (B, 77); the first n_instance examples are instances, the rest class examples."""
+    device = next(model.unet.parameters()).device
+    with torch.no_grad():
+        mean, logvar = moments if moments is not None else model.vae.posterior(pixels.to(device))
+        e = d.posterior.to(device, mean.dtype)
+        x0 = (mean + torch.exp(0.5 * logvar) * e).float() * model.vae.cfg.scale_factor    # (B, 4, h, w)
+    noise = d.noise.to(device)
+    if d.offset is not None:
+        noise = noise + cfg.noise_offset * d.offset.to(device)
+    t = d.timesteps
+    x_t = q_sample(x0, noise, t, alphas_cumprod)
+    with torch.set_grad_enabled(cfg.train_text_encoder and torch.is_grad_enabled()):
+        context = model.text_encoder(tokens.to(device))                                 # (B, 77, width)
+    pred = model.unet(x_t, t.to(device).float(), context)
+    target = training_target(x0, noise, t, alphas_cumprod, model.config.prediction)
+    weights = None if cfg.snr_gamma is None else min_snr_weights(t, alphas_cumprod, cfg.snr_gamma,
+                                                                 model.config.prediction)
+    return finetune_loss(pred, target, weights, n_instance, cfg.prior_loss_weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setting up, checking, writing
+
+
+def check(cfg: FinetuneConfig):
+    """One-line errors for settings that cannot run, before any model is loaded."""
+    if cfg.resolution is not None:
+        check_resolution(cfg.resolution)
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
+                 "validation_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lr_scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown --lr-scheduler {cfg.lr_scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    check_schedule(train_config(cfg))
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ValueError(f"unknown --mixed-precision {cfg.mixed_precision!r}; choose no, fp16 or bf16")
+    if cfg.save_format not in SAVE_FORMATS:
+        raise ValueError(f"unknown --save-format {cfg.save_format!r}; choose one of {', '.join(SAVE_FORMATS)}")
+    if cfg.snr_gamma is not None and not cfg.snr_gamma > 0:
+        raise ValueError(f"--snr-gamma must be > 0, got {cfg.snr_gamma}")
+    if cfg.noise_offset < 0:
+        raise ValueError(f"--noise-offset must be >= 0, got {cfg.noise_offset}")
+    if cfg.cache_latents and (cfg.random_flip or not cfg.center_crop):
+        raise ValueError("--cache-latents encodes each image once, so it needs --center-crop and no --random-flip")
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.use_8bit_adam and not cuda:
+        raise ValueError("--use-8bit-adam (bitsandbytes' AdamW8bit) runs on CUDA only")
+    if cfg.use_ema and not 0 < cfg.ema_decay < 1:
+        raise ValueError(f"the EMA decay must be in (0, 1), got {cfg.ema_decay}")
+
+
+def train_config(cfg: FinetuneConfig):
+    """The loop's settings for this run."""
+    return TrainConfig(
+        steps=cfg.max_train_steps, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay,
+        lr_schedule=cfg.lr_scheduler, warmup_steps=cfg.lr_warmup_steps, cycles=cfg.lr_cycles,
+        min_lr_ratio=cfg.lr_min_ratio, ema_decay=cfg.ema_decay if cfg.use_ema else 0.0,
+        grad_clip=cfg.max_grad_norm, checkpoint_every=cfg.checkpointing_steps, seed=cfg.seed,
+        grad_accum=cfg.gradient_accumulation_steps,
+        # torch's AdamW with its defaults, as diffusers' scripts build it (the parity tests compare to that)
+        optimizer="adamw_8bit" if cfg.use_8bit_adam else "adamw", mixed_precision=cfg.mixed_precision)
+
+
+def load(cfg: FinetuneConfig, device, log=print):
+    """(model on `device` in fp32, path of its file)."""
+    path, _ = locate(cfg.model, log)
+    model = load_model(path, dtype=torch.float32, device=device, verbose=False, log=log)
+    return model, path
+
+
+def set_frozen_dtype(model, cfg: FinetuneConfig):
+    """Under mixed precision the frozen networks are stored in the low precision (as diffusers' scripts do); the
+    trained ones stay fp32 (autocast computes in the low precision, AdamW updates fp32 weights)."""
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    model.vae.to(dtype)
+    if not cfg.train_text_encoder:
+        model.text_encoder.to(dtype)
+
+
+def trainable_parameters(model, cfg: FinetuneConfig):
+    """{name: parameter} of what trains: the U-Net, and the text encoder with --train-text-encoder."""
+    model.requires_grad_(False)
+    parts = ["unet"] + (["text_encoder"] if cfg.train_text_encoder else [])
+    out = {}
+    for part in parts:
+        module = getattr(model, part)
+        module.requires_grad_(True)
+        out.update({f"{part}.{k}": p for k, p in module.named_parameters()})
+    return out
+
+
+def write_model(model, source, cfg: FinetuneConfig, path):
+    """The whole model in the official single-file layout (or a diffusers folder): the source file's tensors,
+    those not trained included (and the ones minisd does not use, e.g. schedule buffers), in float32, with the
+    trained ones replaced by `model`'s."""
+    ckpt = detect.read(source, prediction=model.config.prediction, verbose=False)
+    trained = model.state_dict()
+    tensors = {}
+    for name in list(ckpt.state):
+        t = ckpt.state.pop(name)
+        if name in trained:
+            t = trained[name].detach().cpu()
+        tensors[name] = t.float() if t.is_floating_point() and not name.startswith("extra.") else t
+    if cfg.save_format == "diffusers":
+        from weights_convert import diffusers
+        from ..convert import vocab_files
+        model_tensors = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
+        diffusers.write_diffusers(model_tensors, model.config, path, vocab_files(model.tokenizer))
+        return
+    out = ldm.to_ldm(tensors, model.config)
+    tmp = str(path) + ".tmp"
+    write_safetensors(tmp, out, {"minisd_config": native.config_to_json(model.config)})
+    os.replace(tmp, path)
+
+
+class Progress:
+    """A tqdm bar with step, loss and lr; `validate(step)` after each step."""
+
+    def __init__(self, total, validate):
+        self.bar = tqdm(total=total, desc="train", dynamic_ncols=True, mininterval=1.0)
+        self.validate = validate
+
+    def __call__(self, step, loss, lr):
+        self.bar.update(step + 1 - self.bar.n)
+        self.bar.set_postfix(step=step + 1, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        self.validate(step + 1)
+
+    def close(self):
+        self.bar.close()
+
+
+def validation_images(model, cfg: FinetuneConfig, resolution, step, out, device):
+    """One image per --validation-prompt into out/samples/ (seed = --seed); returns their paths."""
+    folder = os.path.join(out, "samples")
+    os.makedirs(folder, exist_ok=True)
+    pipe = Pipeline(model, device, torch.float32, log=lambda *_: None)
+    paths = []
+    for i, prompt in enumerate(cfg.validation_prompts):
+        image = pipe.generate(prompt, seed=cfg.seed, width=resolution, height=resolution).images[0]
+        paths.append(os.path.join(folder, f"step-{step:06d}-{i}.png"))
+        image.save(paths[-1])
+    model.unet.to(memory_format=torch.contiguous_format)      # the pipeline may have changed the layouts
+    model.vae.to(memory_format=torch.contiguous_format)
+    set_frozen_dtype(model, cfg)
+    return paths
+
+
+def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None, log=print):
+    """Train `model` on batches from `streams` (one, or DreamBooth's instance and class streams), write the run
+    folder, and return the path of the model file. `draws(k, generator, latent_shape)` replaces `draw` (tests)."""
+    resolution = cfg.resolution or model.config.image_size
+    factor = 2 ** (len(model.config.vae.ch_mult) - 1)
+    ckpt_dir = os.path.join(cfg.out, "checkpoints")
+    ckpt_file = os.path.join(ckpt_dir, f"{method}.ckpt.pt")
+    if os.path.exists(ckpt_file) and not cfg.resume:
+        raise ValueError(f"{cfg.out} already holds a checkpoint ({ckpt_file}); pass --resume to continue it or "
+                         f"choose another --out")
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "args.json"), "w") as f:
+        json.dump({"method": method, **dataclasses.asdict(cfg)}, f, indent=1)
+    log_path = os.path.join(cfg.out, "train_log.jsonl")
+    if not cfg.resume and os.path.exists(log_path):
+        os.remove(log_path)
+    if cfg.resume and not os.path.exists(ckpt_file):
+        log(f"no checkpoint in {ckpt_dir}: starting from step 0")
+
+    mc = model.config
+    alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas(mc.beta_start, mc.beta_end, mc.num_timesteps))
+    if cfg.cache_latents:
+        for s in streams:
+            s.cache = cache_moments(model.vae, s.examples, resolution, device)
+    set_frozen_dtype(model, cfg)
+    model.unet.gradient_checkpointing = cfg.gradient_checkpointing
+    model.text_encoder.gradient_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
+    trainable = trainable_parameters(model, cfg)
+    n_instance = cfg.train_batch_size if len(streams) > 1 else None
+    draws = draws or (lambda k, generator, shape: draw(generator, shape, mc.num_timesteps, cfg.noise_offset))
+
+    def loss_fn(k, generator):
+        parts = [take(s, k, cfg, resolution, generator) for s in streams]       # instances first, then class
+        captions = [c for _, _, cs in parts for c in cs]
+        if parts[0][1] is not None:
+            pixels, moments = None, tuple(torch.cat([p[1][i] for p in parts]).to(device) for i in (0, 1))
+            batch = moments[0].shape[0]
+        else:
+            pixels, moments = torch.cat([p[0] for p in parts]), None
+            batch = pixels.shape[0]
+        shape = (batch, mc.unet.in_channels, resolution // factor, resolution // factor)
+        d = draws(k, generator, shape)
+        return step_loss(model, pixels, moments, model.tokenizer(captions), d, alphas_cumprod, cfg, n_instance)
+
+    def validate(step):
+        if cfg.validation_prompts and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
+            paths = validation_images(model, cfg, resolution, step, cfg.out, device)
+            model.train()
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "validation": paths}) + "\n")
+
+    progress = Progress(cfg.max_train_steps, validate)
+    t0 = time.time()
+    weights = train(model, trainable, loss_fn, train_config(cfg), ckpt_dir, method, on_step=progress,
+                    log=progress.bar.write, log_path=log_path)
+    progress.close()
+    model.load_state_dict(weights, strict=False)         # the EMA weights with --use-ema
+    model.requires_grad_(False).eval()
+    path = os.path.join(cfg.out, "model.safetensors" if cfg.save_format == "single_file" else "model")
+    write_model(model, source, cfg, path)
+    result = {"method": method, "steps": cfg.max_train_steps, "seconds": round(time.time() - t0, 1),
+              "model": path, "last_loss": _last_loss(log_path)}
+    if cfg.validation_prompts:
+        result["validation"] = validation_images(model, cfg, resolution, cfg.max_train_steps, cfg.out, device)
+    with open(os.path.join(cfg.out, "result.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    log(f"wrote {path}")
+    return path
+
+
+def _last_loss(log_path):
+    loss = None
+    with open(log_path) as f:
+        for line in f:
+            entry = json.loads(line)
+            loss = entry.get("loss", loss)
+    return loss
+

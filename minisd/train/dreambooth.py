@@ -1,0 +1,85 @@
+"""DreamBooth (Ruiz et al. 2023): teach a model one subject from a few photos, under a rare token.
+
+    minisd train dreambooth --instance-dir dog/ --instance-prompt "a photo of sks dog" --out runs/sks \
+        [--class-prompt "a photo of a dog" --class-dir dogs/ --num-class-images 100 --prior-loss-weight 1.0]
+
+It is fine-tuning (common.fit) on the instance images, all captioned with --instance-prompt. With
+--class-prompt, prior preservation (eq. 2 of the paper) adds a second loss on images the model itself drew for the
+class prompt before training, so it keeps knowing what a dog in general looks like: each batch holds the instance
+examples first, then as many class examples, and the loss is mse(instance) + prior_loss_weight * mse(class), as
+diffusers' train_dreambooth.py computes it. Missing class images are generated first with minisd's pipeline, into
+--class-dir; the images already there count, so a rerun only draws what is missing.
+"""
+import dataclasses
+import os
+
+import torch
+from tqdm import tqdm
+
+from ..pipeline import Pipeline, pick_device
+from .common import FinetuneConfig, Stream, check, fit, load
+from .data import IMAGE_EXTENSIONS, find_examples
+
+DEFAULT_LR = 5e-6          # diffusers' train_dreambooth.py default
+
+
+def class_images(folder):
+    """The image files in `folder` (none if it does not exist yet)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def generate_class_images(model, cfg: FinetuneConfig, resolution, device, log=print):
+    """Fill cfg.class_dir up to cfg.num_class_images with images of cfg.class_prompt. Image i is drawn with seed
+    cfg.seed + i and written as class-{i:05d}.png, so what a rerun adds does not depend on what was there."""
+    os.makedirs(cfg.class_dir, exist_ok=True)
+    have = len(class_images(cfg.class_dir))
+    missing = cfg.num_class_images - have
+    if missing <= 0:
+        return
+    log(f"generating {missing} class images of {cfg.class_prompt!r} into {cfg.class_dir} ({have} there)")
+    pipe = Pipeline(model, device, torch.float32, log=lambda *_: None)
+    todo = [i for i in range(cfg.num_class_images + have)
+            if not os.path.exists(os.path.join(cfg.class_dir, f"class-{i:05d}.png"))][:missing]
+    with tqdm(total=missing, desc="class images", unit="image") as bar:
+        for i in todo:          # one call per image: its seed alone decides it, whatever else is generated
+            image = pipe.generate(cfg.class_prompt, seed=cfg.seed + i, width=resolution, height=resolution)
+            path = os.path.join(cfg.class_dir, f"class-{i:05d}.png")
+            image.images[0].save(path + ".tmp", format="PNG")    # not an image name: a killed run leaves no
+            os.replace(path + ".tmp", path)                      # half-written image that would count
+            bar.update(1)
+    model.unet.to(memory_format=torch.contiguous_format)
+    model.vae.to(memory_format=torch.contiguous_format)
+
+
+def run(cfg: FinetuneConfig, draws=None, log=print):
+    """DreamBooth on cfg.instance_dir into cfg.out; returns the path of the model file written there."""
+    check(cfg)
+    if not cfg.instance_dir:
+        raise ValueError("dreambooth needs --instance-dir DIR (the subject's images)")
+    if not cfg.instance_prompt:
+        raise ValueError("dreambooth needs --instance-prompt (e.g. \"a photo of sks dog\")")
+    prior = cfg.class_prompt is not None
+    if prior and not cfg.class_dir:
+        raise ValueError("--class-prompt needs --class-dir DIR (where the class images are, or go)")
+    if not prior and cfg.class_dir:
+        raise ValueError("--class-dir is only used with --class-prompt (prior preservation)")
+    if prior and cfg.num_class_images < 1:
+        raise ValueError(f"--num-class-images must be >= 1, got {cfg.num_class_images}")
+    device = pick_device(cfg.device)
+    model, source = load(cfg, device, log)
+    resolution = cfg.resolution or model.config.image_size
+    # captions: the instance prompt, unless an image has its own (NAME.txt / metadata.jsonl)
+    streams = [Stream(find_examples(cfg.instance_dir, resolution, cfg.instance_prompt, log=log), stream=0)]
+    if prior:
+        generate_class_images(model, cfg, resolution, device, log)
+        streams.append(Stream(find_examples(cfg.class_dir, resolution, cfg.class_prompt, log=log), stream=1))
+    log(f"DreamBooth on {len(streams[0].examples)} images of {cfg.instance_dir}"
+        + (f" with {len(streams[1].examples)} class images" if prior else "") + f" at {resolution} px")
+    return fit(cfg, "dreambooth", streams, model, source, device, draws, log)
+
+
+def config(**kwargs):
+    """A FinetuneConfig with this method's defaults (the learning rate) for what is not given."""
+    return dataclasses.replace(FinetuneConfig(out=kwargs.pop("out"), learning_rate=DEFAULT_LR), **kwargs)
