@@ -17,9 +17,11 @@ from weights_convert.io import CheckpointError
 
 from . import convert, lora, samplers, schedules
 from .download import DownloadError
+from .eval import main as eval_main
 from .images import a1111_parameters, from_pil, output_paths, save_png
 from .metrics import fid
 from .pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
+from .sweep import main as sweep_main
 from .tiny import recipe as tiny_recipe
 from .train import cli as train_cli
 
@@ -89,6 +91,10 @@ def build_parser():
                    help="0..1: how much noise is added, i.e. how many of the steps run (int(steps * strength))")
     sub.add_parser("fid", help="Frechet Inception Distance between two image folders or .npz statistics "
                    "(minisd fid --help)", add_help=False)
+    sub.add_parser("eval", help="generate images for a prompt list and score them (minisd eval --help)",
+                   add_help=False)
+    sub.add_parser("sweep", help="hyper-parameter search over training runs on Optuna (minisd sweep --help)",
+                   add_help=False)
     c = sub.add_parser("convert", help="convert a checkpoint between layouts (python -m weights_convert)",
                        add_help=False)
     c.add_argument("args", nargs=argparse.REMAINDER)
@@ -167,6 +173,10 @@ def main(argv=None):
         return fid.main(argv[1:])
     if argv[:1] == ["merge-lora"]:
         return lora.main(argv[1:])
+    if argv[:1] == ["eval"]:
+        return eval_main(argv[1:])
+    if argv[:1] == ["sweep"]:
+        return sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         run(args)

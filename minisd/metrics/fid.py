@@ -85,8 +85,8 @@ def network_input(model, batch, resize):
 
 @torch.no_grad()
 def activations(images, model, batch_size=50, resize="pytorch-fid", device="cpu"):
-    """Inception pool3 features (N, 2048), or the tiny network's (N, 128), float64 on the CPU. `images`: a folder, a list of image files, uint8
-    images (N, 3, H, W), or a list of uint8 (3, H, W)."""
+    """Inception pool3 features (N, 2048), or the tiny network's (N, 128), float64 on the CPU. `images`: a folder,
+    a list of image files, uint8 images (N, 3, H, W), or a list of uint8 (3, H, W)."""
     if isinstance(images, (str, Path)):
         images = image_files(images)
     elif isinstance(images, torch.Tensor):

@@ -1,0 +1,323 @@
+"""`minisd eval`: generate images for a list of prompts, then score them.
+
+    minisd eval --prompts real/metadata.jsonl --num-images 1000 --out runs/eval --features tiny --ref shapes
+    minisd eval --model sd15 --prompts coco.txt --num-images 5000 --out runs/sd15 --ref coco-val.npz \\
+                --metrics fid,is,clip --inception-weights pt_inception-2015-12-05-6726825d.pth \\
+                --clip-weights clip-vit-l-14.safetensors
+
+Image k (0 <= k < N) shows prompt k mod P (P prompts in the file) and starts from seed `--seed` + k. Its file is
+images/p{prompt index}-s{seed}.png, so the name says what made it: a rerun skips the images already on disk, and
+a later sharded run (each worker taking some k) writes the same names. Every image comes from its own seed
+alone (its starting noise and any fresh noise of its sampler are drawn from its own generator, see
+`generate_batch`), so which images share a batch does not change any image. The generation settings are kept in
+settings.json; a rerun with other settings into the same folder is refused rather than mixing two sets.
+
+Then metrics.json, and one `name=value` line per metric printed last (what SageMaker-style metric regexes read):
+  fid         Fréchet distance to --ref (a folder of images, a statistics .npz from `minisd fid --save-stats`, or
+              `shapes`: 5000 real images of the tiny world, only with --features tiny); fid.py
+  is          Inception Score, 10 splits (also is_std); inception_score.py
+  clip        CLIP score of each image against its own prompt (needs --clip-weights); clip_score.py
+  adherence   for prompts of the tiny world ("a red circle on a blue background"): the fraction of images that
+              shapes.judge, a fixed rule, reads back as exactly their prompt
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from weights_convert.io import CheckpointError
+
+from . import diffusion, lora, samplers
+from .download import DownloadError
+from .images import a1111_parameters, save_png, to_pil
+from .metrics import fid as fid_mod
+from .pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
+from .prompts import parse_lora_tags
+
+METRICS = ("fid", "is", "clip", "adherence")
+SHAPES_REF_IMAGES = 5000          # `--ref shapes`: this many real images ...
+SHAPES_REF_SEED = 1_000_003       # ... from a stream no training run of minisd draws from
+
+
+# ---- prompts and names -------------------------------------------------------------------------------------------
+
+def read_prompts(path):
+    """A .txt file (one prompt a line; blank lines skipped) or a .jsonl file of {"text": ...} rows (the layout of
+    minisd's training folders, metadata.jsonl; "prompt" is read too)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompts file {path} does not exist")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            row = json.loads(line)
+            if "text" not in row and "prompt" not in row:
+                raise ValueError(f"{path}, line {number}: no 'text' or 'prompt' field")
+            prompts.append(row.get("text", row.get("prompt")))
+    else:
+        prompts = [line.strip() for line in lines]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def image_plan(num_prompts, num_images, seed):
+    """[(k, prompt index, seed, file name)] for images k = 0 .. num_images - 1."""
+    return [(k, k % num_prompts, seed + k, f"p{k % num_prompts:05d}-s{seed + k}.png") for k in range(num_images)]
+
+
+# ---- generation --------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_batch(pipe: Pipeline, prompts, seeds, negative_prompt="", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
+                   sampler=DEFAULT_SAMPLER, schedule=None, eta=None, width=None, height=None):
+    """One image per (prompt, seed), sampled as one batch, each equal to pipe.generate(prompt, seed=seed) alone
+    (up to the rounding of a batched U-Net call): image b's starting noise and its sampler's fresh noise come
+    from its own generator (the SDE samplers': its own Brownian tree), in Pipeline.generate's order. A batch
+    whose prompts name different LoRAs (<lora:NAME:MULT>: other weights) or encode to different lengths (over 75
+    tokens) is run one image at a time."""
+    def one_at_a_time():
+        return [image for p, s in zip(prompts, seeds)
+                for image in generate_batch(pipe, [p], [s], negative_prompt, steps, cfg, sampler, schedule, eta,
+                                            width, height)]
+    if len({tuple(parse_lora_tags(p)[1]) for p in prompts}) > 1:
+        return one_at_a_time()
+    # as Pipeline.generate does: the prompt's LoRA tags merged in (or the last prompt's taken out), tags cut off
+    prompts = [pipe._prompt_loras(p) for p in prompts]
+    contexts = [pipe.encode_prompts(p, negative_prompt) for p in prompts]       # [(cond, uncond)], each (1, L, C)
+    if len({(c.shape, u.shape) for c, u in contexts}) > 1:
+        return one_at_a_time()
+    size = pipe.model.config.image_size
+    width, height = width or size, height or size
+    if width % pipe.factor or height % pipe.factor:
+        raise ValueError(f"width and height must be multiples of {pipe.factor}, got {width}x{height}")
+    plan = pipe.plan(sampler, schedule, steps)
+    shape = (1, pipe.model.config.unet.in_channels, height // pipe.factor, width // pipe.factor)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = torch.cat([torch.randn(shape, generator=g) for g in generators]) * plan.init_sigma   # (B, 4, H/8, W/8)
+    if plan.brownian:
+        sources = [samplers.brownian_noise(int(s), shape, *plan.brownian, device=pipe.device, dtype=pipe.dtype)
+                   for s in seeds]
+    else:
+        sources = [samplers.noise_from(g, shape, pipe.device, pipe.dtype) for g in generators]
+
+    def noise(sigma=None, sigma_next=None):
+        return torch.cat([source(sigma, sigma_next) for source in sources])
+
+    denoise = diffusion.make_denoiser(pipe.unet_call, pipe.alphas_cumprod, pipe.model.config.prediction,
+                                      plan.interpolation, sigmas=plan.sigmas, device=pipe.device, dtype=pipe.dtype)
+    cond = torch.cat([c for c, _ in contexts])
+    uncond = torch.cat([u for _, u in contexts])
+    denoise = diffusion.cfg_denoiser(denoise, cond, uncond, scale=cfg)
+    latents = samplers.sample(plan.sampler, denoise, x.to(pipe.device, pipe.dtype), plan.sigmas.tolist(),
+                              noise=noise, eta=eta)
+    return to_pil(pipe.decode(latents))
+
+
+def generation_settings(args, prompts):
+    """What the images depend on: a rerun into the same folder must match these."""
+    return {"model": args.model or "tiny", "prediction": args.prediction, "negative_prompt": args.negative_prompt,
+            "sampler": args.sampler or DEFAULT_SAMPLER, "schedule": args.schedule,
+            "steps": DEFAULT_STEPS if args.steps is None else args.steps,
+            "cfg": DEFAULT_CFG if args.cfg is None else args.cfg, "eta": args.eta, "seed": args.seed,
+            "width": args.width, "height": args.height, "dtype": args.dtype, "lora": args.lora,
+            "lora_dir": args.lora_dir, "embedding": args.embedding, "embeddings_dir": args.embeddings_dir,
+            "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+
+
+def check_settings(out, settings):
+    """Write out/settings.json, or check that the one there matches (names say prompt and seed, not sampler)."""
+    path = Path(out) / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"{out} holds images made with other settings ({', '.join(changed)} differ: "
+                             f"{ {k: old.get(k) for k in changed} } there); use another --out")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def generate_missing(pipe, prompts, plan, folder, settings, batch_size, log=print):
+    """Generate the images of `plan` not yet in `folder`, batch_size at a time, with a progress bar."""
+    todo = [row for row in plan if not (folder / row[3]).is_file()]
+    if len(todo) < len(plan):
+        log(f"{len(plan) - len(todo)} of {len(plan)} images already in {folder}; generating the other {len(todo)}")
+    s = settings
+    with tqdm(total=len(todo), desc="images", unit="img", dynamic_ncols=True, disable=not todo) as bar:
+        for start in range(0, len(todo), batch_size):
+            rows = todo[start:start + batch_size]
+            images = generate_batch(pipe, [prompts[p] for _, p, _, _ in rows], [seed for _, _, seed, _ in rows],
+                                    s["negative_prompt"], s["steps"], s["cfg"], s["sampler"], s["schedule"], s["eta"],
+                                    s["width"], s["height"])
+            for (_, p, seed, name), image in zip(rows, images):
+                params = a1111_parameters(prompts[p], s["negative_prompt"], s["steps"],
+                                          samplers.display_name(samplers.resolve(s["sampler"], s["schedule"])[0]),
+                                          s["cfg"], seed, *image.size, pipe.name)
+                save_png(image, folder / name, params, overwrite=True)
+            bar.update(len(rows))
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------------
+
+def reference_statistics(ref, model, features, batch_size, device, log=print):
+    """(mu, sigma) of --ref: a statistics .npz, a folder of images, or `shapes` (tiny features only)."""
+    if ref == "shapes":
+        if features != "tiny":
+            raise ValueError("--ref shapes is the tiny world's real images: use it with --features tiny")
+        from .tiny import shapes
+        log(f"reference: {SHAPES_REF_IMAGES} real shapes images (stream {SHAPES_REF_SEED})")
+        images = [torch.from_numpy(np.asarray(shapes.sample(SHAPES_REF_SEED, i).image).copy()).permute(2, 0, 1)
+                  for i in range(SHAPES_REF_IMAGES)]                    # uint8 (3, 64, 64) each
+        return fid_mod.moments(fid_mod.activations(images, model, batch_size, device=device))
+    return fid_mod.statistics(ref, model, batch_size, device=device)
+
+
+def compute_metrics(files, captions, args, log=print):
+    """{name: value} for the metrics asked for, over the image files (captions: each image's prompt)."""
+    wanted = args.metrics
+    out = {}
+    if "fid" in wanted:
+        if not args.ref:
+            raise ValueError("the fid metric needs --ref DIR_OR_NPZ (or --ref shapes with --features tiny)")
+        model = fid_mod.load_network(args.features, args.inception_weights, args.metrics_device)
+        ref = reference_statistics(args.ref, model, args.features, args.metrics_batch, args.metrics_device, log)
+        stats = fid_mod.moments(fid_mod.activations(files, model, args.metrics_batch, device=args.metrics_device))
+        out["fid"] = fid_mod.fid_from_stats(stats, ref)
+    if "is" in wanted:
+        from .metrics.inception import load_inception
+        from .metrics.inception_score import inception_logits, inception_score
+        model = load_inception(args.inception_weights, device=args.metrics_device)
+        logits = torch.cat([inception_logits(torch.stack([fid_mod.read_image(f) for f in files[i:i + 50]]), model,
+                                             device=args.metrics_device) for i in range(0, len(files), 50)])
+        out["is"], out["is_std"] = inception_score(logits, splits=10, generator=torch.Generator().manual_seed(0))
+    if "clip" in wanted:
+        from .metrics.clip_score import clip_scores, load_clip
+        if not args.clip_weights:
+            raise ValueError("the clip metric needs --clip-weights FILE (OpenAI CLIP ViT-L/14, transformers' or "
+                             "open_clip's layout)")
+        model = load_clip(args.clip_weights).to(args.metrics_device)
+        scores = torch.cat([clip_scores([fid_mod.read_image(f) for f in files[i:i + 32]], captions[i:i + 32], model,
+                                        device=args.metrics_device) for i in range(0, len(files), 32)])
+        out["clip"] = max(float(scores.mean()), 0.0)                 # torchmetrics clamps the mean
+    if "adherence" in wanted:
+        from PIL import Image
+
+        from .tiny import shapes
+        hits = 0
+        for f, text in zip(files, captions):
+            words = shapes.parse_caption(text) if len(text.split()) == 7 else None
+            if words is None or text != shapes.caption(*words):
+                raise ValueError(f"adherence reads tiny-world prompts ('a red circle on a blue background'), "
+                                 f"not {text!r}")
+            with Image.open(f) as image:
+                hits += shapes.agrees(image, *words)
+        out["adherence"] = hits / len(files)
+    return out
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="minisd eval", description="generate images for a prompt list and score them; "
+                                "writes OUT/metrics.json and prints name=value lines last")
+    p.add_argument("--model", default=None, help="checkpoint, diffusers folder, sd15 | sd21 | sd21-base; "
+                   "default: the tiny built-in model")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA at SCALE (default 1), as minisd generate does; repeat for several")
+    p.add_argument("--lora-dir", default=None, metavar="DIR", help="where a prompt's <lora:NAME:SCALE> finds NAME")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE", help="a textual-inversion file")
+    p.add_argument("--embeddings-dir", default=None, metavar="DIR", help="every textual-inversion file in DIR")
+    p.add_argument("--prompts", required=True, help=".txt (one a line) or .jsonl with a 'text' field")
+    p.add_argument("--num-images", type=int, required=True, help="N: image k shows prompt k mod P with seed SEED+k")
+    p.add_argument("--out", required=True, help="folder: images/, settings.json, metrics.json")
+    p.add_argument("--ref", default=None, help="FID reference: folder of images, .npz statistics, or shapes")
+    p.add_argument("--metrics", default="fid", help=f"comma-separated, of {', '.join(METRICS)} (default fid)")
+    p.add_argument("--features", choices=fid_mod.FEATURES, default="inception",
+                   help="FID's feature network: Inception, or tiny (the shapes world's classifier, shipped)")
+    p.add_argument("--inception-weights", metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth (fid, is)")
+    p.add_argument("--clip-weights", metavar="FILE", help="CLIP ViT-L/14 weights (clip)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--sampler", default=None, help="as in minisd generate (default dpmpp_2m, Karras)")
+    g.add_argument("--schedule", default=None, help="sigma schedule (default: the sampler's)")
+    g.add_argument("--steps", type=int, default=None, help=f"default {DEFAULT_STEPS}")
+    g.add_argument("--cfg", type=float, default=None, help=f"default {DEFAULT_CFG}")
+    g.add_argument("--eta", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0, help="image k uses seed SEED + k (default 0)")
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--prediction", default="auto", choices=("auto", "eps", "v"))
+    g.add_argument("--batch-size", type=int, default=8, help="images per sampling run (does not change any image)")
+    g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is fastest for the tiny model on a busy machine)")
+    p.add_argument("--metrics-batch", type=int, default=50, help="images per feature-network call")
+    return p
+
+
+def run(args, log=print):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in args.metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; valid: {', '.join(METRICS)}")
+    if args.num_images < 1 or args.batch_size < 1:
+        raise ValueError("--num-images and --batch-size must be at least 1")
+    if "fid" in args.metrics and not args.ref:
+        raise ValueError("the fid metric needs --ref DIR_OR_NPZ (or --ref shapes with --features tiny)")
+    if args.ref == "shapes" and args.features != "tiny":
+        raise ValueError("--ref shapes is the tiny world's real images: use it with --features tiny")
+    samplers.resolve(args.sampler or DEFAULT_SAMPLER, args.schedule)      # fail before the model loads
+    prompts = read_prompts(args.prompts)
+    out = Path(args.out)
+    settings = generation_settings(args, prompts)
+    check_settings(out, settings)
+    plan = image_plan(len(prompts), args.num_images, args.seed)
+    folder = out / "images"
+    t0 = time.time()
+    if any(not (folder / name).is_file() for *_, name in plan):
+        pipe = Pipeline.load(args.model, args.prediction, args.device, args.dtype, log=log)
+        pipe.load_embeddings(args.embedding, args.embeddings_dir)
+        pipe.set_loras([lora.parse_spec(spec) for spec in args.lora])
+        pipe.lora_dir = args.lora_dir
+        args.metrics_device = str(pipe.device)
+        generate_missing(pipe, prompts, plan, folder, settings, args.batch_size, log)
+        del pipe
+    else:
+        args.metrics_device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    seconds = time.time() - t0
+    files = [folder / name for *_, name in plan]
+    values = compute_metrics(files, [prompts[p] for _, p, _, _ in plan], args, log)
+    report = {**values, "num_images": len(files), "features": args.features, "ref": args.ref,
+              "generation_seconds": round(seconds, 1), "settings": settings}
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, out / "metrics.json")
+    for name, value in values.items():                 # last, one a line: what metric regexes read
+        print(f"{name}={value:.6f}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
+        print(f"minisd: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

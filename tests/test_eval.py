@@ -1,0 +1,194 @@
+"""`minisd eval`: images fixed by (prompt index, seed), reruns that skip what is on disk, metrics.json and the
+name=value lines. Everything runs on the tiny built-in model with 2-4 sampling steps."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minisd import cli, lora
+from minisd.config import TINY
+from minisd.eval import generate_batch, image_plan, read_prompts
+from minisd.pipeline import Pipeline
+from minisd.tiny import shapes
+
+PROMPTS = [shapes.caption("red", "circle", "blue"), shapes.caption("white", "square", "green"),
+           shapes.caption("black", "triangle", "yellow")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the tiny model's batches are too small for two threads to share; on a busy machine they wait for each other
+    # (a step then takes 10-50x longer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.load(None, log=lambda *_: None)
+
+
+def pixels(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_a", "dpmpp_sde"])
+def test_a_batched_image_equals_the_same_prompt_and_seed_generated_alone(pipe, sampler):
+    # deterministic, ancestral (fresh noise from each image's generator) and SDE (each image's Brownian tree)
+    batch = generate_batch(pipe, PROMPTS, [7, 8, 9], steps=4, sampler=sampler)
+    alone = [pipe.generate(p, seed=s, steps=4, sampler=sampler).images[0] for p, s in zip(PROMPTS, [7, 8, 9])]
+    for a, b in zip(batch, alone):
+        # a batched U-Net call rounds differently in the last bits: at most one level of 255 after decoding
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    # and the comparison can fail: another seed gives another image
+    other = pipe.generate(PROMPTS[0], seed=10, steps=4, sampler=sampler).images[0]
+    assert np.abs(pixels(batch[0]) - pixels(other)).max() > 10
+
+
+def random_lora(path, seed=3):
+    """A kohya LoRA file for the tiny model, large enough to change its images."""
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for name, layer in lora.targets(TINY, "default").items():
+        out_f, in_f, *k = layer.shape
+        down = torch.randn(4, in_f, *k, generator=g) / (in_f * int(np.prod(k or [1]))) ** 0.5
+        factors[name] = lora.Factors(down, torch.randn(out_f, 4, *[1] * len(k), generator=g), 2.0)
+    lora.save_kohya(path, factors)
+    return path
+
+
+def test_a_batch_mixing_lora_tags_equals_each_prompt_generated_alone(pipe, tmp_path):
+    random_lora(tmp_path / "odd.safetensors")
+    pipe.lora_dir = str(tmp_path)
+    try:
+        prompts = [PROMPTS[0], PROMPTS[1] + " <lora:odd:0.8>", PROMPTS[2]]
+        batch = generate_batch(pipe, prompts, [7, 8, 9], steps=4)
+        alone = [pipe.generate(p, seed=s, steps=4).images[0] for p, s in zip(prompts, [7, 8, 9])]
+        for a, b in zip(batch, alone):
+            assert np.abs(pixels(a) - pixels(b)).max() <= 1
+        untagged = pipe.generate(PROMPTS[1], seed=8, steps=4).images[0]
+        assert np.abs(pixels(batch[1]) - pixels(untagged)).max() > 10      # the LoRA did change that image
+    finally:
+        pipe.lora_dir = None
+        pipe.set_loras([])
+
+
+def test_image_k_is_prompt_k_mod_p_with_seed_plus_k():
+    plan = image_plan(num_prompts=3, num_images=5, seed=100)
+    assert [(k, p, s) for k, p, s, _ in plan] == [(0, 0, 100), (1, 1, 101), (2, 2, 102), (3, 0, 103), (4, 1, 104)]
+    assert plan[3][3] == "p00000-s103.png"
+
+
+def test_prompts_read_from_txt_and_jsonl(tmp_path):
+    (tmp_path / "p.txt").write_text("a red circle on a blue background\n\n  a cat \n")
+    assert read_prompts(tmp_path / "p.txt") == ["a red circle on a blue background", "a cat"]
+    shapes.write_image_folder(tmp_path / "data", 2, seed=3)
+    assert read_prompts(tmp_path / "data" / "metadata.jsonl") == [shapes.sample(3, i).text for i in range(2)]
+
+
+def eval_args(tmp_path, *extra):
+    return ["eval", "--prompts", str(tmp_path / "prompts.txt"), "--num-images", "4", "--out", str(tmp_path / "run"),
+            "--steps", "2", "--batch-size", "3", "--features", "tiny", "--ref", str(tmp_path / "real"),
+            "--metrics", "fid,adherence", *extra]
+
+
+@pytest.fixture
+def folders(tmp_path):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    shapes.write_image_folder(tmp_path / "real", 8, seed=1)
+    return tmp_path
+
+
+def test_eval_writes_images_metrics_json_and_name_value_lines_last(folders, capsys):
+    assert cli.main(eval_args(folders)) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("=")[0] for line in lines[-2:]] == ["fid", "adherence"]
+    metrics = json.loads((folders / "run" / "metrics.json").read_text())
+    assert float(lines[-2].split("=")[1]) == pytest.approx(metrics["fid"], abs=1e-6)
+    assert metrics["num_images"] == 4 and metrics["features"] == "tiny"
+    assert sorted(p.name for p in (folders / "run" / "images").iterdir()) == [
+        "p00000-s0.png", "p00000-s3.png", "p00001-s1.png", "p00002-s2.png"]
+
+
+def test_a_rerun_generates_only_the_missing_images_and_they_are_the_same(folders, capsys):
+    assert cli.main(eval_args(folders)) == 0
+    images = folders / "run" / "images"
+    kept, removed = images / "p00000-s0.png", images / "p00001-s1.png"
+    before = pixels(Image.open(removed))
+    kept_mtime = kept.stat().st_mtime_ns
+    removed.unlink()
+    capsys.readouterr()
+    assert cli.main(eval_args(folders)) == 0
+    assert "generating the other 1" in capsys.readouterr().out
+    assert kept.stat().st_mtime_ns == kept_mtime                      # not written again
+    # batch of 1 now, of 3 before: the same image up to the rounding of a batched U-Net call
+    assert np.abs(pixels(Image.open(removed)) - before).max() <= 1
+
+
+def test_a_rerun_with_other_generation_settings_is_refused(folders, capsys):
+    assert cli.main(eval_args(folders)) == 0
+    capsys.readouterr()
+    args = eval_args(folders)
+    args[args.index("--steps") + 1] = "3"
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "steps" in err and len(err.strip().splitlines()) == 1
+
+
+def test_lora_flag_is_applied_and_is_part_of_the_settings(folders, capsys):
+    assert cli.main(eval_args(folders)) == 0
+    first = pixels(Image.open(folders / "run" / "images" / "p00000-s0.png"))
+    path = random_lora(folders / "odd.safetensors")
+    args = eval_args(folders, "--lora", f"{path}:0.8")
+    assert cli.main(args) == 2                                        # the images there were made without it
+    assert "lora" in capsys.readouterr().err
+    args[args.index("--out") + 1] = str(folders / "with-lora")
+    assert cli.main(args) == 0
+    assert np.abs(pixels(Image.open(folders / "with-lora" / "images" / "p00000-s0.png")) - first).max() > 10
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--metrics", "fid,psnr"), "unknown metric 'psnr'"),
+    (("--ref", "shapes", "--features", "inception"), "--ref shapes"),
+])
+def test_errors_are_one_line(folders, capsys, change, message):
+    args = eval_args(folders)
+    for flag, value in zip(change[::2], change[1::2]):
+        args[args.index(flag) + 1] = value
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_fid_needs_a_reference(folders, capsys):
+    args = eval_args(folders)
+    i = args.index("--ref")
+    del args[i:i + 2]
+    assert cli.main(args) == 2
+    assert "needs --ref" in capsys.readouterr().err
+
+
+def test_inception_score_is_computed_from_the_files_in_plan_order(folders):
+    # a random Inception (no real weights offline): this checks the plumbing, not the numbers' meaning
+    from safetensors.torch import save_file
+
+    from minisd.metrics import fid as fid_mod
+    from minisd.metrics.inception import InceptionV3
+    from minisd.metrics.inception_score import inception_logits, inception_score
+    torch.manual_seed(0)
+    model = InceptionV3().eval()
+    save_file(model.state_dict(), str(folders / "inception.safetensors"))
+    args = eval_args(folders, "--inception-weights", str(folders / "inception.safetensors"))
+    args[args.index("--num-images") + 1] = "10"                        # IS takes 10 splits
+    args[args.index("--metrics") + 1] = "is"
+    assert cli.main(args) == 0
+    metrics = json.loads((folders / "run" / "metrics.json").read_text())
+    # the order of the images matters to IS (the splits): eval reads them in plan order, k = 0 .. N-1
+    files = [folders / "run" / "images" / name for *_, name in image_plan(len(PROMPTS), 10, 0)]
+    logits = inception_logits(torch.stack([fid_mod.read_image(f) for f in files]), model)
+    expected = inception_score(logits, splits=10, generator=torch.Generator().manual_seed(0))
+    assert (metrics["is"], metrics["is_std"]) == pytest.approx(expected, rel=1e-9)
