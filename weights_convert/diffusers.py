@@ -8,6 +8,7 @@ specific entry says otherwise (the ResBlock rows). Keys are renamed by the longe
 The text encoder folder is transformers' CLIPTextModel (text.py converts it). For SD2 diffusers ships only the
 23 layers SD2 uses, so the folder has no OpenCLIP 24th layer; nothing else is lost.
 """
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -279,7 +280,11 @@ def read_config(folder, name="custom", prediction="eps"):
         s = _json(sched)
         kwargs = dict(beta_start=s.get("beta_start", 0.00085), beta_end=s.get("beta_end", 0.012),
                       num_timesteps=s.get("num_train_timesteps", 1000))
-    return ModelConfig(name=name, text=text_config_from_json(te, pad_id), unet=unet_config_from_json(unet),
+    text = text_config_from_json(te, pad_id)
+    unet_cfg = unet_config_from_json(unet)
+    if text.activation == "gelu":       # OpenCLIP: the SD2 family, whose attention runs in fp32 (as for LDM files)
+        unet_cfg = dataclasses.replace(unet_cfg, upcast_attention=True)
+    return ModelConfig(name=name, text=text, unet=unet_cfg,
                        vae=vae_config_from_json(vae), prediction=prediction,
                        image_size=8 * unet.get("sample_size", 64), **kwargs)
 
