@@ -15,6 +15,7 @@ batch's crops and flips: `draw` below. A test can hand `fit` its own `draws` fun
 a reference implementation.
 """
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -300,9 +301,15 @@ def validation_images(model, cfg: FinetuneConfig, resolution, step, out, device)
     return paths
 
 
-def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None, log=print):
+def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None, log=print, trainable=None,
+        save=None):
     """Train `model` on batches from `streams` (one, or DreamBooth's instance and class streams), write the run
-    folder, and return the path of the model file. `draws(k, generator, latent_shape)` replaces `draw` (tests)."""
+    folder, and return the path of the file written. `draws(k, generator, latent_shape)` replaces `draw` (tests).
+
+    What trains and what is written are the method's: `trainable(model, cfg)` gives the {name: Parameter} to
+    optimise (default: trainable_parameters, the U-Net and maybe the text encoder) and `save(model, weights, cfg)`
+    writes the result and returns its path (default: save_model, the whole model in the official layout).
+    `weights` are the final values of the trainable tensors, EMA ones with --use-ema."""
     resolution = cfg.resolution or model.config.image_size
     factor = 2 ** (len(model.config.vae.ch_mult) - 1)
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
@@ -327,7 +334,7 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
     set_frozen_dtype(model, cfg)
     model.unet.gradient_checkpointing = cfg.gradient_checkpointing
     model.text_encoder.gradient_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
-    trainable = trainable_parameters(model, cfg)
+    trainable = (trainable or trainable_parameters)(model, cfg)
     n_instance = cfg.train_batch_size if len(streams) > 1 else None
     draws = draws or (lambda k, generator, shape: draw(generator, shape, mc.num_timesteps, cfg.noise_offset))
 
@@ -356,10 +363,8 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
     weights = train(model, trainable, loss_fn, train_config(cfg), ckpt_dir, method, on_step=progress,
                     log=progress.bar.write, log_path=log_path)
     progress.close()
-    model.load_state_dict(weights, strict=False)         # the EMA weights with --use-ema
     model.requires_grad_(False).eval()
-    path = os.path.join(cfg.out, "model.safetensors" if cfg.save_format == "single_file" else "model")
-    write_model(model, source, cfg, path)
+    path = (save or functools.partial(save_model, source=source))(model, weights, cfg)
     result = {"method": method, "steps": cfg.max_train_steps, "seconds": round(time.time() - t0, 1),
               "model": path, "last_loss": _last_loss(log_path)}
     if cfg.validation_prompts:
@@ -367,6 +372,15 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
     with open(os.path.join(cfg.out, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
     log(f"wrote {path}")
+    return path
+
+
+def save_model(model, weights, cfg: FinetuneConfig, source):
+    """Full fine-tuning's output: the trained weights (EMA ones with --use-ema) put into the model, and the whole
+    model written as OUT/model.safetensors (or the diffusers folder OUT/model)."""
+    model.load_state_dict(weights, strict=False)
+    path = os.path.join(cfg.out, "model.safetensors" if cfg.save_format == "single_file" else "model")
+    write_model(model, source, cfg, path)
     return path
 
 
