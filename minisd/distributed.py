@@ -17,6 +17,7 @@ what to do (the command lines print it and exit 3).
 """
 import datetime
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ def _collective(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (RuntimeError, dist.DistError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)          # gloo's "[.../pair.cc:545] " source location
         raise PeerLost(f"another process of this {world_size()}-process job stopped or cannot be reached (rank "
                        f"{rank()}: {first[:160]}); rerun the same command with --resume to continue from the last "
                        f"checkpoint") from None

@@ -410,9 +410,11 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
 
     progress = Progress(cfg.max_train_steps, validate, disable=not main)
     t0 = time.time()
-    weights = train(model, trainable, loss_fn, train_config(cfg), ckpt_dir, method, on_step=progress,
-                    log=progress.bar.write, log_path=log_path, data_parallel=True)
-    progress.close()
+    try:
+        weights = train(model, trainable, loss_fn, train_config(cfg), ckpt_dir, method, on_step=progress,
+                        log=progress.bar.write, log_path=log_path, data_parallel=True)
+    finally:
+        progress.close()                        # an error message then starts on a line of its own
     model.requires_grad_(False).eval()
     path = None
     if main:
