@@ -15,7 +15,9 @@ settings.json; a rerun with other settings into the same folder is refused rathe
 Under torchrun (`torchrun --nproc-per-node 4 -m minisd eval ...`) the batches of missing images are shared out
 among the processes (batch i to rank i mod W, the batches one process would run: the same images, byte for
 byte), each process writes its own files, and rank 0 alone computes the metrics once all are on disk; the other
-processes exit without printing any.
+processes exit without printing any. On the CPU in fp32 each process measures for itself whether oneDNN-prepared
+layers are faster (minisd.fast.choose_onednn), and the two kernels round differently in the last bits (images
+within 1/255); --no-prepack keeps the plain layers everywhere, for images equal byte for byte across runs.
 
 Then metrics.json, and one `name=value` line per metric printed last (what SageMaker-style metric regexes read):
   fid         Fréchet distance to --ref (a folder of images, a statistics .npz from `minisd fid --save-stats`, or
@@ -274,6 +276,8 @@ def build_parser():
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--prediction", default="auto", choices=("auto", "eps", "v"))
     g.add_argument("--batch-size", type=int, default=8, help="images per sampling run (does not change any image)")
+    g.add_argument("--no-prepack", action="store_true", help="CPU: plain layers, no oneDNN-prepared ones (whose "
+                   "choice is measured per run and changes the last bits): the same bytes in every run")
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
     g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     g.add_argument("--threads", type=int, default=None,
@@ -297,17 +301,18 @@ def run(args, log=print):
         raise ValueError("--ref shapes is the tiny world's real images: use it with --features tiny")
     samplers.resolve(args.sampler or DEFAULT_SAMPLER, args.schedule)      # fail before the model loads
     prompts = read_prompts(args.prompts)
+    device = distributed.setup(args.device)     # joins the job under torchrun; rank 0 alone writes and prints
+    log = distributed.main_only(log)
     out = Path(args.out)
     settings = generation_settings(args, prompts)
     check_settings(out, settings)
     plan = image_plan(len(prompts), args.num_images, args.seed)
     folder = out / "images"
     t0 = time.time()
-    device = distributed.setup(args.device)
-    log = distributed.main_only(log)
     batches = missing_batches(plan, folder, args.batch_size, log)
     if batches:
-        pipe = Pipeline.load(args.model, args.prediction, str(device), args.dtype, log=log)
+        pipe = Pipeline.load(args.model, args.prediction, str(device), args.dtype, log=log,
+                             prepack=not args.no_prepack)
         pipe.load_embeddings(args.embedding, args.embeddings_dir)
         pipe.set_loras([lora.parse_spec(spec) for spec in args.lora])
         pipe.lora_dir = args.lora_dir

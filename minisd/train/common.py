@@ -379,9 +379,9 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
     model.text_encoder.gradient_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
     trainable = (trainable or trainable_parameters)(model, cfg)
     n_instance = cfg.train_batch_size if len(streams) > 1 else None
-    b, g = cfg.train_batch_size, cfg.train_batch_size * world      # per process; the whole micro-batch
+    b, whole = cfg.train_batch_size, cfg.train_batch_size * world      # per process; the whole micro-batch
     # places of this process's examples in micro-batch k: its share of each stream's part (instances, class)
-    places = [[part * g + rank * b + i for i in range(b)] for part in range(len(streams))]
+    places = [[part * whole + rank * b + i for i in range(b)] for part in range(len(streams))]
 
     def loss_fn(k, _generator):                 # the loop's (seed, k) generator: each example has its own here
         generators = {j: example_generator(cfg.seed, k, j) for js in places for j in js}
