@@ -71,6 +71,9 @@ def setup(device_choice="auto"):
         return device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"process {local_rank} of this machine has no GPU of its own ({torch.cuda.device_count()}"
+                             f" here): --nproc-per-node must be at most the number of GPUs")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)           # nccl's collectives run on the current device
     elif device.type != "cpu":
