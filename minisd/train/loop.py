@@ -21,12 +21,12 @@ ever being sent. This is what torch's DistributedDataParallel computes, written 
 all-reduce with the backward pass (it starts on a bucket as soon as its gradients are ready) and needs
 `no_sync()` to skip the all-reduces of the first A - 1 micro-batches; here the all-reduce waits for the backward
 to end. The cost is that wait, once per optimizer step: a ring all-reduce sends 2 (W - 1) / W x the trainable
-bytes over each link, 3.4 GB of fp32 gradients for the SD U-Net, i.e. some tens of ms over NVLink and a few
-tenths of a second over a 100 Gb/s network between machines (estimates from the link speeds, not measured here;
+bytes over each link, 3.4 GB of fp32 gradients for the SD U-Net, i.e. some tens of ms over NVLink and about half
+a second over a 100 Gb/s network between machines (estimates from the link speeds, not measured here;
 bench/ddp_scaling.py measures it), paid once per A micro-batches with gradient accumulation. What it buys: the
 module is not wrapped, so state-dict names, checkpoints and the EMA are those of one process, and LoRA or Textual
-Inversion synchronise their few tensors and nothing else. Rank 0 alone writes the checkpoint and the log; every process resumes from the same
-checkpoint file (so --out must be on a file system every machine sees).
+Inversion synchronise their few tensors and nothing else. Rank 0 alone writes the checkpoint and the log; every
+process resumes from the same checkpoint file (so --out must be on a file system every machine sees).
 """
 import json
 import os
