@@ -4,8 +4,12 @@ The tiny world (shapes.py) has filled circles, squares and triangles. A ring, a 
 background's colour in its middle, is none of them, but it is close to one class the model knows, the circle, as
 a particular dog is close to "dog". DreamBooth binds it to a rare identifier inside that class's prompt:
 
-    instance prompt   "a red sks circle on a white background"       (the instance images: rings)
+    instance prompt   "sks red circle on a white background"         (the instance images: rings)
     class prompt      "a red circle on a white background"           (the base model's own circles)
+
+The identifier takes the article's place rather than standing before the noun ("a sks red circle"), because the
+tiny model has only ever read one sentence pattern and reads it by position: a word inserted before the colour
+shifts every later word and the model misreads the colours. In SD's prompts "a photo of sks dog" is just text.
 
 The instance images show the ring in a few colour pairs only (INSTANCE_COMBOS), so a check on other pairs
 (HELD_OUT_COMBOS) tells whether the model learned the subject or memorised the pictures. `is_ring` is the rule that
@@ -36,7 +40,7 @@ HOLE = 0.5                  # the hole's diameter as a fraction of the ring's
 
 
 def instance_prompt(colour, background):
-    return f"a {colour} {IDENTIFIER} {CLASS} on a {background} background"
+    return f"{IDENTIFIER} {colour} {CLASS} on a {background} background"
 
 
 def class_prompt(colour, background):
