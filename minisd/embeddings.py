@@ -150,16 +150,8 @@ class Embeddings:
         """All vectors, in id order: row k is id vocab_size + k."""
         return torch.cat(list(self.vectors.values())) if self.vectors else None
 
-    def encode(self, text_encoder, ids):
-        """text_encoder(ids), with ids >= vocab_size looked up in the embeddings (what diffusers does by appending
-        rows to the token table). The rest is TextEncoder.forward at clip_skip=1, spelled out here because the
-        lookup sits at its start."""
+    def encode(self, text_encoder, ids, clip_skip=1):
+        """text_encoder(ids), with ids >= vocab_size looked up in the embeddings (TextEncoder.forward's `extra`)."""
         if not self.vectors or int(ids.max()) < self.vocab_size:
-            return text_encoder(ids)
-        new = ids >= self.vocab_size
-        x = text_encoder.token_embedding(ids.masked_fill(new, 0))                  # (B, N, width)
-        x[new] = self.table().to(x)[ids[new] - self.vocab_size]
-        x = x + text_encoder.positional_embedding[:ids.shape[1]]
-        for block in text_encoder.transformer.resblocks:
-            x = block(x)
-        return text_encoder.ln_final(x)
+            return text_encoder(ids, clip_skip)
+        return text_encoder(ids, clip_skip, extra=self.table())
