@@ -93,7 +93,7 @@ def check_words(cfg: FinetuneConfig, tokenizer):
                          "(e.g. toy)")
     init_ids = tokenizer.encode(init)
     if len(init_ids) != 1:
-        pieces = " ".join(tokenizer.decode([i]).strip() for i in init_ids)
+        pieces = ", ".join(tokenizer.decode([i]).strip() for i in init_ids)
         raise ValueError(f"--init-token {init!r} is {len(init_ids)} CLIP tokens ({pieces}), not one; choose a "
                          f"single-token word")
     return init_ids[0]

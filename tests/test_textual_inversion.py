@@ -1,0 +1,321 @@
+"""Textual Inversion (minisd.train.textual_inversion) is step-for-step diffusers' textual_inversion.py, changes
+nothing but the new word, writes files minisd and diffusers read, and refuses bad words in one line.
+
+The reference is diffusers' script written out from the parts that ship (as tests/_train_refs.py does for
+fine-tuning): StableDiffusionPipeline.from_single_file on the same random official-layout file, the placeholder
+tokens added to transformers' CLIPTokenizer ("<w>", "<w>_1", ...), resize_token_embeddings, the new rows set to
+the init token's row, AdamW (lr, weight decay 1e-2) over the whole input-embedding matrix, no gradient clipping,
+and after each step every other row put back. Both sides get the same batches (pixels, template prompts: minisd's
+own choice for micro-batch k, flips included), VAE posterior noise, noise and timesteps (draws injected).
+
+Tolerances (fp32 on the CPU, different kernels for the same math):
+  loss              1e-5 relative, every step
+  learned rows      1e-5 relative (||ours - theirs|| / ||theirs||) after 3 steps (measured ~1e-7); 3 Adam steps
+                    at the scaled lr 1e-3 move the rows by ~1.7% of their norm (asserted > 1%), so the unscaled
+                    rate shows as ~8e-3 and a missing weight decay (lr * 1e-2 * 3 steps) as ~3e-5
+                    (test_parity_can_fail)
+  the update        v_3 - v_0 within 1e-3 relative (measured ~5e-6; Adam's per-element normalisation amplifies
+                    rounding where a gradient element is near zero)
+"""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from _train_refs import BATCH, LOSS_TOL, PARAM_TOL, RES, STEPS, fixed_draws, image_folder
+from checkpoints import SMALL_SD1, SMALL_SD2, diffusers_from_single_file, write_diffusers_config, write_ldm_checkpoint
+from minisd import embeddings
+from minisd.model import load_model
+from minisd.train import common, textual_inversion
+from minisd.train.cli import main as train_main
+from minisd.train.data import find_examples
+
+LR = 5e-4                   # x batch 2 (--scale-lr): 1e-3
+UPDATE_TOL = 1e-3
+TOKEN = "<cat-toy>"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(tmp_path_factory, cfg, seed):
+    d = tmp_path_factory.mktemp(cfg.name)
+    write_ldm_checkpoint(d / "model.safetensors", cfg, seed=seed, parameterization=cfg.prediction)
+    write_diffusers_config(d / "config", cfg)
+    return d / "model.safetensors", d / "config"
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return _model(tmp_path_factory, SMALL_SD1, seed=31)
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    return _model(tmp_path_factory, SMALL_SD2, seed=32)
+
+
+def reference_textual_inversion(pipe, batches, draws, token, init_token, n, lr, weight_decay=1e-2):
+    """diffusers' textual_inversion.py training loop; returns (loss of each step, learned rows (n, width), the
+    placeholder ids, the tokenizer)."""
+    from diffusers import DDPMScheduler
+    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    placeholders = [token] + [f"{token}_{i}" for i in range(1, n)]
+    assert tokenizer.add_tokens(placeholders) == n
+    init_ids = tokenizer.encode(init_token, add_special_tokens=False)
+    assert len(init_ids) == 1
+    ids = tokenizer.convert_tokens_to_ids(placeholders)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for i in ids:
+            table[i] = table[init_ids[0]].clone()
+    vae.requires_grad_(False)
+    unet.requires_grad_(False)
+    # the script freezes text_model.encoder, final_layer_norm and position_embedding (transformers 5 dropped the
+    # text_model level): everything but the token embedding
+    text_encoder.requires_grad_(False)
+    text_encoder.get_input_embeddings().requires_grad_(True)
+    optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=lr, betas=(0.9, 0.999),
+                                  weight_decay=weight_decay, eps=1e-8)
+    original = table.detach().clone()
+    keep = torch.ones(len(tokenizer), dtype=torch.bool)
+    keep[min(ids):max(ids) + 1] = False
+    text_encoder.train()
+    losses = []
+    for (pixels, captions), d in zip(batches, draws):
+        with torch.no_grad():
+            dist = vae.encode(pixels).latent_dist
+            latents = (dist.mean + dist.std * d.posterior) * vae.config.scaling_factor
+        noisy = scheduler.add_noise(latents, d.noise, d.timesteps)
+        text = [c.replace(token, " ".join(placeholders)) for c in captions]     # the script's placeholder string
+        input_ids = tokenizer(text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                              return_tensors="pt").input_ids
+        hidden = text_encoder(input_ids)[0]
+        pred = unet(noisy, d.timesteps, hidden).sample
+        target = (d.noise if scheduler.config.prediction_type == "epsilon"
+                  else scheduler.get_velocity(latents, d.noise, d.timesteps))
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            table[keep] = original[keep]
+        losses.append(loss.item())
+    return losses, table.detach()[min(ids):max(ids) + 1].clone(), ids, tokenizer
+
+
+def run_pair(tmp_path, model, n, init_token="toy", reference=None, **options):
+    """Train with minisd and the reference on the same file, batches and draws; returns the measured errors."""
+    ckpt, config = model
+    data = image_folder(tmp_path / "data", 3, seed=4)            # no captions: template prompts
+    cfg = textual_inversion.config(out=str(tmp_path / "out"), model=str(ckpt), data=str(data), token=TOKEN,
+                                   init_token=init_token, num_vectors=n, resolution=RES, train_batch_size=BATCH,
+                                   max_train_steps=STEPS, learning_rate=LR, device="cpu", **options)
+    draws = fixed_draws(STEPS, BATCH)
+
+    def injected(k, generator, shape):
+        assert shape == tuple(draws[k].noise.shape)
+        return draws[k]
+    out = textual_inversion.run(cfg, draws=injected, log=lambda *_: None)
+    with open(tmp_path / "out" / "train_log.jsonl") as f:
+        ours_losses = [e["loss"] for e in map(json.loads, f) if "loss" in e]
+    token, ours = embeddings.read(out)
+    assert token == TOKEN and ours.shape == (n, SMALL_SD1.text.width)
+
+    # the batches of the run: the loop's generator for micro-batch k draws the templates, then the flips
+    stream = common.Stream(find_examples(str(data), RES, textual_inversion.templates(TOKEN), log=lambda *_: None), 0)
+    batches = []
+    for k in range(STEPS):
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+        pixels, _, captions = common.take(stream, k, cfg, RES, generator)
+        batches.append((pixels, captions))
+    assert len({c for _, cs in batches for c in cs}) > 1, "the template prompts should vary"
+    pipe = diffusers_from_single_file(ckpt, config, torch_dtype=torch.float32)
+    scaled = LR * BATCH
+    theirs_losses, theirs, ids, tokenizer = reference_textual_inversion(
+        pipe, batches, draws, TOKEN, init_token, n, **{"lr": scaled, **(reference or {})})
+
+    # the same token ids on both sides: the word becomes n ids past the vocabulary
+    model_tokenizer = load_model(str(ckpt), verbose=False).tokenizer
+    words = embeddings.Embeddings(dataclasses.replace(SMALL_SD1.text))
+    words.add(TOKEN, ours)
+    mine = model_tokenizer(batches[0][1], lambda t: words.tokenize(t, model_tokenizer.encode))
+    text = [c.replace(TOKEN, " ".join([TOKEN] + [f"{TOKEN}_{i}" for i in range(1, n)])) for c in batches[0][1]]
+    assert torch.equal(mine, tokenizer(text, padding="max_length", max_length=77, return_tensors="pt").input_ids)
+    assert ids == list(range(49408, 49408 + n))
+
+    start = load_model(str(ckpt), verbose=False).text_encoder.token_embedding.weight[
+        model_tokenizer.encode(init_token)[0]].detach().expand(n, -1)
+    errors = dict(loss=max(abs(a - b) / abs(b) for a, b in zip(ours_losses, theirs_losses)),
+                  param=((ours - theirs).norm() / theirs.norm()).item(),
+                  update=((ours - theirs).norm() / (theirs - start).norm()).item(),
+                  moved=((theirs - start).norm() / start.norm()).item())
+    print(f"[parity] losses {ours_losses} vs {theirs_losses}; errors {errors}")
+    assert len(ours_losses) == STEPS
+    return errors
+
+
+def assert_equal(errors):
+    assert errors["moved"] > 1e-2, "the vectors hardly moved: the comparison would be meaningless"
+    assert errors["loss"] <= LOSS_TOL, errors["loss"]
+    assert errors["param"] <= PARAM_TOL, errors["param"]
+    assert errors["update"] <= UPDATE_TOL, errors["update"]
+
+
+def test_two_vector_step_equals_diffusers_textual_inversion(tmp_path, sd1):
+    assert_equal(run_pair(tmp_path, sd1, n=2))
+
+
+def test_sd2_v_prediction_step_equals_diffusers_textual_inversion(tmp_path, sd2):
+    assert_equal(run_pair(tmp_path, sd2, n=1, init_token="cat"))
+
+
+def test_parity_can_fail(tmp_path, sd1):
+    """The comparison catches a learning rate without --scale-lr's factor and a missing weight decay."""
+    errors = run_pair(tmp_path / "lr", sd1, n=2, reference=dict(lr=LR))
+    assert errors["param"] > 100 * PARAM_TOL, errors
+    errors = run_pair(tmp_path / "wd", sd1, n=2, reference=dict(weight_decay=0.0))
+    assert errors["param"] > 2 * PARAM_TOL, errors
+
+
+# --- only the new word changes ------------------------------------------------------------------------------
+
+def test_every_weight_of_the_model_stays_bit_identical(tmp_path, monkeypatch):
+    """The loaded model after training against a fresh load of the same file: the token table, the text
+    encoder, U-Net and VAE, with weight decay and EMA on."""
+    from minisd.model import tiny_model_path
+    held = {}
+    real_load = textual_inversion.load
+
+    def load(cfg, device, log=print):
+        held["model"], path = real_load(cfg, device, log)
+        return held["model"], path
+    monkeypatch.setattr(textual_inversion, "load", load)
+    data = image_folder(tmp_path / "data", 2, seed=6)
+    cfg = textual_inversion.config(out=str(tmp_path / "out"), data=str(data), token="<w>", init_token="red",
+                                   num_vectors=3, max_train_steps=4, device="cpu", use_ema=True,
+                                   validation_prompts=("a <w> circle",), validation_steps=2)
+    out = textual_inversion.run(cfg, log=lambda *_: None)
+    before = load_model(tiny_model_path(), verbose=False).state_dict()
+    after = held["model"].state_dict()
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == []
+    _, v = embeddings.read(out)
+    start = before["text_encoder.token_embedding.weight"][held["model"].tokenizer.encode("red")[0]]
+    assert not torch.equal(v, start.expand(3, -1)), "the vectors should have trained"
+
+
+# --- the command line and the files it writes ---------------------------------------------------------------
+
+def test_cli_trains_on_the_tiny_model_and_minisd_reads_both_files(tmp_path):
+    from PIL import Image
+    data = image_folder(tmp_path / "data", 3, seed=7, captions=["a <teal> circle on a red background"])
+    args = ["textual-inversion", "--data", str(data), "--token", "<teal>", "--init-token", "green",
+            "--num-vectors", "2", "--out", str(tmp_path / "out"), "--max-train-steps", "3", "--device", "cpu",
+            "--lr-scheduler", "cosine", "--lr-cycles", "0.5", "--validation-prompt", "a <teal> square",
+            "--validation-steps", "2"]
+    assert train_main(args) == 0
+    out = tmp_path / "out"
+    assert {"learned_embeds.safetensors", "teal.safetensors", "train_log.jsonl", "args.json", "result.json",
+            "checkpoints", "samples"} <= {p.name for p in out.iterdir()}
+    log = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3] and any("validation" in e for e in log)
+    assert json.load(open(out / "args.json"))["learning_rate"] == 5e-4     # x 1 x 1 x 1
+    token, v = embeddings.read(out / "learned_embeds.safetensors")
+    stem_token, w = embeddings.read(out / "teal.safetensors")
+    assert token == "<teal>" and stem_token is None and torch.equal(v, w) and v.shape == (2, 64)
+    # minisd generate reads it; without it the word is just text, and the image differs
+    from minisd.cli import main
+    run = lambda name, prompt, *extra: main(["generate", prompt + " on a red background", "--steps", "3", "--seed",
+                                             "1", "--device", "cpu", "--out", str(tmp_path / name), *extra])
+    assert run("with.png", "a <teal> circle", "--embedding", str(out / "learned_embeds.safetensors")) == 0
+    (tmp_path / "a1111").mkdir()
+    (tmp_path / "a1111" / "teal.safetensors").write_bytes((out / "teal.safetensors").read_bytes())
+    assert run("dir.png", "a teal circle", "--embeddings-dir", str(tmp_path / "a1111")) == 0   # named by the stem
+    assert run("without.png", "a <teal> circle") == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("with.png", "dir.png", "without.png"))
+    assert np.abs(a - b).max() <= 2        # oneDNN chosen per run by timing: rounding differences only
+    assert np.abs(a - c).max() > 10
+    assert (out / "samples").is_dir() and len(list((out / "samples").iterdir())) == 2       # step 2 and the end
+
+
+def test_learned_embeds_load_in_diffusers_with_the_same_prompt_embedding(tmp_path, sd1):
+    """diffusers' load_textual_inversion on our learned_embeds.safetensors: the prompt's text-encoder output
+    within 1e-5 (max abs; the outputs are layer-normed, O(1)) of minisd's."""
+    from minisd.pipeline import Pipeline
+    ckpt, config = sd1
+    data = image_folder(tmp_path / "data", 2, seed=8)
+    assert train_main(["textual-inversion", "--data", str(data), "--token", TOKEN, "--init-token", "toy",
+                       "--num-vectors", "3", "--model", str(ckpt), "--resolution", "16", "--out",
+                       str(tmp_path / "out"), "--max-train-steps", "2", "--device", "cpu"]) == 0
+    path = tmp_path / "out" / "learned_embeds.safetensors"
+    prompt = f"a {TOKEN} on a beach"
+    ours = Pipeline.load(str(ckpt), device="cpu", dtype="fp32", log=lambda *_: None, prepack=False)
+    assert ours.load_embeddings([str(path)]) == [TOKEN]
+    mine = ours.encode_prompts(prompt)[0][0]
+    ref = diffusers_from_single_file(ckpt, config)
+    ref.load_textual_inversion(str(path))
+    with torch.no_grad():
+        theirs = ref.encode_prompt(prompt, "cpu", 1, False)[0][0]
+    ours_plain = Pipeline.load(str(ckpt), device="cpu", dtype="fp32", log=lambda *_: None, prepack=False)
+    effect = (ours_plain.encode_prompts(prompt)[0][0] - theirs).abs().max().item()
+    err = (mine - theirs).abs().max().item()
+    print(f"[parity] prompt embedding max abs error {err:.2e}; the word moves it by {effect:.2e}")
+    assert effect > 1e-2
+    assert err <= 1e-5
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change,message", [
+    (dict(token="toy"), "'toy' is already a word of CLIP's vocabulary"),
+    (dict(token="<|endoftext|>"), "already a word"),
+    (dict(token="cat toy"), "must be one word"),
+    (dict(init_token="teddy bear"), "'teddy bear' is 2 CLIP tokens \\(teddy, bear\\), not one"),
+    (dict(init_token="<cat-toy>"), "is 5 CLIP tokens"),
+    (dict(num_vectors=0), "--num-vectors must be >= 1, got 0"),
+    (dict(learnable_property="person"), "unknown --learnable-property 'person'"),
+    (dict(train_text_encoder=True), "does not apply to textual-inversion"),
+    (dict(data="EMPTY"), "no images"),
+    (dict(data="CAPTIONED"), "does not name '<cat-toy>'"),
+])
+def test_bad_words_and_data_fail_in_one_line_before_training(tmp_path, change, message):
+    data = image_folder(tmp_path / "data", 1, seed=9)
+    (tmp_path / "empty").mkdir()
+    image_folder(tmp_path / "captioned", 2, seed=9, captions=["a photo of a toy"])
+    folders = {"EMPTY": tmp_path / "empty", "CAPTIONED": tmp_path / "captioned"}
+    if "data" in change:
+        change = {**change, "data": str(folders[change["data"]])}
+    settings = dict(data=str(data), token=TOKEN, init_token="toy", max_train_steps=1, device="cpu")
+    cfg = textual_inversion.config(out=str(tmp_path / "out"), **{**settings, **change})
+    with pytest.raises(ValueError, match=message) as e:
+        textual_inversion.run(cfg, log=lambda *_: None)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    data = image_folder(tmp_path / "data", 1, seed=9)
+    assert train_main(["textual-inversion", "--data", str(data), "--token", "toy", "--init-token", "toy",
+                       "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already a word" in err
+
+
+def test_templates_are_diffusers_lists_and_drawn_per_use():
+    assert len(textual_inversion.OBJECT_TEMPLATES) == 27 and len(textual_inversion.STYLE_TEMPLATES) == 19
+    prompts = textual_inversion.templates("<w>", "style")
+    assert prompts[0] == "a painting in the style of <w>"
+    picked = {common.pick_caption(prompts, torch.Generator().manual_seed(s)) for s in range(40)}
+    assert len(picked) > 5 and picked <= set(prompts)
+    assert common.pick_caption("a caption", None) == "a caption"
