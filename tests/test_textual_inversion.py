@@ -249,6 +249,41 @@ def test_cli_trains_on_the_tiny_model_and_minisd_reads_both_files(tmp_path):
     assert (out / "samples").is_dir() and len(list((out / "samples").iterdir())) == 2       # step 2 and the end
 
 
+def test_cli_defaults_are_diffusers_textual_inversion_ones():
+    from minisd.train.cli import build_parser, config_from_args
+    parse = lambda *extra: config_from_args(build_parser().parse_args(
+        ["textual-inversion", "--data", "d", "--token", "<w>", "--init-token", "toy", "--out", "o", *extra]))
+    cfg = parse()
+    assert (cfg.learning_rate, cfg.scale_lr, cfg.random_flip, cfg.max_grad_norm, cfg.adam_weight_decay,
+            cfg.max_train_steps, cfg.num_vectors, cfg.learnable_property) == (5e-4, True, True, 0.0, 1e-2, 3000, 1,
+                                                                              "object")
+    cfg = parse("--no-scale-lr", "--no-random-flip", "--learnable-property", "style")
+    assert (cfg.scale_lr, cfg.random_flip, cfg.learnable_property) == (False, False, "style")
+
+
+def tiny_run(tmp_path, out, **kw):
+    data = tmp_path / "data"
+    if not data.exists():
+        image_folder(data, 3, seed=12)
+    cfg = textual_inversion.config(out=str(tmp_path / out), data=str(data), token="<w>", init_token="red",
+                                   num_vectors=2, train_batch_size=2, device="cpu", **kw)
+    return embeddings.read(textual_inversion.run(cfg, log=lambda *_: None))[1]
+
+
+def test_a_resumed_run_ends_bit_identical(tmp_path):
+    straight = tiny_run(tmp_path, "straight", max_train_steps=4)
+    tiny_run(tmp_path, "resumed", max_train_steps=2)
+    resumed = tiny_run(tmp_path, "resumed", max_train_steps=4, resume=True)
+    assert torch.equal(straight, resumed)
+    log = [json.loads(line) for line in open(tmp_path / "resumed" / "train_log.jsonl")]
+    assert [e["step"] for e in log] == [1, 2, 3, 4]
+
+
+def test_bf16_mixed_precision_trains_the_vectors_in_fp32(tmp_path):
+    v = tiny_run(tmp_path, "bf16", max_train_steps=2, mixed_precision="bf16")
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
 def test_learned_embeds_load_in_diffusers_with_the_same_prompt_embedding(tmp_path, sd1):
     """diffusers' load_textual_inversion on our learned_embeds.safetensors: the prompt's text-encoder output
     within 1e-5 (max abs; the outputs are layer-normed, O(1)) of minisd's."""
