@@ -375,3 +375,41 @@ def test_templates_are_diffusers_lists_and_drawn_per_use():
     picked = {common.pick_caption(prompts, torch.Generator().manual_seed(s)) for s in range(40)}
     assert len(picked) > 5 and picked <= set(prompts)
     assert common.pick_caption("a caption", None) == "a caption"
+
+
+# --- A1111's chunk rule: a word's vectors are not cut by the end of a 75-token chunk ---------------------------
+
+def test_a_word_that_would_straddle_a_chunk_starts_the_next_one():
+    """A1111 (sd_hijack_clip.tokenize_line): "if len(chunk.tokens) + emb_len > self.chunk_length: next_chunk()",
+    the chunk padded. Worked by hand: 73 tokens, then a 3-vector word, then 2 tokens."""
+    from minisd.prompts import BOS, EOS, chunk_tokens
+    V, PAD = 49408, 0
+    filler = list(range(1, 74))                                  # no commas: no comma backtrack
+    row = lambda ids: [BOS, *ids, EOS] + [PAD] * (75 - len(ids))
+    stream = filler + [V, V + 1, V + 2] + [5, 6]
+    ids, weights = chunk_tokens(stream, [1.0] * len(stream), PAD, words={V: 3})
+    assert ids.tolist() == [row(filler), row([V, V + 1, V + 2, 5, 6])]
+    assert ids.tolist()[0] != chunk_tokens(stream, [1.0] * len(stream), PAD)[0].tolist()[0]   # without: cut
+    # a word that just fits stays; a one-vector word never moves
+    stream = filler[:72] + [V, V + 1, V + 2]
+    assert chunk_tokens(stream, [1.0] * 75, PAD, words={V: 3})[0].tolist() == [row(stream)]
+    stream = filler + [9, 10, V + 3]
+    assert (chunk_tokens(stream, [1.0] * 76, PAD, words={V: 3, V + 3: 1})[0].tolist()
+            == chunk_tokens(stream, [1.0] * 76, PAD)[0].tolist())
+
+
+def test_the_pipeline_keeps_a_loaded_word_in_one_chunk():
+    from minisd.model import tiny_model_path
+    from minisd.pipeline import Pipeline
+    from minisd.prompts import prompt_pair_tokens
+    pipe = Pipeline(load_model(tiny_model_path(), verbose=False))
+    pipe.embeddings.add("<w>", torch.randn(3, 64))
+    prompt = "red " * 73 + "<w> circle"
+    tok = pipe.model.tokenizer
+    encode = lambda text: pipe.embeddings.tokenize(text, tok.encode)
+    ids = prompt_pair_tokens(tok, prompt, "", encode=encode, words=pipe.embeddings.spans())[0]
+    assert ids[1, 1:4].tolist() == [49408, 49409, 49410]          # the word starts chunk 2 ...
+    assert ids[0, 73].item() == tok.encode("red")[0] and ids[0, 74].item() == 49407     # ... chunk 1 ends
+    cond, _ = pipe.encode_prompts(prompt)
+    words = pipe.embeddings
+    assert torch.equal(cond[0, 77:], words.encode(pipe.model.text_encoder, ids[1:2])[0])
