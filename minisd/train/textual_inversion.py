@@ -109,17 +109,20 @@ def learning_rate(cfg: FinetuneConfig):
 
 def file_stem(token):
     """A1111 names an embedding after its file: "<cat-toy>" -> cat-toy.safetensors."""
-    return re.sub(r"[^\w\-.]+", "", token).strip(".") or "embedding"
+    stem = re.sub(r"[^\w\-.]+", "", token).strip(".") or "embedding"
+    return stem if stem != "learned_embeds" else "learned_embeds-a1111"      # never over diffusers' file
 
 
 def save(vectors, token, out):
     """learned_embeds.safetensors (diffusers) and <word>.safetensors (A1111) in `out`, each written to a temporary
     name first; returns the path of the first."""
-    paths = (os.path.join(out, "learned_embeds.safetensors"), os.path.join(out, file_stem(token) + ".safetensors"))
-    for path, write in zip(paths, (lambda p: save_diffusers(p, token, vectors), lambda p: save_a1111(p, vectors))):
-        write(path + ".tmp")
-        os.replace(path + ".tmp", path)
-    return paths[0]
+    diffusers_path = os.path.join(out, "learned_embeds.safetensors")
+    a1111_path = os.path.join(out, file_stem(token) + ".safetensors")
+    save_diffusers(diffusers_path + ".tmp", token, vectors)
+    os.replace(diffusers_path + ".tmp", diffusers_path)
+    save_a1111(a1111_path + ".tmp", vectors)
+    os.replace(a1111_path + ".tmp", a1111_path)
+    return diffusers_path
 
 
 def run(cfg: FinetuneConfig, draws=None, log=print):
