@@ -12,6 +12,13 @@ alone (its starting noise and any fresh noise of its sampler are drawn from its 
 `generate_batch`), so which images share a batch does not change any image. The generation settings are kept in
 settings.json; a rerun with other settings into the same folder is refused rather than mixing two sets.
 
+Under torchrun (`torchrun --nproc-per-node 4 -m minisd eval ...`) the batches of missing images are shared out
+among the processes (batch i to rank i mod W, the batches one process would run: the same images, byte for
+byte), each process writes its own files, and rank 0 alone computes the metrics once all are on disk; the other
+processes exit without printing any. On the CPU in fp32 each process measures for itself whether oneDNN-prepared
+layers are faster (minisd.fast.choose_onednn), and the two kernels round differently in the last bits (images
+within 1/255); --no-prepack keeps the plain layers everywhere, for images equal byte for byte across runs.
+
 Then metrics.json, and one `name=value` line per metric printed last (what SageMaker-style metric regexes read):
   fid         Fréchet distance to --ref (a folder of images, a statistics .npz from `minisd fid --save-stats`, or
               `shapes`: 5000 real images of the tiny world, only with --features tiny); fid.py
@@ -34,7 +41,7 @@ from tqdm import tqdm
 
 from weights_convert.io import CheckpointError
 
-from . import diffusion, lora, samplers
+from . import diffusion, distributed, lora, samplers
 from .download import DownloadError
 from .images import a1111_parameters, save_png, to_pil
 from .metrics import fid as fid_mod
@@ -134,7 +141,8 @@ def generation_settings(args, prompts):
 
 
 def check_settings(out, settings):
-    """Write out/settings.json, or check that the one there matches (names say prompt and seed, not sampler)."""
+    """Write out/settings.json, or check that the one there matches (names say prompt and seed, not sampler).
+    Every process checks; rank 0 writes (atomically: another process reads the whole file or none)."""
     path = Path(out) / "settings.json"
     if path.is_file():
         old = json.loads(path.read_text())
@@ -143,19 +151,29 @@ def check_settings(out, settings):
             raise ValueError(f"{out} holds images made with other settings ({', '.join(changed)} differ: "
                              f"{ {k: old.get(k) for k in changed} } there); use another --out")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1) + "\n")
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".json.tmp").write_text(json.dumps(settings, indent=1) + "\n")
+        os.replace(path.with_suffix(".json.tmp"), path)
 
 
-def generate_missing(pipe, prompts, plan, folder, settings, batch_size, log=print):
-    """Generate the images of `plan` not yet in `folder`, batch_size at a time, with a progress bar."""
+def missing_batches(plan, folder, batch_size, log=print):
+    """The rows of `plan` not yet in `folder`, in batches of batch_size; under torchrun, this process's share of
+    those batches (batch i goes to rank i mod W)."""
     todo = [row for row in plan if not (folder / row[3]).is_file()]
     if len(todo) < len(plan):
         log(f"{len(plan) - len(todo)} of {len(plan)} images already in {folder}; generating the other {len(todo)}")
+    distributed.barrier()                   # every process has listed the folder before any image is added
+    return distributed.shard([todo[start:start + batch_size] for start in range(0, len(todo), batch_size)])
+
+
+def generate_missing(pipe, prompts, batches, folder, settings):
+    """Generate the images of `batches` (missing_batches), with a progress bar."""
     s = settings
-    with tqdm(total=len(todo), desc="images", unit="img", dynamic_ncols=True, disable=not todo) as bar:
-        for start in range(0, len(todo), batch_size):
-            rows = todo[start:start + batch_size]
+    total = sum(map(len, batches))
+    with tqdm(total=total, desc="images", unit="img", dynamic_ncols=True,
+              disable=not total or not distributed.is_main()) as bar:
+        for rows in batches:
             images = generate_batch(pipe, [prompts[p] for _, p, _, _ in rows], [seed for _, _, seed, _ in rows],
                                     s["negative_prompt"], s["steps"], s["cfg"], s["sampler"], s["schedule"], s["eta"],
                                     s["width"], s["height"])
@@ -258,6 +276,8 @@ def build_parser():
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--prediction", default="auto", choices=("auto", "eps", "v"))
     g.add_argument("--batch-size", type=int, default=8, help="images per sampling run (does not change any image)")
+    g.add_argument("--no-prepack", action="store_true", help="CPU: plain layers, no oneDNN-prepared ones (whose "
+                   "choice is measured per run and changes the last bits): the same bytes in every run")
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
     g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     g.add_argument("--threads", type=int, default=None,
@@ -281,22 +301,27 @@ def run(args, log=print):
         raise ValueError("--ref shapes is the tiny world's real images: use it with --features tiny")
     samplers.resolve(args.sampler or DEFAULT_SAMPLER, args.schedule)      # fail before the model loads
     prompts = read_prompts(args.prompts)
+    device = distributed.setup(args.device)     # joins the job under torchrun; rank 0 alone writes and prints
+    log = distributed.main_only(log)
     out = Path(args.out)
     settings = generation_settings(args, prompts)
     check_settings(out, settings)
     plan = image_plan(len(prompts), args.num_images, args.seed)
     folder = out / "images"
     t0 = time.time()
-    if any(not (folder / name).is_file() for *_, name in plan):
-        pipe = Pipeline.load(args.model, args.prediction, args.device, args.dtype, log=log)
+    batches = missing_batches(plan, folder, args.batch_size, log)
+    if batches:
+        pipe = Pipeline.load(args.model, args.prediction, str(device), args.dtype, log=log,
+                             prepack=not args.no_prepack)
         pipe.load_embeddings(args.embedding, args.embeddings_dir)
         pipe.set_loras([lora.parse_spec(spec) for spec in args.lora])
         pipe.lora_dir = args.lora_dir
-        args.metrics_device = str(pipe.device)
-        generate_missing(pipe, prompts, plan, folder, settings, args.batch_size, log)
+        generate_missing(pipe, prompts, batches, folder, settings)
         del pipe
-    else:
-        args.metrics_device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    args.metrics_device = str(device)
+    distributed.barrier()                   # every image is on disk
+    if not distributed.is_main():
+        return
     seconds = time.time() - t0
     files = [folder / name for *_, name in plan]
     values = compute_metrics(files, [prompts[p] for _, p, _, _ in plan], args, log)
@@ -316,6 +341,11 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
         print(f"minisd: error: {e}", file=sys.stderr)
         return 2
+    except distributed.PeerLost as e:
+        print(f"minisd: error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -192,8 +192,8 @@ def run_pair(tmp_path, model, method, accumulation=1, reference_overrides=None, 
             image_folder(tmp_path / "class", cfg.num_class_images, seed=3)
             streams.append(common.Stream(find_examples(cfg.class_dir, RES, cfg.class_prompt, log=lambda *_: None), 1))
 
-    def injected(k, generator, shape):
-        assert shape == tuple(draws[k].noise.shape), (shape, draws[k].noise.shape)
+    def injected(k, places, shape):            # one process: the places of the whole micro-batch, in order
+        assert list(places) == list(range(total)) and shape == tuple(draws[k].noise.shape), (places, shape)
         return draws[k]
     out = method.run(cfg, draws=injected, log=lambda *_: None)
     with open(tmp_path / "out" / "train_log.jsonl") as f:

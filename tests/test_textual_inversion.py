@@ -122,8 +122,8 @@ def run_pair(tmp_path, model, n, init_token="toy", reference=None, **options):
                                    max_train_steps=STEPS, learning_rate=LR, device="cpu", **options)
     draws = fixed_draws(STEPS, BATCH)
 
-    def injected(k, generator, shape):
-        assert shape == tuple(draws[k].noise.shape)
+    def injected(k, places, shape):            # one process: the places of the whole micro-batch, in order
+        assert list(places) == list(range(BATCH)) and shape == tuple(draws[k].noise.shape)
         return draws[k]
     out = textual_inversion.run(cfg, draws=injected, log=lambda *_: None)
     with open(tmp_path / "out" / "train_log.jsonl") as f:
@@ -131,12 +131,12 @@ def run_pair(tmp_path, model, n, init_token="toy", reference=None, **options):
     token, ours = embeddings.read(out)
     assert token == TOKEN and ours.shape == (n, SMALL_SD1.text.width)
 
-    # the batches of the run: the loop's generator for micro-batch k draws the templates, then the flips
+    # the batches of the run: each example's generator draws its template prompt, then its flip
     stream = common.Stream(find_examples(str(data), RES, textual_inversion.templates(TOKEN), log=lambda *_: None), 0)
     batches = []
     for k in range(STEPS):
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
-        pixels, _, captions = common.take(stream, k, cfg, RES, generator)
+        generators = [common.example_generator(cfg.seed, k, j) for j in range(BATCH)]
+        pixels, _, captions = common.take(stream, k, cfg, RES, generators)
         batches.append((pixels, captions))
     assert len({c for _, cs in batches for c in cs}) > 1, "the template prompts should vary"
     pipe = diffusers_from_single_file(ckpt, config, torch_dtype=torch.float32)
@@ -375,6 +375,8 @@ def test_templates_are_diffusers_lists_and_drawn_per_use():
     picked = {common.pick_caption(prompts, torch.Generator().manual_seed(s)) for s in range(40)}
     assert len(picked) > 5 and picked <= set(prompts)
     assert common.pick_caption("a caption", None) == "a caption"
+    with pytest.raises(ValueError, match="need a generator"):
+        common.pick_caption(prompts, None)
 
 
 # --- A1111's chunk rule: a word's vectors are not cut by the end of a 75-token chunk ---------------------------

@@ -1,7 +1,7 @@
 """Training: one loop (loop.py) that every method runs, and what differs between methods.
 
   loop.py        AdamW, the learning rate, gradient accumulation, mixed precision, an EMA copy, atomic
-                 checkpoints and exact resumption
+                 checkpoints and exact resumption; the gradient average over processes under torchrun
   lr.py          learning-rate schedules (diffusers' get_scheduler, plus floors and the tiny recipe's)
   loss.py        the noise-prediction objective, v targets, Min-SNR weights, DreamBooth's prior loss
   data.py        image folders with captions, and diffusers' preprocessing

@@ -5,6 +5,7 @@ import sys
 
 from weights_convert.io import CheckpointError
 
+from .. import distributed
 from ..download import DownloadError
 from . import dreambooth, finetune, textual_inversion
 from .common import SAVE_FORMATS, SCHEDULERS, FinetuneConfig
@@ -22,6 +23,8 @@ def _common(p, default_lr):
     p.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
     p.add_argument("--max-train-steps", type=int, default=d.max_train_steps, help="optimizer steps")
     p.add_argument("--learning-rate", type=float, default=default_lr)
+    p.add_argument("--scale-lr", action="store_true", help="learning rate x train batch size (per process) x "
+                   "gradient accumulation steps x processes, as diffusers' --scale_lr")
     p.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=SCHEDULERS)
     p.add_argument("--lr-warmup-steps", type=int, default=d.lr_warmup_steps)
     p.add_argument("--lr-cycles", type=float, default=None,
@@ -68,11 +71,10 @@ def build_parser():
     t.add_argument("--num-vectors", type=int, default=1, help="vectors the word stands for")
     t.add_argument("--learnable-property", default="object", choices=textual_inversion.PROPERTIES,
                    help="template prompts for images without captions")
-    t.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=True,
-                   help="learning rate x accumulation x batch x processes (default: on)")
+    t.add_argument("--no-scale-lr", action="store_false", dest="scale_lr", help="(--scale-lr is on by default)")
     t.add_argument("--no-random-flip", action="store_false", dest="random_flip", help="(flips are on by default)")
     _common(t, textual_inversion.DEFAULT_LR)
-    t.set_defaults(random_flip=True, max_train_steps=textual_inversion.DEFAULT_STEPS)
+    t.set_defaults(scale_lr=True, random_flip=True, max_train_steps=textual_inversion.DEFAULT_STEPS)
     return parser
 
 
@@ -90,6 +92,11 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
         print(f"minisd train: error: {e}", file=sys.stderr)
         return 2
+    except distributed.PeerLost as e:
+        print(f"minisd train: error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        distributed.shutdown()
     return 0
 
 

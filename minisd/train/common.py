@@ -10,9 +10,19 @@ One training step, as diffusers' train_dreambooth.py / train_text_to_image.py co
     x_t  = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     loss = finetune_loss(unet(x_t, t, text(c)), eps or v)      loss.py: SNR weights, prior preservation
 
-The four random draws (e, n, o, t) of micro-batch k come from its (seed, k) generator, in that order, after the
-batch's template prompts (textual inversion), crops and flips: `draw` below. A test can hand `fit` its own `draws` function to put the same numbers into
-a reference implementation.
+Every example of a batch has its own random numbers: the generator of example j of micro-batch k is seeded with
+(seed, k, j) (`example_generator`), and gives its template prompt (textual inversion), crop and flip, then its
+four draws (e, n, o, t) in that order (`draw`). j is the example's place in the whole micro-batch (instances 0 .. G-1, then DreamBooth's class examples
+G .. 2G-1, for a global batch of G), never a process's rank: so a batch split over several processes (torchrun,
+below) is made of the same examples with the same noise as the batch of one process. A test can hand `fit` its own
+`draws` function to put the same numbers into a reference implementation.
+
+Several processes (torchrun; minisd/distributed.py): --train-batch-size B is per process, as in diffusers, so
+micro-batch k holds G = B x W examples for W processes (and an optimizer step G x A, with A micro-batches): the
+same G examples as one process with --train-batch-size G, of which rank r takes places r*B .. r*B + B - 1 of each
+stream. Each process's loss is the mean over its B examples (DreamBooth: mse(its instances) + w mse(its class
+examples), equal halves), so the mean of the W losses and of their gradients, which the loop takes, is the loss
+and gradient of the whole batch: W processes with B each give the weights one process gives with B x W.
 """
 import dataclasses
 import functools
@@ -27,11 +37,12 @@ from tqdm import tqdm
 from weights_convert import detect, ldm, native
 from weights_convert.io import write_safetensors
 
+from .. import distributed
 from ..diffusion import alphas_cumprod_from_betas, q_sample, scaled_linear_betas
 from ..images import to_tensor
 from ..model import load_model, locate
 from ..pipeline import Pipeline
-from .data import check_resolution, load_image, make_batch, resize_and_crop
+from .data import check_resolution, load_image, resize_and_crop
 from .loop import TrainConfig, train
 from .loss import finetune_loss, min_snr_weights, training_target
 from .lr import check_schedule
@@ -56,7 +67,6 @@ class FinetuneConfig:
     init_token: str | None = None            # ... whose vectors start as this word's embedding ("toy")
     num_vectors: int = 1                     # ... how many vectors the word stands for
     learnable_property: str = "object"       # ... "object" or "style": the template prompts of uncaptioned images
-    scale_lr: bool = False                   # learning rate x accumulation x batch x processes (diffusers' --scale_lr)
     resolution: int | None = None            # None: the model's own size
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -83,6 +93,7 @@ class FinetuneConfig:
     device: str = "auto"
     resume: bool = False
     save_format: str = "single_file"
+    scale_lr: bool = False                   # learning rate x batch per process x accumulation x processes
     use_8bit_adam: bool = False
     max_grad_norm: float = 1.0
     adam_weight_decay: float = 1e-2
@@ -97,13 +108,24 @@ class Draws:
     timesteps: torch.Tensor          # (B,) long
 
 
+def example_generator(seed, k, j):
+    """The generator of example j of micro-batch k (module docstring)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + k) * 100_003 + j) % 2**63)
+
+
 def draw(generator, latent_shape, num_timesteps, noise_offset=0.0):
-    """Draws for one micro-batch, from its (seed, k) generator, on the CPU (the same numbers on any device)."""
+    """Draws for latent_shape[0] examples from one generator, on the CPU (the same numbers on any device)."""
     posterior = torch.randn(latent_shape, generator=generator)
     noise = torch.randn(latent_shape, generator=generator)
     offset = torch.randn(*latent_shape[:2], 1, 1, generator=generator) if noise_offset else None
     timesteps = torch.randint(0, num_timesteps, (latent_shape[0],), generator=generator)
     return Draws(posterior, noise, offset, timesteps)
+
+
+def concat_draws(parts):
+    """One Draws for a batch from the Draws of its examples, in order."""
+    return Draws(*(None if getattr(parts[0], f) is None else torch.cat([getattr(d, f) for d in parts])
+                   for f in ("posterior", "noise", "offset", "timesteps")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,20 +153,31 @@ class Stream:
 
 
 def pick_caption(caption, generator):
-    """An example's caption; a tuple holds alternatives (textual inversion's template prompts), one drawn per use."""
+    """An example's caption; a tuple holds alternatives (textual inversion's template prompts), one drawn per use
+    from the example's generator."""
     if isinstance(caption, str):
         return caption
+    if generator is None:
+        raise ValueError("template prompts need a generator per example")
     return caption[int(torch.randint(len(caption), (1,), generator=generator))]
 
 
-def take(source: Stream, k, cfg: FinetuneConfig, resolution, generator):
-    """(pixels or None, moments or None, captions) of micro-batch k from `source`."""
-    idx = batch_indices(len(source.examples), cfg.train_batch_size, k, cfg.seed, source.stream)
-    captions = [pick_caption(source.examples[i].caption, generator) for i in idx]
+def take(source: Stream, k, cfg: FinetuneConfig, resolution, generators=None, world=1, rank=0):
+    """(pixels or None, moments or None, captions) of this process's share of micro-batch k from `source`;
+    generators: one per example of the share (template prompts, crops and flips), or None for centre crops
+    without flips and fixed captions."""
+    b = cfg.train_batch_size
+    idx = batch_indices(len(source.examples), b * world, k, cfg.seed, source.stream)[rank * b:(rank + 1) * b]
+    if generators is None:
+        if not cfg.center_crop or cfg.random_flip:
+            raise ValueError("random crops and flips need a generator per example")
+        generators = [None] * len(idx)
+    captions = [pick_caption(source.examples[i].caption, g) for i, g in zip(idx, generators)]
     if source.cache is not None:
         return None, (source.cache[0][idx], source.cache[1][idx]), captions
-    pixels, _ = make_batch(source.examples, idx, resolution, cfg.center_crop, cfg.random_flip, generator)
-    return pixels, None, captions
+    images = [resize_and_crop(load_image(source.examples[i].path), resolution, cfg.center_crop, cfg.random_flip, g)
+              for i, g in zip(idx, generators)]
+    return to_tensor(images), None, captions
 
 
 @torch.no_grad()
@@ -226,9 +259,11 @@ def check(cfg: FinetuneConfig):
 
 
 def train_config(cfg: FinetuneConfig):
-    """The loop's settings for this run."""
+    """The loop's settings for this run; --scale-lr multiplies the rate by the examples of an optimizer step
+    (batch per process x accumulation x processes), as diffusers' --scale_lr does."""
+    scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * distributed.world_size() if cfg.scale_lr else 1
     return TrainConfig(
-        steps=cfg.max_train_steps, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay,
+        steps=cfg.max_train_steps, lr=cfg.learning_rate * scale, weight_decay=cfg.adam_weight_decay,
         lr_schedule=cfg.lr_scheduler, warmup_steps=cfg.lr_warmup_steps, cycles=cfg.lr_cycles,
         min_lr_ratio=cfg.lr_min_ratio, ema_decay=cfg.ema_decay if cfg.use_ema else 0.0,
         grad_clip=cfg.max_grad_norm, checkpoint_every=cfg.checkpointing_steps, seed=cfg.seed,
@@ -293,8 +328,8 @@ def write_model(model, source, cfg: FinetuneConfig, path):
 class Progress:
     """A tqdm bar with step, loss and lr; `validate(step)` after each step."""
 
-    def __init__(self, total, validate):
-        self.bar = tqdm(total=total, desc="train", dynamic_ncols=True, mininterval=1.0)
+    def __init__(self, total, validate, disable=False):
+        self.bar = tqdm(total=total, desc="train", dynamic_ncols=True, mininterval=1.0, disable=disable)
         self.validate = validate
 
     def __call__(self, step, loss, lr):
@@ -328,13 +363,17 @@ def validation_images(model, cfg: FinetuneConfig, resolution, step, out, device,
 def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None, log=print, trainable=None,
         save=None, embeddings=None):
     """Train `model` on batches from `streams` (one, or DreamBooth's instance and class streams), write the run
-    folder, and return the path of the file written. `draws(k, generator, latent_shape)` replaces `draw` (tests).
+    folder, and return the path of the file written. `draws(k, places, latent_shape)` replaces the draws of the
+    examples at `places`, their places j in micro-batch k (module docstring) (tests).
 
     What trains and what is written are the method's: `trainable(model, cfg)` gives the {name: Parameter} to
     optimise (default: trainable_parameters, the U-Net and maybe the text encoder) and `save(model, weights, cfg)`
     writes the result and returns its path (default: save_model, the whole model in the official layout).
     `weights` are the final values of the trainable tensors, EMA ones with --use-ema. `embeddings`: textual-inversion
-    words (embeddings.Embeddings) that captions and validation prompts may use."""
+    words (embeddings.Embeddings) that captions and validation prompts may use.
+
+    Under torchrun (distributed.setup joined the job) each process trains on its share of every batch and rank 0
+    alone writes files; the others return the same path once it is written."""
     resolution = cfg.resolution or model.config.image_size
     factor = 2 ** (len(model.config.vae.ch_mult) - 1)
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
@@ -342,14 +381,21 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
     if os.path.exists(ckpt_file) and not cfg.resume:
         raise ValueError(f"{cfg.out} already holds a checkpoint ({ckpt_file}); pass --resume to continue it or "
                          f"choose another --out")
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "args.json"), "w") as f:
-        json.dump({"method": method, **dataclasses.asdict(cfg)}, f, indent=1)
+    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    log = distributed.main_only(log)
     log_path = os.path.join(cfg.out, "train_log.jsonl")
-    if not cfg.resume and os.path.exists(log_path):
-        os.remove(log_path)
+    if main:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "args.json"), "w") as f:
+            json.dump({"method": method, "processes": world, **dataclasses.asdict(cfg)}, f, indent=1)
+        if not cfg.resume and os.path.exists(log_path):
+            os.remove(log_path)
     if cfg.resume and not os.path.exists(ckpt_file):
         log(f"no checkpoint in {ckpt_dir}: starting from step 0")
+    if world > 1:
+        b, a = cfg.train_batch_size, cfg.gradient_accumulation_steps
+        log(f"{world} processes x batch {b} x {a} accumulation = {b * a * world} examples per optimizer step"
+            + (f"; --scale-lr: learning rate {train_config(cfg).lr:g}" if cfg.scale_lr else ""))
 
     mc = model.config
     alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas(mc.beta_start, mc.beta_end, mc.num_timesteps))
@@ -361,19 +407,26 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
     model.text_encoder.gradient_checkpointing = cfg.gradient_checkpointing and text_in_backward(cfg)
     trainable = (trainable or trainable_parameters)(model, cfg)
     n_instance = cfg.train_batch_size if len(streams) > 1 else None
-    draws = draws or (lambda k, generator, shape: draw(generator, shape, mc.num_timesteps, cfg.noise_offset))
+    b, whole = cfg.train_batch_size, cfg.train_batch_size * world      # per process; the whole micro-batch
+    # places of this process's examples in micro-batch k: its share of each stream's part (instances, class)
+    places = [[part * whole + rank * b + i for i in range(b)] for part in range(len(streams))]
 
-    def loss_fn(k, generator):
-        parts = [take(s, k, cfg, resolution, generator) for s in streams]       # instances first, then class
+    def loss_fn(k, _generator):                 # the loop's (seed, k) generator: each example has its own here
+        generators = {j: example_generator(cfg.seed, k, j) for js in places for j in js}
+        parts = [take(s, k, cfg, resolution, [generators[j] for j in js], world, rank)
+                 for s, js in zip(streams, places)]                             # instances first, then class
         captions = [c for _, _, cs in parts for c in cs]
         if parts[0][1] is not None:
             pixels, moments = None, tuple(torch.cat([p[1][i] for p in parts]).to(device) for i in (0, 1))
-            batch = moments[0].shape[0]
         else:
             pixels, moments = torch.cat([p[0] for p in parts]), None
-            batch = pixels.shape[0]
-        shape = (batch, mc.unet.in_channels, resolution // factor, resolution // factor)
-        d = draws(k, generator, shape)
+        mine = [j for js in places for j in js]
+        shape = (len(mine), mc.unet.in_channels, resolution // factor, resolution // factor)
+        if draws is not None:
+            d = draws(k, mine, shape)
+        else:
+            d = concat_draws([draw(generators[j], (1, *shape[1:]), mc.num_timesteps, cfg.noise_offset)
+                              for j in mine])
         encode = (lambda text: embeddings.tokenize(text, model.tokenizer.encode)) if embeddings else None
         return step_loss(model, pixels, moments, model.tokenizer(captions, encode), d, alphas_cumprod, cfg,
                          n_instance, embeddings)
@@ -385,21 +438,29 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "validation": paths}) + "\n")
 
-    progress = Progress(cfg.max_train_steps, validate)
+    progress = Progress(cfg.max_train_steps, validate, disable=not main)
     t0 = time.time()
-    weights = train(model, trainable, loss_fn, train_config(cfg), ckpt_dir, method, on_step=progress,
-                    log=progress.bar.write, log_path=log_path)
-    progress.close()
+    try:
+        weights = train(model, trainable, loss_fn, train_config(cfg), ckpt_dir, method, on_step=progress,
+                        log=progress.bar.write, log_path=log_path, data_parallel=True)
+    finally:
+        progress.close()                        # an error message then starts on a line of its own
     model.requires_grad_(False).eval()
-    path = (save or functools.partial(save_model, source=source))(model, weights, cfg)
-    result = {"method": method, "steps": cfg.max_train_steps, "seconds": round(time.time() - t0, 1),
-              "model": path, "last_loss": _last_loss(log_path)}
-    if cfg.validation_prompts:
-        result["validation"] = validation_images(model, cfg, resolution, cfg.max_train_steps, cfg.out, device,
+    path = None
+    if main:
+        path = (save or functools.partial(save_model, source=source))(model, weights, cfg)
+        result = {"method": method, "steps": cfg.max_train_steps, "seconds": round(time.time() - t0, 1),
+                  "model": path, "last_loss": _last_loss(log_path), "processes": world}
+        if cfg.validation_prompts:
+            result["validation"] = validation_images(model, cfg, resolution, cfg.max_train_steps, cfg.out, device,
                                                      embeddings)
-    with open(os.path.join(cfg.out, "result.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    log(f"wrote {path}")
+        with open(os.path.join(cfg.out, "result.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        log(f"wrote {path}")
+    if world > 1:
+        box = [path]
+        distributed.broadcast_object(box)       # the others wait for the file, and learn its name
+        path = box[0]
     return path
 
 

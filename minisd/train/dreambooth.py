@@ -16,7 +16,8 @@ import os
 import torch
 from tqdm import tqdm
 
-from ..pipeline import Pipeline, pick_device
+from .. import distributed
+from ..pipeline import Pipeline
 from .common import FinetuneConfig, Stream, check, fit, load
 from .data import IMAGE_EXTENSIONS, find_examples
 
@@ -32,17 +33,22 @@ def class_images(folder):
 
 def generate_class_images(model, cfg: FinetuneConfig, resolution, device, log=print):
     """Fill cfg.class_dir up to cfg.num_class_images with images of cfg.class_prompt. Image i is drawn with seed
-    cfg.seed + i and written as class-{i:05d}.png, so what a rerun adds does not depend on what was there."""
+    cfg.seed + i and written as class-{i:05d}.png, so what a rerun adds does not depend on what was there.
+
+    Under torchrun the missing images are shared out by index (rank r draws every W-th), and every process
+    waits until all of them are written; each image is the same whichever process draws it."""
     os.makedirs(cfg.class_dir, exist_ok=True)
     have = len(class_images(cfg.class_dir))
     missing = cfg.num_class_images - have
     if missing <= 0:
         return
     log(f"generating {missing} class images of {cfg.class_prompt!r} into {cfg.class_dir} ({have} there)")
-    pipe = Pipeline(model, device, torch.float32, log=lambda *_: None)
     todo = [i for i in range(cfg.num_class_images + have)
             if not os.path.exists(os.path.join(cfg.class_dir, f"class-{i:05d}.png"))][:missing]
-    with tqdm(total=missing, desc="class images", unit="image") as bar:
+    distributed.barrier()                       # every process has listed the folder before any image is added
+    todo = distributed.shard(todo)
+    pipe = Pipeline(model, device, torch.float32, log=lambda *_: None)
+    with tqdm(total=len(todo), desc="class images", unit="image", disable=not distributed.is_main()) as bar:
         for i in todo:          # one call per image: its seed alone decides it, whatever else is generated
             image = pipe.generate(cfg.class_prompt, seed=cfg.seed + i, width=resolution, height=resolution)
             path = os.path.join(cfg.class_dir, f"class-{i:05d}.png")
@@ -51,6 +57,7 @@ def generate_class_images(model, cfg: FinetuneConfig, resolution, device, log=pr
             bar.update(1)
     model.unet.to(memory_format=torch.contiguous_format)
     model.vae.to(memory_format=torch.contiguous_format)
+    distributed.barrier()                       # all images are on disk before any process lists the folder
 
 
 def run(cfg: FinetuneConfig, draws=None, log=print):
@@ -67,7 +74,8 @@ def run(cfg: FinetuneConfig, draws=None, log=print):
         raise ValueError("--class-dir is only used with --class-prompt (prior preservation)")
     if prior and cfg.num_class_images < 1:
         raise ValueError(f"--num-class-images must be >= 1, got {cfg.num_class_images}")
-    device = pick_device(cfg.device)
+    device = distributed.setup(cfg.device)
+    log = distributed.main_only(log)
     model, source = load(cfg, device, log)
     resolution = cfg.resolution or model.config.image_size
     # captions: the instance prompt, unless an image has its own (NAME.txt / metadata.jsonl)

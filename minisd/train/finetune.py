@@ -7,7 +7,7 @@ images in --data, each with its caption (NAME.txt or metadata.jsonl; data.py). c
 """
 import dataclasses
 
-from ..pipeline import pick_device
+from .. import distributed
 from .common import FinetuneConfig, Stream, check, fit, load
 from .data import find_examples
 
@@ -19,7 +19,8 @@ def run(cfg: FinetuneConfig, draws=None, log=print):
     check(cfg)
     if not cfg.data:
         raise ValueError("finetune needs --data DIR (a folder of images with captions)")
-    device = pick_device(cfg.device)
+    device = distributed.setup(cfg.device)
+    log = distributed.main_only(log)
     model, source = load(cfg, device, log)
     resolution = cfg.resolution or model.config.image_size
     examples = find_examples(cfg.data, resolution, log=log)

@@ -12,6 +12,21 @@ therefore only has to hold the weights, the optimizer state, the loss scaler, th
 Arithmetic, as diffusers' training scripts do it under accelerate: each micro-batch's loss is divided by A before
 backward (so A micro-batches of B give the gradient of one batch of A*B), the summed gradient is clipped once, and
 the learning-rate schedule counts optimizer steps, not micro-batches.
+
+Data-parallel (`data_parallel=True`, several processes started by torchrun; distributed.py): each process runs
+loss_fn on its share of micro-batch k and, once per optimizer step, after the last micro-batch, the gradients of
+exactly the `trainable` tensors are averaged over the processes (flattened into buckets, one all-reduce each);
+then every process unscales, clips and steps on the same averaged gradient, so the weights stay equal without
+ever being sent. This is what torch's DistributedDataParallel computes, written out: DDP would overlap the
+all-reduce with the backward pass (it starts on a bucket as soon as its gradients are ready) and needs
+`no_sync()` to skip the all-reduces of the first A - 1 micro-batches; here the all-reduce waits for the backward
+to end. The cost is that wait, once per optimizer step: a ring all-reduce sends 2 (W - 1) / W x the trainable
+bytes over each link, 3.4 GB of fp32 gradients for the SD U-Net, i.e. some tens of ms over NVLink and about half
+a second over a 100 Gb/s network between machines (estimates from the link speeds, not measured here;
+bench/ddp_scaling.py measures it), paid once per A micro-batches with gradient accumulation. What it buys: the
+module is not wrapped, so state-dict names, checkpoints and the EMA are those of one process, and LoRA or Textual
+Inversion synchronise their few tensors and nothing else. Rank 0 alone writes the checkpoint and the log; every
+process resumes from the same checkpoint file (so --out must be on a file system every machine sees).
 """
 import json
 import os
@@ -22,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
 from .lr import learning_rate
 
 OPTIMIZERS = ("adamw_fused", "adamw", "adamw_8bit")
@@ -138,7 +154,7 @@ def _truncate_log(path, steps):
 
 
 def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_step=None, log=print,
-          log_path=None):
+          log_path=None, data_parallel=False):
     """Minimise loss_fn(k, generator) over the tensors in `trainable` ({name: nn.Parameter}); k counts
     micro-batches (k = step with no gradient accumulation) and the generator is seeded with (seed, k).
 
@@ -147,12 +163,22 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
     are returned as a {name: tensor} dict. `on_step(step, loss, lr)` may draw a progress bar or sample grids;
     `loss` is the mean over the step's micro-batches and `lr` the rate the step used. log_path: a JSON-lines file
     that gets {"step", "loss", "lr", "seconds"} after each optimizer step (step counts from 1).
+
+    data_parallel: loss_fn(k, generator) computes this process's share of micro-batch k (equal shares), gradients
+    and the logged loss are averaged over the processes, and only rank 0 writes files and calls on_step and log
+    (module docstring). With one process it changes nothing.
     """
     device = next(iter(trainable.values())).device
     check_config(cfg, device)
+    parallel = data_parallel and distributed.world_size() > 1
+    main = not parallel or distributed.is_main()
+    if not main:
+        on_step, log, log_path = None, lambda *_: None, None
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, f"{name}.ckpt.pt")
     params = list(trainable.values())
+    if parallel:
+        distributed.broadcast_(params, device)        # rank 0's initial values everywhere (before the EMA copies)
     groups = param_groups(trainable, cfg)
     opt = make_optimizer([{"params": ps} for _, ps in groups], cfg)
     # fp16 gradients underflow: scale the loss up, unscale before clipping, skip steps that overflowed
@@ -173,6 +199,11 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
             ema.num_updates = state["ema_updates"]
         start = state["step"]
         log(f"resumed {name} from step {start}")
+    if parallel:
+        first, last = distributed.agree(start, device)
+        if first != last:
+            raise ValueError(f"the processes of this job resume from different steps ({first} to {last}) in "
+                             f"{out_dir}: --out must be a folder every machine sees")
     if log_path is not None:
         _truncate_log(log_path, start)
 
@@ -192,6 +223,8 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
             scaled = loss / cfg.grad_accum if cfg.grad_accum > 1 else loss
             scaler.scale(scaled).backward()
             total += loss.item()
+        if parallel:
+            distributed.average_gradients(params)     # once per optimizer step, before unscaling and clipping
         if cfg.grad_clip:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -200,13 +233,15 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
         if ema is not None:
             ema.update(trainable)
         mean_loss = total / cfg.grad_accum
+        if parallel:
+            mean_loss = distributed.mean(mean_loss, device)
         if log_path is not None:
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step + 1, "loss": mean_loss, "lr": lr,
                                     "seconds": round(time.time() - t0, 3)}) + "\n")
         if on_step is not None:
             on_step(step, mean_loss, lr)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        if main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             atomic_save({
                 "params": {k: p.detach() for k, p in trainable.items()},
                 "optimizer": opt.state_dict(),

@@ -99,14 +99,6 @@ def check_words(cfg: FinetuneConfig, tokenizer):
     return init_ids[0]
 
 
-def learning_rate(cfg: FinetuneConfig):
-    """diffusers' --scale_lr: the rate grows with the examples per optimizer step. torchrun sets WORLD_SIZE."""
-    if not cfg.scale_lr:
-        return cfg.learning_rate
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    return cfg.learning_rate * cfg.gradient_accumulation_steps * cfg.train_batch_size * processes
-
-
 def file_stem(token):
     """A1111 names an embedding after its file: "<cat-toy>" -> cat-toy.safetensors."""
     stem = re.sub(r"[^\w\-.]+", "", token).strip(".") or "embedding"
@@ -141,12 +133,6 @@ def run(cfg: FinetuneConfig, draws=None, log=print):
     if unnamed:
         raise ValueError(f"the caption of {unnamed[0].path} does not name {cfg.token!r} ({len(unnamed)} such); "
                          f"put the word in every caption, or remove the captions to train with template prompts")
-    lr = learning_rate(cfg)
-    if lr != cfg.learning_rate:
-        log(f"learning rate {cfg.learning_rate:g} x {cfg.gradient_accumulation_steps} accumulation x "
-            f"{cfg.train_batch_size} batch x processes = {lr:g} (--scale-lr)")
-        cfg = dataclasses.replace(cfg, learning_rate=lr)
-
     # the new word's vectors: its own Parameter, every vector starting as the init token's row (as diffusers does)
     with torch.no_grad():
         start = model.text_encoder.token_embedding.weight[init_id].float().repeat(cfg.num_vectors, 1)
