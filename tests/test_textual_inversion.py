@@ -279,6 +279,38 @@ def test_a_resumed_run_ends_bit_identical(tmp_path):
     assert [e["step"] for e in log] == [1, 2, 3, 4]
 
 
+def test_two_processes_of_batch_1_learn_what_one_process_of_batch_2_learns(tmp_path):
+    """torchrun (2 CPU processes, gloo): each example keeps its template prompt, flip and noise, the vectors'
+    gradient is averaged, --scale-lr counts the processes; 1e-5 relative, as tests/test_distributed.py."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    data = image_folder(tmp_path / "data", 3, seed=13)
+    args = lambda out, batch: ["train", "textual-inversion", "--data", str(data), "--token", "<w>", "--init-token",
+                               "red", "--num-vectors", "2", "--train-batch-size", str(batch), "--max-train-steps",
+                               "4", "--device", "cpu", "--out", str(tmp_path / out)]
+    from minisd.cli import main
+    assert main(args("one", 2)) == 0
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "minisd", *args("two", 1)], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = (embeddings.read(tmp_path / d / "learned_embeds.safetensors")[1] for d in ("one", "two"))
+    from minisd.model import tiny_model_path
+    tiny = load_model(tiny_model_path(), verbose=False)
+    start = tiny.text_encoder.token_embedding.weight[tiny.tokenizer.encode("red")[0]].detach().expand(2, -1)
+    assert ((one - start).norm() / one.norm()).item() > 100 * 1e-5, "the vectors hardly moved"
+    err = ((two - one).norm() / one.norm()).item()
+    losses = [[e["loss"] for e in map(json.loads, open(tmp_path / d / "train_log.jsonl")) if "loss" in e]
+              for d in ("one", "two")]
+    print(f"[ddp] learned rows rel err {err:.2e}; losses {losses}")
+    assert len(losses[0]) == len(losses[1]) == 4
+    assert max(abs(a - b) / abs(a) for a, b in zip(*losses)) <= 1e-5
+    assert err <= 1e-5
+
+
 def test_bf16_mixed_precision_trains_the_vectors_in_fp32(tmp_path):
     v = tiny_run(tmp_path, "bf16", max_train_steps=2, mixed_precision="bf16")
     assert v.dtype == torch.float32 and torch.isfinite(v).all()

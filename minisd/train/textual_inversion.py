@@ -37,8 +37,8 @@ import re
 
 import torch
 
+from .. import distributed
 from ..embeddings import Embeddings, save_a1111, save_diffusers
-from ..pipeline import pick_device
 from .common import FinetuneConfig, Stream, check, fit, load
 from .data import find_examples
 
@@ -124,7 +124,8 @@ def run(cfg: FinetuneConfig, draws=None, log=print):
         raise ValueError("textual-inversion needs --data DIR (a folder of images of the concept)")
     if cfg.train_text_encoder:
         raise ValueError("--train-text-encoder does not apply to textual-inversion: only the new vectors train")
-    device = pick_device(cfg.device)
+    device = distributed.setup(cfg.device)         # under torchrun: this process's device, the job joined
+    log = distributed.main_only(log)
     model, source = load(cfg, device, log)
     init_id = check_words(cfg, model.tokenizer)
     resolution = cfg.resolution or model.config.image_size
