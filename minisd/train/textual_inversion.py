@@ -134,6 +134,7 @@ def run(cfg: FinetuneConfig, draws=None, log=print):
     if unnamed:
         raise ValueError(f"the caption of {unnamed[0].path} does not name {cfg.token!r} ({len(unnamed)} such); "
                          f"put the word in every caption, or remove the captions to train with template prompts")
+
     # the new word's vectors: its own Parameter, every vector starting as the init token's row (as diffusers does)
     with torch.no_grad():
         start = model.text_encoder.token_embedding.weight[init_id].float().repeat(cfg.num_vectors, 1)
