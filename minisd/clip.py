@@ -93,22 +93,32 @@ class TextEncoder(AttentionSettings, nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         self.gradient_checkpointing = False     # training only: recompute each layer in backward (unet.py)
 
-    def forward(self, tokens, clip_skip=1):
+    def forward(self, tokens, clip_skip=1, extra=None):
         """clip_skip=1: the last computed layer, then ln_final (what SD conditions on). clip_skip=k: the output
         of the layer k-1 before it, then ln_final (A1111's "CLIP skip"; 2 is common with anime SD1 models).
-        For SD2 the last computed layer already is OpenCLIP-H's penultimate one."""
+        For SD2 the last computed layer already is OpenCLIP-H's penultimate one.
+
+        extra: (n, width) vectors for the ids vocab_size .. vocab_size + n - 1, textual-inversion words
+        (embeddings.py): looked up there instead of in the token table, as if they were rows appended to it
+        (what diffusers does with resize_token_embeddings). Gradients flow into them (textual_inversion.py)."""
         n_layers = len(self.transformer.resblocks)
         if not (isinstance(tokens, torch.Tensor) and tokens.ndim == 2 and not tokens.is_floating_point()):
             raise ValueError(f"tokens must be an integer tensor of shape (B, N), got "
                              f"{getattr(tokens, 'shape', type(tokens).__name__)}")
         if not 1 <= tokens.shape[1] <= self.cfg.context_length:
             raise ValueError(f"{tokens.shape[1]} tokens; the text encoder takes 1..{self.cfg.context_length}")
-        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.cfg.vocab_size:
-            raise ValueError(f"token ids must lie in 0..{self.cfg.vocab_size - 1}")
+        n_ids = self.cfg.vocab_size + (0 if extra is None else len(extra))
+        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < n_ids:
+            raise ValueError(f"token ids must lie in 0..{n_ids - 1}")
         if not (isinstance(clip_skip, int) and 1 <= clip_skip <= n_layers):
             raise ValueError(f"clip_skip must be an integer in 1..{n_layers}, got {clip_skip!r}")
 
-        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]   # (B, N, width)
+        vocab = self.cfg.vocab_size
+        x = self.token_embedding(tokens.clamp(max=vocab - 1))                              # (B, N, width)
+        if extra is not None:
+            rows = extra.to(x)[(tokens - vocab).clamp(min=0)]                             # (B, N, width)
+            x = torch.where((tokens >= vocab)[..., None], rows, x)
+        x = x + self.positional_embedding[:tokens.shape[1]]
         for block in self.transformer.resblocks[:n_layers - (clip_skip - 1)]:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)

@@ -22,9 +22,9 @@ How the word is found in a prompt: the prompt text is cut at each occurrence of 
 inside a longer word), the text around it tokenized as usual and the word itself becomes n ids past the end of
 CLIP's vocabulary (49408, 49409, ...), which `encode` looks up in the embeddings instead of the token table.
 That is diffusers' tokenization (an added token splits the text; the multi-vector "<cat-toy>" becomes
-"<cat-toy> <cat-toy>_1 ...") and A1111's for words typed apart from their neighbours. One A1111 rule is not
-copied: A1111 moves an embedding that would straddle the 75-token chunk boundary into the next chunk; here its
-vectors are cut like any other tokens.
+"<cat-toy> <cat-toy>_1 ...") and A1111's for words typed apart from their neighbours. A word whose vectors would
+straddle the end of a 75-token chunk starts the next chunk, as in A1111 (`spans`, prompts.chunk_tokens); diffusers
+has no chunks and truncates at 77.
 """
 import os
 import re
@@ -146,20 +146,16 @@ class Embeddings:
             start = m.end()
         return ids + encode(text[start:])
 
+    def spans(self):
+        """{id of a word's first vector: its number of vectors}: what a prompt chunk keeps together."""
+        return {self.first_id[t]: len(v) for t, v in self.vectors.items()}
+
     def table(self):
         """All vectors, in id order: row k is id vocab_size + k."""
         return torch.cat(list(self.vectors.values())) if self.vectors else None
 
-    def encode(self, text_encoder, ids):
-        """text_encoder(ids), with ids >= vocab_size looked up in the embeddings (what diffusers does by appending
-        rows to the token table). The rest is TextEncoder.forward at clip_skip=1, spelled out here because the
-        lookup sits at its start."""
+    def encode(self, text_encoder, ids, clip_skip=1):
+        """text_encoder(ids), with ids >= vocab_size looked up in the embeddings (TextEncoder.forward's `extra`)."""
         if not self.vectors or int(ids.max()) < self.vocab_size:
-            return text_encoder(ids)
-        new = ids >= self.vocab_size
-        x = text_encoder.token_embedding(ids.masked_fill(new, 0))                  # (B, N, width)
-        x[new] = self.table().to(x)[ids[new] - self.vocab_size]
-        x = x + text_encoder.positional_embedding[:ids.shape[1]]
-        for block in text_encoder.transformer.resblocks:
-            x = block(x)
-        return text_encoder.ln_final(x)
+            return text_encoder(ids, clip_skip)
+        return text_encoder(ids, clip_skip, extra=self.table())

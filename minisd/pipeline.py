@@ -173,7 +173,7 @@ class Pipeline:
         loaded textual-inversion embeddings become their vectors (embeddings.py)."""
         encode = lambda text: self.embeddings.tokenize(text, self.model.tokenizer.encode)
         c_ids, c_w, u_ids, u_w = prompt_pair_tokens(self.model.tokenizer, prompt, negative_prompt, emphasis,
-                                                    encode=encode)
+                                                    encode=encode, words=self.embeddings.spans())
         # one pass per prompt (as diffusers does): half the working memory of one batch of both, at the same speed
         encoder = self.model.text_encoder
         z = torch.cat([self.embeddings.encode(encoder, ids.to(self.device)) for ids in (c_ids, u_ids)])

@@ -126,7 +126,7 @@ def tokenize_weighted(text: str, encode, emphasis: bool = True) -> tuple[list[in
 
 
 def chunk_tokens(token_ids, weights, pad_id: int, chunk_len: int = CHUNK_LEN, backtrack: int = BACKTRACK,
-                 comma_id: int = COMMA_ID) -> tuple[torch.Tensor, torch.Tensor]:
+                 comma_id: int = COMMA_ID, words=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut a weighted token stream into chunks of `chunk_len` tokens, each framed as BOS + chunk + EOS +
     padding. Returns ids LongTensor (n, chunk_len + 2) and weights FloatTensor (n, chunk_len + 2); BOS, EOS
     and padding get weight 1.0. An empty prompt is one chunk: BOS, EOS, padding.
@@ -135,6 +135,10 @@ def chunk_tokens(token_ids, weights, pad_id: int, chunk_len: int = CHUNK_LEN, ba
     a chunk is full and the next token is not a comma, the tokens after the chunk's last comma move to the
     next chunk if there are at most `backtrack` of them, so a phrase is not cut in half; the chunk is padded
     instead. backtrack=0 turns this off. BREAK_ID in the stream closes the chunk (even an empty one).
+
+    words: {id: n} of the textual-inversion words in the stream (Embeddings.spans): the id of a word's first
+    vector and how many it has. A word that would straddle the end of a chunk starts the next one instead, the
+    chunk padded, as A1111 does (tokenize_line: "if len(chunk.tokens) + emb_len > self.chunk_length").
     """
     token_ids, weights = list(token_ids), list(weights)
     if len(token_ids) != len(weights):
@@ -162,6 +166,9 @@ def chunk_tokens(token_ids, weights, pad_id: int, chunk_len: int = CHUNK_LEN, ba
             ids, ws = carried
         if len(ids) == chunk_len:
             close_chunk()
+        n = (words or {}).get(token, 0)
+        if ids and n <= chunk_len and len(ids) + n > chunk_len:
+            close_chunk()
         ids.append(token)
         ws.append(weight)
     if ids or not chunks:
@@ -186,21 +193,22 @@ def pad_chunks(ids: torch.Tensor, weights: torch.Tensor, n_chunks: int, pad_id: 
             torch.cat([weights, empty_weights.expand(missing, -1)]))
 
 
-def prompt_tokens(tokenizer, text: str, emphasis: bool = True, backtrack: int = BACKTRACK, encode=None):
+def prompt_tokens(tokenizer, text: str, emphasis: bool = True, backtrack: int = BACKTRACK, encode=None, words=None):
     """Prompt -> (ids (n, 77), weights (n, 77)) with minisd's Tokenizer (its encode and pad_id). `encode`
-    replaces tokenizer.encode (the pipeline's, which also knows textual-inversion words: embeddings.py)."""
+    replaces tokenizer.encode (the pipeline's, which also knows textual-inversion words: embeddings.py) and
+    `words` says where those words' ids start (chunk_tokens)."""
     ids, weights = tokenize_weighted(text, encode or tokenizer.encode, emphasis)
-    return chunk_tokens(ids, weights, tokenizer.pad_id, backtrack=backtrack)
+    return chunk_tokens(ids, weights, tokenizer.pad_id, backtrack=backtrack, words=words)
 
 
 def prompt_pair_tokens(tokenizer, prompt: str, negative_prompt: str, emphasis: bool = True,
-                       backtrack: int = BACKTRACK, encode=None):
+                       backtrack: int = BACKTRACK, encode=None, words=None):
     """Positive and negative prompt as chunks, the shorter padded with empty chunks to the other's count.
 
     A1111 instead encodes the two separately with different lengths (or, with its "pad prompt/negative prompt"
     option, pads with encoded empty prompts as here); padding lets one U-Net call take both."""
-    cond = prompt_tokens(tokenizer, prompt, emphasis, backtrack, encode)
-    uncond = prompt_tokens(tokenizer, negative_prompt, emphasis, backtrack, encode)
+    cond = prompt_tokens(tokenizer, prompt, emphasis, backtrack, encode, words)
+    uncond = prompt_tokens(tokenizer, negative_prompt, emphasis, backtrack, encode, words)
     n = max(cond[0].shape[0], uncond[0].shape[0])
     return (*pad_chunks(*cond, n, tokenizer.pad_id), *pad_chunks(*uncond, n, tokenizer.pad_id))
 

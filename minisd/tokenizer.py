@@ -184,8 +184,9 @@ class Tokenizer:
             ids.extend(self.encoder[symbol] for symbol in self.bpe(word))
         return ids
 
-    def __call__(self, texts):
-        """str or list of str -> LongTensor (B, 77): BOS, ids, EOS, then pad_id; too long -> truncated, EOS last."""
+    def __call__(self, texts, encode=None):
+        """str or list of str -> LongTensor (B, 77): BOS, ids, EOS, then pad_id; too long -> truncated, EOS last.
+        `encode` replaces self.encode (one that also knows textual-inversion words: embeddings.py)."""
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
@@ -193,7 +194,7 @@ class Tokenizer:
         n = self.context_length
         tokens = torch.full((len(texts), n), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
-            ids = [BOS, *self.encode(text)][:n - 1] + [EOS]
+            ids = [BOS, *(encode or self.encode)(text)][:n - 1] + [EOS]
             tokens[row, :len(ids)] = torch.tensor(ids)
         return tokens
 

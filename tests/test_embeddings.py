@@ -132,8 +132,8 @@ def test_embedding_parity_can_fail(sd1, tmp_path):
 
 
 def test_vectors_enter_the_text_encoder_as_token_rows_would():
-    """Embeddings.encode spells out TextEncoder.forward; an embedding equal to some tokens' rows must give exactly
-    what those tokens give."""
+    """TextEncoder.forward's `extra` rows stand in for token rows: an embedding equal to some tokens' rows must give
+    exactly what those tokens give."""
     from minisd.clip import TextEncoder
     torch.manual_seed(0)
     enc = TextEncoder(SMALL_SD1.text).eval()

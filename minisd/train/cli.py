@@ -1,4 +1,4 @@
-"""`minisd train finetune ...` and `minisd train dreambooth ...`: argument parsing only (diffusers' flag names,
+"""`minisd train finetune | dreambooth | textual-inversion ...`: argument parsing only (diffusers' flag names,
 with dashes). Each flag fills a field of common.FinetuneConfig of the same name; the methods do the rest."""
 import argparse
 import sys
@@ -7,10 +7,10 @@ from weights_convert.io import CheckpointError
 
 from .. import distributed
 from ..download import DownloadError
-from . import dreambooth, finetune
+from . import dreambooth, finetune, textual_inversion
 from .common import SAVE_FORMATS, SCHEDULERS, FinetuneConfig
 
-METHODS = {"finetune": finetune, "dreambooth": dreambooth}
+METHODS = {"finetune": finetune, "dreambooth": dreambooth, "textual-inversion": textual_inversion}
 
 
 def _common(p, default_lr):
@@ -64,6 +64,17 @@ def build_parser():
     b.add_argument("--num-class-images", type=int, default=100)
     b.add_argument("--prior-loss-weight", type=float, default=1.0)
     _common(b, dreambooth.DEFAULT_LR)
+    t = sub.add_parser("textual-inversion", help="Textual Inversion: a new word's vectors, the model frozen")
+    t.add_argument("--data", required=True, help="images of the concept (captions naming --token optional)")
+    t.add_argument("--token", required=True, help="the new word, e.g. \"<cat-toy>\"")
+    t.add_argument("--init-token", required=True, help="a one-token word the vectors start from, e.g. toy")
+    t.add_argument("--num-vectors", type=int, default=1, help="vectors the word stands for")
+    t.add_argument("--learnable-property", default="object", choices=textual_inversion.PROPERTIES,
+                   help="template prompts for images without captions")
+    t.add_argument("--no-scale-lr", action="store_false", dest="scale_lr", help="(--scale-lr is on by default)")
+    t.add_argument("--no-random-flip", action="store_false", dest="random_flip", help="(flips are on by default)")
+    _common(t, textual_inversion.DEFAULT_LR)
+    t.set_defaults(scale_lr=True, random_flip=True, max_train_steps=textual_inversion.DEFAULT_STEPS)
     return parser
 
 
@@ -71,7 +82,7 @@ def config_from_args(args):
     fields = set(FinetuneConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["validation_prompts"] = tuple(values.get("validation_prompts", ()))
-    return FinetuneConfig(**values)
+    return METHODS[args.method].config(**values)          # with the method's defaults for what has no flag
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""What full fine-tuning and DreamBooth share: the run's settings, a training step on a whole SD model, and the
+"""What full fine-tuning, DreamBooth and Textual Inversion share: the run's settings, a training step on a whole SD model, and the
 run folder (model file, log, samples, checkpoints). finetune.py and dreambooth.py only say where the batches come
 from; `fit` does the rest through the one loop (loop.py).
 
@@ -11,8 +11,8 @@ One training step, as diffusers' train_dreambooth.py / train_text_to_image.py co
     loss = finetune_loss(unet(x_t, t, text(c)), eps or v)      loss.py: SNR weights, prior preservation
 
 Every example of a batch has its own random numbers: the generator of example j of micro-batch k is seeded with
-(seed, k, j) (`example_generator`), and gives its crop and flip, then its four draws (e, n, o, t) in that order
-(`draw`). j is the example's place in the whole micro-batch (instances 0 .. G-1, then DreamBooth's class examples
+(seed, k, j) (`example_generator`), and gives its template prompt (textual inversion), crop and flip, then its
+four draws (e, n, o, t) in that order (`draw`). j is the example's place in the whole micro-batch (instances 0 .. G-1, then DreamBooth's class examples
 G .. 2G-1, for a global batch of G), never a process's rank: so a batch split over several processes (torchrun,
 below) is made of the same examples with the same noise as the batch of one process. A test can hand `fit` its own
 `draws` function to put the same numbers into a reference implementation.
@@ -63,6 +63,10 @@ class FinetuneConfig:
     class_dir: str | None = None             # its images, generated until there are num_class_images
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
+    token: str | None = None                 # textual inversion: the new word ("<cat-toy>") ...
+    init_token: str | None = None            # ... whose vectors start as this word's embedding ("toy")
+    num_vectors: int = 1                     # ... how many vectors the word stands for
+    learnable_property: str = "object"       # ... "object" or "style": the template prompts of uncaptioned images
     resolution: int | None = None            # None: the model's own size
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -148,18 +152,29 @@ class Stream:
     cache: tuple = None              # (mean, logvar), each (N, 4, h, w), when --cache-latents
 
 
+def pick_caption(caption, generator):
+    """An example's caption; a tuple holds alternatives (textual inversion's template prompts), one drawn per use
+    from the example's generator."""
+    if isinstance(caption, str):
+        return caption
+    if generator is None:
+        raise ValueError("template prompts need a generator per example")
+    return caption[int(torch.randint(len(caption), (1,), generator=generator))]
+
+
 def take(source: Stream, k, cfg: FinetuneConfig, resolution, generators=None, world=1, rank=0):
     """(pixels or None, moments or None, captions) of this process's share of micro-batch k from `source`;
-    generators: one per example of the share (crops and flips), or None for centre crops without flips."""
+    generators: one per example of the share (template prompts, crops and flips), or None for centre crops
+    without flips and fixed captions."""
     b = cfg.train_batch_size
     idx = batch_indices(len(source.examples), b * world, k, cfg.seed, source.stream)[rank * b:(rank + 1) * b]
-    captions = [source.examples[i].caption for i in idx]
-    if source.cache is not None:
-        return None, (source.cache[0][idx], source.cache[1][idx]), captions
     if generators is None:
         if not cfg.center_crop or cfg.random_flip:
             raise ValueError("random crops and flips need a generator per example")
         generators = [None] * len(idx)
+    captions = [pick_caption(source.examples[i].caption, g) for i, g in zip(idx, generators)]
+    if source.cache is not None:
+        return None, (source.cache[0][idx], source.cache[1][idx]), captions
     images = [resize_and_crop(load_image(source.examples[i].path), resolution, cfg.center_crop, cfg.random_flip, g)
               for i, g in zip(idx, generators)]
     return to_tensor(images), None, captions
@@ -181,9 +196,16 @@ def cache_moments(vae, examples, resolution, device, chunk=8):
 # The step
 
 
-def step_loss(model, pixels, moments, tokens, d: Draws, alphas_cumprod, cfg: FinetuneConfig, n_instance):
+def text_in_backward(cfg: FinetuneConfig):
+    """Whether gradients go through the text encoder: it trains, or textual inversion trains vectors at its input."""
+    return cfg.train_text_encoder or cfg.token is not None
+
+
+def step_loss(model, pixels, moments, tokens, d: Draws, alphas_cumprod, cfg: FinetuneConfig, n_instance,
+              embeddings=None):
     """The loss of one micro-batch (module docstring). pixels (B, 3, H, W) in [-1, 1], or moments = the cached
-    (mean, logvar); tokens (B, 77); the first n_instance examples are instances, the rest class examples."""
+    (mean, logvar); tokens (B, 77); the first n_instance examples are instances, the rest class examples.
+    embeddings: the textual-inversion words whose ids (past the vocabulary) `tokens` may hold."""
     device = next(model.unet.parameters()).device
     with torch.no_grad():
         mean, logvar = moments if moments is not None else model.vae.posterior(pixels.to(device))
@@ -194,8 +216,9 @@ def step_loss(model, pixels, moments, tokens, d: Draws, alphas_cumprod, cfg: Fin
         noise = noise + cfg.noise_offset * d.offset.to(device)
     t = d.timesteps
     x_t = q_sample(x0, noise, t, alphas_cumprod)
-    with torch.set_grad_enabled(cfg.train_text_encoder and torch.is_grad_enabled()):
-        context = model.text_encoder(tokens.to(device))                                 # (B, 77, width)
+    with torch.set_grad_enabled(text_in_backward(cfg) and torch.is_grad_enabled()):
+        tokens = tokens.to(device)
+        context = embeddings.encode(model.text_encoder, tokens) if embeddings else model.text_encoder(tokens)
     pred = model.unet(x_t, t.to(device).float(), context)
     target = training_target(x0, noise, t, alphas_cumprod, model.config.prediction)
     weights = None if cfg.snr_gamma is None else min_snr_weights(t, alphas_cumprod, cfg.snr_gamma,
@@ -258,10 +281,11 @@ def load(cfg: FinetuneConfig, device, log=print):
 
 def set_frozen_dtype(model, cfg: FinetuneConfig):
     """Under mixed precision the frozen networks are stored in the low precision (as diffusers' scripts do); the
-    trained ones stay fp32 (autocast computes in the low precision, AdamW updates fp32 weights)."""
+    trained ones stay fp32 (autocast computes in the low precision, AdamW updates fp32 weights), and so does the
+    text encoder when textual inversion trains at its input (diffusers' textual_inversion.py)."""
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     model.vae.to(dtype)
-    if not cfg.train_text_encoder:
+    if not text_in_backward(cfg):
         model.text_encoder.to(dtype)
 
 
@@ -317,11 +341,14 @@ class Progress:
         self.bar.close()
 
 
-def validation_images(model, cfg: FinetuneConfig, resolution, step, out, device):
-    """One image per --validation-prompt into out/samples/ (seed = --seed); returns their paths."""
+def validation_images(model, cfg: FinetuneConfig, resolution, step, out, device, embeddings=None):
+    """One image per --validation-prompt into out/samples/ (seed = --seed), with the textual-inversion words of
+    `embeddings`; returns their paths."""
     folder = os.path.join(out, "samples")
     os.makedirs(folder, exist_ok=True)
     pipe = Pipeline(model, device, torch.float32, log=lambda *_: None)
+    if embeddings is not None:
+        pipe.embeddings = embeddings
     paths = []
     for i, prompt in enumerate(cfg.validation_prompts):
         image = pipe.generate(prompt, seed=cfg.seed, width=resolution, height=resolution).images[0]
@@ -334,7 +361,7 @@ def validation_images(model, cfg: FinetuneConfig, resolution, step, out, device)
 
 
 def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None, log=print, trainable=None,
-        save=None):
+        save=None, embeddings=None):
     """Train `model` on batches from `streams` (one, or DreamBooth's instance and class streams), write the run
     folder, and return the path of the file written. `draws(k, places, latent_shape)` replaces the draws of the
     examples at `places`, their places j in micro-batch k (module docstring) (tests).
@@ -342,7 +369,8 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
     What trains and what is written are the method's: `trainable(model, cfg)` gives the {name: Parameter} to
     optimise (default: trainable_parameters, the U-Net and maybe the text encoder) and `save(model, weights, cfg)`
     writes the result and returns its path (default: save_model, the whole model in the official layout).
-    `weights` are the final values of the trainable tensors, EMA ones with --use-ema.
+    `weights` are the final values of the trainable tensors, EMA ones with --use-ema. `embeddings`: textual-inversion
+    words (embeddings.Embeddings) that captions and validation prompts may use.
 
     Under torchrun (distributed.setup joined the job) each process trains on its share of every batch and rank 0
     alone writes files; the others return the same path once it is written."""
@@ -376,7 +404,7 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
             s.cache = cache_moments(model.vae, s.examples, resolution, device)
     set_frozen_dtype(model, cfg)
     model.unet.gradient_checkpointing = cfg.gradient_checkpointing
-    model.text_encoder.gradient_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
+    model.text_encoder.gradient_checkpointing = cfg.gradient_checkpointing and text_in_backward(cfg)
     trainable = (trainable or trainable_parameters)(model, cfg)
     n_instance = cfg.train_batch_size if len(streams) > 1 else None
     b, whole = cfg.train_batch_size, cfg.train_batch_size * world      # per process; the whole micro-batch
@@ -399,11 +427,13 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
         else:
             d = concat_draws([draw(generators[j], (1, *shape[1:]), mc.num_timesteps, cfg.noise_offset)
                               for j in mine])
-        return step_loss(model, pixels, moments, model.tokenizer(captions), d, alphas_cumprod, cfg, n_instance)
+        encode = (lambda text: embeddings.tokenize(text, model.tokenizer.encode)) if embeddings else None
+        return step_loss(model, pixels, moments, model.tokenizer(captions, encode), d, alphas_cumprod, cfg,
+                         n_instance, embeddings)
 
     def validate(step):
         if cfg.validation_prompts and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
-            paths = validation_images(model, cfg, resolution, step, cfg.out, device)
+            paths = validation_images(model, cfg, resolution, step, cfg.out, device, embeddings)
             model.train()
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "validation": paths}) + "\n")
@@ -422,7 +452,8 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
         result = {"method": method, "steps": cfg.max_train_steps, "seconds": round(time.time() - t0, 1),
                   "model": path, "last_loss": _last_loss(log_path), "processes": world}
         if cfg.validation_prompts:
-            result["validation"] = validation_images(model, cfg, resolution, cfg.max_train_steps, cfg.out, device)
+            result["validation"] = validation_images(model, cfg, resolution, cfg.max_train_steps, cfg.out, device,
+                                                     embeddings)
         with open(os.path.join(cfg.out, "result.json"), "w") as f:
             json.dump(result, f, indent=1)
         log(f"wrote {path}")

@@ -1,0 +1,165 @@
+"""Textual Inversion (Gal et al. 2022, "An Image is Worth One Word"): teach a frozen model a new word.
+
+    minisd train textual-inversion --data cat/ --token "<cat-toy>" --init-token toy --out runs/cat-toy \
+        [--num-vectors 1] [--learnable-property object|style] [--no-scale-lr] ...
+
+Nothing of the model trains. The new word gets n vectors v (n, width) of its own in the text encoder's input space,
+started at the embedding of --init-token, and only they are optimised (eq. 2 of the paper):
+
+    v* = argmin_v  E_{x0, c, eps, t} || eps - eps_theta(x_t, t, text(c; v)) ||^2
+
+where the captions c name the word and text(c; v) is the text encoder with v looked up for the word's ids
+(TextEncoder.forward's `extra`, the path that loads embedding files at inference). The rest is fine-tuning's step
+(common.fit: the same loss, v targets for SD2, schedules, accumulation, mixed precision, checkpoints, resume).
+The word stands for n ids past CLIP's vocabulary, so every row of the token table, and every other weight, stays
+bit for bit what it was.
+
+Captions: an image's NAME.txt / metadata.jsonl caption if it has one (it must name the word), else, per use, one
+of the small prompt templates of diffusers' textual_inversion.py (from the paper's code): "a photo of a {}", ... for
+--learnable-property object, "a painting in the style of {}", ... for style.
+
+Settings follow diffusers' examples/textual_inversion/textual_inversion.py and its README's run: learning rate
+5e-4 scaled by accumulation x batch x processes (--scale-lr, on here by default), AdamW with weight decay 1e-2 on the
+new vectors (diffusers decays its whole embedding matrix, then puts every other row back after each step: the same
+arithmetic on the new rows), no gradient clipping (the script clips nothing), random horizontal flips, 3000 steps,
+constant rate, and the text encoder kept in fp32 under mixed precision. Two differences: images are resized by the
+shorter side and randomly cropped as in minisd's other methods (--center-crop for centre crops), where diffusers
+squashes them to a square without --center_crop; and the template is drawn from the micro-batch's (seed, k)
+generator, so a resumed run sees the same prompts.
+
+Output (--out): learned_embeds.safetensors ({token: (n, width)}, diffusers' file, which load_textual_inversion
+reads) and <word>.safetensors ({"emb_params": (n, width)}, A1111's, named after the word without its brackets),
+beside train_log.jsonl, args.json, result.json, checkpoints/ and samples/ (validation prompts may use the word).
+"""
+import dataclasses
+import os
+import re
+
+import torch
+
+from .. import distributed
+from ..embeddings import Embeddings, save_a1111, save_diffusers
+from .common import FinetuneConfig, Stream, check, fit, load
+from .data import find_examples
+
+DEFAULT_LR = 5e-4            # diffusers' README run (with --scale_lr)
+DEFAULT_STEPS = 3000
+PROPERTIES = ("object", "style")
+
+# diffusers' textual_inversion.py imagenet_templates_small / imagenet_style_templates_small
+OBJECT_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+)
+STYLE_TEMPLATES = (
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
+    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
+    "a close-up painting in the style of {}", "a bright painting in the style of {}",
+    "a cropped painting in the style of {}", "a good painting in the style of {}",
+    "a close-up painting in the style of {}", "a rendition in the style of {}", "a nice painting in the style of {}",
+    "a small painting in the style of {}", "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+)
+
+
+def templates(token, learnable_property="object"):
+    """The prompts an uncaptioned image is trained with, one drawn per use."""
+    return tuple(t.format(token) for t in (STYLE_TEMPLATES if learnable_property == "style" else OBJECT_TEMPLATES))
+
+
+def check_words(cfg: FinetuneConfig, tokenizer):
+    """One-line errors for a word that cannot be learned; returns the id of the init token."""
+    token, init = cfg.token, cfg.init_token
+    if not token or not token.strip():
+        raise ValueError("textual-inversion needs --token, the new word (e.g. \"<cat-toy>\")")
+    if re.search(r"\s", token):
+        raise ValueError(f"--token {token!r} must be one word, without spaces")
+    ids = tokenizer.encode(token)
+    if len(ids) == 1:
+        raise ValueError(f"--token {token!r} is already a word of CLIP's vocabulary (token {ids[0]}); choose a new "
+                         f"one, e.g. \"<{token.strip('<>')}>\"")
+    if cfg.num_vectors < 1:
+        raise ValueError(f"--num-vectors must be >= 1, got {cfg.num_vectors}")
+    if cfg.learnable_property not in PROPERTIES:
+        raise ValueError(f"unknown --learnable-property {cfg.learnable_property!r}; choose object or style")
+    if not init:
+        raise ValueError("textual-inversion needs --init-token, a word whose embedding starts the new one "
+                         "(e.g. toy)")
+    init_ids = tokenizer.encode(init)
+    if len(init_ids) != 1:
+        pieces = ", ".join(tokenizer.decode([i]).strip() for i in init_ids)
+        raise ValueError(f"--init-token {init!r} is {len(init_ids)} CLIP tokens ({pieces}), not one; choose a "
+                         f"single-token word")
+    return init_ids[0]
+
+
+def file_stem(token):
+    """A1111 names an embedding after its file: "<cat-toy>" -> cat-toy.safetensors."""
+    stem = re.sub(r"[^\w\-.]+", "", token).strip(".") or "embedding"
+    return stem if stem != "learned_embeds" else "learned_embeds-a1111"      # never over diffusers' file
+
+
+def save(vectors, token, out):
+    """learned_embeds.safetensors (diffusers) and <word>.safetensors (A1111) in `out`, each written to a temporary
+    name first; returns the path of the first."""
+    diffusers_path = os.path.join(out, "learned_embeds.safetensors")
+    a1111_path = os.path.join(out, file_stem(token) + ".safetensors")
+    save_diffusers(diffusers_path + ".tmp", token, vectors)
+    os.replace(diffusers_path + ".tmp", diffusers_path)
+    save_a1111(a1111_path + ".tmp", vectors)
+    os.replace(a1111_path + ".tmp", a1111_path)
+    return diffusers_path
+
+
+def run(cfg: FinetuneConfig, draws=None, log=print):
+    """Textual inversion on cfg.data into cfg.out; returns the path of learned_embeds.safetensors."""
+    check(cfg)
+    if not cfg.data:
+        raise ValueError("textual-inversion needs --data DIR (a folder of images of the concept)")
+    if cfg.train_text_encoder:
+        raise ValueError("--train-text-encoder does not apply to textual-inversion: only the new vectors train")
+    device = distributed.setup(cfg.device)         # under torchrun: this process's device, the job joined
+    log = distributed.main_only(log)
+    model, source = load(cfg, device, log)
+    init_id = check_words(cfg, model.tokenizer)
+    resolution = cfg.resolution or model.config.image_size
+    examples = find_examples(cfg.data, resolution, templates(cfg.token, cfg.learnable_property), log=log)
+    unnamed = [e for e in examples if isinstance(e.caption, str) and cfg.token.lower() not in e.caption.lower()]
+    if unnamed:
+        raise ValueError(f"the caption of {unnamed[0].path} does not name {cfg.token!r} ({len(unnamed)} such); "
+                         f"put the word in every caption, or remove the captions to train with template prompts")
+
+    # the new word's vectors: its own Parameter, every vector starting as the init token's row (as diffusers does)
+    with torch.no_grad():
+        start = model.text_encoder.token_embedding.weight[init_id].float().repeat(cfg.num_vectors, 1)
+    vectors = torch.nn.Parameter(start.to(device))
+    words = Embeddings(model.config.text)
+    words.add(cfg.token, vectors)
+    name = f"embeddings.{cfg.token}"
+
+    def trainable(model, cfg):
+        model.requires_grad_(False)
+        return {name: vectors}
+
+    def write(model, weights, cfg):
+        with torch.no_grad():
+            vectors.copy_(weights[name])        # the EMA values with --use-ema: the final samples use them too
+        return save(vectors, cfg.token, cfg.out)
+
+    log(f"textual inversion of {cfg.token!r} ({cfg.num_vectors} vector{'s' * (cfg.num_vectors > 1)} from "
+        f"{cfg.init_token!r}) on {len(examples)} images of {cfg.data} at {resolution} px")
+    return fit(cfg, "textual_inversion", [Stream(examples, stream=0)], model, source, device, draws, log,
+               trainable=trainable, save=write, embeddings=words)
+
+
+def config(**kwargs):
+    """A FinetuneConfig with this method's defaults (diffusers' textual_inversion.py) for what is not given."""
+    defaults = FinetuneConfig(out=kwargs.pop("out"), learning_rate=DEFAULT_LR, scale_lr=True, random_flip=True,
+                              max_grad_norm=0.0, max_train_steps=DEFAULT_STEPS)
+    return dataclasses.replace(defaults, **kwargs)
