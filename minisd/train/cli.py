@@ -1,4 +1,4 @@
-"""`minisd train finetune ...` and `minisd train dreambooth ...`: argument parsing only (diffusers' flag names,
+"""`minisd train finetune ...`, `minisd train dreambooth ...` and `minisd train lora ...`: argument parsing only (diffusers' flag names,
 with dashes). Each flag fills a field of common.FinetuneConfig of the same name; the methods do the rest."""
 import argparse
 import sys
@@ -6,13 +6,13 @@ import sys
 from weights_convert.io import CheckpointError
 
 from ..download import DownloadError
-from . import dreambooth, finetune
+from . import dreambooth, finetune, lora
 from .common import SAVE_FORMATS, SCHEDULERS, FinetuneConfig
 
-METHODS = {"finetune": finetune, "dreambooth": dreambooth}
+METHODS = {"finetune": finetune, "dreambooth": dreambooth, "lora": lora}
 
 
-def _common(p, default_lr):
+def _common(p, default_lr, save_formats=SAVE_FORMATS):
     d = FinetuneConfig(out="")
     p.add_argument("--out", required=True, help="run folder: model.safetensors, train_log.jsonl, checkpoints/, "
                                                 "samples/, args.json")
@@ -44,7 +44,7 @@ def _common(p, default_lr):
     p.add_argument("--validation-steps", type=int, default=d.validation_steps)
     p.add_argument("--device", default=d.device, choices=("auto", "cuda", "cpu", "mps"))
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/checkpoints/")
-    p.add_argument("--save-format", default=d.save_format, choices=SAVE_FORMATS)
+    p.add_argument("--save-format", default=save_formats[0], choices=save_formats)
 
 
 def build_parser():
@@ -61,20 +61,35 @@ def build_parser():
     b.add_argument("--num-class-images", type=int, default=100)
     b.add_argument("--prior-loss-weight", type=float, default=1.0)
     _common(b, dreambooth.DEFAULT_LR)
+    r = sub.add_parser("lora", help="a LoRA (low-rank change of the weights), on captioned images or DreamBooth's")
+    r.add_argument("--data", default=None, help="images with captions, as for finetune; or --instance-dir ...")
+    r.add_argument("--instance-dir", default=None, help="DreamBooth-LoRA: the subject's images")
+    r.add_argument("--instance-prompt", default=None)
+    r.add_argument("--class-prompt", default=None, help="turns on prior preservation")
+    r.add_argument("--class-dir", default=None)
+    r.add_argument("--num-class-images", type=int, default=100)
+    r.add_argument("--prior-loss-weight", type=float, default=1.0)
+    r.add_argument("--rank", type=int, default=lora.LoRAConfig.rank, help="r, the factors' inner size")
+    r.add_argument("--alpha", type=float, default=lora.LoRAConfig.alpha, help="the change is scaled by alpha / r")
+    r.add_argument("--lora-targets", default="default",
+                   help="default: kohya's (the U-Net transformers' Linear / 1x1 conv layers, the text encoder's "
+                        "attention and MLP); attention: diffusers' (q, k, v, out)")
+    _common(r, lora.DEFAULT_LR, lora.SAVE_FORMATS)
     return parser
 
 
-def config_from_args(args):
-    fields = set(FinetuneConfig.__dataclass_fields__)
+def config_from_args(args, cls=FinetuneConfig):
+    fields = set(cls.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["validation_prompts"] = tuple(values.get("validation_prompts", ()))
-    return FinetuneConfig(**values)
+    return cls(**values)
 
 
 def main(argv=None):
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        METHODS[args.method].run(config_from_args(args))
+        cls = lora.LoRAConfig if args.method == "lora" else FinetuneConfig
+        METHODS[args.method].run(config_from_args(args, cls))
     except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
         print(f"minisd train: error: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from weights_convert import detect, ldm, native
 from weights_convert.io import write_safetensors
 
+from .. import lora
 from ..diffusion import alphas_cumprod_from_betas, q_sample, scaled_linear_betas
 from ..images import to_tensor
 from ..model import load_model, locate
@@ -151,9 +152,16 @@ def cache_moments(vae, examples, resolution, device, chunk=8):
 # The step
 
 
-def step_loss(model, pixels, moments, tokens, d: Draws, alphas_cumprod, cfg: FinetuneConfig, n_instance):
+def step_loss(model, pixels, moments, tokens, d: Draws, alphas_cumprod, cfg: FinetuneConfig, n_instance,
+              replaced=None):
     """The loss of one micro-batch (module docstring). pixels (B, 3, H, W) in [-1, 1], or moments = the cached
-    (mean, logvar); tokens (B, 77); the first n_instance examples are instances, the rest class examples."""
+    (mean, logvar); tokens (B, 77); the first n_instance examples are instances, the rest class examples.
+    replaced: {param name: tensor} the U-Net and text encoder compute with in place of their own parameters
+    (torch.func.functional_call; LoRA's W + (alpha / r) up down, train/lora.py)."""
+    unet, text_encoder = model.unet, model.text_encoder
+    if replaced:
+        unet, text_encoder = (_with_tensors(net, prefix, replaced) for net, prefix in
+                              ((unet, "unet."), (text_encoder, "text_encoder.")))
     device = next(model.unet.parameters()).device
     with torch.no_grad():
         mean, logvar = moments if moments is not None else model.vae.posterior(pixels.to(device))
@@ -165,19 +173,25 @@ def step_loss(model, pixels, moments, tokens, d: Draws, alphas_cumprod, cfg: Fin
     t = d.timesteps
     x_t = q_sample(x0, noise, t, alphas_cumprod)
     with torch.set_grad_enabled(cfg.train_text_encoder and torch.is_grad_enabled()):
-        context = model.text_encoder(tokens.to(device))                                 # (B, 77, width)
-    pred = model.unet(x_t, t.to(device).float(), context)
+        context = text_encoder(tokens.to(device))                                 # (B, 77, width)
+    pred = unet(x_t, t.to(device).float(), context)
     target = training_target(x0, noise, t, alphas_cumprod, model.config.prediction)
     weights = None if cfg.snr_gamma is None else min_snr_weights(t, alphas_cumprod, cfg.snr_gamma,
                                                                  model.config.prediction)
     return finetune_loss(pred, target, weights, n_instance, cfg.prior_loss_weight)
 
 
+def _with_tensors(net, prefix, tensors):
+    """`net` as a function computing with tensors[prefix + name] in place of its parameter `name`, where given."""
+    mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return (lambda *args: torch.func.functional_call(net, mine, args)) if mine else net
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Setting up, checking, writing
 
 
-def check(cfg: FinetuneConfig):
+def check(cfg: FinetuneConfig, save_formats=SAVE_FORMATS):
     """One-line errors for settings that cannot run, before any model is loaded."""
     if cfg.resolution is not None:
         check_resolution(cfg.resolution)
@@ -190,8 +204,8 @@ def check(cfg: FinetuneConfig):
     check_schedule(train_config(cfg))
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"unknown --mixed-precision {cfg.mixed_precision!r}; choose no, fp16 or bf16")
-    if cfg.save_format not in SAVE_FORMATS:
-        raise ValueError(f"unknown --save-format {cfg.save_format!r}; choose one of {', '.join(SAVE_FORMATS)}")
+    if cfg.save_format not in save_formats:
+        raise ValueError(f"unknown --save-format {cfg.save_format!r}; choose one of {', '.join(save_formats)}")
     if cfg.snr_gamma is not None and not cfg.snr_gamma > 0:
         raise ValueError(f"--snr-gamma must be > 0, got {cfg.snr_gamma}")
     if cfg.noise_offset < 0:
@@ -285,16 +299,22 @@ class Progress:
         self.bar.close()
 
 
-def validation_images(model, cfg: FinetuneConfig, resolution, step, out, device):
-    """One image per --validation-prompt into out/samples/ (seed = --seed); returns their paths."""
+def validation_images(model, cfg: FinetuneConfig, resolution, step, out, device, substitute=None):
+    """One image per --validation-prompt into out/samples/ (seed = --seed); returns their paths. substitute():
+    {param name: tensor} to draw them with in place of the model's own parameters (put back after)."""
     folder = os.path.join(out, "samples")
     os.makedirs(folder, exist_ok=True)
-    pipe = Pipeline(model, device, torch.float32, log=lambda *_: None)
-    paths = []
-    for i, prompt in enumerate(cfg.validation_prompts):
-        image = pipe.generate(prompt, seed=cfg.seed, width=resolution, height=resolution).images[0]
-        paths.append(os.path.join(folder, f"step-{step:06d}-{i}.png"))
-        image.save(paths[-1])
+    with torch.no_grad():
+        originals = lora.swap(model, ((k, v.detach()) for k, v in substitute().items())) if substitute else {}
+    try:
+        pipe = Pipeline(model, device, torch.float32, log=lambda *_: None)
+        paths = []
+        for i, prompt in enumerate(cfg.validation_prompts):
+            image = pipe.generate(prompt, seed=cfg.seed, width=resolution, height=resolution).images[0]
+            paths.append(os.path.join(folder, f"step-{step:06d}-{i}.png"))
+            image.save(paths[-1])
+    finally:
+        lora.restore(model, originals)
     model.unet.to(memory_format=torch.contiguous_format)      # the pipeline may have changed the layouts
     model.vae.to(memory_format=torch.contiguous_format)
     set_frozen_dtype(model, cfg)
@@ -302,14 +322,16 @@ def validation_images(model, cfg: FinetuneConfig, resolution, step, out, device)
 
 
 def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None, log=print, trainable=None,
-        save=None):
+        save=None, substitute=None):
     """Train `model` on batches from `streams` (one, or DreamBooth's instance and class streams), write the run
     folder, and return the path of the file written. `draws(k, generator, latent_shape)` replaces `draw` (tests).
 
     What trains and what is written are the method's: `trainable(model, cfg)` gives the {name: Parameter} to
     optimise (default: trainable_parameters, the U-Net and maybe the text encoder) and `save(model, weights, cfg)`
     writes the result and returns its path (default: save_model, the whole model in the official layout).
-    `weights` are the final values of the trainable tensors, EMA ones with --use-ema."""
+    `weights` are the final values of the trainable tensors, EMA ones with --use-ema. `substitute()`, when given,
+    returns {param name: tensor} that the training forward and the validation images use in place of the model's
+    own parameters (LoRA: W + (alpha / r) up down, computed from the trainable factors; train/lora.py)."""
     resolution = cfg.resolution or model.config.image_size
     factor = 2 ** (len(model.config.vae.ch_mult) - 1)
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
@@ -349,11 +371,12 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
             batch = pixels.shape[0]
         shape = (batch, mc.unet.in_channels, resolution // factor, resolution // factor)
         d = draws(k, generator, shape)
-        return step_loss(model, pixels, moments, model.tokenizer(captions), d, alphas_cumprod, cfg, n_instance)
+        return step_loss(model, pixels, moments, model.tokenizer(captions), d, alphas_cumprod, cfg, n_instance,
+                         substitute() if substitute else None)
 
     def validate(step):
         if cfg.validation_prompts and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
-            paths = validation_images(model, cfg, resolution, step, cfg.out, device)
+            paths = validation_images(model, cfg, resolution, step, cfg.out, device, substitute)
             model.train()
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "validation": paths}) + "\n")
@@ -368,7 +391,8 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
     result = {"method": method, "steps": cfg.max_train_steps, "seconds": round(time.time() - t0, 1),
               "model": path, "last_loss": _last_loss(log_path)}
     if cfg.validation_prompts:
-        result["validation"] = validation_images(model, cfg, resolution, cfg.max_train_steps, cfg.out, device)
+        result["validation"] = validation_images(model, cfg, resolution, cfg.max_train_steps, cfg.out, device,
+                                                 substitute)
     with open(os.path.join(cfg.out, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
     log(f"wrote {path}")
