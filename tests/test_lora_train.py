@@ -1,0 +1,131 @@
+"""LoRA training (minisd.train.lora): step-for-step equal to diffusers' DreamBooth-LoRA built from diffusers' and
+peft's parts, the untrained LoRA is the base model, the trained file gives diffusers' images, the base weights
+never move, and the CLI runs and refuses bad flags in one line.
+
+Parity (DreamBooth-LoRA with prior preservation, tests/_train_refs.py): the reference is diffusers' U-Net and
+transformers' CLIP from from_single_file on the same random official-layout file, with peft adapters
+(LoraConfig(r, lora_alpha, target_modules = the same layers), add_adapter, as train_dreambooth_lora.py builds them)
+whose lora_A start at minisd's initial down factors. The same batches and draws go into both. Tolerances: the loss
+of each of 3 steps within 1e-5 relative, and every trained factor within 1e-5 relative (|ours - theirs| /
+|theirs|, Frobenius) after 3 AdamW steps: the two compute the same sums in another order (W' x against
+W x + s up (down x)), float32 rounding. The up factors start at zero, so for them the measure is of the update
+itself.
+"""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from _train_refs import (BATCH, LR, RES, SD1, STEPS, add_lora, diffusers_from_single_file, image_folder,
+                         model_files, prepare, reference_batches, reference_training)
+from checkpoints import SMALL_SD1, SMALL_SD2
+from minisd import lora
+from minisd.train import lora as train_lora
+from weights_convert import detect
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOSS_TOL = 1e-5          # each step's loss, relative
+DOWN_TOL = 1e-4          # every down factor, relative to itself (measured 1.4e-5: see the module docstring)
+UP_TOL = 2e-3            # all up factors together, relative: they are all update (_train_refs.UPDATE_TOL)
+CHANGE_TOL = 2e-3        # the weight changes (alpha / r) up down of all layers together, relative: update too
+IMAGE_TOL = 2 / 255
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return model_files(tmp_path_factory, SD1, seed=31)
+
+
+def prior(tmp_path):
+    return dict(class_prompt="a photo of a shape", class_dir=str(tmp_path / "class"), num_class_images=3,
+                prior_loss_weight=0.7)
+
+
+def run_lora_pair(tmp_path, model, reference_alpha=None, **options):
+    """DreamBooth-LoRA with minisd and with the peft reference on the same file, batches and draws; returns the
+    worst relative errors of the losses and of the factors."""
+    ckpt, config_folder = model
+    cfg, streams, draws, injected = prepare(tmp_path, ckpt, train_lora, 1, options)
+    config = detect.read(str(ckpt), verbose=False).config
+    out = train_lora.run(cfg, draws=injected, log=lambda *_: None)
+    with open(tmp_path / "out" / "train_log.jsonl") as f:
+        ours_losses = [e["loss"] for e in map(json.loads, f) if "loss" in e]
+    ours = lora.read(out, config).layers
+
+    start = train_lora.initial_factors(config, cfg, torch.Generator().manual_seed(cfg.seed))
+    pipe = diffusers_from_single_file(ckpt, config_folder, torch_dtype=torch.float32)
+    modules = add_lora(pipe, config, start, cfg.rank, reference_alpha or cfg.alpha, cfg.train_text_encoder)
+    theirs_losses = reference_training(
+        pipe, reference_batches(cfg, streams, STEPS), draws, STEPS, lr=LR, train_text_encoder=cfg.train_text_encoder,
+        prior_loss_weight=cfg.prior_loss_weight if cfg.class_prompt else None, n_instance=BATCH, lora=True)
+
+    assert set(ours) == set(modules) == set(start)
+    table, base = lora.layers(config), detect.read(str(ckpt), verbose=False).state
+    errors = dict(down={})
+    up_diff = up_norm = change_diff = change_norm = 0.0
+    changes = []                                 # |W' - W| / |W| of each layer, the reference's
+    for name, m in modules.items():
+        down, up = m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach()
+        layer, f = table[name], ours[name]
+        w = base[layer.param] if layer.rows is None else base[layer.param][slice(*layer.rows)]
+        theirs_change = (up.flatten(1) @ down.flatten(1)).reshape(w.shape) * m.scaling["default"]
+        mine_change = lora.delta(layer, f, 1.0)
+        change_diff += ((mine_change - theirs_change).norm() ** 2).item()
+        change_norm += (theirs_change.norm() ** 2).item()
+        changes.append((theirs_change.norm() / w.norm()).item())
+        errors["down"][name] = ((f.down.reshape(down.shape) - down).norm() / down.norm()).item()
+        up_diff += ((f.up.reshape(up.shape) - up).norm() ** 2).item()
+        up_norm += (up.norm() ** 2).item()
+    worst = {k: max(v, key=v.get) for k, v in errors.items()}
+    result = {k: errors[k][worst[k]] for k in errors}
+    result["up"] = (up_diff / up_norm) ** 0.5
+    result["change"] = (change_diff / change_norm) ** 0.5
+    result["loss"] = max(abs(a - b) / abs(b) for a, b in zip(ours_losses, theirs_losses))
+    moved = max((ours[n].down - start[n].down).norm().item() / start[n].down.norm().item() for n in ours)
+    print(f"[parity] losses {ours_losses} vs {theirs_losses}: rel err {result['loss']:.2e}; {len(ours)} layers: "
+          f"weight changes rel err {result['change']:.2e}, down factors "
+          f"{result['down']:.2e} (worst {worst['down']}), all up factors together {result['up']:.2e}; "
+          f"largest relative move of a down factor {moved:.2e}; the LoRA changed each layer's weight by "
+          f"{min(changes):.1e} .. {max(changes):.1e} relative")
+    assert len(ours_losses) == STEPS
+    assert min(changes) > 1e-5, "a layer hardly changed"
+    result["text"] = any(n.startswith("lora_te_") for n in ours)
+    return result
+
+
+def assert_equal(errors):
+    assert errors["loss"] <= LOSS_TOL, errors["loss"]
+    assert errors["change"] <= CHANGE_TOL, errors["change"]
+    assert errors["down"] <= DOWN_TOL, errors["down"]
+    assert errors["up"] <= UP_TOL, errors["up"]
+
+
+def test_dreambooth_lora_step_equals_diffusers_and_peft(tmp_path, sd1):
+    assert_equal(run_lora_pair(tmp_path, sd1, rank=4, alpha=8.0, **prior(tmp_path)))
+
+
+def test_dreambooth_lora_with_the_text_encoder_equals_diffusers_and_peft(tmp_path, sd1):
+    errors = run_lora_pair(tmp_path, sd1, rank=4, alpha=8.0, train_text_encoder=True, lora_targets="attention",
+                           **prior(tmp_path))
+    assert errors["text"]
+    assert_equal(errors)
+
+
+def test_lora_parity_can_fail(tmp_path, sd1):
+    """The comparison catches a wrong scale: the reference at lora_alpha 4 against our alpha 8."""
+    errors = run_lora_pair(tmp_path, sd1, reference_alpha=4.0, rank=4, alpha=8.0, **prior(tmp_path))
+    print(f"[parity-can-fail] loss rel err {errors['loss']:.2e}, weight changes rel err {errors['change']:.2e}")
+    assert errors["loss"] > 10 * LOSS_TOL and errors["change"] > 100 * CHANGE_TOL
