@@ -129,3 +129,126 @@ def test_lora_parity_can_fail(tmp_path, sd1):
     errors = run_lora_pair(tmp_path, sd1, reference_alpha=4.0, rank=4, alpha=8.0, **prior(tmp_path))
     print(f"[parity-can-fail] loss rel err {errors['loss']:.2e}, weight changes rel err {errors['change']:.2e}")
     assert errors["loss"] > 10 * LOSS_TOL and errors["change"] > 100 * CHANGE_TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the untrained LoRA is the base model; a trained one gives diffusers' image through load_lora_weights
+
+
+@pytest.fixture(scope="module")
+def small_sd1(tmp_path_factory):
+    from test_lora import _build
+    return _build(tmp_path_factory, SMALL_SD1, seed=41)
+
+
+@pytest.fixture(scope="module")
+def small_sd2(tmp_path_factory):
+    from test_lora import _build
+    return _build(tmp_path_factory, SMALL_SD2, seed=42)
+
+
+def test_step_zero_is_the_base_model_bit_for_bit(small_sd1, tmp_path):
+    from test_lora import ours_image
+    ours, _, _ = small_sd1
+    cfg = train_lora.config(out=str(tmp_path / "out"), train_text_encoder=True)
+    start = train_lora.initial_factors(SMALL_SD1, cfg, torch.Generator().manual_seed(0))
+    assert all(f.up.abs().max() == 0 and f.down.abs().max() > 0 for f in start.values())
+    merged = train_lora.merged_weights(ours.model, start)        # what the first training forward computes with
+    assert merged and all(torch.equal(w, ours.model.get_parameter(p)) for p, w in merged.items())
+    os.makedirs(cfg.out)
+    path = train_lora.write(start, SMALL_SD1, cfg)
+    base = ours_image(ours)
+    ours.set_loras([(path, 1.0)])
+    try:
+        assert np.array_equal(ours_image(ours), base)
+    finally:
+        ours.set_loras([])
+
+
+def train_small(tmp_path, model_dir, save_format, **kw):
+    """A few big steps (lr 1e-2) of LoRA training on random captioned images: a LoRA that changes the image."""
+    data = image_folder(tmp_path / "data", 3, seed=1, captions=["a red circle", "a blue square", "two shapes"])
+    cfg = train_lora.config(out=str(tmp_path / "out"), model=str(model_dir / "model.safetensors"),
+                            data=str(data), resolution=32, max_train_steps=4, learning_rate=1e-2, rank=4,
+                            alpha=2.0, device="cpu", save_format=save_format, **kw)
+    return train_lora.run(cfg, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("model,save_format,text", [("small_sd1", "kohya", True), ("small_sd1", "diffusers", True),
+                                                     ("small_sd2", "kohya", False)])
+def test_trained_lora_gives_diffusers_image_through_load_lora_weights(request, tmp_path, model, save_format, text):
+    from test_lora import MULT, TOL, _compare, ours_image, theirs_image
+    ours, ref, d = request.getfixturevalue(model)
+    path = train_small(tmp_path, d, save_format, train_text_encoder=text)
+    assert os.path.basename(path) == ("out.safetensors" if save_format == "kohya"
+                                      else "pytorch_lora_weights.safetensors")
+    assert any(k.startswith("lora_te_") for k in lora.read(path, ours.model.config).layers) == text
+    ours.set_loras([(path, MULT)])
+    try:
+        mine = ours_image(ours)
+    finally:
+        ours.set_loras([])
+    assert TOL == IMAGE_TOL
+    _compare(mine, theirs_image(ref, [(path, MULT)]), theirs_image(ref, []))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the base weights never move; the command line on the tiny model
+
+
+def test_base_weights_are_bit_identical_after_training(tmp_path, monkeypatch):
+    from minisd.model import load_model, tiny_model_path
+    model = load_model(tiny_model_path(), verbose=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(train_lora, "load", lambda cfg, device, log: (model, tiny_model_path()))
+    data = image_folder(tmp_path / "data", 2, seed=1, captions=["a red circle on a white background"])
+    cfg = train_lora.config(out=str(tmp_path / "out"), data=str(data), max_train_steps=3, learning_rate=1e-2,
+                            train_text_encoder=True, device="cpu", validation_prompts=("a red circle",),
+                            validation_steps=2)
+    path = train_lora.run(cfg, log=lambda *_: None)
+    assert lora.read(path, model.config).layers                   # it trained something ...
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) and after[k].dtype == before[k].dtype for k in before)  # ... not W
+    assert sorted(os.listdir(tmp_path / "out" / "samples")) == ["step-000002-0.png", "step-000003-0.png"]
+
+
+def test_cli_dreambooth_lora_then_generate_and_merge_on_the_tiny_model(tmp_path, capsys):
+    from minisd.cli import main as minisd_main
+    from minisd.tiny import subject
+    from minisd.train.cli import main
+    subject.write_instance_folder(str(tmp_path / "ring"), combos=subject.INSTANCE_COMBOS[:2])
+    out = tmp_path / "ring-lora"
+    assert main(["lora", "--instance-dir", str(tmp_path / "ring"), "--instance-prompt", "a sks circle",
+                 "--class-prompt", "a red circle on a white background", "--class-dir", str(tmp_path / "class"),
+                 "--num-class-images", "2", "--out", str(out), "--max-train-steps", "2", "--rank", "2",
+                 "--train-text-encoder", "--lr-scheduler", "cosine", "--device", "cpu"]) == 0
+    path = out / "ring-lora.safetensors"
+    args = json.loads((out / "args.json").read_text())
+    assert args["method"] == "lora" and args["rank"] == 2 and args["learning_rate"] == train_lora.DEFAULT_LR
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
+    assert len(os.listdir(tmp_path / "class")) == 2
+    assert minisd_main(["generate", "a red sks circle on a white background", "--lora", f"{path}:0.8",
+                        "--steps", "2", "--out", str(tmp_path / "img.png"), "--device", "cpu"]) == 0
+    assert (tmp_path / "img.png").is_file()
+    from minisd.model import tiny_model_path
+    assert minisd_main(["merge-lora", "--model", tiny_model_path(), "--lora", f"{path}:0.8",
+                        "--out", str(tmp_path / "merged.safetensors")]) == 0
+    assert (tmp_path / "merged.safetensors").is_file()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--rank", "0"], "--rank must be >= 1, got 0"),
+    (["--alpha", "0"], "--alpha must be > 0"),
+    (["--lora-targets", "mlp"], "unknown --lora-targets 'mlp'; choose default or attention"),
+    (["--gradient-checkpointing"], "--gradient-checkpointing is not supported by train lora"),
+    (["--data", "x"], "--data DIR (captioned images) or --instance-dir DIR"),
+    (["--class-prompt", "a circle"], "--class-prompt needs --class-dir"),
+])
+def test_bad_flags_are_one_line_errors_before_anything_is_written(tmp_path, capsys, flags, message):
+    from minisd.train.cli import main
+    assert main(["lora", "--instance-dir", str(tmp_path), "--instance-prompt", "a sks circle",
+                 "--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
