@@ -252,3 +252,18 @@ def test_bad_flags_are_one_line_errors_before_anything_is_written(tmp_path, caps
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_continues_to_the_same_factors(tmp_path):
+    """2 steps, then --resume to 3, equals 3 straight (the loop's exact resumption, with LoRA's trainable set)."""
+    from safetensors.torch import load_file
+    data = image_folder(tmp_path / "data", 2, seed=1, captions=["a red circle on a white background"])
+    files = []
+    for name, runs in (("straight", [3]), ("resumed", [2, 3])):
+        for steps in runs:
+            cfg = train_lora.config(out=str(tmp_path / name), data=str(data), max_train_steps=steps,
+                                    learning_rate=1e-2, device="cpu", checkpointing_steps=1, resume=steps == 3)
+            path = train_lora.run(cfg, log=lambda *_: None)
+        files.append(load_file(path))
+    assert files[0].keys() == files[1].keys()
+    assert all(torch.equal(files[0][k], files[1][k]) for k in files[0])

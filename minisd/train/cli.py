@@ -1,5 +1,6 @@
-"""`minisd train finetune ...`, `minisd train dreambooth ...` and `minisd train lora ...`: argument parsing only (diffusers' flag names,
-with dashes). Each flag fills a field of common.FinetuneConfig of the same name; the methods do the rest."""
+"""`minisd train finetune ...`, `minisd train dreambooth ...` and `minisd train lora ...`: argument parsing only
+(diffusers' flag names, with dashes). Each flag fills a field of common.FinetuneConfig (lora.LoRAConfig) of the
+same name; the methods do the rest."""
 import argparse
 import sys
 

@@ -14,9 +14,9 @@ up (out x r), and computes with
 
 W itself never changes: only the factors are in the optimizer. They start as kohya's LoRAModule and peft do:
 down ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), up = 0, so W' = W at step 0 (the base model,
-exactly) and the first step moves only up (down's gradient (alpha / r) up^T dL/dW' is still zero). The rest is
-fine-tuning (common.fit: the same loss, batches, schedules, checkpoints, resume, log, validation samples drawn with
-the LoRA merged in); with --instance-dir it is DreamBooth's data, class images and prior preservation
+exactly) and the first step's gradient reaches only up (down's, (alpha / r) up^T dL/dW', is still zero). The
+rest is fine-tuning (common.fit: the same loss, batches, schedules, checkpoints, resume, log, validation samples
+drawn with the LoRA merged in); with --instance-dir it is DreamBooth's data, class images and prior preservation
 (dreambooth.py) with LoRA's trainable set.
 
 How W' enters the forward. Each micro-batch computes W' for every targeted layer from the current factors, and
