@@ -144,13 +144,13 @@ def image_folder(path, n, seed, captions=None):
     return path
 
 
-def fixed_draws(n, batch, latent_channels=4, seed=0):
+def fixed_draws(n, batch, latent_channels=4, seed=0, latent_size=RES // 2):
     """Draws for n micro-batches, fixed by the test; the first sample of each batch gets a small t (high SNR:
     Min-SNR-5 weights it by ~0.1) and the rest spread over the schedule."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        shape = (batch, latent_channels, RES // 2, RES // 2)
+        shape = (batch, latent_channels, latent_size, latent_size)
         t = torch.randint(100, 1000, (batch,), generator=g)
         t[0] = int(torch.randint(5, 40, (1,), generator=g))
         out.append(common.Draws(posterior=torch.randn(shape, generator=g), noise=torch.randn(shape, generator=g),
@@ -171,28 +171,28 @@ def comparable(name, t):
     return t
 
 
-def prepare(tmp_path, ckpt, method, accumulation, options):
+def prepare(tmp_path, ckpt, method, accumulation, options, res=RES, latent_size=RES // 2):
     """(cfg, streams, draws, injected) of a parity run: the data folders, minisd's settings and streams, fixed
-    draws and the `draws` function that hands them to minisd."""
+    draws and the `draws` function that hands them to minisd. res: pixels; latent_size: res / the VAE's factor."""
     prior = options.get("class_prompt") is not None
     n_micro = STEPS * accumulation
     total = BATCH * (2 if prior else 1)
-    draws = fixed_draws(n_micro, total)
-    common_opts = dict(out=str(tmp_path / "out"), model=str(ckpt), resolution=RES, train_batch_size=BATCH,
+    draws = fixed_draws(n_micro, total, latent_size=latent_size)
+    common_opts = dict(out=str(tmp_path / "out"), model=str(ckpt), resolution=res, train_batch_size=BATCH,
                        max_train_steps=STEPS, learning_rate=LR, center_crop=True, device="cpu",
                        checkpointing_steps=100, gradient_accumulation_steps=accumulation)
     if method is finetune:
         data = image_folder(tmp_path / "data", 3, seed=1, captions=CAPTIONS)
         cfg = finetune.config(data=str(data), **common_opts, **options)
-        streams = [common.Stream(find_examples(str(data), RES, log=lambda *_: None), 0)]
+        streams = [common.Stream(find_examples(str(data), res, log=lambda *_: None), 0)]
     else:
         data = image_folder(tmp_path / "instance", 3, seed=2)
         cfg = method.config(instance_dir=str(data), instance_prompt="a photo of sks shape", **common_opts,
                                 **options)
-        streams = [common.Stream(find_examples(str(data), RES, cfg.instance_prompt, log=lambda *_: None), 0)]
+        streams = [common.Stream(find_examples(str(data), res, cfg.instance_prompt, log=lambda *_: None), 0)]
         if prior:
             image_folder(tmp_path / "class", cfg.num_class_images, seed=3)
-            streams.append(common.Stream(find_examples(cfg.class_dir, RES, cfg.class_prompt, log=lambda *_: None), 1))
+            streams.append(common.Stream(find_examples(cfg.class_dir, res, cfg.class_prompt, log=lambda *_: None), 1))
 
     def injected(k, generator, shape):
         assert shape == tuple(draws[k].noise.shape), (shape, draws[k].noise.shape)
@@ -204,7 +204,7 @@ def reference_batches(cfg, streams, n_micro):
     """What minisd's micro-batches 0 .. n_micro - 1 hold (its own choice of examples, centre crops)."""
     batches = []
     for k in range(n_micro):
-        parts = [common.take(s, k, cfg, RES, None) for s in streams]
+        parts = [common.take(s, k, cfg, cfg.resolution, None) for s in streams]
         batches.append((torch.cat([p[0] for p in parts]), [c for p in parts for c in p[2]]))
     return batches
 

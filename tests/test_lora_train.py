@@ -54,11 +54,11 @@ def prior(tmp_path):
                 prior_loss_weight=0.7)
 
 
-def run_lora_pair(tmp_path, model, reference_alpha=None, **options):
+def run_lora_pair(tmp_path, model, reference_alpha=None, res=RES, latent_size=RES // 2, **options):
     """DreamBooth-LoRA with minisd and with the peft reference on the same file, batches and draws; returns the
     worst relative errors of the losses and of the factors."""
     ckpt, config_folder = model
-    cfg, streams, draws, injected = prepare(tmp_path, ckpt, train_lora, 1, options)
+    cfg, streams, draws, injected = prepare(tmp_path, ckpt, train_lora, 1, options, res, latent_size)
     config = detect.read(str(ckpt), verbose=False).config
     out = train_lora.run(cfg, draws=injected, log=lambda *_: None)
     with open(tmp_path / "out" / "train_log.jsonl") as f:
@@ -267,3 +267,14 @@ def test_resume_continues_to_the_same_factors(tmp_path):
         files.append(load_file(path))
     assert files[0].keys() == files[1].keys()
     assert all(torch.equal(files[0][k], files[1][k]) for k in files[0])
+
+
+@pytest.mark.slow
+def test_dreambooth_lora_step_at_the_full_sd15_config_equals_diffusers_and_peft(tmp_path_factory, tmp_path):
+    """The full SD 1.5 networks (random weights, 4 GB) at 64 px (8x8 latents), text encoder too: ~3 min, ~12 GB."""
+    from minisd.config import SD15
+    model = model_files(tmp_path_factory, SD15, seed=35)
+    errors = run_lora_pair(tmp_path, model, res=64, latent_size=8, rank=4, alpha=8.0, train_text_encoder=True,
+                           **prior(tmp_path))
+    assert errors["text"]
+    assert_equal(errors)
