@@ -5,17 +5,20 @@ never move, and the CLI runs and refuses bad flags in one line.
 Parity (DreamBooth-LoRA with prior preservation, tests/_train_refs.py): the reference is diffusers' U-Net and
 transformers' CLIP from from_single_file on the same random official-layout file, with peft adapters
 (LoraConfig(r, lora_alpha, target_modules = the same layers), add_adapter, as train_dreambooth_lora.py builds them)
-whose lora_A start at minisd's initial down factors. The same batches and draws go into both. Tolerances: the loss
-of each of 3 steps within 1e-5 relative, and every trained factor within 1e-5 relative (|ours - theirs| /
-|theirs|, Frobenius) after 3 AdamW steps: the two compute the same sums in another order (W' x against
-W x + s up (down x)), float32 rounding. The up factors start at zero, so for them the measure is of the update
-itself.
+whose lora_A start at minisd's initial down factors. The same batches and draws go into both; 3 AdamW steps.
+The two compute the same sums in another order (W' x against W x + s up (down x)), so float32 rounding is the
+only difference, but AdamW divides each element's gradient by its own running size: where an element's gradient
+is near zero, rounding decides the size of its step. The up factors start at zero, so they are all update, and a
+single such element of a 512-element factor moved one up factor by 2.8e-3 of its norm (measured; down factors,
+which hold their initial values plus the steps, by 1.4e-5). Hence the tolerances below: each step's loss 1e-5
+relative; every down factor 1e-4 relative (measured 1.4e-5 at SD1 small, 2.5e-5 at full SD 1.5); the up factors
+and the weight changes (alpha / r) up down, all layers together, 2e-3 relative (test_finetune's update tolerance,
+for the same reason; measured 2.7e-4 and 9.5e-5). A wrong alpha, or q and v swapped in the text encoder's packed
+projection, fail them (alpha: loss 2.2e-4, changes 1.0, test_lora_parity_can_fail; the swap, tried by hand: loss
+2.8e-5, changes 0.29).
 """
-import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -76,7 +79,7 @@ def run_lora_pair(tmp_path, model, reference_alpha=None, res=RES, latent_size=RE
     table, base = lora.layers(config), detect.read(str(ckpt), verbose=False).state
     errors = dict(down={})
     up_diff = up_norm = change_diff = change_norm = 0.0
-    changes = []                                 # |W' - W| / |W| of each layer, the reference's
+    changes = {}                                 # |W' - W| / |W| of each layer, the reference's
     for name, m in modules.items():
         down, up = m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach()
         layer, f = table[name], ours[name]
@@ -85,7 +88,7 @@ def run_lora_pair(tmp_path, model, reference_alpha=None, res=RES, latent_size=RE
         mine_change = lora.delta(layer, f, 1.0)
         change_diff += ((mine_change - theirs_change).norm() ** 2).item()
         change_norm += (theirs_change.norm() ** 2).item()
-        changes.append((theirs_change.norm() / w.norm()).item())
+        changes[name] = (theirs_change.norm() / w.norm()).item()
         errors["down"][name] = ((f.down.reshape(down.shape) - down).norm() / down.norm()).item()
         up_diff += ((f.up.reshape(up.shape) - up).norm() ** 2).item()
         up_norm += (up.norm() ** 2).item()
@@ -99,9 +102,11 @@ def run_lora_pair(tmp_path, model, reference_alpha=None, res=RES, latent_size=RE
           f"weight changes rel err {result['change']:.2e}, down factors "
           f"{result['down']:.2e} (worst {worst['down']}), all up factors together {result['up']:.2e}; "
           f"largest relative move of a down factor {moved:.2e}; the LoRA changed each layer's weight by "
-          f"{min(changes):.1e} .. {max(changes):.1e} relative")
+          f"{min(changes.values()):.1e} ({min(changes, key=changes.get)}) .. {max(changes.values()):.1e} relative")
     assert len(ours_losses) == STEPS
-    assert min(changes) > 1e-5, "a layer hardly changed"
+    # the median layer: at 8x8 latents SD 1.5's mid block is 1x1, where self-attention's softmax has one entry and
+    # its to_q / to_k get no gradient at all (in exact arithmetic), so their LoRAs hardly move
+    assert sorted(changes.values())[len(changes) // 2] > 1e-5, "the LoRA hardly changed the weights"
     result["text"] = any(n.startswith("lora_te_") for n in ours)
     return result
 
