@@ -39,7 +39,6 @@ load_lora_weights and `minisd generate --lora` read; --save-format diffusers wri
 (unet....to_q.lora_A.weight, lora_B with alpha / r folded in) as OUT/pytorch_lora_weights.safetensors, the name
 diffusers' load_lora_weights(OUT) looks for.
 """
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
