@@ -1,4 +1,4 @@
-"""12. LoRA: a low-rank change to the weights; DreamBooth-LoRA teaches the tiny model the ring in a small file."""
+"""12. LoRA: a low-rank change to the weights; training one (DreamBooth-LoRA on the ring), its files and its cost."""
 # %% [markdown]
 # Fine-tuning (tutorial 10's DreamBooth) changes every weight of the U-Net and writes a whole new model. LoRA
 # (Hu et al. 2021, "Low-Rank Adaptation") keeps every weight W (out x in) and learns a change to it of low rank r:
