@@ -366,14 +366,20 @@ def apply(model, loras):
     """Merge `loras` ([(LoRA, unet multiplier, text multiplier)]) into `model`'s weights (module docstring).
     Returns {param name: original Parameter} for `restore`. Plain layers only: a oneDNN-prepared network must be
     restored first (minisd.fast.restore), since its convolutions keep their own copy of the weight."""
-    originals = {}
     with torch.no_grad():
-        for param, w in merged(model.config, model.get_parameter, loras):
-            module_name, attr = param.rsplit(".", 1)
-            module = model.get_submodule(module_name)
-            original = getattr(module, attr)
-            originals[param] = original
-            setattr(module, attr, nn.Parameter(w, requires_grad=original.requires_grad))
+        return swap(model, merged(model.config, model.get_parameter, loras))
+
+
+def swap(model, tensors):
+    """Put each (param name, tensor) of `tensors` into `model` as a new Parameter in place of the one there;
+    returns {param name: original Parameter} for `restore`. The originals' values are not touched."""
+    originals = {}
+    for param, w in tensors:
+        module_name, attr = param.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        original = getattr(module, attr)
+        originals[param] = original
+        setattr(module, attr, nn.Parameter(w, requires_grad=original.requires_grad))
     return originals
 
 

@@ -46,11 +46,12 @@ def _weighted_mse(pred, target, weights):
 
 def reference_training(pipe, batches, draws, steps, lr=1e-3, accumulation=1, train_text_encoder=False,
                        snr_gamma=None, noise_offset=0.0, prior_loss_weight=None, n_instance=None,
-                       lr_scheduler="constant", warmup=0, max_grad_norm=1.0, weight_decay=1e-2):
+                       lr_scheduler="constant", warmup=0, max_grad_norm=1.0, weight_decay=1e-2, lora=False):
     """Train pipe.unet (and pipe.text_encoder) for `steps` optimizer steps; returns the loss of each step (the
     mean over its micro-batches). batches[k] = (pixels (B, 3, H, W) in [-1, 1], captions), draws[k] = minisd's
     common.Draws for micro-batch k. prior_loss_weight not None: DreamBooth with the first n_instance examples
-    instances."""
+    instances. lora: the networks carry peft adapters (add_lora) and only those train, as in diffusers'
+    train_dreambooth_lora.py (the parameters with requires_grad after add_adapter)."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import compute_snr
@@ -58,12 +59,14 @@ def reference_training(pipe, batches, draws, steps, lr=1e-3, accumulation=1, tra
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(train_text_encoder)
-    unet.requires_grad_(True)
+    if not lora:
+        text_encoder.requires_grad_(train_text_encoder)
+        unet.requires_grad_(True)
     unet.train()
     if train_text_encoder:
         text_encoder.train()
-    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
+    params = [p for p in list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
+              if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8)
     lr_sched = get_scheduler(lr_scheduler, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     prediction = scheduler.config.prediction_type
@@ -141,13 +144,13 @@ def image_folder(path, n, seed, captions=None):
     return path
 
 
-def fixed_draws(n, batch, latent_channels=4, seed=0):
+def fixed_draws(n, batch, latent_channels=4, seed=0, latent_size=RES // 2):
     """Draws for n micro-batches, fixed by the test; the first sample of each batch gets a small t (high SNR:
     Min-SNR-5 weights it by ~0.1) and the rest spread over the schedule."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        shape = (batch, latent_channels, RES // 2, RES // 2)
+        shape = (batch, latent_channels, latent_size, latent_size)
         t = torch.randint(100, 1000, (batch,), generator=g)
         t[0] = int(torch.randint(5, 40, (1,), generator=g))
         out.append(common.Draws(posterior=torch.randn(shape, generator=g), noise=torch.randn(shape, generator=g),
@@ -168,43 +171,57 @@ def comparable(name, t):
     return t
 
 
-def run_pair(tmp_path, model, method, accumulation=1, reference_overrides=None, **options):
-    """Train with minisd and with the reference from the same file and draws; returns the measured errors.
-    reference_overrides: arguments of reference_training to change (to show that a difference is caught)."""
-    ckpt, config = model
+def prepare(tmp_path, ckpt, method, accumulation, options, res=RES, latent_size=RES // 2):
+    """(cfg, streams, draws, injected) of a parity run: the data folders, minisd's settings and streams, fixed
+    draws and the `draws` function that hands them to minisd. res: pixels; latent_size: res / the VAE's factor."""
     prior = options.get("class_prompt") is not None
     n_micro = STEPS * accumulation
     total = BATCH * (2 if prior else 1)
-    draws = fixed_draws(n_micro, total)
-    common_opts = dict(out=str(tmp_path / "out"), model=str(ckpt), resolution=RES, train_batch_size=BATCH,
+    draws = fixed_draws(n_micro, total, latent_size=latent_size)
+    common_opts = dict(out=str(tmp_path / "out"), model=str(ckpt), resolution=res, train_batch_size=BATCH,
                        max_train_steps=STEPS, learning_rate=LR, center_crop=True, device="cpu",
                        checkpointing_steps=100, gradient_accumulation_steps=accumulation)
     if method is finetune:
         data = image_folder(tmp_path / "data", 3, seed=1, captions=CAPTIONS)
         cfg = finetune.config(data=str(data), **common_opts, **options)
-        streams = [common.Stream(find_examples(str(data), RES, log=lambda *_: None), 0)]
+        streams = [common.Stream(find_examples(str(data), res, log=lambda *_: None), 0)]
     else:
         data = image_folder(tmp_path / "instance", 3, seed=2)
         cfg = method.config(instance_dir=str(data), instance_prompt="a photo of sks shape", **common_opts,
                                 **options)
-        streams = [common.Stream(find_examples(str(data), RES, cfg.instance_prompt, log=lambda *_: None), 0)]
+        streams = [common.Stream(find_examples(str(data), res, cfg.instance_prompt, log=lambda *_: None), 0)]
         if prior:
             image_folder(tmp_path / "class", cfg.num_class_images, seed=3)
-            streams.append(common.Stream(find_examples(cfg.class_dir, RES, cfg.class_prompt, log=lambda *_: None), 1))
+            streams.append(common.Stream(find_examples(cfg.class_dir, res, cfg.class_prompt, log=lambda *_: None), 1))
 
     def injected(k, places, shape):            # one process: the places of the whole micro-batch, in order
         assert list(places) == list(range(total)) and shape == tuple(draws[k].noise.shape), (places, shape)
         return draws[k]
+    return cfg, streams, draws, injected
+
+
+def reference_batches(cfg, streams, n_micro):
+    """What minisd's micro-batches 0 .. n_micro - 1 hold (its own choice of examples, centre crops)."""
+    batches = []
+    for k in range(n_micro):
+        parts = [common.take(s, k, cfg, cfg.resolution, None) for s in streams]
+        batches.append((torch.cat([p[0] for p in parts]), [c for p in parts for c in p[2]]))
+    return batches
+
+
+def run_pair(tmp_path, model, method, accumulation=1, reference_overrides=None, **options):
+    """Train with minisd and with the reference from the same file and draws; returns the measured errors.
+    reference_overrides: arguments of reference_training to change (to show that a difference is caught)."""
+    ckpt, config = model
+    cfg, streams, draws, injected = prepare(tmp_path, ckpt, method, accumulation, options)
+    prior = cfg.class_prompt is not None
+    n_micro = STEPS * accumulation
     out = method.run(cfg, draws=injected, log=lambda *_: None)
     with open(tmp_path / "out" / "train_log.jsonl") as f:
         ours_losses = [e["loss"] for e in map(json.loads, f) if "loss" in e]
     ours = {k: comparable(k, v) for k, v in detect.read(out, verbose=False).state.items()}
 
-    # the reference, on the same batches (minisd's own choice of examples for micro-batch k, centre crops)
-    batches = []
-    for k in range(n_micro):
-        parts = [common.take(s, k, cfg, RES, None) for s in streams]
-        batches.append((torch.cat([p[0] for p in parts]), [c for p in parts for c in p[2]]))
+    batches = reference_batches(cfg, streams, n_micro)
     pipe = diffusers_from_single_file(ckpt, config, torch_dtype=torch.float32)
     reference = dict(lr=LR, accumulation=accumulation, train_text_encoder=cfg.train_text_encoder,
                      snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset,
@@ -250,3 +267,48 @@ def model_files(tmp_path_factory, cfg, seed):
     write_ldm_checkpoint(d / "model.safetensors", cfg, seed=seed, parameterization=cfg.prediction)
     write_diffusers_config(d / "config", cfg)
     return d / "model.safetensors", d / "config"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA: peft adapters on the reference networks, started from minisd's initial factors
+
+
+def peft_modules(pipe, config):
+    """{minisd kohya name: peft LoRA layer} of the reference U-Net and text encoder (after add_lora)."""
+    from minisd import lora
+    names = lora.aliases(config)
+    out = {}
+    for part, prefix in (("unet", "unet."), ("text_encoder", "text_encoder.text_model.")):
+        for name, module in getattr(pipe, part).named_modules():
+            if hasattr(module, "lora_A"):      # transformers >= 5.6 drops CLIPTextModel's `text_model.`
+                out[names[prefix + name.removeprefix("text_model.")]] = module
+    return out
+
+
+def add_lora(pipe, config, factors, rank, alpha, train_text_encoder):
+    """peft LoraConfig(r, lora_alpha, target_modules = the layers of `factors`) added to pipe.unet (and
+    pipe.text_encoder) with add_adapter, as diffusers' LoRA scripts do; then each lora_A set to minisd's initial
+    down factor (lora_B starts at zero on both sides). Returns peft_modules."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from minisd import lora
+    table = lora.layers(config)
+    for part, prefix in (("unet", "unet."), ("text_encoder", "text_encoder.text_model.")):
+        if part == "text_encoder" and not train_text_encoder:
+            continue
+        # exact module names: peft matches a target equal to the whole name or to a "."-separated tail of it
+        modules = [table[k].diffusers.removeprefix(prefix) for k in factors if table[k].diffusers.startswith(prefix)]
+        config_ = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=modules)
+        if part == "unet":
+            pipe.unet.add_adapter(config_)
+        else:       # what diffusers' text_encoder.add_adapter does, without transformers' peft version pin
+            inject_adapter_in_model(config_, pipe.text_encoder, adapter_name="default")
+    modules = peft_modules(pipe, config)
+    assert set(modules) == set(factors), set(modules) ^ set(factors)
+    parts = ("unet", "text_encoder") if train_text_encoder else ("unet",)
+    assert all(("lora_" in n) == p.requires_grad for part in parts
+               for n, p in getattr(pipe, part).named_parameters())       # only the adapters train
+    with torch.no_grad():
+        for name, m in modules.items():
+            m.lora_A["default"].weight.copy_(factors[name].down.reshape(m.lora_A["default"].weight.shape))
+            assert not m.lora_B["default"].weight.any()
+    return modules

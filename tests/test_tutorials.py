@@ -39,7 +39,7 @@ def one_thread():
 
 def test_tutorials_numbered_in_reading_order_each_titled_by_what_it_teaches():
     numbers = [int(p.name[:2]) for p in SCRIPTS]
-    assert numbers[:9] == list(range(1, 10)) and numbers == sorted(set(numbers))     # 01..09, then any more
+    assert numbers[:9] == list(range(1, 10)) and numbers == sorted(set(numbers)), numbers
     for path in SCRIPTS:
         first_line = path.read_text().splitlines()[0]
         title, _ = build.parse(path)

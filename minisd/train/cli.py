@@ -1,19 +1,21 @@
-"""`minisd train finetune | dreambooth | textual-inversion ...`: argument parsing only (diffusers' flag names,
-with dashes). Each flag fills a field of common.FinetuneConfig of the same name; the methods do the rest."""
+"""`minisd train finetune | dreambooth | textual-inversion | lora ...`: argument parsing only (diffusers' flag
+names, with dashes). Each flag fills a field of common.FinetuneConfig (or the method's own config, a subclass) of
+the same name; the methods do the rest."""
 import argparse
+import dataclasses
 import sys
 
 from weights_convert.io import CheckpointError
 
 from .. import distributed
 from ..download import DownloadError
-from . import dreambooth, finetune, textual_inversion
+from . import dreambooth, finetune, lora, textual_inversion
 from .common import SAVE_FORMATS, SCHEDULERS, FinetuneConfig
 
-METHODS = {"finetune": finetune, "dreambooth": dreambooth, "textual-inversion": textual_inversion}
+METHODS = {"finetune": finetune, "dreambooth": dreambooth, "textual-inversion": textual_inversion, "lora": lora}
 
 
-def _common(p, default_lr):
+def _common(p, default_lr, save_formats=SAVE_FORMATS):
     d = FinetuneConfig(out="")
     p.add_argument("--out", required=True, help="run folder: model.safetensors, train_log.jsonl, checkpoints/, "
                                                 "samples/, args.json")
@@ -47,7 +49,7 @@ def _common(p, default_lr):
     p.add_argument("--validation-steps", type=int, default=d.validation_steps)
     p.add_argument("--device", default=d.device, choices=("auto", "cuda", "cpu", "mps"))
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/checkpoints/")
-    p.add_argument("--save-format", default=d.save_format, choices=SAVE_FORMATS)
+    p.add_argument("--save-format", default=save_formats[0], choices=save_formats)
 
 
 def build_parser():
@@ -75,14 +77,29 @@ def build_parser():
     t.add_argument("--no-random-flip", action="store_false", dest="random_flip", help="(flips are on by default)")
     _common(t, textual_inversion.DEFAULT_LR)
     t.set_defaults(scale_lr=True, random_flip=True, max_train_steps=textual_inversion.DEFAULT_STEPS)
+    r = sub.add_parser("lora", help="a LoRA (low-rank change of the weights), on captioned images or DreamBooth's")
+    r.add_argument("--data", default=None, help="images with captions, as for finetune; or --instance-dir ...")
+    r.add_argument("--instance-dir", default=None, help="DreamBooth-LoRA: the subject's images")
+    r.add_argument("--instance-prompt", default=None)
+    r.add_argument("--class-prompt", default=None, help="turns on prior preservation")
+    r.add_argument("--class-dir", default=None)
+    r.add_argument("--num-class-images", type=int, default=100)
+    r.add_argument("--prior-loss-weight", type=float, default=1.0)
+    r.add_argument("--rank", type=int, default=lora.LoRAConfig.rank, help="r, the factors' inner size")
+    r.add_argument("--alpha", type=float, default=lora.LoRAConfig.alpha, help="the change is scaled by alpha / r")
+    r.add_argument("--lora-targets", default="default",
+                   help="default: kohya's (the U-Net transformers' Linear / 1x1 conv layers, the text encoder's "
+                        "attention and MLP); attention: diffusers' (q, k, v, out)")
+    _common(r, lora.DEFAULT_LR, lora.SAVE_FORMATS)
     return parser
 
 
 def config_from_args(args):
-    fields = set(FinetuneConfig.__dataclass_fields__)
+    method = METHODS[args.method]
+    fields = {f.name for f in dataclasses.fields(method.config(out=""))}     # FinetuneConfig or the method's own
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["validation_prompts"] = tuple(values.get("validation_prompts", ()))
-    return METHODS[args.method].config(**values)          # with the method's defaults for what has no flag
+    return method.config(**values)          # with the method's defaults for what has no flag
 
 
 def main(argv=None):

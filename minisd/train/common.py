@@ -37,7 +37,7 @@ from tqdm import tqdm
 from weights_convert import detect, ldm, native
 from weights_convert.io import write_safetensors
 
-from .. import distributed
+from .. import distributed, lora
 from ..diffusion import alphas_cumprod_from_betas, q_sample, scaled_linear_betas
 from ..images import to_tensor
 from ..model import load_model, locate
@@ -202,10 +202,16 @@ def text_in_backward(cfg: FinetuneConfig):
 
 
 def step_loss(model, pixels, moments, tokens, d: Draws, alphas_cumprod, cfg: FinetuneConfig, n_instance,
-              embeddings=None):
+              embeddings=None, replaced=None):
     """The loss of one micro-batch (module docstring). pixels (B, 3, H, W) in [-1, 1], or moments = the cached
     (mean, logvar); tokens (B, 77); the first n_instance examples are instances, the rest class examples.
-    embeddings: the textual-inversion words whose ids (past the vocabulary) `tokens` may hold."""
+    embeddings: the textual-inversion words whose ids (past the vocabulary) `tokens` may hold.
+    replaced: {param name: tensor} the U-Net and text encoder compute with in place of their own parameters
+    (torch.func.functional_call; LoRA's W + (alpha / r) up down, train/lora.py)."""
+    unet, text_encoder = model.unet, model.text_encoder
+    if replaced:
+        unet, text_encoder = (_with_tensors(net, prefix, replaced) for net, prefix in
+                              ((unet, "unet."), (text_encoder, "text_encoder.")))
     device = next(model.unet.parameters()).device
     with torch.no_grad():
         mean, logvar = moments if moments is not None else model.vae.posterior(pixels.to(device))
@@ -218,19 +224,25 @@ def step_loss(model, pixels, moments, tokens, d: Draws, alphas_cumprod, cfg: Fin
     x_t = q_sample(x0, noise, t, alphas_cumprod)
     with torch.set_grad_enabled(text_in_backward(cfg) and torch.is_grad_enabled()):
         tokens = tokens.to(device)
-        context = embeddings.encode(model.text_encoder, tokens) if embeddings else model.text_encoder(tokens)
-    pred = model.unet(x_t, t.to(device).float(), context)
+        context = embeddings.encode(text_encoder, tokens) if embeddings else text_encoder(tokens)  # (B, 77, width)
+    pred = unet(x_t, t.to(device).float(), context)
     target = training_target(x0, noise, t, alphas_cumprod, model.config.prediction)
     weights = None if cfg.snr_gamma is None else min_snr_weights(t, alphas_cumprod, cfg.snr_gamma,
                                                                  model.config.prediction)
     return finetune_loss(pred, target, weights, n_instance, cfg.prior_loss_weight)
 
 
+def _with_tensors(net, prefix, tensors):
+    """`net` as a function computing with tensors[prefix + name] in place of its parameter `name`, where given."""
+    mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return (lambda *args: torch.func.functional_call(net, mine, args)) if mine else net
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Setting up, checking, writing
 
 
-def check(cfg: FinetuneConfig):
+def check(cfg: FinetuneConfig, save_formats=SAVE_FORMATS):
     """One-line errors for settings that cannot run, before any model is loaded."""
     if cfg.resolution is not None:
         check_resolution(cfg.resolution)
@@ -243,8 +255,8 @@ def check(cfg: FinetuneConfig):
     check_schedule(train_config(cfg))
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"unknown --mixed-precision {cfg.mixed_precision!r}; choose no, fp16 or bf16")
-    if cfg.save_format not in SAVE_FORMATS:
-        raise ValueError(f"unknown --save-format {cfg.save_format!r}; choose one of {', '.join(SAVE_FORMATS)}")
+    if cfg.save_format not in save_formats:
+        raise ValueError(f"unknown --save-format {cfg.save_format!r}; choose one of {', '.join(save_formats)}")
     if cfg.snr_gamma is not None and not cfg.snr_gamma > 0:
         raise ValueError(f"--snr-gamma must be > 0, got {cfg.snr_gamma}")
     if cfg.noise_offset < 0:
@@ -341,19 +353,25 @@ class Progress:
         self.bar.close()
 
 
-def validation_images(model, cfg: FinetuneConfig, resolution, step, out, device, embeddings=None):
+def validation_images(model, cfg: FinetuneConfig, resolution, step, out, device, embeddings=None, substitute=None):
     """One image per --validation-prompt into out/samples/ (seed = --seed), with the textual-inversion words of
-    `embeddings`; returns their paths."""
+    `embeddings`; returns their paths. substitute(): {param name: tensor} to draw them with in place of the model's
+    own parameters (put back after)."""
     folder = os.path.join(out, "samples")
     os.makedirs(folder, exist_ok=True)
-    pipe = Pipeline(model, device, torch.float32, log=lambda *_: None)
-    if embeddings is not None:
-        pipe.embeddings = embeddings
-    paths = []
-    for i, prompt in enumerate(cfg.validation_prompts):
-        image = pipe.generate(prompt, seed=cfg.seed, width=resolution, height=resolution).images[0]
-        paths.append(os.path.join(folder, f"step-{step:06d}-{i}.png"))
-        image.save(paths[-1])
+    with torch.no_grad():
+        originals = lora.swap(model, ((k, v.detach()) for k, v in substitute().items())) if substitute else {}
+    try:
+        pipe = Pipeline(model, device, torch.float32, log=lambda *_: None)
+        if embeddings is not None:
+            pipe.embeddings = embeddings
+        paths = []
+        for i, prompt in enumerate(cfg.validation_prompts):
+            image = pipe.generate(prompt, seed=cfg.seed, width=resolution, height=resolution).images[0]
+            paths.append(os.path.join(folder, f"step-{step:06d}-{i}.png"))
+            image.save(paths[-1])
+    finally:
+        lora.restore(model, originals)
     model.unet.to(memory_format=torch.contiguous_format)      # the pipeline may have changed the layouts
     model.vae.to(memory_format=torch.contiguous_format)
     set_frozen_dtype(model, cfg)
@@ -361,7 +379,7 @@ def validation_images(model, cfg: FinetuneConfig, resolution, step, out, device,
 
 
 def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None, log=print, trainable=None,
-        save=None, embeddings=None):
+        save=None, embeddings=None, substitute=None):
     """Train `model` on batches from `streams` (one, or DreamBooth's instance and class streams), write the run
     folder, and return the path of the file written. `draws(k, places, latent_shape)` replaces the draws of the
     examples at `places`, their places j in micro-batch k (module docstring) (tests).
@@ -370,7 +388,9 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
     optimise (default: trainable_parameters, the U-Net and maybe the text encoder) and `save(model, weights, cfg)`
     writes the result and returns its path (default: save_model, the whole model in the official layout).
     `weights` are the final values of the trainable tensors, EMA ones with --use-ema. `embeddings`: textual-inversion
-    words (embeddings.Embeddings) that captions and validation prompts may use.
+    words (embeddings.Embeddings) that captions and validation prompts may use. `substitute()`, when given,
+    returns {param name: tensor} that the training forward and the validation images use in place of the model's
+    own parameters (LoRA: W + (alpha / r) up down, computed from the trainable factors; train/lora.py).
 
     Under torchrun (distributed.setup joined the job) each process trains on its share of every batch and rank 0
     alone writes files; the others return the same path once it is written."""
@@ -429,11 +449,11 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
                               for j in mine])
         encode = (lambda text: embeddings.tokenize(text, model.tokenizer.encode)) if embeddings else None
         return step_loss(model, pixels, moments, model.tokenizer(captions, encode), d, alphas_cumprod, cfg,
-                         n_instance, embeddings)
+                         n_instance, embeddings, substitute() if substitute else None)
 
     def validate(step):
         if cfg.validation_prompts and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
-            paths = validation_images(model, cfg, resolution, step, cfg.out, device, embeddings)
+            paths = validation_images(model, cfg, resolution, step, cfg.out, device, embeddings, substitute)
             model.train()
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "validation": paths}) + "\n")
@@ -453,7 +473,7 @@ def fit(cfg: FinetuneConfig, method, streams, model, source, device, draws=None,
                   "model": path, "last_loss": _last_loss(log_path), "processes": world}
         if cfg.validation_prompts:
             result["validation"] = validation_images(model, cfg, resolution, cfg.max_train_steps, cfg.out, device,
-                                                     embeddings)
+                                                     embeddings, substitute)
         with open(os.path.join(cfg.out, "result.json"), "w") as f:
             json.dump(result, f, indent=1)
         log(f"wrote {path}")

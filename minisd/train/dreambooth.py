@@ -60,9 +60,8 @@ def generate_class_images(model, cfg: FinetuneConfig, resolution, device, log=pr
     distributed.barrier()                       # all images are on disk before any process lists the folder
 
 
-def run(cfg: FinetuneConfig, draws=None, log=print):
-    """DreamBooth on cfg.instance_dir into cfg.out; returns the path of the model file written there."""
-    check(cfg)
+def check_instances(cfg: FinetuneConfig):
+    """One-line errors for DreamBooth's own settings (common.check does the rest), before any model is loaded."""
     if not cfg.instance_dir:
         raise ValueError("dreambooth needs --instance-dir DIR (the subject's images)")
     if not cfg.instance_prompt:
@@ -74,17 +73,29 @@ def run(cfg: FinetuneConfig, draws=None, log=print):
         raise ValueError("--class-dir is only used with --class-prompt (prior preservation)")
     if prior and cfg.num_class_images < 1:
         raise ValueError(f"--num-class-images must be >= 1, got {cfg.num_class_images}")
+
+
+def instance_streams(cfg: FinetuneConfig, model, resolution, device, log=print):
+    """The instance stream, and with --class-prompt the class stream (its missing images generated first)."""
+    # captions: the instance prompt, unless an image has its own (NAME.txt / metadata.jsonl)
+    streams = [Stream(find_examples(cfg.instance_dir, resolution, cfg.instance_prompt, log=log), stream=0)]
+    if cfg.class_prompt is not None:
+        generate_class_images(model, cfg, resolution, device, log)
+        streams.append(Stream(find_examples(cfg.class_dir, resolution, cfg.class_prompt, log=log), stream=1))
+    log(f"DreamBooth on {len(streams[0].examples)} images of {cfg.instance_dir}"
+        + (f" with {len(streams[1].examples)} class images" if len(streams) > 1 else "") + f" at {resolution} px")
+    return streams
+
+
+def run(cfg: FinetuneConfig, draws=None, log=print):
+    """DreamBooth on cfg.instance_dir into cfg.out; returns the path of the model file written there."""
+    check(cfg)
+    check_instances(cfg)
     device = distributed.setup(cfg.device)
     log = distributed.main_only(log)
     model, source = load(cfg, device, log)
     resolution = cfg.resolution or model.config.image_size
-    # captions: the instance prompt, unless an image has its own (NAME.txt / metadata.jsonl)
-    streams = [Stream(find_examples(cfg.instance_dir, resolution, cfg.instance_prompt, log=log), stream=0)]
-    if prior:
-        generate_class_images(model, cfg, resolution, device, log)
-        streams.append(Stream(find_examples(cfg.class_dir, resolution, cfg.class_prompt, log=log), stream=1))
-    log(f"DreamBooth on {len(streams[0].examples)} images of {cfg.instance_dir}"
-        + (f" with {len(streams[1].examples)} class images" if prior else "") + f" at {resolution} px")
+    streams = instance_streams(cfg, model, resolution, device, log)
     return fit(cfg, "dreambooth", streams, model, source, device, draws, log)
 
 

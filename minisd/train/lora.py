@@ -1,0 +1,185 @@
+r"""LoRA training (Hu et al. 2021): teach a model something by training a small low-rank change to its weights.
+
+    minisd train lora --data DIR --out DIR [--rank 4] [--alpha 4] [--train-text-encoder]
+                      [--lora-targets default|attention] [--save-format kohya|diffusers]
+    minisd train lora --instance-dir ring/ --instance-prompt "a red sks circle on a white background" --out DIR \
+                      [--class-prompt "a red circle on a white background" --class-dir circles/]   (DreamBooth-LoRA)
+
+What trains. Every layer W (out x in) that minisd.lora.targets names (default: kohya's set, every Linear and 1x1
+conv inside the U-Net's transformer blocks, and with --train-text-encoder the text encoder's attention and MLP;
+"attention": diffusers' to_q/to_k/to_v/to_out.0 and the text q/k/v/out) gets two factors, down (r x in) and
+up (out x r), and computes with
+
+    W' = W + (alpha / r) up down                      (Hu et al. 2021, eq. 3; alpha / r as kohya and peft scale it)
+
+W itself never changes: only the factors are in the optimizer. They start as kohya's LoRAModule and peft do:
+down ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), up = 0, so W' = W at step 0 (the base model,
+exactly) and the first step's gradient reaches only up (down's, (alpha / r) up^T dL/dW', is still zero). The
+rest is fine-tuning (common.fit: the same loss, batches, schedules, checkpoints, resume, log, validation samples
+drawn with the LoRA merged in); with --instance-dir it is DreamBooth's data, class images and prior preservation
+(dreambooth.py) with LoRA's trainable set.
+
+How W' enters the forward. Each micro-batch computes W' for every targeted layer from the current factors, and
+the U-Net and text encoder run with W' in place of W through torch.func.functional_call: the networks' own code,
+with no hooks, no wrapper modules, no patched layers. Autograd carries dL/dW' back to the factors:
+dL/dup = (alpha / r) dL/dW' down^T, dL/ddown = (alpha / r) up^T dL/dW'. The text encoder's packed q/k/v projection
+(in_proj_weight, q, k, v rows stacked) gets its three LoRAs as three row blocks of one delta, from minisd.lora's
+layer table, as at inference. The cost, against the branch kohya and peft add to each layer
+(y = W x + (alpha / r) up (down x)): W' and dL/dW' exist at full size for the targeted layers during a step
+(SD1.5, default targets: 267M U-Net weights, ~1 GB each in fp32) where the branch keeps only r-wide activations,
+and one (out x r)(r x in) product per layer per step (cheap next to the convolutions). What LoRA saves over full
+fine-tuning is still there: no AdamW moments for the base weights, and a file of megabytes. Gradient
+checkpointing is not offered: its recomputation runs in backward, after functional_call has put W back, and would
+recompute with W instead of W'. Under --mixed-precision the base weights stay float32 (autocast computes in the
+low precision); the factors are float32 always.
+
+The output: OUT/<name of OUT>.safetensors in kohya's / A1111's layout (lora_unet_..._to_q.lora_down.weight,
+.lora_up.weight, .alpha; lora_te_... for the text encoder), what A1111's <lora:NAME:0.8>, ComfyUI, diffusers'
+load_lora_weights and `minisd generate --lora` read; --save-format diffusers writes diffusers' / peft's keys
+(unet....to_q.lora_A.weight, lora_B with alpha / r folded in) as OUT/pytorch_lora_weights.safetensors, the name
+diffusers' load_lora_weights(OUT) looks for.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import distributed, lora
+from . import dreambooth
+from .common import FinetuneConfig, Stream, check, fit, load
+from .data import find_examples
+
+DEFAULT_LR = 1e-4          # diffusers' train_text_to_image_lora.py and train_dreambooth_lora.py
+SAVE_FORMATS = ("kohya", "diffusers")
+
+
+@dataclass(frozen=True)
+class LoRAConfig(FinetuneConfig):
+    """A LoRA run: fine-tuning's or DreamBooth's settings, plus the LoRA's own."""
+    rank: int = 4                            # r
+    alpha: float = 4.0                       # the change is scaled by alpha / r
+    lora_targets: str = "default"            # minisd.lora.targets: "default" (kohya's) or "attention"
+    learning_rate: float = DEFAULT_LR
+    save_format: str = "kohya"
+
+
+def initial_factors(config, cfg: LoRAConfig, generator):
+    """{kohya name: lora.Factors} at their starting values (module docstring): down kaiming-uniform (a = sqrt(5)),
+    up zero, for the U-Net's targets and, with --train-text-encoder, the text encoder's; in the layer table's
+    order, each down drawn from `generator` in turn. A 1x1 conv's factors are 4-D (r, in, 1, 1), (out, r, 1, 1)."""
+    out = {}
+    for name, layer in lora.targets(config, cfg.lora_targets).items():
+        if layer.param.startswith("text_encoder.") and not cfg.train_text_encoder:
+            continue
+        out_features, in_features, *kernel = layer.shape
+        down = torch.empty(cfg.rank, in_features, *kernel)
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)    # fan_in = in * kh * kw
+        up = torch.zeros(out_features, cfg.rank, *[1] * len(kernel))
+        out[name] = lora.Factors(down, up, cfg.alpha)
+    return out
+
+
+def merged_weights(model, factors):
+    """{param name: W + (alpha / r) up down} for the parameters `factors` ({kohya name: Factors}) change,
+    differentiable in the factors. A packed q/k/v weight gets one delta of three row blocks (zeros where a block
+    has no LoRA)."""
+    table = lora.layers(model.config)
+    by_param = {}
+    for name, f in factors.items():
+        by_param.setdefault(table[name].param, []).append((table[name], f))
+    out = {}
+    for param, changes in by_param.items():
+        w = model.get_parameter(param)
+        if changes[0][0].rows is None:
+            (layer, f), = changes
+            change = lora.delta(layer, f, 1.0, w.device)
+        else:                                    # rows of in_proj_weight: q, k, v blocks of `width` rows each
+            blocks = {layer.rows: lora.delta(layer, f, 1.0, w.device) for layer, f in changes}
+            width = changes[0][0].shape[0]
+            change = torch.cat([blocks.get((i * width, (i + 1) * width), w.new_zeros(width, width, dtype=torch.float32))
+                                for i in range(w.shape[0] // width)])
+        out[param] = w + change.to(w.dtype)
+    return out
+
+
+def check_lora(cfg: LoRAConfig):
+    """One-line errors for the LoRA's own settings and which data is used, before any model is loaded."""
+    check(cfg, SAVE_FORMATS)
+    if cfg.rank < 1:
+        raise ValueError(f"--rank must be >= 1, got {cfg.rank}")
+    if not cfg.alpha > 0:
+        raise ValueError(f"--alpha must be > 0, got {cfg.alpha}")
+    if cfg.lora_targets not in ("default", "attention"):
+        raise ValueError(f"unknown --lora-targets {cfg.lora_targets!r}; choose default or attention")
+    if cfg.gradient_checkpointing:
+        raise ValueError("--gradient-checkpointing is not supported by train lora (its recomputation would see "
+                         "the base weights, not W + (alpha / r) up down)")
+    if bool(cfg.data) == bool(cfg.instance_dir):
+        raise ValueError("train lora needs --data DIR (captioned images) or --instance-dir DIR (DreamBooth), "
+                         "one of the two")
+    if cfg.instance_dir:
+        dreambooth.check_instances(cfg)
+    elif cfg.instance_prompt or cfg.class_prompt or cfg.class_dir:
+        raise ValueError("--instance-prompt, --class-prompt and --class-dir go with --instance-dir")
+
+
+def run(cfg: LoRAConfig, draws=None, log=print):
+    """Train a LoRA on cfg.data (or DreamBooth-LoRA on cfg.instance_dir) into cfg.out; returns the file's path."""
+    check_lora(cfg)
+    device = distributed.setup(cfg.device)
+    log = distributed.main_only(log)
+    model, source = load(cfg, device, log)
+    resolution = cfg.resolution or model.config.image_size
+    if cfg.instance_dir:
+        streams = dreambooth.instance_streams(cfg, model, resolution, device, log)
+    else:
+        streams = [Stream(find_examples(cfg.data, resolution, log=log), stream=0)]
+        log(f"LoRA on {len(streams[0].examples)} images of {cfg.data} at {resolution} px")
+    start = initial_factors(model.config, cfg, torch.Generator().manual_seed(cfg.seed))
+    params = {}                  # "{kohya name}.down" / ".up" -> the Parameter AdamW trains
+    for name, f in start.items():
+        params[f"{name}.down"] = nn.Parameter(f.down.to(device))
+        params[f"{name}.up"] = nn.Parameter(f.up.to(device))
+    factors = {name: lora.Factors(params[f"{name}.down"], params[f"{name}.up"], cfg.alpha) for name in start}
+    log(f"LoRA rank {cfg.rank}, alpha {cfg.alpha:g} on {len(factors)} layers ({cfg.lora_targets} targets): "
+        f"{sum(p.numel() for p in params.values()):,} trainable numbers")
+
+    def trainable(model, cfg):
+        model.requires_grad_(False)
+        return params
+
+    def save(model, weights, cfg):
+        with torch.no_grad():            # the final values (EMA ones with --use-ema) into the factors
+            for name, p in params.items():
+                p.copy_(weights[name])
+        final = {name: lora.Factors(f.down.detach().cpu(), f.up.detach().cpu(), f.alpha)
+                 for name, f in factors.items()}
+        return write(final, model.config, cfg)
+
+    return fit(cfg, "lora", streams, model, source, device, draws, log, trainable=trainable, save=save,
+               substitute=lambda: merged_weights(model, factors))
+
+
+def write(factors, config, cfg: LoRAConfig):
+    """The LoRA file of the run (module docstring), written beside its name and renamed into place."""
+    if cfg.save_format == "diffusers":
+        path = os.path.join(cfg.out, "pytorch_lora_weights.safetensors")
+    else:
+        path = os.path.join(cfg.out, (os.path.basename(os.path.normpath(cfg.out)) or "lora") + ".safetensors")
+    tmp = path + ".tmp"
+    if cfg.save_format == "diffusers":
+        lora.save_diffusers(tmp, factors, config)
+    else:                                # kohya's ss_ metadata: what A1111's and ComfyUI's LoRA browsers show
+        lora.save_kohya(tmp, factors, {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
+                                       "ss_network_alpha": f"{cfg.alpha:g}", "ss_max_train_steps":
+                                       str(cfg.max_train_steps), "ss_learning_rate": f"{cfg.learning_rate:g}",
+                                       "ss_training_comment": f"minisd train lora ({cfg.lora_targets} targets)"})
+    os.replace(tmp, path)
+    return path
+
+
+def config(**kwargs):
+    """A LoRAConfig with this method's defaults for what is not given."""
+    return LoRAConfig(**kwargs)
