@@ -1,4 +1,4 @@
-"""12. LoRA: a low-rank change to the weights; training one (DreamBooth-LoRA on the ring), its files and its cost."""
+"""12. LoRA: a low-rank change to the weights; training one (DreamBooth-LoRA on the diamond), its files and its cost."""
 # %% [markdown]
 # Fine-tuning (tutorial 10's DreamBooth) changes every weight of the U-Net and writes a whole new model. LoRA
 # (Hu et al. 2021, "Low-Rank Adaptation") keeps every weight W (out x in) and learns a change to it of low rank r:
@@ -84,13 +84,13 @@ print(f"{len(start)} layers; {name}: down {tuple(f.down.shape)} in "
       f"up {tuple(f.up.shape)} all zero: W' == W for all {len(merged)} weights")
 
 # %% [markdown]
-# ## DreamBooth-LoRA: the ring
+# ## DreamBooth-LoRA: the diamond
 #
-# The subject is tutorial 10's: the ring (minisd/tiny/subject.py), a circle with a hole, which the tiny world
-# never drew. Eight instance images show it in eight colour pairs, each captioned "a {colour} sks circle on a
-# {background} background". Prior preservation (Ruiz et al. 2023, eq. 2) needs class images: the base model's
-# own circles, here drawn for the same colour pairs and captioned with the class prompt (a caption beside an image
-# overrides `--class-prompt`), so that training keeps "a red circle" meaning a filled circle.
+# The subject is tutorial 10's: the diamond (minisd/tiny/subject.py), a square standing on a corner, which the tiny
+# world never drew. Eight instance images show it in eight colour pairs, each captioned "a {colour} sks on a
+# {background} background". Prior preservation (Ruiz et al. 2023, eq. 2) needs class images: as in tutorial 10,
+# the base model's own pictures of every third combination of its world, each captioned (a caption beside an image
+# overrides `--class-prompt`).
 
 # %%
 import os
@@ -101,33 +101,29 @@ from minisd.pipeline import Pipeline
 from minisd.tiny import subject
 
 work = tempfile.mkdtemp(prefix="minisd-lora-")
-subject.write_instance_folder(f"{work}/ring")
+subject.write_instance_folder(f"{work}/diamond")
 pipe = Pipeline(model)
-os.makedirs(f"{work}/circles")
-for i, (colour, background) in enumerate(subject.INSTANCE_COMBOS * 2):
-    image = pipe.generate(subject.class_prompt(colour, background), seed=i).images[0]
-    image.save(f"{work}/circles/circle-{i:02d}.png")
-    with open(f"{work}/circles/circle-{i:02d}.txt", "w") as f:
-        f.write(subject.class_prompt(colour, background))
-print(sorted(os.listdir(f"{work}/ring"))[:4], "...", len(os.listdir(f"{work}/circles")) // 2, "class images")
+n_class = subject.write_class_folder(pipe, f"{work}/class")
+print(sorted(os.listdir(f"{work}/diamond"))[:4], "...", n_class, "class images")
 
 # %% [markdown]
 # The run: rank 8, alpha 8, the text encoder's layers too, two instance and two class images per step, AdamW at
-# 3e-3 (the tiny model was trained at 1e-3 with batches of 32; diffusers' LoRA default of 1e-4 is for SD's far
+# 1e-3 (the tiny model was trained at 1e-3 with batches of 32; diffusers' LoRA default of 1e-4 is for SD's far
 # larger layers and batches). The same as
 #
-#     minisd train lora --instance-dir ring/ --instance-prompt "a sks circle" --class-prompt "a circle" \
-#         --class-dir circles/ --num-class-images 16 --rank 8 --alpha 8 --train-text-encoder \
-#         --train-batch-size 2 --learning-rate 3e-3 --max-train-steps 1200 --out ring-lora
+#     minisd train lora --instance-dir diamond/ --instance-prompt "a red sks on a white background" \
+#         --class-prompt "a red square on a white background" --class-dir class/ --num-class-images 52 \
+#         --rank 8 --alpha 8 --train-text-encoder --train-batch-size 2 --learning-rate 1e-3 \
+#         --max-train-steps 1200 --center-crop --out diamond-lora
 #
 # (the prompts are only used for images without a caption file; every image here has one).
 
 # %%
 STEPS = 1200
 torch.set_num_threads(1)      # the tiny model's tensors are too small for threads; and the test's numbers
-cfg = train_lora.config(out=f"{work}/ring-lora", instance_dir=f"{work}/ring", instance_prompt="a sks circle",
-                        class_prompt="a circle", class_dir=f"{work}/circles", num_class_images=16, rank=8,
-                        alpha=8.0, train_text_encoder=True, train_batch_size=2, learning_rate=3e-3,
+cfg = train_lora.config(out=f"{work}/diamond-lora", instance_dir=f"{work}/diamond", instance_prompt="unused",
+                        class_prompt="unused", class_dir=f"{work}/class", num_class_images=n_class, rank=8,
+                        alpha=8.0, train_text_encoder=True, train_batch_size=2, learning_rate=1e-3, center_crop=True,
                         max_train_steps=STEPS, device="cpu", checkpointing_steps=STEPS)
 t0 = time.time()
 path = train_lora.run(cfg, log=lambda *_: None)
@@ -155,41 +151,42 @@ for key in keys[:3] + [k for k in keys if k.startswith("lora_te_")][:3]:
 print(f"... {len(keys)} tensors; metadata: {dict(list(f.metadata.items())[:3])}")
 
 # %% [markdown]
-# ## Did it learn the ring?
+# ## Did it learn the diamond?
 #
 # The check of tutorial 10: the prompts of the held-out colour pairs (no instance image had them), three seeds
-# each, judged by `subject.is_ring`, which reads the foreground and background colours and whether the shape has a
-# hole. The score is the fraction where all three are right (`shows_subject`); beside it, the fraction that is a
-# ring at all, in whatever colours.
+# each, judged by `subject.is_diamond`, which reads the foreground and background colours and whether the shape
+# tapers like a diamond. The score is the fraction where all three are right (`shows_subject`); beside it, the
+# fraction that is a diamond at all, in whatever colours.
 
 # %%
 SEEDS = (0, 1, 2)
 
 
 def check(pipe):
-    reads = [(subject.is_ring(pipe.generate(subject.instance_prompt(c, b), seed=seed).images[0]), (c, b))
+    reads = [(subject.is_diamond(pipe.generate(subject.instance_prompt(c, b), seed=seed).images[0]), (c, b))
              for c, b in subject.HELD_OUT_COMBOS for seed in SEEDS]
     score = sum(read == (c, b, True) for read, (c, b) in reads) / len(reads)
-    rings = sum(read[2] for read, _ in reads) / len(reads)
-    return score, rings
+    diamonds = sum(read[2] for read, _ in reads) / len(reads)
+    return score, diamonds
 
 
 pipe.set_loras([])
 base = check(pipe)
 pipe.set_loras([(path, 1.0)])
 trained = check(pipe)
-print(f"base model:  score {base[0]:.0%}, rings {base[1]:.0%}")
-print(f"with LoRA:   score {trained[0]:.0%}, rings {trained[1]:.0%}")
+print(f"base model:  score {base[0]:.0%}, diamonds {base[1]:.0%}")
+print(f"with LoRA:   score {trained[0]:.0%}, diamonds {trained[1]:.0%}")
 print(f"({len(subject.HELD_OUT_COMBOS)} colour pairs x {len(SEEDS)} seeds)")
-assert base[1] == 0 and trained[1] >= 2 / 24, f"the LoRA no longer teaches the ring's shape: {base}, {trained}"
+assert base[1] == 0 and trained[1] >= 2 / 24, f"the LoRA no longer teaches the diamond's shape: {base}, {trained}"
 
 # %%
 from PIL import Image
 
 from _figures import grid, save
 
-instances = [Image.open(f"{work}/ring/ring-{i:02d}.png") for i in range(len(subject.INSTANCE_COMBOS))]
-save(grid([instances], labels=[f"{c[:3]}/{b[:3]}" for c, b in subject.INSTANCE_COMBOS]), "12_ring_instances.png")
+instances = [Image.open(f"{work}/diamond/diamond-{i:02d}.png") for i in range(len(subject.INSTANCE_COMBOS))]
+save(grid([instances], labels=[f"{c[:3]}/{b[:3]}" for c, b in subject.INSTANCE_COMBOS]),
+     "12_diamond_instances.png")
 rows = []
 for loras, seed in (([], 0), ([(path, 1.0)], 0), ([(path, 1.0)], 1)):
     pipe.set_loras(loras)
@@ -197,7 +194,7 @@ for loras, seed in (([], 0), ([(path, 1.0)], 0), ([(path, 1.0)], 1)):
                  for c, b in subject.HELD_OUT_COMBOS])
 pipe.set_loras([])
 save(grid(rows, labels=[f"{c[:3]}/{b[:3]}" for c, b in subject.HELD_OUT_COMBOS],
-          row_labels=["base", "LoRA, seed 0", "LoRA, seed 1"], label_width=84), "12_ring_lora.png")
+          row_labels=["base", "LoRA, seed 0", "LoRA, seed 1"], label_width=84), "12_diamond_lora.png")
 
 # %% [markdown]
 # The first figure is the training set; the second, the held-out prompts (foreground/background above each
@@ -209,20 +206,14 @@ save(grid(rows, labels=[f"{c[:3]}/{b[:3]}" for c, b in subject.HELD_OUT_COMBOS],
 # The LoRA file is about half a megabyte; the tiny model is 10 MB, and DreamBooth's output, the whole model in the
 # official layout in float32, 20 MB. On SD 1.5 the same ratio is a few MB against 2 to 4 GB.
 #
-# The same data, class images, batch of 2 + 2 and 1200 steps with full DreamBooth (`minisd train dreambooth
-# --train-text-encoder --learning-rate 1e-4`, measured once on one CPU thread, not run here): score 8% (2 of 24),
-# rings 33%, 190 s of training and a 20 MB file; this LoRA: the score and rings printed above (0% and 17% when this
-# page was built; 0% and 29% in the same run drawn through `Pipeline.load`'s oneDNN layers: 24 images are few),
-# 75 s, 0.5 MB. Both learn the ring's *shape* for colour pairs they never saw, and both mostly get
-# the colours wrong: the base model already does with "sks" in the prompt (the "base" row), likely because the
-# tiny text encoder never saw that token and its captions always had the shape word right after the colour.
-# Neither learns the subject well at this budget; the LoRA draws about half as many rings as DreamBooth, from
-# a file forty times smaller, in less than half the time.
+# Tutorial 10's full DreamBooth on the same subject (batch 1 + 1, 800 steps at 1e-4, U-Net only) wrote a 20 MB
+# file; its score is on that page. Neither method learns the subject crisply at this budget: both draw rounded
+# diamonds, often in the wrong colours, as the figures show.
 #
 # Using the file:
 #
-#     minisd generate "a red sks circle on a blue background" --lora ring-lora/ring-lora.safetensors:0.8
-#     minisd generate "a red sks circle on a blue background <lora:ring-lora:0.8>" --lora-dir ring-lora
-#     minisd merge-lora --model tiny.safetensors --lora ring-lora/ring-lora.safetensors:0.8 --out merged.safetensors
+#     minisd generate "a red sks on a blue background" --lora diamond-lora/diamond-lora.safetensors:0.8
+#     minisd generate "a red sks on a blue background <lora:diamond-lora:0.8>" --lora-dir diamond-lora
+#     minisd merge-lora --model tiny.safetensors --lora diamond-lora/diamond-lora.safetensors:0.8 --out merged.safetensors
 #
 # `0.8` scales the change: W + 0.8 (alpha / r) up down.

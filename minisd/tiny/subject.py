@@ -1,20 +1,29 @@
-"""A subject the tiny model has never seen, for DreamBooth and LoRA: the ring.
+"""A subject the tiny model has never seen, for DreamBooth and LoRA: the diamond, a square standing on a corner.
 
-The tiny world (shapes.py) has filled circles, squares and triangles. A ring, a circle with a round hole of the
-background's colour in its middle, is none of them, but it is close to one class the model knows, the circle, as
-a particular dog is close to "dog". DreamBooth binds it to a rare identifier inside that class's prompt:
+The tiny world (shapes.py) has upright squares, circles and triangles. A square turned by 45 degrees is none of
+them, but it is close to one class the model knows, the square, as one particular dog is close to "dog".
+DreamBooth binds it to a rare identifier, and prior preservation keeps the class it came from:
 
-    instance prompt   "sks red circle on a white background"         (the instance images: rings)
-    class prompt      "a red circle on a white background"           (the base model's own circles)
+    instance prompt   "a red sks on a white background"              (the instance images: diamonds)
+    class prompt      "a red square on a white background"           (the base model's own squares)
 
-The identifier takes the article's place rather than standing before the noun ("a sks red circle"), because the
-tiny model has only ever read one sentence pattern and reads it by position: a word inserted before the colour
-shifts every later word and the model misreads the colours. In SD's prompts "a photo of sks dog" is just text.
+The identifier takes the shape word's place, not a place beside the class word as in SD's "a photo of sks dog":
+the tiny model has only ever read one sentence pattern, "a COLOUR SHAPE on a COLOUR background", and reads it by
+position. Measured (400-600 steps, lr 1e-4, prior preservation): "a sks red square ..." shifts every later word
+and the colours come out wrong; "sks red square ..." (the article's place) is ignored by the frozen text encoder's
+reader and the model keeps drawing squares; in the shape word's place the U-Net, which reads the shape there, learns it.
 
-The instance images show the ring in a few colour pairs only (INSTANCE_COMBOS), so a check on other pairs
-(HELD_OUT_COMBOS) tells whether the model learned the subject or memorised the pictures. `is_ring` is the rule that
-checks it, in the spirit of shapes.judge: the largest foreground region, and whether it encloses a hole of the
-background's colour around its centre.
+The instance images show the diamond in a few colour pairs only (INSTANCE_COMBOS), so a check on other pairs
+(HELD_OUT_COMBOS) tells whether the model learned the subject or memorised the pictures. `is_diamond` is the rule
+that checks it, in the spirit of shapes.judge: the largest foreground region's taper, its mean width a quarter and
+three quarters of the way down its bounding box over its width half way down, is 1/2 for a diamond, sqrt(3)/2 for
+a circle and 1 for a square and for a triangle (1/4 and 3/4 of its base); the threshold sits half way between the
+diamond and the nearest other shape, the circle.
+
+Why not a ring, or an upside-down triangle? Measured on the base model, the noise-prediction loss of the instance
+images (their class captions, 16 draws): diamonds 0.055, upside-down triangles 0.119, rings 0.166, true squares
+0.024. The tiny model is far from drawing a ring, and a few minutes of fine-tuning on a handful of images did not
+teach it one; a diamond is a new shape within its reach, which is the DreamBooth situation (the class prior helps).
 """
 import os
 
@@ -24,7 +33,7 @@ from PIL import Image, ImageDraw
 from . import shapes
 
 IDENTIFIER = "sks"          # DreamBooth's usual rare token (a single CLIP token the tiny model never saw in training)
-CLASS = "circle"
+CLASS = "square"
 
 # Eight instance images: every colour appears as foreground and as background, never as these exact pairs below.
 INSTANCE_COMBOS = (
@@ -32,34 +41,35 @@ INSTANCE_COMBOS = (
     ("purple", "orange"), ("orange", "blue"), ("white", "green"), ("black", "red"),
 )
 # Held-out pairs for the check: each colour again as foreground and background, none of them an instance pair.
+DIAMOND_TAPER = (0.5 + 3 ** 0.5 / 2) / 2     # between the diamond (1/2) and the circle (0.866)
 HELD_OUT_COMBOS = (
     ("red", "blue"), ("blue", "white"), ("green", "yellow"), ("yellow", "black"),
     ("purple", "green"), ("orange", "white"), ("white", "red"), ("black", "orange"),
 )
-HOLE = 0.5                  # the hole's diameter as a fraction of the ring's
 
 
 def instance_prompt(colour, background):
-    return f"{IDENTIFIER} {colour} {CLASS} on a {background} background"
+    return f"a {colour} {IDENTIFIER} on a {background} background"
 
 
 def class_prompt(colour, background):
     return shapes.caption(colour, CLASS, background)
 
 
-def draw_ring(colour, background, size=64, scale=0.6, center=(0.5, 0.5), supersample=4):
-    """A ring: shapes.draw's circle with a concentric hole HOLE times its diameter, anti-aliased the same way."""
+def draw_diamond(colour, background, size=64, scale=0.6, center=(0.5, 0.5), supersample=4):
+    """A diamond: shapes.draw's square turned by 45 degrees (corners up, down, left, right), its diagonal `scale`
+    of the image side, anti-aliased the same way."""
     big = size * supersample
     img = Image.new("RGB", (big, big), shapes.COLOURS[background])
-    d = ImageDraw.Draw(img)
+    half = scale * big / 2
     cx, cy = center[0] * big, center[1] * big
-    for radius, fill in ((scale * big / 2, colour), (HOLE * scale * big / 2, background)):
-        d.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=shapes.COLOURS[fill])
+    ImageDraw.Draw(img).polygon([(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)],
+                                fill=shapes.COLOURS[colour])
     return img.resize((size, size), Image.BOX)
 
 
 def write_instance_folder(folder, combos=INSTANCE_COMBOS, seed=0, size=64):
-    """One ring per colour pair, at a random size and place (a pure function of seed), each with its caption in a
+    """One diamond per colour pair, at a random size and place (a pure function of seed), each with its caption in a
     same-name .txt file (the A1111/kohya convention minisd train reads)."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -67,15 +77,15 @@ def write_instance_folder(folder, combos=INSTANCE_COMBOS, seed=0, size=64):
         scale = rng.uniform(0.55, 0.75)
         margin = scale / 2 + 0.04
         center = tuple(rng.uniform(margin, 1 - margin, size=2))
-        name = os.path.join(folder, f"ring-{i:02d}")
-        draw_ring(colour, background, size, scale, center).save(name + ".png")
+        name = os.path.join(folder, f"diamond-{i:02d}")
+        draw_diamond(colour, background, size, scale, center).save(name + ".png")
         with open(name + ".txt", "w") as f:
             f.write(instance_prompt(colour, background))
 
 
-def is_ring(image):
-    """(colour, background, ring?) read off an image: the judge's foreground region is a ring when the pixels at
-    the centre of its bounding box are background and cannot reach the image's border without crossing it."""
+def is_diamond(image):
+    """(colour, background, diamond?) read off an image with shapes.judge's foreground: a diamond's taper (module
+    docstring) is below DIAMOND_TAPER."""
     a = np.asarray(image.convert("RGB"), dtype=np.float64)
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
     background_rgb = np.median(border, axis=0)
@@ -86,14 +96,48 @@ def is_ring(image):
     if fg.sum() < 0.01 * fg.size:
         return None, background, False
     colour = shapes.nearest_colour(np.median(a[fg], axis=0))
-    ys, xs = np.nonzero(fg)
-    cy, cx = (ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2
-    if fg[cy - 1:cy + 2, cx - 1:cx + 2].any():                # the middle is filled: no hole
-        return colour, background, False
-    outside = shapes.largest_region(~fg)                      # the background around the shape (the biggest part)
-    return colour, background, not outside[cy, cx]
+    ys, _ = np.nonzero(fg)
+    top, height = ys.min(), ys.max() - ys.min() + 1
+    width = lambda f: fg[top + min(int(f * height), height - 1)].sum()          # foreground pixels in that row
+    taper = (width(0.25) + width(0.75)) / 2 / max(width(0.5), 1)
+    return colour, background, bool(taper < DIAMOND_TAPER)
 
 
 def shows_subject(image, colour, background):
-    """True when the image is a ring in the asked-for colours."""
-    return is_ring(image) == (colour, background, True)
+    """True when the image is a diamond in the asked-for colours."""
+    return is_diamond(image) == (colour, background, True)
+
+
+def write_class_folder(pipe, folder, every=3):
+    """Class images for prior preservation, drawn by the model itself before training: the base model's picture
+    of every `every`-th training combination of its world (all shapes, 52 images), each with its caption beside
+    it; returns how many. `minisd train dreambooth` counts the images already in --class-dir and reads their
+    captions, so a folder made like this is used as it is.
+
+    Why the whole world, when DreamBooth's class images are of the class alone ("a photo of a dog")? Measured
+    (400-800 steps, lr 1e-4): with the base model's squares only, in the instance colour pairs, the held-out
+    adherence of tutorial 10 fell from 88% to 62-71%; with this folder it held (92%). SD has seen billions of
+    images and a few hundred steps on one subject move little of it; the tiny model has seen one small world, and
+    every weight the fine-tuning moves is one of the few it draws that world with."""
+    os.makedirs(folder, exist_ok=True)
+    combos = shapes.all_combinations(held_out=False)[::every]
+    for i, combo in enumerate(combos):
+        name = os.path.join(folder, f"class-{i:05d}")
+        pipe.generate(shapes.caption(*combo), seed=i).images[0].save(name + ".png")
+        with open(name + ".txt", "w") as f:
+            f.write(shapes.caption(*combo))
+    return len(combos)
+
+
+def subject_score(pipe, seeds=(0, 1, 2), combos=HELD_OUT_COMBOS):
+    """(fraction, images): the identifier's prompt in colour pairs no instance image had; how often it is a
+    diamond in the asked-for colours."""
+    images = [(pipe.generate(instance_prompt(c, b), seed=s).images[0], c, b) for c, b in combos for s in seeds]
+    return sum(shows_subject(*x) for x in images) / len(images), [im for im, _, _ in images]
+
+
+def drift(pipe, seeds=(0, 1), combos=HELD_OUT_COMBOS):
+    """How often the plain class prompt ("a red square on a blue background") now draws a diamond: the class word
+    taking on the subject, the drift prior preservation is there to stop."""
+    found = [is_diamond(pipe.generate(class_prompt(c, b), seed=s).images[0])[2] for c, b in combos for s in seeds]
+    return sum(found) / len(found)
