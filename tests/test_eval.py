@@ -192,3 +192,34 @@ def test_inception_score_is_computed_from_the_files_in_plan_order(folders):
     logits = inception_logits(torch.stack([fid_mod.read_image(f) for f in files]), model)
     expected = inception_score(logits, splits=10, generator=torch.Generator().manual_seed(0))
     assert (metrics["is"], metrics["is_std"]) == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_clip_metric_is_torchmetrics_clip_score_of_the_images_eval_wrote(folders, tmp_path, capsys):
+    """--metrics clip with a random CLIP ViT-L/14 in transformers' layout (the real configuration: eval's loader
+    expects it): the figure in metrics.json equals torchmetrics' CLIPScore, given the same random model and
+    transformers' processor, on the image files eval wrote and their prompts. ~1 min on two cores."""
+    from safetensors.torch import save_file
+    from test_metrics import VIT_L_14, SD1_TEXT, Features, hf_clip, hf_processor
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    hf = hf_clip(VIT_L_14, SD1_TEXT, seed=5)
+    weights = tmp_path / "clip-vit-l-14.safetensors"
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(weights))
+    args = eval_args(folders, "--clip-weights", str(weights))
+    args[args.index("--metrics") + 1] = "clip"
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("clip=")
+    ours = json.loads((folders / "run" / "metrics.json").read_text())["clip"]
+
+    files = sorted((folders / "run" / "images").iterdir())
+    prompts = [PROMPTS[int(f.name[1:6])] for f in files]               # p{prompt index}-s{seed}.png
+    images = [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files]
+    metric = CLIPScore(model_name_or_path=lambda: (Features(hf), hf_processor(pil_backend=True)))
+    metric.update(images, prompts)
+    ref = metric.compute().item()
+    print(f"eval clip {ours:.4f}, torchmetrics {ref:.4f}")
+    assert abs(ours - ref) <= 1e-3                     # test_metrics' tolerance: 100 x cos, 1e-5 of a unit vector
+    # the comparison can fail: the same images against other prompts score differently
+    metric.reset()
+    metric.update(images, prompts[1:] + prompts[:1])
+    assert abs(metric.compute().item() - ref) > 1e-2
