@@ -13,12 +13,7 @@ from checkpoints import SMALL_SD2
 from minisd.train import common, dreambooth
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ TOL = 2 / 255
 PROMPT = "a <cat-toy> on a beach, highly detailed"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
 
 
 def _build(tmp_path_factory, cfg, seed):

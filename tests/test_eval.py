@@ -17,14 +17,7 @@ PROMPTS = [shapes.caption("red", "circle", "blue"), shapes.caption("white", "squ
            shapes.caption("black", "triangle", "yellow")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny model's batches are too small for two threads to share; on a busy machine they wait for each other
-    # (a step then takes 10-50x longer)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ from checkpoints import SMALL_SD2
 from minisd.train import finetune
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)         # small models: per-op overhead dominates, a second thread only contends
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ NEG = "blurry"
 MULT = 0.8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
 
 
 def random_lora(cfg, seed, rank=4, alpha=2.0, which="default"):

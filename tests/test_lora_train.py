@@ -39,12 +39,7 @@ CHANGE_TOL = 2e-3        # the weight changes (alpha / r) up down of all layers 
 IMAGE_TOL = 2 / 255
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ PROMPT = "a red circle on a blue background, highly detailed"
 NEG = "blurry, low quality"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny models are dominated by per-op overhead, where a second thread only adds contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
 
 
 def _build(tmp_path_factory, cfg, seed):

@@ -23,14 +23,7 @@ from minisd.config import UNetConfig
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: with other jobs on the 2 cores, a second intra-op thread only adds contention
-    (measured 13x slower). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
 
 
 CONTEXT = torch.randn(SHAPE[0], 5, CONTEXT_DIM, generator=torch.Generator().manual_seed(3))

@@ -37,12 +37,7 @@ UPDATE_TOL = 1e-3
 TOKEN = "<cat-toy>"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
 
 
 def _model(tmp_path_factory, cfg, seed):

@@ -12,13 +12,7 @@ from minisd.pipeline import Pipeline
 from minisd.tiny import shapes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # small batches on a busy 2-core machine: two threads wait for each other (10-50x slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
 sys.path.insert(0, str(TUTORIALS))          # the tutorials import their figure helper as `_figures`
@@ -28,13 +27,6 @@ def figures_in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny model's tensors are too small for threads to pay; one thread also keeps a busy machine usable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_tutorials_numbered_in_reading_order_each_titled_by_what_it_teaches():
