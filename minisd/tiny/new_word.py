@@ -38,9 +38,7 @@ def write_folder(folder, n=8, seed=0, size=64):
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         background = TRAIN_BACKGROUNDS[i % len(TRAIN_BACKGROUNDS)]
-        scale = rng.uniform(0.45, 0.75)
-        margin = scale / 2 + 0.04
-        center = tuple(rng.uniform(margin, 1 - margin, size=2))
+        scale, center = shapes.placement(rng)
         shapes.draw(COLOUR, SHAPE, background, size, scale, center).save(os.path.join(folder, f"{i:02d}.png"))
         with open(os.path.join(folder, f"{i:02d}.txt"), "w") as f:
             f.write(caption(background))

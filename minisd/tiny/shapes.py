@@ -100,6 +100,14 @@ def draw(colour, shape, background, size=64, scale=0.6, center=(0.5, 0.5), super
     return img.resize((size, size), Image.BOX)
 
 
+def placement(rng, low=0.45, high=0.75):
+    """(scale, center) of a shape: its extent uniform in [low, high] of the side, its centre uniform where it keeps
+    0.04 of the side from every edge. `rng` is a numpy Generator."""
+    scale = rng.uniform(low, high)
+    margin = scale / 2 + 0.04
+    return scale, tuple(rng.uniform(margin, 1 - margin, size=2))
+
+
 def sample(seed, index, size=64, held_out=False):
     """The `index`-th sample of the stream `seed`: a pure function, so streams resume exactly.
 
@@ -108,9 +116,7 @@ def sample(seed, index, size=64, held_out=False):
     rng = np.random.default_rng([seed, index])
     combos = all_combinations(held_out=held_out)
     colour, shape, background = combos[rng.integers(len(combos))]
-    scale = rng.uniform(0.45, 0.75)
-    margin = scale / 2 + 0.04
-    center = tuple(rng.uniform(margin, 1 - margin, size=2))
+    scale, center = placement(rng)
     return Sample(draw(colour, shape, background, size, scale, center), colour, shape, background)
 
 
@@ -195,8 +201,8 @@ def largest_region(mask):
     return out
 
 
-def judge(image):
-    """Read (colour, shape, background) off an image; shape is None when no foreground is found."""
+def read_foreground(image):
+    """(colour, foreground mask, background) as the judge reads them: colour is None when no foreground is found."""
     a = np.asarray(image.convert("RGB"), dtype=np.float64)                       # (H, W, 3)
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
     background_rgb = np.median(border, axis=0)
@@ -213,8 +219,15 @@ def judge(image):
     fg = largest_region(fg)
     background = nearest_colour(background_rgb)
     if fg.sum() < 0.01 * fg.size:
+        return None, fg, background
+    return nearest_colour(np.median(a[fg], axis=0)), fg, background
+
+
+def judge(image):
+    """Read (colour, shape, background) off an image; shape is None when no foreground is found."""
+    colour, fg, background = read_foreground(image)
+    if colour is None:
         return None, None, background
-    colour = nearest_colour(np.median(a[fg], axis=0))
     ys, xs = np.nonzero(fg)
     box_area = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
     fill = fg.sum() / box_area

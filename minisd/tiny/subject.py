@@ -74,9 +74,7 @@ def write_instance_folder(folder, combos=INSTANCE_COMBOS, seed=0, size=64):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i, (colour, background) in enumerate(combos):
-        scale = rng.uniform(0.55, 0.75)
-        margin = scale / 2 + 0.04
-        center = tuple(rng.uniform(margin, 1 - margin, size=2))
+        scale, center = shapes.placement(rng, low=0.55)
         name = os.path.join(folder, f"diamond-{i:02d}")
         draw_diamond(colour, background, size, scale, center).save(name + ".png")
         with open(name + ".txt", "w") as f:
@@ -86,16 +84,9 @@ def write_instance_folder(folder, combos=INSTANCE_COMBOS, seed=0, size=64):
 def is_diamond(image):
     """(colour, background, diamond?) read off an image with shapes.judge's foreground: a diamond's taper (module
     docstring) is below DIAMOND_TAPER."""
-    a = np.asarray(image.convert("RGB"), dtype=np.float64)
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    background_rgb = np.median(border, axis=0)
-    fg = np.linalg.norm(a - background_rgb, axis=-1) > shapes.MIN_COLOUR_DISTANCE / 2
-    fg[0] = fg[-1] = fg[:, 0] = fg[:, -1] = False             # as in shapes.judge
-    fg = shapes.largest_region(fg)
-    background = shapes.nearest_colour(background_rgb)
-    if fg.sum() < 0.01 * fg.size:
+    colour, fg, background = shapes.read_foreground(image)
+    if colour is None:
         return None, background, False
-    colour = shapes.nearest_colour(np.median(a[fg], axis=0))
     ys, _ = np.nonzero(fg)
     top, height = ys.min(), ys.max() - ys.min() + 1
     width = lambda f: fg[top + min(int(f * height), height - 1)].sum()          # foreground pixels in that row
