@@ -346,7 +346,8 @@ def _multiplier(layer, unet, text):
 def merged(config, weights, loras):
     """Yield (param name, merged tensor) for each parameter the LoRAs change. `weights(name)` gives a parameter's
     current tensor; `loras` is [(LoRA, unet multiplier, text multiplier)]. One parameter at a time: the merged copy
-    of the whole model never exists at once. The sum is taken in float32 and cast back to the weight's dtype."""
+    of the whole model never exists at once. The sum is taken in float32 and cast back to the weight's dtype.
+    Outside no_grad it is differentiable in the factors: LoRA training computes its W' with it."""
     table = layers(config)
     by_param = {}
     for lora, unet, text in loras:
@@ -355,7 +356,7 @@ def merged(config, weights, loras):
             by_param.setdefault(layer.param, []).append((layer, factors, _multiplier(layer, unet, text)))
     for param, changes in by_param.items():
         weight = weights(param)
-        w = weight.detach().to(device=weight.device, dtype=torch.float32, copy=True)
+        w = weight.to(device=weight.device, dtype=torch.float32, copy=True)
         for layer, factors, multiplier in changes:
             rows = slice(None) if layer.rows is None else slice(*layer.rows)
             w[rows] += delta(layer, factors, multiplier, w.device)

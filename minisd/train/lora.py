@@ -83,25 +83,9 @@ def initial_factors(config, cfg: LoRAConfig, generator):
 
 def merged_weights(model, factors):
     """{param name: W + (alpha / r) up down} for the parameters `factors` ({kohya name: Factors}) change,
-    differentiable in the factors. A packed q/k/v weight gets one delta of three row blocks (zeros where a block
-    has no LoRA)."""
-    table = lora.layers(model.config)
-    by_param = {}
-    for name, f in factors.items():
-        by_param.setdefault(table[name].param, []).append((table[name], f))
-    out = {}
-    for param, changes in by_param.items():
-        w = model.get_parameter(param)
-        if changes[0][0].rows is None:
-            (layer, f), = changes
-            change = lora.delta(layer, f, 1.0, w.device)
-        else:                                    # rows of in_proj_weight: q, k, v blocks of `width` rows each
-            blocks = {layer.rows: lora.delta(layer, f, 1.0, w.device) for layer, f in changes}
-            width = changes[0][0].shape[0]
-            change = torch.cat([blocks.get((i * width, (i + 1) * width), w.new_zeros(width, width, dtype=torch.float32))
-                                for i in range(w.shape[0] // width)])
-        out[param] = w + change.to(w.dtype)
-    return out
+    differentiable in the factors: lora.merged, the merge inference uses, with the factors being trained."""
+    training = lora.LoRA(path="", name="training", layers=factors)
+    return dict(lora.merged(model.config, model.get_parameter, [(training, 1.0, 1.0)]))
 
 
 def check_lora(cfg: LoRAConfig):
