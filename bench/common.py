@@ -197,14 +197,16 @@ def machine():
 
 def cpu_flags():
     """lscpu's model name, whether the CPU has avx2 / avx512f, and whether an ISA limit is emulated (oneDNN's
-    ONEDNN_MAX_CPU_ISA, ATen's ATEN_CPU_CAPABILITY), with the capability ATen then runs at."""
+    ONEDNN_MAX_CPU_ISA, ATen's ATEN_CPU_CAPABILITY, MKL's
+    MKL_ENABLE_INSTRUCTIONS), with the capability ATen then runs at."""
     import subprocess
     info = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout
                 .splitlines() if ":" in line)
     flags = info.get("Flags", "").split()
     text = (f"{info.get('Model name', '?').strip()}; flags avx2 {'yes' if 'avx2' in flags else 'no'}, "
             f"avx512f {'yes' if 'avx512f' in flags else 'no'}")
-    limits = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ]
+    limits = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+              if k in os.environ]
     if limits:
         text += (f"; **emulated** instruction-set limit {', '.join(limits)} (set for every process of the run; "
                  f"not a real machine of that kind)")

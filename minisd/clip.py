@@ -85,12 +85,20 @@ class TextEncoder(AttentionSettings, nn.Module):
         if cfg.activation not in ("quick_gelu", "gelu"):
             raise ValueError(f"unknown activation {cfg.activation!r}; expected 'quick_gelu' or 'gelu'")
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        # On the meta device (model.build_on_meta: shapes only, the checkpoint gives every value) nothing is drawn:
+        # there an init runs through torch._refs, whose first use imports torch._dynamo and sympy, ~1.5 s of every
+        # load. On a real device the draws are the ones nn.Embedding's init and CLIP's make, in the same order.
+        token_weight = torch.empty(cfg.vocab_size, cfg.width)
+        meta = token_weight.is_meta
+        if not meta:
+            token_weight.normal_()          # nn.Embedding's own N(0, 1) init (overwritten below; kept for the stream)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, _weight=token_weight)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))  # learned
         self.transformer = Transformer(cfg)
         self.ln_final = nn.LayerNorm(cfg.width)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
+        if not meta:                                        # CLIP's init
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
+            nn.init.normal_(self.positional_embedding, std=0.01)
         self.gradient_checkpointing = False     # training only: recompute each layer in backward (unet.py)
 
     def forward(self, tokens, clip_skip=1, extra=None):

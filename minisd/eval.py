@@ -16,7 +16,7 @@ Under torchrun (`torchrun --nproc-per-node 4 -m minisd eval ...`) the batches of
 among the processes (batch i to rank i mod W, the batches one process would run: the same images, byte for
 byte), each process writes its own files, and rank 0 alone computes the metrics once all are on disk; the other
 processes exit without printing any. On the CPU in fp32 each process measures for itself whether oneDNN-prepared
-layers are faster (minisd.fast.choose_onednn), and the two kernels round differently in the last bits (images
+U-Net layers are faster (minisd.fast.MeasuredChoice), and the two kernels round differently in the last bits (images
 within 1/255); --no-prepack keeps the plain layers everywhere, for images equal byte for byte across runs.
 
 Then metrics.json, and one `name=value` line per metric printed last (what SageMaker-style metric regexes read):

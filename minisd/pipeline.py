@@ -76,8 +76,8 @@ class Pipeline:
     Speed paths (minisd/fast/, each giving the same images up to floating-point rounding) are prepared once, here:
       compile=True      torch.compile the U-Net call
       cuda_graph=True   record the U-Net call once as a CUDA graph and replay it every step
-      prepack=True      on the CPU in fp32, the text encoder's and U-Net's layers swapped for oneDNN ones with
-                        their weights prepared once. Inference only, and it changes the model's modules in place,
+      prepack=True      on the CPU in fp32, the U-Net's layers swapped for oneDNN ones with their weights prepared
+                        once, if its own first calls measure that faster (fast.MeasuredChoice). Inference only, and it changes the model's modules in place,
                         so it is on where the pipeline owns the model it loaded (Pipeline.load) and off for a model
                         handed in (which may be in training)
     """

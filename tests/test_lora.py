@@ -388,7 +388,7 @@ def _png(path):
 
 
 def _close(a, b):
-    # each CLI run measures whether oneDNN-prepared layers are faster (minisd.fast.choose_onednn) and may choose
+    # each CLI run measures whether oneDNN-prepared layers are faster (minisd.fast.MeasuredChoice) and may choose
     # differently from the last: the kernels differ in float rounding only, hence 2/255 and not equality
     return np.abs(_png(a).astype(int) - _png(b)).max() <= 2
 

@@ -1,6 +1,6 @@
 """minisd.fast.onednn: a network prepared for oneDNN inference computes what the plain one does, refuses to be
 saved or loaded into, restores exactly, lays each conv weight out for the shape it is called with, and is only
-prepared where the Pipeline owns the model and a prepared call was measured faster than a plain one.
+prepared where the Pipeline owns the model and its own prepared call was measured faster than its plain one.
 
 Tolerance: max abs difference <= 1e-5 x the output's largest magnitude (fp32 on CPU; oneDNN and MKL sum the
 products in different orders, nothing else differs).
@@ -78,18 +78,22 @@ def test_saving_or_loading_a_prepared_network_fails_loudly_not_silently():
         save_file(dict(unet.state_dict()), "/dev/null")   # nor written out as if it were plain
 
 
-def _prepared_faster(network, call, warm_up):
-    call()
-    return 1.0 if onednn.is_prepared(network) else 2.0
+def _clock(*durations):
+    """A clock for MeasuredChoice whose timed calls last `durations` seconds, in order."""
+    ticks = iter([x for d in durations for x in (0.0, d)])
+    return lambda: next(ticks)
 
 
-def test_pipeline_load_prepares_and_a_handed_in_model_stays_plain(tmp_path, monkeypatch):
+def test_pipeline_load_prepares_the_unet_as_it_runs_and_a_handed_in_model_stays_plain(tmp_path):
     ckpt = tmp_path / "model.safetensors"
     write_ldm_checkpoint(ckpt, SMALL_SD1, seed=5)
-    monkeypatch.setattr(fast, "_seconds", _prepared_faster)     # as measured on a machine where it is faster
     loaded = Pipeline.load(str(ckpt), device="cpu", dtype="fp32", log=lambda *_: None)
-    assert onednn.is_prepared(loaded.model.unet) and onednn.is_prepared(loaded.model.text_encoder)
+    assert isinstance(loaded.unet_call, fast.MeasuredChoice)
+    assert not onednn.is_prepared(loaded.model.unet)         # nothing is decided before the U-Net runs
+    loaded.unet_call.clock = _clock(2.0, 1.0)                 # as measured on a machine where prepared is faster
     a = loaded.generate("a red circle", steps=3, seed=0, width=64, height=64)
+    assert loaded.unet_call.choice == "prepared" and onednn.is_prepared(loaded.model.unet)
+    assert not onednn.is_prepared(loaded.model.text_encoder)  # the text encoder stays plain
 
     # a model handed in (it may be in training) is left as it is; a prepared one is restored first
     plain = Pipeline(loaded.model, device="cpu", dtype=torch.float32, log=lambda *_: None)
@@ -108,25 +112,38 @@ def test_a_prepared_network_refuses_autograd_instead_of_giving_wrong_gradients()
         unet(x, t, c)
 
 
-def test_a_network_measured_slower_prepared_is_left_plain_and_computes_the_same(tmp_path):
+@pytest.mark.parametrize("plain_s, prepared_s, choice", [(1.0, 4.0, "plain"), (2.0, 1.0, "prepared")])
+def test_the_unet_runs_prepared_only_if_its_own_calls_measured_faster_so_and_computes_the_same(
+        tmp_path, monkeypatch, plain_s, prepared_s, choice):
     ckpt = tmp_path / "model.safetensors"
     write_ldm_checkpoint(ckpt, SMALL_SD1, seed=7)
-    pipe = Pipeline.load(str(ckpt), device="cpu", dtype="fp32", log=lambda *_: None)
-    model = fast.restore(pipe.model)
-    want = pipe.generate("a red circle", steps=3, seed=0, width=64, height=64).latents
+    want = Pipeline.load(str(ckpt), device="cpu", dtype="fp32", prepack=False,
+                         log=lambda *_: None).generate("a red circle", steps=5, seed=0, width=64, height=64).latents
 
-    def seconds_of(network, call, warm_up):   # as on the AVX2 machine of the audit: the U-Net 4x slower prepared
-        call()
-        if network is model.unet:
-            return 4.0 if onednn.is_prepared(network) else 1.0
-        return 0.5 if onednn.is_prepared(network) else 1.0
+    calls = []
+    forward = UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
     messages = []
-    chosen = fast.choose_onednn(model, log=messages.append, seconds_of=seconds_of)
-    assert chosen == {"unet": (1.0, 4.0, False), "text_encoder": (1.0, 0.5, True)}
-    assert not onednn.is_prepared(model.unet)            # measured slower: not used
-    assert onednn.is_prepared(model.text_encoder)        # measured faster: used (the choice can go either way)
-    assert "unet 1.000 s plain, 4.000 s prepared: plain" in messages[0]
-    _close(pipe.generate("a red circle", steps=3, seed=0, width=64, height=64).latents, want)
+    pipe = Pipeline.load(str(ckpt), device="cpu", dtype="fp32", log=messages.append)
+    pipe.unet_call.clock = _clock(plain_s, prepared_s)       # the first U-Net call plain, the third prepared
+    got = pipe.generate("a red circle", steps=5, seed=0, width=64, height=64).latents
+    assert len(calls) == 5                                     # the measuring costs no U-Net call of its own
+    assert pipe.unet_call.choice == choice
+    assert onednn.is_prepared(pipe.model.unet) == (choice == "prepared")
+    assert f"U-Net call {plain_s:.3f} s plain, {prepared_s:.3f} s prepared: {choice}" in "\n".join(messages)
+    _close(got, want)
+
+
+def test_a_conv_is_laid_out_at_its_first_call_and_again_only_for_a_new_shape():
+    conv = torch.nn.Conv2d(64, 32, 3, padding=1).eval()
+    prepared = onednn.Conv2d(conv)
+    assert prepared.laid_out_for is None and prepared.weight.is_mkldnn     # opaque from the start (no saving)
+    with torch.no_grad():
+        for shape in [(2, 64, 16, 16), (2, 64, 16, 16), (1, 64, 8, 12)]:
+            x = torch.randn(shape)
+            _close(prepared(x), conv(x))
+            assert prepared.laid_out_for == list(shape)
+        _close(prepared.to_conv().weight, conv.weight)
 
 
 @pytest.mark.parametrize("cin, cout, k, side", [(1280, 1280, 3, 2), (960, 320, 1, 16)],

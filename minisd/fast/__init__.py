@@ -5,9 +5,9 @@ each path computes what the plain networks compute (tests/test_fast_path.py, tes
 
   CPU           the VAE's conv weights in NHWC (channels_last): oneDNN reads NHWC maps as they are, and reorders
                 NCHW ones into its blocked layout and back around every conv (at 512 px a 256 MiB copy each way);
-                with onednn_layers=True (fp32 only), the text encoder's and U-Net's conv and linear layers swapped
-                for oneDNN ones whose weights are prepared once (onednn.py), each network only where one call of
-                it is measured faster so on this machine (choose_onednn)
+                with onednn_layers=True (fp32 only), the U-Net's conv and linear layers swapped for oneDNN ones
+                whose weights are prepared once (onednn.py), only if its own calls measure faster so on this
+                machine (MeasuredChoice)
   CUDA          the U-Net in channels_last, the layout the tensor cores' convolution kernels want
   compile       torch.compile on the U-Net call (TorchInductor fuses elementwise ops and norms into fewer kernels)
   cuda_graph    the U-Net call recorded once as a CUDA graph and replayed every step (cuda_graph.py)
@@ -25,17 +25,17 @@ from .cuda_graph import CUDAGraphUNet
 
 def prepare(model, device, compile=False, cuda_graph=False, onednn_layers=True, log=None):
     """Prepare `model` (already on `device`, in its dtype) for inference there; returns the callable the sampling
-    loop uses for the U-Net. `log` (optional) is told what choose_onednn measured and chose."""
+    loop uses for the U-Net. `log` (optional) is told what MeasuredChoice measured and chose."""
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
     if device.type == "cpu":
         model.vae.to(memory_format=torch.channels_last)
-        fp32 = next(model.unet.parameters()).dtype == torch.float32
-        if onednn_layers and fp32 and not compile:
-            choose_onednn(model, log=log)
     if device.type == "cuda":
         model.unet.to(memory_format=torch.channels_last)
     unet_call = model.unet
+    fp32 = next(model.unet.parameters()).dtype == torch.float32
+    if device.type == "cpu" and onednn_layers and fp32 and not compile and onednn.available():
+        unet_call = MeasuredChoice(model.unet, log=log)
     if compile:
         unet_call = torch.compile(unet_call)
     if cuda_graph:
@@ -43,53 +43,53 @@ def prepare(model, device, compile=False, cuda_graph=False, onednn_layers=True, 
     return unet_call
 
 
-def choose_onednn(model, log=None, seconds_of=None):
-    """Prepare the text encoder and the U-Net for oneDNN (onednn.py) each only where that is faster on this machine.
+class MeasuredChoice:
+    """The U-Net call on the CPU, run plain or oneDNN-prepared (onednn.py), whichever its own calls measure faster.
 
-    Whether it is depends on the CPU: oneDNN picks its kernels, and the weight layouts that go with them, per
-    instruction set, and what wins on an AVX-512 machine need not on an AVX2 one (bench/RESULTS.md). So it is
-    measured here, once, on the networks themselves: a U-Net call on a guided step's shapes at small latents
-    (batch 2, 8x8) and a text encoder call on one prompt (1, 77), each timed plain, then prepared. The plain call
-    is timed once, after the weights are paged in (a plain call copies every conv weight, so it is the costly
-    one; oneDNN builds its plain kernels in it too, a few ms a layer);
-    the prepared call after one warm-up call (which lays its weights out for these shapes). A network stays
-    prepared only if its prepared call took less time. `seconds_of(network, call, warm_up)` times call() (tests
-    inject one). Returns {"unet": (plain s, prepared s, chose prepared), "text_encoder": (...)}."""
-    seconds_of = seconds_of or _seconds
-    cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, cfg.unet.in_channels, 8, 8, generator=g)
-    t = torch.tensor([500.0, 500.0])
-    context = torch.randn(2, cfg.text.context_length, cfg.unet.context_dim, generator=g)
-    tokens = torch.randint(0, cfg.text.vocab_size, (1, cfg.text.context_length), generator=g)
-    calls = {"unet": (model.unet, lambda: model.unet(x, t, context)),
-             "text_encoder": (model.text_encoder, lambda: model.text_encoder(tokens))}
-    t0 = time.perf_counter()
-    chosen = {}
-    with torch.no_grad():
-        for name, (network, call) in calls.items():
-            for p in network.parameters():
-                p.sum()                 # page the weights in (a loaded file is memory-mapped): no call pays for it
-            plain = seconds_of(network, call, warm_up=False)
-            onednn.prepare(network)
-            prepared = seconds_of(network, call, warm_up=True)
-            if prepared >= plain:
-                onednn.restore(network)
-            chosen[name] = (plain, prepared, prepared < plain)
-    if log:
-        log("oneDNN-prepared layers (minisd.fast.choose_onednn), measured in "
-            f"{time.perf_counter() - t0:.1f} s: " + "; ".join(
-                f"{name} {p:.3f} s plain, {q:.3f} s prepared: {'prepared' if use else 'plain'}"
-                for name, (p, q, use) in chosen.items()))
-    return chosen
+    Whether prepared layers win depends on the CPU: oneDNN picks its kernels, and the weight layouts that go with
+    them, per instruction set, and what wins on an AVX-512 machine need not on an AVX2 one (bench/RESULTS.md). So it
+    is measured here, on the sampling loop's own calls, at no extra cost: the first call runs plain (timed); the
+    network is then prepared, and the second call lays each conv weight out for the shape it brings (a one-time
+    copy, not timed); the third runs prepared (timed). The plain timing includes oneDNN building its plain kernels
+(a few ms a layer), which leans the choice towards prepared by a few percent at most. If it took as long as the plain call or longer, the plain
+    layers are put back; either way that choice holds for the rest of the process. The sampling loop calls the
+    U-Net on the same shapes at every step, so the two timings compare like with like. Nothing is called that the
+    sampling loop did not ask for; the text encoder stays plain (one or two calls per prompt: oneDNN's matmul saves
+    it ~5% there, less than one extra call would cost to find out).
 
+    The first calls of a process thus run one path, then the other; the two round differently in the last bits, so
+    the first image of a process can differ from later ones with the same seed within float rounding (< 1/255).
+    `clock` is time.perf_counter (tests inject one). `choice` is None while measuring, then "prepared" or "plain"."""
 
-def _seconds(network, call, warm_up):
-    if warm_up:
-        call()
-    t0 = time.perf_counter()
-    call()
-    return time.perf_counter() - t0
+    def __init__(self, unet, log=None, clock=time.perf_counter):
+        self.unet, self.log, self.clock = unet, log, clock
+        self.plain_s = self.prepared_s = self.choice = None
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        if self.choice is not None:
+            return self.unet(*args, **kwargs)
+        self.calls += 1
+        if self.calls == 2:                              # lays the weights out for these shapes: not timed
+            return self.unet(*args, **kwargs)
+        if self.calls == 1:
+            for p in self.unet.parameters():
+                p.sum()     # page the weights in (a loaded file is memory-mapped): the plain call is not charged for it
+        t0 = self.clock()
+        out = self.unet(*args, **kwargs)
+        seconds = self.clock() - t0
+        if self.calls == 1:
+            self.plain_s = seconds
+            onednn.prepare(self.unet)
+        else:
+            self.prepared_s = seconds
+            self.choice = "prepared" if self.prepared_s < self.plain_s else "plain"
+            if self.choice == "plain":
+                onednn.restore(self.unet)
+            if self.log:
+                self.log(f"oneDNN-prepared layers (minisd.fast.MeasuredChoice): U-Net call {self.plain_s:.3f} s "
+                         f"plain, {self.prepared_s:.3f} s prepared: {self.choice}")
+        return out
 
 
 def restore(model):

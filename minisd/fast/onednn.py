@@ -16,8 +16,8 @@ the whole SD1 text encoder about 5%), so `Linear` below only changes which libra
 float rounding, tests/test_onednn.py) but it is for inference only: these ops have no backward (a call with
 autograd on raises), `.to()` cannot move the blocked weights, and its state_dict holds them as opaque oneDNN
 tensors, which safetensors and load_state_dict refuse. To save, train or move it, restore it first.
-`minisd.fast.prepare` prepares the text encoder and U-Net of a model that `Pipeline.load` loaded for the CPU, each
-where it is measured faster so (minisd.fast.choose_onednn).
+`minisd.fast.prepare` prepares the U-Net of a model that `Pipeline.load` loaded for the CPU where its calls are
+measured faster so (minisd.fast.MeasuredChoice).
 
 The ops are PyTorch's own oneDNN entry points (the ones TorchInductor's CPU backend emits), in `torch.ops.mkldnn`.
 """
@@ -47,23 +47,26 @@ class Conv2d(nn.Module):
         # layouts. With AVX2 only, a 1280-channel 3x3 weight laid out for an 8x8 map but run on the U-Net's 2x2 one
         # went Acdb24a -> Acdb32a through `simple:any` at each call: about 1 s a call against 0.09 s plain and
         # 0.004 s laid out for 2x2 (ONEDNN_VERBOSE, bench/onednn_layers.py; 2 loaded cores), which made a whole
-        # prepared U-Net 4x slower than the plain one on an AVX2 EPYC. So the weight is laid out again for the
-        # shape a call brings, once per new shape (_lay_out_for): one copy, what a plain conv pays at every call.
-        self.laid_out_for = [1, conv.in_channels, 8 * self.stride[0], 8 * self.stride[1]]    # a first guess
-        blocked = self._reorder(conv.weight.detach(), self.laid_out_for)
+        # prepared U-Net 4x slower than the plain one on an AVX2 EPYC. So the weight is laid out at the first call,
+        # for the shape that call brings, and again for each new shape (_lay_out_for): one copy, what a plain conv
+        # pays at every call. Until then it is kept in oneDNN's plain layout (laid_out_for None).
+        self.laid_out_for = None
+        blocked = conv.weight.detach().to_mkldnn()
         # in the state_dict as it is (an opaque oneDNN tensor): saving it or loading into it fails loudly, never
         # silently; restore() gives the plain Parameter back
         self.register_buffer("weight", blocked)
         self.weight_requires_grad = conv.weight.requires_grad         # given back by to_conv
         self.bias = conv.bias                                         # the same Parameter (or None)
 
-    def _reorder(self, dense_weight, input_shape):
+    def _reorder(self, mkldnn_weight, input_shape):
         return torch._C._nn.mkldnn_reorder_conv2d_weight(
-            dense_weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, input_shape)
+            mkldnn_weight, self.padding, self.stride, self.dilation, self.groups, input_shape)
 
     def _lay_out_for(self, input_shape):
-        # through the plain layout: two JIT reorders, where blocked -> blocked may be the generic loop
-        self.weight = self._reorder(self.weight.to_dense(), input_shape)
+        # from the plain layout: two JIT reorders, where blocked -> blocked may be the generic loop
+        plain = self.weight if self.laid_out_for is None else self.weight.to_dense().to_mkldnn()
+        self.weight = None                  # the old layout freed before the new one is made: a layer's copies at
+        self.weight = self._reorder(plain, input_shape)     # once are three weights' worth at most, not four
         self.laid_out_for = input_shape
 
     def forward(self, x):
