@@ -256,3 +256,25 @@ def test_a_run_killed_after_a_checkpoint_and_resumed_ends_bit_identical(tmp_path
     steps = [e["step"] for e in _lines(out / "train_log.jsonl")]
     assert steps == list(range(1, 25)), "the log holds each step once, the redone ones not twice"
     print(f"[resume] killed after the checkpoint of step {step}, resumed; 24 steps bit-identical")
+
+
+@pytest.mark.parametrize("warmup, same", [("diffusers", True), ("ldm", False)])
+def test_use_ema_averages_as_diffusers_ema_model(warmup, same):
+    # `--use-ema` of minisd train follows diffusers' EMAModel (the first update copies, then n / (9 + n) up to the
+    # decay); the tiny recipe keeps LDM's LitEma warm-up, (1 + n) / (10 + n), which this comparison tells apart
+    from diffusers.training_utils import EMAModel
+    from minisd.train.common import FinetuneConfig, train_config
+    from minisd.train.loop import EMA
+
+    assert train_config(FinetuneConfig(out="x", use_ema=True)).ema_warmup == "diffusers"
+    g = torch.Generator().manual_seed(0)
+    params = {"a": torch.nn.Parameter(torch.randn(5, 3, generator=g)), "b": torch.nn.Parameter(torch.randn(7, generator=g))}
+    ours, ref = EMA(params, decay=0.9, warmup=warmup), EMAModel(list(params.values()), decay=0.9)
+    for _ in range(30):                                   # past the warm-up: the decay reaches its cap 0.9
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(torch.randn(p.shape, generator=g))
+        ours.update(params)
+        ref.step(list(params.values()))
+        err = max((ours.shadow[k] - s).abs().max().item() for k, s in zip(params, ref.shadow_params))
+        assert (err <= 1e-6) == same, f"update {ours.num_updates}: max difference {err:.3g}"

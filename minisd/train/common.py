@@ -277,7 +277,7 @@ def train_config(cfg: FinetuneConfig):
     return TrainConfig(
         steps=cfg.max_train_steps, lr=cfg.learning_rate * scale, weight_decay=cfg.adam_weight_decay,
         lr_schedule=cfg.lr_scheduler, warmup_steps=cfg.lr_warmup_steps, cycles=cfg.lr_cycles,
-        min_lr_ratio=cfg.lr_min_ratio, ema_decay=cfg.ema_decay if cfg.use_ema else 0.0,
+        min_lr_ratio=cfg.lr_min_ratio, ema_decay=cfg.ema_decay if cfg.use_ema else 0.0, ema_warmup="diffusers",
         grad_clip=cfg.max_grad_norm, checkpoint_every=cfg.checkpointing_steps, seed=cfg.seed,
         grad_accum=cfg.gradient_accumulation_steps,
         # torch's AdamW with its defaults, as diffusers' scripts build it (the parity tests compare to that)

@@ -57,6 +57,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0          # floor of the decay, as a fraction of lr
     lr_power: float = 1.0              # polynomial's exponent
     ema_decay: float = 0.999           # 0 disables the EMA copy
+    ema_warmup: str = "ldm"            # how the decay warms up: "ldm" (LitEma) or "diffusers" (EMAModel); see EMA
     grad_clip: float = 1.0
     checkpoint_every: int = 500
     seed: int = 0
@@ -72,19 +73,30 @@ class TrainConfig:
 class EMA:
     """Exponential moving average of parameters: theta_ema <- d * theta_ema + (1 - d) * theta.
 
-    The decay warms up as min(d, (1 + n) / (10 + n)) (the LDM LitEma rule), so early averages are not dominated by
-    the random initialisation.
+    The decay warms up, so early averages are not dominated by the starting weights. At the n-th update (n = 1, 2, ..):
+      warmup="ldm"        d = min(decay, (1 + n) / (10 + n))            LDM's LitEma (the tiny recipe)
+      warmup="diffusers"  d = 0 at n = 1, then min(decay, n / (9 + n))  diffusers' EMAModel with its defaults
+                          (step = n - 1; 0 while step <= 0, else (1 + step) / (10 + step)), what diffusers'
+                          train_text_to_image.py --use_ema runs: the first update copies the weights.
     """
 
-    def __init__(self, params: dict, decay):
-        self.decay = decay
+    def __init__(self, params: dict, decay, warmup="ldm"):
+        if warmup not in ("ldm", "diffusers"):
+            raise ValueError(f"unknown EMA warmup {warmup!r}; expected 'ldm' or 'diffusers'")
+        self.decay, self.warmup = decay, warmup
         self.num_updates = 0
         self.shadow = {k: p.detach().clone().float() for k, p in params.items()}
+
+    def current_decay(self):
+        n = self.num_updates
+        if self.warmup == "diffusers":
+            return 0.0 if n <= 1 else min(self.decay, n / (9 + n))
+        return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
     def update(self, params: dict):
         self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        d = self.current_decay()
         for k, p in params.items():
             self.shadow[k].lerp_(p.detach().float(), 1 - d)
 
@@ -184,7 +196,7 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
     # fp16 gradients underflow: scale the loss up, unscale before clipping, skip steps that overflowed
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     autocast = PRECISIONS[cfg.mixed_precision]
-    ema = EMA(trainable, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = EMA(trainable, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
     start = 0
     if os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
