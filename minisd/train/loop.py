@@ -136,7 +136,7 @@ def make_optimizer(groups, cfg: TrainConfig):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ValueError("8-bit AdamW needs bitsandbytes (pip install bitsandbytes), CUDA only") from None
+            raise ValueError("8-bit AdamW needs bitsandbytes (pip install minisd[adam8bit]), CUDA only") from None
         return bnb.optim.AdamW8bit(groups, **kw)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
 
