@@ -79,14 +79,16 @@ class EMA:
     def __init__(self, params: dict, decay):
         self.decay = decay
         self.num_updates = 0
-        self.shadow = {k: p.detach().clone().float() for k, p in params.items()}
+        # in at least float32 (a float64 run keeps its precision)
+        self.shadow = {k: p.detach().clone().to(torch.promote_types(p.dtype, torch.float32))
+                       for k, p in params.items()}
 
     @torch.no_grad()
     def update(self, params: dict):
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         for k, p in params.items():
-            self.shadow[k].lerp_(p.detach().float(), 1 - d)
+            self.shadow[k].lerp_(p.detach().to(self.shadow[k].dtype), 1 - d)
 
 
 def atomic_save(obj, path):
