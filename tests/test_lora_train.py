@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 import torch
 
-from _train_refs import (BATCH, LR, RES, SD1, STEPS, add_lora, diffusers_from_single_file, image_folder,
+from _train_refs import (BATCH, F64_TOL, LR, RES, SD1, STEPS, add_lora, diffusers_from_single_file, image_folder,
                          model_files, prepare, reference_batches, reference_training)
 from checkpoints import SMALL_SD1, SMALL_SD2
 from minisd import lora
@@ -146,11 +146,9 @@ def test_dreambooth_lora_with_the_text_encoder_equals_diffusers_and_peft(tmp_pat
     assert_equal(errors)
 
 
-F64_TOL = 1e-9           # float64: each step's loss, every factor, down and up, each relative to itself, and the
-                         # weight changes (module docstring: measured 1.8e-12 at worst)
-
-
 def assert_equal_per_parameter(errors):
+    """float64 (module docstring): each step's loss, every factor, down and up, each relative to itself, and the
+    weight changes, within _train_refs.F64_TOL = 1e-9 (measured 1.8e-12 at worst)."""
     assert errors["loss"] <= F64_TOL, errors["loss"]
     assert errors["down"] <= F64_TOL, errors["down"]
     assert errors["each_up"] <= F64_TOL, errors["each_up"]
