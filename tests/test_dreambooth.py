@@ -95,6 +95,8 @@ def test_class_images_fill_the_folder_up_to_the_number_asked_and_only_what_is_mi
     (dict(resolution=60), "multiple of 8"),
     (dict(lr_scheduler="cosine", lr_cycles=0), "cycles must be > 0"),
     (dict(cache_latents=True), "needs --center-crop"),
+    (dict(dtype="float16"), "unknown dtype 'float16'; choose one of float32, float64"),
+    (dict(dtype="float64", mixed_precision="bf16"), "--mixed-precision bf16 trains float32 weights, not float64"),
 ])
 def test_bad_settings_fail_in_one_line_before_training(tmp_path, change, message):
     import dataclasses
