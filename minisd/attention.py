@@ -54,8 +54,8 @@ def attention_math(q, k, v, causal=False):
         nq, nk = scores.shape[-2:]
         future = torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
-    # softmax in fp32: in fp16 the exp of large scores overflows (why diffusers "upcasts" SD2's attention)
-    weights = scores.float().softmax(dim=-1).to(q.dtype)
+    # softmax in at least fp32: in fp16 the exp of large scores overflows (why diffusers "upcasts" SD2's attention)
+    weights = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(dim=-1).to(q.dtype)
     return weights @ v
 
 

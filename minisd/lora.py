@@ -333,9 +333,10 @@ def parse_spec(spec):
 # ---------------------------------------------------------------------------------------------------------
 # Merging
 
-def delta(layer: Layer, factors: Factors, multiplier, device="cpu"):
-    """multiplier * alpha / r * up @ down, in float32 on `device`, shaped like what it is added to."""
-    up, down = (t.flatten(1).to(device, torch.float32) for t in (factors.up, factors.down))
+def delta(layer: Layer, factors: Factors, multiplier, device="cpu", dtype=torch.float32):
+    """multiplier * alpha / r * up @ down, in `dtype` (float32; float64 for a float64 model) on `device`, shaped
+    like what it is added to."""
+    up, down = (t.flatten(1).to(device, dtype) for t in (factors.up, factors.down))
     return (up @ down).reshape(layer.shape) * (multiplier * factors.scale())
 
 
@@ -346,7 +347,8 @@ def _multiplier(layer, unet, text):
 def merged(config, weights, loras):
     """Yield (param name, merged tensor) for each parameter the LoRAs change. `weights(name)` gives a parameter's
     current tensor; `loras` is [(LoRA, unet multiplier, text multiplier)]. One parameter at a time: the merged copy
-    of the whole model never exists at once. The sum is taken in float32 and cast back to the weight's dtype.
+    of the whole model never exists at once. The sum is taken in float32 (float64 for a float64 weight: at least
+    float32) and cast back to the weight's dtype.
     Outside no_grad it is differentiable in the factors: LoRA training computes its W' with it."""
     table = layers(config)
     by_param = {}
@@ -356,10 +358,10 @@ def merged(config, weights, loras):
             by_param.setdefault(layer.param, []).append((layer, factors, _multiplier(layer, unet, text)))
     for param, changes in by_param.items():
         weight = weights(param)
-        w = weight.to(device=weight.device, dtype=torch.float32, copy=True)
+        w = weight.to(device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32), copy=True)
         for layer, factors, multiplier in changes:
             rows = slice(None) if layer.rows is None else slice(*layer.rows)
-            w[rows] += delta(layer, factors, multiplier, w.device)
+            w[rows] += delta(layer, factors, multiplier, w.device, w.dtype)
         yield param, w.to(weight.dtype)
 
 

@@ -62,13 +62,16 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the model's dtype, cast back after (LDM's `GroupNorm32`).
+    """GroupNorm computed in float32 for a half-precision model, cast back after (LDM's `GroupNorm32`); a float64
+    model's in float64 (at least float32, never less than the model's own precision).
 
     In fp16 the variance of wide feature maps loses too much precision; the ResBlocks and the output norm of
     the U-Net were run this way in the original code, the transformer's GroupNorm was not."""
 
     def forward(self, x):
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype),
+                            self.eps).to(x.dtype)
 
 
 class ResBlock(nn.Module):

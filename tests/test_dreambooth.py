@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from _train_refs import SD1, assert_equal, image_folder, model_files, run_pair
+from _train_refs import SD1, assert_equal, assert_equal_in_float64, image_folder, model_files, run_pair
 from checkpoints import SMALL_SD2
 from minisd.train import common, dreambooth
 
@@ -39,6 +39,13 @@ def test_dreambooth_with_the_sd1_text_encoder_equals_diffusers(tmp_path, sd1):
     errors = run_pair(tmp_path, sd1, dreambooth, train_text_encoder=True)
     assert any(k.startswith("text_encoder.") for k in errors["trained"])
     assert_equal(errors)
+
+
+def test_prior_preservation_with_the_text_encoder_in_float64_equals_diffusers_to_1e_9(tmp_path, sd1):
+    """Both sides in float64 (test_finetune.py's docstring): loss, parameters and updates within 1e-9."""
+    errors = run_pair(tmp_path, sd1, dreambooth, train_text_encoder=True, dtype="float64", **prior(tmp_path))
+    assert any(k.startswith("text_encoder.") for k in errors["trained"])
+    assert_equal_in_float64(errors)
 
 
 def test_min_snr_with_prior_preservation_weights_each_sample_of_both_halves(tmp_path, sd2):
@@ -88,6 +95,8 @@ def test_class_images_fill_the_folder_up_to_the_number_asked_and_only_what_is_mi
     (dict(resolution=60), "multiple of 8"),
     (dict(lr_scheduler="cosine", lr_cycles=0), "cycles must be > 0"),
     (dict(cache_latents=True), "needs --center-crop"),
+    (dict(dtype="float16"), "unknown dtype 'float16'; choose one of float32, float64"),
+    (dict(dtype="float64", mixed_precision="bf16"), "--mixed-precision bf16 trains float32 weights, not float64"),
 ])
 def test_bad_settings_fail_in_one_line_before_training(tmp_path, change, message):
     import dataclasses

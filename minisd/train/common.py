@@ -49,6 +49,9 @@ from .lr import check_schedule
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 SAVE_FORMATS = ("single_file", "diffusers")
+# the weights' dtype, and the step's: float64 is a test tool (the parity tests run both sides without float32
+# rounding, which AdamW amplifies where a gradient is near zero), not a command-line flag
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class FinetuneConfig:
     use_8bit_adam: bool = False
     max_grad_norm: float = 1.0
     adam_weight_decay: float = 1e-2
+    dtype: str = "float32"                   # DTYPES: "float64" for the parity tests (no --flag)
 
 
 @dataclass
@@ -187,8 +191,9 @@ def cache_moments(vae, examples, resolution, device, chunk=8):
     for start in range(0, len(examples), chunk):
         images = [resize_and_crop(load_image(e.path), resolution) for e in examples[start:start + chunk]]
         mean, logvar = vae.posterior(to_tensor(images).to(device, vae.quant_conv.weight.dtype))
-        means.append(mean.float())
-        logvars.append(logvar.float())
+        at_least_fp32 = torch.promote_types(mean.dtype, torch.float32)
+        means.append(mean.to(at_least_fp32))
+        logvars.append(logvar.to(at_least_fp32))
     return torch.cat(means), torch.cat(logvars)
 
 
@@ -207,7 +212,10 @@ def step_loss(model, pixels, moments, tokens, d: Draws, alphas_cumprod, cfg: Fin
     (mean, logvar); tokens (B, 77); the first n_instance examples are instances, the rest class examples.
     embeddings: the textual-inversion words whose ids (past the vocabulary) `tokens` may hold.
     replaced: {param name: tensor} the U-Net and text encoder compute with in place of their own parameters
-    (torch.func.functional_call; LoRA's W + (alpha / r) up down, train/lora.py)."""
+    (torch.func.functional_call; LoRA's W + (alpha / r) up down, train/lora.py).
+
+    The step computes in the latents' dtype, at least float32: a low-precision VAE (--mixed-precision) gives fp32
+    latents, noise and loss as autocast wants them, and a float64 model (cfg.dtype) stays float64 throughout."""
     unet, text_encoder = model.unet, model.text_encoder
     if replaced:
         unet, text_encoder = (_with_tensors(net, prefix, replaced) for net, prefix in
@@ -216,16 +224,17 @@ def step_loss(model, pixels, moments, tokens, d: Draws, alphas_cumprod, cfg: Fin
     with torch.no_grad():
         mean, logvar = moments if moments is not None else model.vae.posterior(pixels.to(device))
         e = d.posterior.to(device, mean.dtype)
-        x0 = (mean + torch.exp(0.5 * logvar) * e).float() * model.vae.cfg.scale_factor    # (B, 4, h, w)
-    noise = d.noise.to(device)
+        dtype = torch.promote_types(mean.dtype, torch.float32)
+        x0 = (mean + torch.exp(0.5 * logvar) * e).to(dtype) * model.vae.cfg.scale_factor    # (B, 4, h, w)
+    noise = d.noise.to(device, dtype)
     if d.offset is not None:
-        noise = noise + cfg.noise_offset * d.offset.to(device)
+        noise = noise + cfg.noise_offset * d.offset.to(device, dtype)
     t = d.timesteps
     x_t = q_sample(x0, noise, t, alphas_cumprod)
     with torch.set_grad_enabled(text_in_backward(cfg) and torch.is_grad_enabled()):
         tokens = tokens.to(device)
         context = embeddings.encode(text_encoder, tokens) if embeddings else text_encoder(tokens)  # (B, 77, width)
-    pred = unet(x_t, t.to(device).float(), context)
+    pred = unet(x_t, t.to(device, dtype), context)
     target = training_target(x0, noise, t, alphas_cumprod, model.config.prediction)
     weights = None if cfg.snr_gamma is None else min_snr_weights(t, alphas_cumprod, cfg.snr_gamma,
                                                                  model.config.prediction)
@@ -255,6 +264,10 @@ def check(cfg: FinetuneConfig, save_formats=SAVE_FORMATS):
     check_schedule(train_config(cfg))
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"unknown --mixed-precision {cfg.mixed_precision!r}; choose no, fp16 or bf16")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if cfg.dtype != "float32" and cfg.mixed_precision != "no":
+        raise ValueError(f"--mixed-precision {cfg.mixed_precision} trains float32 weights, not {cfg.dtype}")
     if cfg.save_format not in save_formats:
         raise ValueError(f"unknown --save-format {cfg.save_format!r}; choose one of {', '.join(save_formats)}")
     if cfg.snr_gamma is not None and not cfg.snr_gamma > 0:
@@ -285,17 +298,18 @@ def train_config(cfg: FinetuneConfig):
 
 
 def load(cfg: FinetuneConfig, device, log=print):
-    """(model on `device` in fp32, path of its file)."""
+    """(model on `device` in cfg.dtype (float32 unless a test asks for float64), path of its file)."""
     path, _ = locate(cfg.model, log)
-    model = load_model(path, dtype=torch.float32, device=device, verbose=False, log=log)
+    model = load_model(path, dtype=DTYPES[cfg.dtype], device=device, verbose=False, log=log)
     return model, path
 
 
 def set_frozen_dtype(model, cfg: FinetuneConfig):
     """Under mixed precision the frozen networks are stored in the low precision (as diffusers' scripts do); the
     trained ones stay fp32 (autocast computes in the low precision, AdamW updates fp32 weights), and so does the
-    text encoder when textual inversion trains at its input (diffusers' textual_inversion.py)."""
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    text encoder when textual inversion trains at its input (diffusers' textual_inversion.py). Without mixed
+    precision everything stays in cfg.dtype."""
+    dtype = {"no": DTYPES[cfg.dtype], "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     model.vae.to(dtype)
     if not text_in_backward(cfg):
         model.text_encoder.to(dtype)
@@ -315,8 +329,8 @@ def trainable_parameters(model, cfg: FinetuneConfig):
 
 def write_model(model, source, cfg: FinetuneConfig, path):
     """The whole model in the official single-file layout (or a diffusers folder): the source file's tensors,
-    those not trained included (and the ones minisd does not use, e.g. schedule buffers), in float32, with the
-    trained ones replaced by `model`'s."""
+    those not trained included (and the ones minisd does not use, e.g. schedule buffers), in float32 (float64
+    for a float64 run: cfg.dtype), with the trained ones replaced by `model`'s."""
     ckpt = detect.read(source, prediction=model.config.prediction, verbose=False)
     trained = model.state_dict()
     tensors = {}
@@ -324,7 +338,7 @@ def write_model(model, source, cfg: FinetuneConfig, path):
         t = ckpt.state.pop(name)
         if name in trained:
             t = trained[name].detach().cpu()
-        tensors[name] = t.float() if t.is_floating_point() and not name.startswith("extra.") else t
+        tensors[name] = t.to(DTYPES[cfg.dtype]) if t.is_floating_point() and not name.startswith("extra.") else t
     if cfg.save_format == "diffusers":
         from weights_convert import diffusers
         from ..convert import vocab_files
@@ -362,7 +376,7 @@ def validation_images(model, cfg: FinetuneConfig, resolution, step, out, device,
     with torch.no_grad():
         originals = lora.swap(model, ((k, v.detach()) for k, v in substitute().items())) if substitute else {}
     try:
-        pipe = Pipeline(model, device, torch.float32, log=lambda *_: None)
+        pipe = Pipeline(model, device, DTYPES[cfg.dtype], log=lambda *_: None)
         if embeddings is not None:
             pipe.embeddings = embeddings
         paths = []

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..pipeline import Pipeline
-from .common import FinetuneConfig, Stream, check, fit, load
+from .common import DTYPES, FinetuneConfig, Stream, check, fit, load
 from .data import IMAGE_EXTENSIONS, find_examples
 
 DEFAULT_LR = 5e-6          # diffusers' train_dreambooth.py default
@@ -47,7 +47,7 @@ def generate_class_images(model, cfg: FinetuneConfig, resolution, device, log=pr
             if not os.path.exists(os.path.join(cfg.class_dir, f"class-{i:05d}.png"))][:missing]
     distributed.barrier()                       # every process has listed the folder before any image is added
     todo = distributed.shard(todo)
-    pipe = Pipeline(model, device, torch.float32, log=lambda *_: None)
+    pipe = Pipeline(model, device, DTYPES[cfg.dtype], log=lambda *_: None)
     with tqdm(total=len(todo), desc="class images", unit="image", disable=not distributed.is_main()) as bar:
         for i in todo:          # one call per image: its seed alone decides it, whatever else is generated
             image = pipe.generate(cfg.class_prompt, seed=cfg.seed + i, width=resolution, height=resolution)

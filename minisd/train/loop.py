@@ -85,7 +85,9 @@ class EMA:
             raise ValueError(f"unknown EMA warmup {warmup!r}; expected 'ldm' or 'diffusers'")
         self.decay, self.warmup = decay, warmup
         self.num_updates = 0
-        self.shadow = {k: p.detach().clone().float() for k, p in params.items()}
+        # in at least float32 (a float64 run keeps its precision)
+        self.shadow = {k: p.detach().clone().to(torch.promote_types(p.dtype, torch.float32))
+                       for k, p in params.items()}
 
     def current_decay(self):
         n = self.num_updates
@@ -98,7 +100,7 @@ class EMA:
         self.num_updates += 1
         d = self.current_decay()
         for k, p in params.items():
-            self.shadow[k].lerp_(p.detach().float(), 1 - d)
+            self.shadow[k].lerp_(p.detach().to(self.shadow[k].dtype), 1 - d)
 
 
 def atomic_save(obj, path):

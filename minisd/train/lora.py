@@ -31,7 +31,7 @@ and one (out x r)(r x in) product per layer per step (cheap next to the convolut
 fine-tuning is still there: no AdamW moments for the base weights, and a file of megabytes. Gradient
 checkpointing is not offered: its recomputation runs in backward, after functional_call has put W back, and would
 recompute with W instead of W'. Under --mixed-precision the base weights stay float32 (autocast computes in the
-low precision); the factors are float32 always.
+low precision); the factors are float32 always (float64 in a float64 run, cfg.dtype: the parity tests).
 
 The output: OUT/<name of OUT>.safetensors in kohya's / A1111's layout (lora_unet_..._to_q.lora_down.weight,
 .lora_up.weight, .alpha; lora_te_... for the text encoder), what A1111's <lora:NAME:0.8>, ComfyUI, diffusers'
@@ -48,7 +48,7 @@ from torch import nn
 
 from .. import distributed, lora
 from . import dreambooth
-from .common import FinetuneConfig, Stream, check, fit, load
+from .common import DTYPES, FinetuneConfig, Stream, check, fit, load
 from .data import find_examples
 
 DEFAULT_LR = 1e-4          # diffusers' train_text_to_image_lora.py and train_dreambooth_lora.py
@@ -123,9 +123,9 @@ def run(cfg: LoRAConfig, draws=None, log=print):
         log(f"LoRA on {len(streams[0].examples)} images of {cfg.data} at {resolution} px")
     start = initial_factors(model.config, cfg, torch.Generator().manual_seed(cfg.seed))
     params = {}                  # "{kohya name}.down" / ".up" -> the Parameter AdamW trains
-    for name, f in start.items():
-        params[f"{name}.down"] = nn.Parameter(f.down.to(device))
-        params[f"{name}.up"] = nn.Parameter(f.up.to(device))
+    for name, f in start.items():            # drawn in float32 whatever cfg.dtype: the same start in a float64 run
+        params[f"{name}.down"] = nn.Parameter(f.down.to(device, DTYPES[cfg.dtype]))
+        params[f"{name}.up"] = nn.Parameter(f.up.to(device, DTYPES[cfg.dtype]))
     factors = {name: lora.Factors(params[f"{name}.down"], params[f"{name}.up"], cfg.alpha) for name in start}
     log(f"LoRA rank {cfg.rank}, alpha {cfg.alpha:g} on {len(factors)} layers ({cfg.lora_targets} targets): "
         f"{sum(p.numel() for p in params.values()):,} trainable numbers")

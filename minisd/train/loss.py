@@ -21,9 +21,10 @@ def diffusion_loss(model, x0, tokens, generator, alphas_cumprod):
 
     x0: scaled latents (B, 4, h, w); tokens: (B, 77). The tiny model's from-scratch training."""
     t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)    # drawn on the CPU: same on any device
+    dtype = torch.promote_types(x0.dtype, torch.float32)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, dtype)   # drawn on the CPU: same on any device
     x_t = q_sample(x0, noise, t, alphas_cumprod)
-    eps = model.unet(x_t, t.float().to(x0.device), model.text_encoder(tokens.to(x0.device)))
+    eps = model.unet(x_t, t.to(x0.device, dtype), model.text_encoder(tokens.to(x0.device)))
     return F.mse_loss(eps, noise)
 
 
@@ -40,18 +41,21 @@ def training_target(x0, noise, t, alphas_cumprod, prediction):
 
 def min_snr_weights(t, alphas_cumprod, gamma, prediction):
     """(B,) Min-SNR-gamma weights (Hang et al. 2023): min(SNR, gamma) / SNR for eps, / (SNR + 1) for v (the
-    v-loss is (SNR + 1) times the eps-loss, so this gives the same weighting of the x0 error)."""
+    v-loss is (SNR + 1) times the eps-loss, so this gives the same weighting of the x0 error). In float64;
+    weighted_mse casts them to the loss's dtype."""
     s = snr(alphas_cumprod.to(torch.float64))[t.cpu()]
     clipped = torch.clamp(s, max=gamma)
-    return (clipped / (s if prediction == "eps" else s + 1)).float()
+    return clipped / (s if prediction == "eps" else s + 1)
 
 
 def weighted_mse(pred, target, weights=None):
-    """mean_b w_b * mean_pixels (pred - target)^2 in float32; weights None = plain MSE."""
+    """mean_b w_b * mean_pixels (pred - target)^2 in float32, or float64 when an input is; weights None = plain
+    MSE. (A low-precision pred under autocast is upcast: the squared errors are summed in at least float32.)"""
+    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
     if weights is None:
-        return F.mse_loss(pred.float(), target.float())
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
-    return (per_sample * weights.to(per_sample.device)).mean()
+        return F.mse_loss(pred.to(dtype), target.to(dtype))
+    per_sample = F.mse_loss(pred.to(dtype), target.to(dtype), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    return (per_sample * weights.to(per_sample.device, per_sample.dtype)).mean()
 
 
 def finetune_loss(pred, target, weights=None, n_instance=None, prior_weight=1.0):

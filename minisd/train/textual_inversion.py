@@ -39,7 +39,7 @@ import torch
 
 from .. import distributed
 from ..embeddings import Embeddings, save_a1111, save_diffusers
-from .common import FinetuneConfig, Stream, check, fit, load
+from .common import DTYPES, FinetuneConfig, Stream, check, fit, load
 from .data import find_examples
 
 DEFAULT_LR = 5e-4            # diffusers' README run (with --scale_lr)
@@ -137,7 +137,7 @@ def run(cfg: FinetuneConfig, draws=None, log=print):
 
     # the new word's vectors: its own Parameter, every vector starting as the init token's row (as diffusers does)
     with torch.no_grad():
-        start = model.text_encoder.token_embedding.weight[init_id].float().repeat(cfg.num_vectors, 1)
+        start = model.text_encoder.token_embedding.weight[init_id].to(DTYPES[cfg.dtype]).repeat(cfg.num_vectors, 1)
     vectors = torch.nn.Parameter(start.to(device))
     words = Embeddings(model.config.text)
     words.add(cfg.token, vectors)
