@@ -261,7 +261,8 @@ def default_weights_path() -> Path:
 
 def load_inception(path=None, download=True, device="cpu") -> InceptionV3:
     """The FID Inception in eval mode. `path` (`--inception-weights FILE`) if given; else pytorch-fid's cached
-    file if present; else minisd's cache, fetched there first when `download` is set."""
+    file if present; else minisd's cache, fetched there first when `download` is set (and refused unless its
+    SHA-256 starts with SHA256_PREFIX)."""
     if path is None:
         candidates = [default_weights_path(), cache_dir() / FILENAME]
         path = next((p for p in candidates if p.is_file()), None)
