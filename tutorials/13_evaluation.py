@@ -30,7 +30,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -132,7 +131,6 @@ base_fid = json.loads((work / "eval-base" / "metrics.json").read_text())["fid"]
 # filled in per trial.
 
 # %%
-from minisd import sweep
 from minisd.pipeline import Pipeline
 
 subject.write_instance_folder(work / "instance")                          # tutorial 10's eight diamonds
