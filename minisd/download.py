@@ -9,7 +9,8 @@ from https://huggingface.co/{repo}/resolve/main/{file} with urllib (no hub libra
   the same run (a few retries) or after an interrupted run; only a complete, checked file is renamed to its
   final name.
 - The SHA-256 it must have comes from `expected_sha256` (explicit value > the one pinned below > what the hub
-  says). A mismatch deletes the download and raises.
+  says). A mismatch deletes the download and raises. `download` also takes only the first hex digits
+  (`hash_prefix`, torch.hub's check for files named NAME-<first 8 hex digits of the SHA-256>.pth).
 - Offline, the error says which URL to fetch by hand and the full path to put it at.
 - `$MINISD_HF_ENDPOINT` (or the `endpoint` argument) replaces https://huggingface.co, e.g. for a mirror; the
   tests point it at a small server on 127.0.0.1.
@@ -55,6 +56,10 @@ MODELS = {
 
 class DownloadError(RuntimeError):
     """A named model could not be fetched; the message says why and what to do instead."""
+
+
+class ChecksumError(DownloadError):
+    """The downloaded bytes do not have the expected SHA-256; the download was deleted."""
 
 
 def cache_dir() -> Path:
@@ -120,8 +125,9 @@ def expected_sha256(name: str, url: str, sha256: str | None = None, timeout: flo
 
 
 def download(url: str, path, sha256: str | None = None, progress: bool = True, timeout: float = 30.0,
-             retries: int = 5, retry_wait: float = 2.0) -> Path:
-    """Download `url` to `path` through `path.part`, resuming with HTTP Range; check `sha256`; rename.
+             retries: int = 5, retry_wait: float = 2.0, hash_prefix: str | None = None) -> Path:
+    """Download `url` to `path` through `path.part`, resuming with HTTP Range; check `sha256` (or, where only
+    its first hex digits are known, `hash_prefix`, as torch.hub.download_url_to_file does); rename.
 
     A connection that drops mid-file (or ends short of the announced length) is resumed from the bytes
     already on disk, up to `retries` times. A server that ignores Range (answers 200) restarts the file.
@@ -144,13 +150,15 @@ def download(url: str, path, sha256: str | None = None, progress: bool = True, t
                                 f"and the next run resumes from there")
         print(f"minisd: download interrupted ({reason}), resuming", file=sys.stderr)
         time.sleep(retry_wait * (attempt + 1))
-    if sha256 is None:
+    expected = sha256 or (hash_prefix and hash_prefix.lower())
+    if not expected:
         print(f"minisd: warning: no SHA-256 known for {url}; the file is not checked", file=sys.stderr)
     else:
         actual = sha256_file(part)
-        if actual != sha256:
+        if not actual.startswith(expected):             # a full SHA-256 starts with itself only
             part.unlink()
-            raise DownloadError(f"Checksum mismatch for {url}: expected SHA-256 {sha256}, got {actual}. "
+            raise ChecksumError(f"Checksum mismatch for {url}: expected SHA-256 {expected}"
+                                f"{'' if sha256 else '...'}, got {actual}. "
                                 f"The bad download was deleted; run again to retry.")
     os.replace(part, path)
     return path

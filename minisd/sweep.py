@@ -60,6 +60,7 @@ import contextlib
 import csv
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -155,12 +156,21 @@ def command_lines(spec, values, trial_dir, seed, number):
 
 # ---- one trial ---------------------------------------------------------------------------------------------------
 
+def command_env():
+    """This process's environment, with the folder holding the running minisd first on PYTHONPATH: a command's
+    `python -m minisd`, run in its trial folder, then runs this minisd even from a checkout that is not
+    pip-installed (or where another checkout is)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
 def run_command(argv, cwd, log_path):
     """Run argv with its output appended to log_path; stop it if we are interrupted."""
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
-        proc = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=command_env())
         try:
             return proc.wait()
         except BaseException:                        # KeyboardInterrupt, or SIGTERM (raised as one, see main)

@@ -1,4 +1,5 @@
-"""Fetching named models, against a small hub imitation on 127.0.0.1 (no real host is ever contacted).
+"""Fetching named models and the FID Inception weights, against a small hub imitation on 127.0.0.1 (no real host
+is ever contacted).
 
 The imitation behaves like huggingface.co does for a Git LFS file: a HEAD or GET on
 /{repo}/resolve/main/{file} answers 302 to the storage CDN with the file's SHA-256 in `X-Linked-Etag`, and
@@ -14,6 +15,9 @@ import urllib.error
 import pytest
 
 from minisd import download as dl
+from minisd.metrics import fid as fid_mod
+from minisd.metrics import inception
+from minisd.tiny import shapes
 
 TIMEOUT = 5   # seconds, for every socket on both sides: a hung test fails instead of hanging
 
@@ -237,3 +241,52 @@ def test_unknown_name_and_bad_sha256_are_clear_errors(tmp_path):
         dl.model_url("sd3")
     with pytest.raises(ValueError, match="64 hex"):
         fetch(closed_port_url(), tmp_path, sha256="abc")
+
+
+# ---- the FID Inception weights: checked against the SHA-256 prefix in their file name (torch.hub's rule) ----------
+
+INCEPTION = "/mseitzer/pytorch-fid/releases/download/fid_weights/" + inception.FILENAME
+
+
+@pytest.fixture
+def inception_hub(tmp_path, monkeypatch):
+    """The Inception URL pointed at a hub imitation serving DATA (whose SHA-256 does not start with 6726825d), and
+    no weights in the places load_inception looks first."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("MINISD_CACHE", str(tmp_path / "cache"))
+    with Hub({INCEPTION: DATA}) as hub:
+        monkeypatch.setattr(inception, "URL", hub.url + INCEPTION)
+        yield hub
+
+
+def test_the_pinned_prefix_is_the_one_in_the_inception_file_name():
+    assert inception.FILENAME.removesuffix(".pth").rsplit("-", 1)[1] == inception.SHA256_PREFIX == "6726825d"
+
+
+def test_a_hash_prefix_accepts_a_file_whose_sha256_starts_with_it_and_deletes_one_that_does_not(tmp_path):
+    prefix = hashlib.sha256(DATA).hexdigest()[:8]
+    with Hub({SD21: DATA}) as hub:
+        good = dl.download(hub.url + SD21, tmp_path / "good", progress=False, timeout=TIMEOUT, hash_prefix=prefix)
+        with pytest.raises(dl.ChecksumError, match=f"expected SHA-256 6726825d[.]{{3}}, got {prefix}"):
+            dl.download(hub.url + SD21, tmp_path / "bad", progress=False, timeout=TIMEOUT, hash_prefix="6726825d")
+    assert good.read_bytes() == DATA
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good"]           # neither "bad" nor "bad.part"
+
+
+def test_inception_weights_whose_sha256_does_not_match_their_name_are_refused_in_one_line(
+        inception_hub, tmp_path, capsys):
+    shapes.write_image_folder(tmp_path / "a", 2, seed=1)
+    shapes.write_image_folder(tmp_path / "b", 2, seed=2)
+    assert fid_mod.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2     # fetches the weights, refuses them
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("minisd: error: could not download the Inception weights: Checksum mismatch for "
+                            f"{inception.URL}: expected SHA-256 6726825d..., got {hashlib.sha256(DATA).hexdigest()}")
+    assert "--inception-weights FILE" in error
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []   # nothing kept
+
+
+def test_inception_weights_whose_sha256_starts_with_the_prefix_are_accepted(inception_hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(inception, "SHA256_PREFIX", hashlib.sha256(DATA).hexdigest()[:8])   # as if DATA were it
+    path = inception._fetch(tmp_path / "cache" / inception.FILENAME, [], download=True)
+    assert path == tmp_path / "cache" / inception.FILENAME and path.read_bytes() == DATA
+    assert [method for method, _, _ in inception_hub.requests] == ["GET", "GET"]      # the URL, then the redirect

@@ -178,3 +178,17 @@ def test_the_python_of_a_command_is_the_sweeps_own(tmp_path):
                                 Path("/t"), seed=5, number=5)
     assert lines["train"] == [sys.executable, str(tmp_path / "fake_trial.py"), "--seed", "5", "--learning-rate",
                               "0.0001", "--max-train-steps", "200", "--scheduler", "cosine"]
+
+
+def test_a_commands_python_m_minisd_is_the_sweeps_own_minisd_even_from_a_checkout(tmp_path, monkeypatch):
+    # the trial runs in its own folder, where `import minisd` would find an installed minisd, or none at all (a
+    # checkout run from its root): the sweep puts the running minisd's folder first on the commands' PYTHONPATH
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "elsewhere"))
+    code = ("import json, minisd; json.dump(dict(fid=1.0), open('metrics.json', 'w')); "
+            "open('where.txt', 'w').write(minisd.__file__)")
+    (tmp_path / "spec.toml").write_text(f'[trial]\ntrain = ["python", "-c", {json.dumps(code)}]\n'
+                                        'metrics = "metrics.json"\n[study]\ntrials = 1\n')
+    sweep.sweep(sweep.read_spec(tmp_path / "spec.toml"), log=lambda *_: None)
+    where = (tmp_path / "spec" / "trials" / "0000" / "where.txt").read_text()
+    assert Path(where).resolve() == Path(sweep.__file__).resolve().parent / "__init__.py"
+    assert sweep.command_env()["PYTHONPATH"].endswith(os.pathsep + str(tmp_path / "elsewhere"))   # kept, after it

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import sys
 
+import torch
 from weights_convert.io import CheckpointError
 
 from .. import distributed
@@ -48,6 +49,8 @@ def _common(p, default_lr, save_formats=SAVE_FORMATS):
                    help="repeatable; images go to OUT/samples/")
     p.add_argument("--validation-steps", type=int, default=d.validation_steps)
     p.add_argument("--device", default=d.device, choices=("auto", "cuda", "cpu", "mps"))
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is fastest for the tiny model on a busy machine)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/checkpoints/")
     p.add_argument("--save-format", default=save_formats[0], choices=save_formats)
 
@@ -104,6 +107,8 @@ def config_from_args(args):
 
 def main(argv=None):
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:                # not a config field: it is how the run is computed, not what it trains
+        torch.set_num_threads(args.threads)
     try:
         METHODS[args.method].run(config_from_args(args))
     except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
