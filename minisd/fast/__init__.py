@@ -50,12 +50,12 @@ class MeasuredChoice:
     them, per instruction set, and what wins on an AVX-512 machine need not on an AVX2 one (bench/RESULTS.md). So it
     is measured here, on the sampling loop's own calls, at no extra cost: the first call runs plain (timed); the
     network is then prepared, and the second call lays each conv weight out for the shape it brings (a one-time
-    copy, not timed); the third runs prepared (timed). The plain timing includes oneDNN building its plain kernels
-(a few ms a layer), which leans the choice towards prepared by a few percent at most. If it took as long as the plain call or longer, the plain
+    copy, not timed); the third runs prepared (timed). If it took as long as the plain call or longer, the plain
     layers are put back; either way that choice holds for the rest of the process. The sampling loop calls the
-    U-Net on the same shapes at every step, so the two timings compare like with like. Nothing is called that the
-    sampling loop did not ask for; the text encoder stays plain (one or two calls per prompt: oneDNN's matmul saves
-    it ~5% there, less than one extra call would cost to find out).
+    U-Net on the same shapes at every step, so the two timings compare like with like. (The plain timing includes
+    oneDNN building its plain kernels, a few ms a layer, which leans the choice towards prepared by a few percent
+    at most.) Nothing is called that the sampling loop did not ask for; the text encoder stays plain (one or two
+    calls per prompt: oneDNN's matmul saves it ~5% there, less than one extra call would cost to find out).
 
     The first calls of a process thus run one path, then the other; the two round differently in the last bits, so
     the first image of a process can differ from later ones with the same seed within float rounding (< 1/255).
