@@ -1,5 +1,6 @@
 """The shared training loop: learning-rate schedule, EMA, and exact resumption after an interruption."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -64,6 +65,27 @@ def test_interrupted_training_resumes_exactly(tmp_path):
     # and the training did something (the comparison could fail)
     net0, _ = _toy_problem()
     assert not torch.equal(straight["0.weight"], net0[0].weight)
+
+
+def test_training_until_a_step_leaves_the_run_there_on_its_own_schedule(tmp_path):
+    # `until` stops a run part-way through its schedule with a checkpoint (a recipe's early checkpoints, as
+    # bench/tiny_fid_curve.py evaluates them); resuming with a later `until` continues exactly
+    cfg = TrainConfig(steps=40, lr=1e-2, lr_schedule="tiny", warmup_steps=5, checkpoint_every=100, ema_decay=0)
+    net, loss_fn = _toy_problem()
+    rates = []
+    straight = train(net, dict(net.named_parameters()), loss_fn, cfg, tmp_path / "a", "toy", log=lambda *_: None,
+                     on_step=lambda step, loss, lr: rates.append(lr))
+    net, loss_fn = _toy_problem()
+    part_rates = []
+    record = lambda step, loss, lr: part_rates.append(lr)
+    for until in (7, 30, None):
+        part = train(net, dict(net.named_parameters()), loss_fn, replace(cfg, until=until), tmp_path / "b", "toy",
+                     log=lambda *_: None, on_step=record)
+        if until == 7:
+            assert len(part_rates) == 7 and not torch.equal(part["0.weight"], straight["0.weight"])
+    assert part_rates == rates                  # the 40-step schedule throughout, not a 7-step one
+    for k in straight:
+        assert torch.equal(straight[k], part[k]), k
 
 
 def test_parameter_groups_train_at_their_own_rate(tmp_path):

@@ -68,6 +68,8 @@ class TrainConfig:
     optimizer: str = "adamw_fused"
     mixed_precision: str = "no"        # "no", "fp16" (autocast + a loss scaler) or "bf16" (autocast)
     lr_scales: tuple = ()              # ((name prefix, factor), ...): parameter groups at lr * factor
+    until: int | None = None           # stop after this many steps of the `steps`-step schedule, with a checkpoint
+                                       # there (a run's early checkpoints, e.g. bench/tiny_fid_curve.py); None: all
 
 
 class EMA:
@@ -223,7 +225,8 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
 
     module.train()
     t0 = time.time()
-    for step in range(start, cfg.steps):
+    end = cfg.steps if cfg.until is None else min(cfg.until, cfg.steps)
+    for step in range(start, end):
         lr = learning_rate(step, cfg)
         for group, (factor, _) in zip(opt.param_groups, groups):
             group["lr"] = lr * factor
@@ -255,7 +258,7 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
                                     "seconds": round(time.time() - t0, 3)}) + "\n")
         if on_step is not None:
             on_step(step, mean_loss, lr)
-        if main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+        if main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end):
             atomic_save({
                 "params": {k: p.detach() for k, p in trainable.items()},
                 "optimizer": opt.state_dict(),
@@ -265,6 +268,6 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
                 "step": step + 1,
             }, ckpt_path)
     module.eval()
-    log(f"{name}: {cfg.steps - start} steps in {time.time() - t0:.0f} s")
+    log(f"{name}: {max(end - start, 0)} steps in {time.time() - t0:.0f} s")
     final = ema.shadow if ema is not None else {k: p.detach() for k, p in trainable.items()}
     return {k: v.clone() for k, v in final.items()}
