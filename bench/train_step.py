@@ -36,12 +36,11 @@ def inputs(res, device):
 
 
 def minisd_step(args):
-    from minisd.model import load_model
     from minisd.train import common as tc
     from minisd.train.loop import make_optimizer
-    cfg = tc.FinetuneConfig(out="", train_text_encoder=args.te, gradient_checkpointing=args.gc,
+    cfg = tc.FinetuneConfig(out="", model=args.ckpt, train_text_encoder=args.te, gradient_checkpointing=args.gc,
                             mixed_precision=args.precision)
-    model = load_model(args.ckpt, dtype=torch.float32, device=args.device, verbose=False, log=lambda *_: None)
+    model, _ = tc.load(cfg, torch.device(args.device), log=lambda *_: None)     # as `minisd train` loads it
     tc.set_frozen_dtype(model, cfg)
     model.unet.gradient_checkpointing = args.gc
     model.text_encoder.gradient_checkpointing = args.gc and args.te
