@@ -128,3 +128,24 @@ def test_training_is_deterministic_from_the_seed(tmp_path):
     c = tf.load_tiny_features(tf.default_path())                     # and the comparison can fail
     assert not torch.equal(a.trunk[0].weight, c.trunk[0].weight)
     assert set(report["held_out_accuracy"]) == {"colour", "shape", "background", "all"}
+
+
+def test_fid_ranks_a_sane_fine_tune_above_a_deliberately_broken_one(tmp_path, net, reference):
+    # The same short `minisd train finetune` of the tiny model on 16 real pictures of its own world, once at a
+    # sane rate and once at one that wrecks it (what a hyper-parameter search has to tell apart).
+    from minisd.model import load_model
+    from minisd.train import finetune
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(16):
+        s = shapes.sample(3, i)
+        s.image.save(data / f"{i:02d}.png")
+        (data / f"{i:02d}.txt").write_text(s.text)
+    fids = {}
+    for name, lr in (("sane", 1e-5), ("broken", 3e-2)):
+        cfg = finetune.config(out=str(tmp_path / name), data=str(data), max_train_steps=20, learning_rate=lr,
+                              center_crop=True, device="cpu", checkpointing_steps=20)
+        model = load_model(finetune.run(cfg, log=lambda *_: None), verbose=False)
+        fids[name] = model_fid(Pipeline(model, log=lambda *_: None), net, reference, steps=20)
+    assert fids["broken"] > 3 * fids["sane"], fids
