@@ -148,4 +148,5 @@ def test_fid_ranks_a_sane_fine_tune_above_a_deliberately_broken_one(tmp_path, ne
                               center_crop=True, device="cpu", checkpointing_steps=20)
         model = load_model(finetune.run(cfg, log=lambda *_: None), verbose=False)
         fids[name] = model_fid(Pipeline(model, log=lambda *_: None), net, reference, steps=20)
+    # measured (n=150 against 1000 real): sane 3.51 (the shipped model: 3.6), broken 83.3
     assert fids["broken"] > 3 * fids["sane"], fids
