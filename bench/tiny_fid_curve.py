@@ -56,7 +56,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)     # the recipe writes sample grids there
     t0 = time.time()
 
     net = tiny_features.load_tiny_features()
