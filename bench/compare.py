@@ -295,8 +295,6 @@ def measure(args):
                                       for impl in loads}
         if rows:
             result["rows"]["lifetime"] = {impl: dict(peak=mem[impl]["lifetime_peak_rss"]) for impl in mem}
-            if "prepare" in mem["minisd"]:
-                result["prepare"] = dict(seconds=mem["minisd"]["prepare_seconds"], peak=mem["minisd"]["prepare"])
 
     if cpu and "cli" in args.rows:
         result["rows"]["cli"] = whole_process(args)

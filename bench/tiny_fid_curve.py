@@ -19,7 +19,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 from minisd.config import TINY
@@ -34,7 +33,7 @@ from minisd.train.loop import TrainConfig
 
 
 def as_u8(images):
-    return torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in images])
+    return torch.stack([fid.as_uint8(im) for im in images])
 
 
 def model_fid(model, net, reference, n, batch=50):

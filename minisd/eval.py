@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -194,8 +193,7 @@ def reference_statistics(ref, model, features, batch_size, device, log=print):
             raise ValueError("--ref shapes is the tiny world's real images: use it with --features tiny")
         from .tiny import shapes
         log(f"reference: {SHAPES_REF_IMAGES} real shapes images (stream {SHAPES_REF_SEED})")
-        images = [torch.from_numpy(np.asarray(shapes.sample(SHAPES_REF_SEED, i).image).copy()).permute(2, 0, 1)
-                  for i in range(SHAPES_REF_IMAGES)]                    # uint8 (3, 64, 64) each
+        images = [fid_mod.as_uint8(shapes.sample(SHAPES_REF_SEED, i).image) for i in range(SHAPES_REF_IMAGES)]
         return fid_mod.moments(fid_mod.activations(images, model, batch_size, device=device))
     return fid_mod.statistics(ref, model, batch_size, device=device)
 

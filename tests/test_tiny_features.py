@@ -22,8 +22,7 @@ def net():
 
 def real(seed, n):
     """n real images of the tiny model's training distribution (shapes.sample), uint8 (n, 3, 64, 64)."""
-    return torch.stack([torch.from_numpy(np.asarray(shapes.sample(seed, i).image).copy()).permute(2, 0, 1)
-                        for i in range(n)])
+    return torch.stack([fid_mod.as_uint8(shapes.sample(seed, i).image) for i in range(n)])
 
 
 def stats(images, net):
@@ -45,10 +44,10 @@ def test_the_shipped_network_is_small_and_reads_every_head_on_held_out_samples(n
 
 def test_features_of_a_resized_image_are_close_to_the_original(net):
     # inputs of another size are resized to 64 (bilinear, antialiased): a 128 px rendering reads like the 64 px one
-    big = torch.from_numpy(np.asarray(shapes.draw("red", "circle", "blue", size=128)).copy()).permute(2, 0, 1)
-    small = torch.from_numpy(np.asarray(shapes.draw("red", "circle", "blue", size=64)).copy()).permute(2, 0, 1)
+    big = fid_mod.as_uint8(shapes.draw("red", "circle", "blue", size=128))
+    small = fid_mod.as_uint8(shapes.draw("red", "circle", "blue", size=64))
     f_big, f_small = net(net.input([big])), net(net.input([small]))
-    other = net(net.input([torch.from_numpy(np.asarray(shapes.draw("blue", "square", "red")).copy()).permute(2, 0, 1)]))
+    other = net(net.input([fid_mod.as_uint8(shapes.draw("blue", "square", "red"))]))
     assert (f_big - f_small).norm() < 0.2 * (other - f_small).norm()
 
 
@@ -78,7 +77,7 @@ def model_fid(pipe, net, reference, n=150, **kwargs):
     images = []
     for start in range(0, n, 50):
         images += generate_batch(pipe, prompts[start:start + 50], list(range(start, start + 50)), **kwargs)
-    u8 = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in images])
+    u8 = torch.stack([fid_mod.as_uint8(im) for im in images])
     return fid_mod.fid_from_stats(stats(u8, net), reference)
 
 

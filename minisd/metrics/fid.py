@@ -55,14 +55,18 @@ def image_files(folder):
     return files
 
 
+def as_uint8(image):
+    """A PIL image -> uint8 RGB tensor (3, H, W), what activations() takes (PIL .convert("RGB"), as pytorch-fid)."""
+    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+
+
 def read_image(path):
-    """An image file -> uint8 RGB tensor (3, H, W), as pytorch-fid reads it (PIL .convert("RGB"))."""
+    """An image file -> uint8 RGB tensor (3, H, W), as pytorch-fid reads it."""
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
+            return as_uint8(image)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def load_network(features="inception", weights=None, device="cpu"):
