@@ -140,6 +140,7 @@ def test_every_flag_runs_and_the_run_folder_holds_what_the_issue_lists(tmp_path)
     from minisd.train.lr import learning_rate
     instance = image_folder(tmp_path / "instance", 2, seed=1)
     out = tmp_path / "db"
+    torch.set_num_threads(2)                                   # --threads 1 below sets it back (the fixture's 1)
     assert main(["train", "dreambooth", "--instance-dir", str(instance), "--instance-prompt", "a photo of sks circle",
                  "--class-prompt", "a red circle", "--class-dir", str(tmp_path / "class"), "--num-class-images", "1",
                  "--prior-loss-weight", "0.5", "--out", str(out), "--resolution", "64",
@@ -149,7 +150,8 @@ def test_every_flag_runs_and_the_run_folder_holds_what_the_issue_lists(tmp_path)
                  "--mixed-precision", "bf16", "--gradient-checkpointing", "--use-ema", "--snr-gamma", "5",
                  "--noise-offset", "0.05", "--random-flip", "--checkpointing-steps", "1",
                  "--validation-prompt", "a red circle", "--validation-prompt", "a blue square",
-                 "--validation-steps", "2", "--device", "cpu", "--save-format", "single_file"]) == 0
+                 "--validation-steps", "2", "--device", "cpu", "--save-format", "single_file", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 1
     log = [e for e in _lines(out / "train_log.jsonl") if "loss" in e]
     assert [e["step"] for e in log] == [1, 2, 3]
     assert all(set(e) >= {"step", "loss", "lr", "seconds"} for e in log)
