@@ -10,6 +10,12 @@ parts (as tests/_train_refs.py does for the parity tests); minisd's side is the 
 (train/common.py step_loss, train/loop.py's optimizer). Each (library, setting) runs in a fresh process, in turn, so
 that one's memory does not count in the other's; the time of a row is the median step after one warm-up step, the
 memory the process's peak resident set (CPU) or peak allocated CUDA memory, model and optimizer state included.
+
+Order matters on a shared VM: single steps of one process vary by up to 9%, and whichever library runs first after
+the 4 GB checkpoint is written shares the CPU with the kernel flushing it. So the file is synced to disk before any
+timing, and with --repeats R each setting runs 2R processes in the order minisd, diffusers, diffusers, minisd, ...
+(each library first as often as second); a row's time is the median of all its timed steps, pooled over processes,
+and the CPU steal time (/proc/stat) during the timed steps is recorded beside it.
 """
 import argparse
 import json
@@ -126,12 +132,21 @@ def child(args):
         torch.cuda.reset_peak_memory_stats()
     for i in range(1 + args.steps):
         common.sync(args.device)
+        if i == 1:
+            steal = _steal_ticks()
         t0 = time.perf_counter()
         step()
         common.sync(args.device)
         times.append(time.perf_counter() - t0)
+    steal = (_steal_ticks() - steal) / os.sysconf("SC_CLK_TCK")
     peak = torch.cuda.max_memory_allocated() if cuda else common.rss_bytes("VmHWM")
-    print(json.dumps({"times": times[1:], "first": times[0], "peak": peak}))
+    print(json.dumps({"times": times[1:], "first": times[0], "peak": peak, "steal_s": steal}))
+
+
+def _steal_ticks():
+    """Ticks the hypervisor gave this VM's CPUs to someone else (8th number of /proc/stat's cpu line)."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8])
 
 
 def run_child(args, impl, te, gc):
@@ -148,6 +163,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--res", type=int, default=256)
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    p.add_argument("--repeats", type=int, default=1, help="process pairs per setting, in ABBA order")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"))
     p.add_argument("--ckpt", default=None)
@@ -166,28 +182,38 @@ def main():
     if args.ckpt is None:
         args.ckpt = os.path.join(tmp.name, "sd15.safetensors")
         common.write_checkpoint(args.ckpt)
+    os.sync()                      # the kernel's write-back of a fresh 4 GB file must not overlap the timing
     if args.config is None:
         args.config = os.path.join(tmp.name, "config")
         common.write_config(args.config)
     settings = [s for s in SETTINGS if args.only is None or f"{int(s[0])}{int(s[1])}" in args.only.split(",")]
     rows = []
     for te, gc in settings:
-        r = {impl: run_child(args, impl, te, gc) for impl in ("minisd", "diffusers")}
+        runs = {"minisd": [], "diffusers": []}
+        for k in range(args.repeats):
+            for impl in (("minisd", "diffusers") if k % 2 == 0 else ("diffusers", "minisd")):
+                runs[impl].append(run_child(args, impl, te, gc))
+                print(te, gc, impl, [round(x, 2) for x in runs[impl][-1]["times"]],
+                      common.gib(runs[impl][-1]["peak"]), f"steal {runs[impl][-1]['steal_s']:.1f} s", flush=True)
+        r = {impl: {"times": [x for run in v for x in run["times"]], "peak": max(run["peak"] for run in v),
+                    "steal_s": sum(run["steal_s"] for run in v), "runs": v} for impl, v in runs.items()}
         rows.append((te, gc, r))
-        print(te, gc, {k: (round(common.median(v["times"]), 2), common.gib(v["peak"])) for k, v in r.items()},
-              flush=True)
     mem = "peak CUDA allocated" if args.device.startswith("cuda") else "peak RSS"
     lines = [f"Machine: {common.machine()}", "", f"CPU: {common.cpu_flags()}" if args.device == "cpu" else "",
              "", f"DreamBooth step (1 instance + 1 class image, prior preservation), full SD1.5 config, "
              f"{args.res} px, {args.precision if args.precision != 'no' else 'fp32'}, {args.device}; median of "
-             f"{args.steps} steps after a warm-up step; {mem} of the whole process (model, optimizer state).", "",
+             f"{args.steps} steps after a warm-up step"
+             + (f", pooled over {args.repeats} processes per library run in ABBA order" if args.repeats > 1 else "")
+             + f"; {mem} of the whole process (model, optimizer state); CPU steal time during the timed steps.", "",
              "| text encoder | grad. checkpointing | minisd s/step | diffusers s/step | time ratio | minisd "
-             f"{mem} | diffusers {mem} | memory ratio |", "|---|---|---|---|---|---|---|---|"]
+             f"{mem} | diffusers {mem} | memory ratio | steal minisd / diffusers |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for te, gc, r in rows:
         tm, td = common.median(r["minisd"]["times"]), common.median(r["diffusers"]["times"])
         pm, pd = r["minisd"]["peak"], r["diffusers"]["peak"]
         lines.append(f"| {'trained' if te else 'frozen'} | {'on' if gc else 'off'} | {tm:.2f} | {td:.2f} | "
-                     f"**{tm / td:.2f}** | {common.gib(pm)} | {common.gib(pd)} | **{pm / pd:.2f}** |")
+                     f"**{tm / td:.2f}** | {common.gib(pm)} | {common.gib(pd)} | **{pm / pd:.2f}** | "
+                     f"{r['minisd']['steal_s']:.1f} s / {r['diffusers']['steal_s']:.1f} s |")
     text = "\n".join(lines)
     print(text)
     if args.json:

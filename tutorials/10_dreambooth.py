@@ -165,13 +165,13 @@ for name, c in (("prior", cfg), ("no prior", dataclasses.replace(cfg, out=str(wo
 # Three measurements, each by a fixed rule (no learned judge), all at guidance scale 3 (why: the next section):
 # - **subject**: the identifier's prompt in eight colour pairs no instance image had, six seeds each: how often the
 #   image is a diamond in the asked-for colours (`subject.shows_subject`);
-# - **adherence**: the base model's own held-out prompts (tutorial 7's twelve combinations, eight seeds): how often
+# - **adherence**: the base model's own held-out prompts (tutorial 7's twelve combinations, sixteen seeds): how often
 #   `shapes.judge` reads back exactly the prompt, before and after;
 # - **drift**: how often the plain class prompt, "a red square on a blue background", now draws a diamond.
 
 # %%
 GUIDANCE = 3.0
-SEEDS, ADHERENCE_SEEDS = range(6), range(8)
+SEEDS, ADHERENCE_SEEDS = range(6), range(16)
 results, pipes = {}, {}
 for name, path in (("base", None), *runs.items()):
     pipes[name] = p = Pipeline(base if path is None else load_model(path, verbose=False))
@@ -186,13 +186,15 @@ for name, path in (("base", None), *runs.items()):
 save(grid([results[n]["images"][::len(SEEDS)] for n in results], row_labels=list(results), label_width=72),
      "10_held_out.png")
 assert results["base"]["subject"] == 0                                          # the base model draws no diamond
-# measured on this page's machine: 40/48 with this seed, 42/48 with seed 1; another CPU rounds each of the 800
+# measured on this page's machine: 41/48 with this seed, 42/48 with seed 1; another CPU rounds each of the 800
 # steps differently, so the check leaves room below the measured figures
 assert results["prior"]["subject"] >= 0.75, results["prior"]["subject"]
-# prior preservation holds the rest of the world: within 5 points of the base model for training seed 1 (-2.1) and
-# 6.2 points below it for this page's seed 0, on 96 images each, where one standard error of the difference is about
-# 3.6 points; the check asserts the measured order of size, and that without it adherence collapses
-assert results["prior"]["adherence"] >= results["base"]["adherence"] - 0.10
+# prior preservation holds the rest of the world: measured on 192 images, 2.6 points below the base model with this
+# seed (175 against 180) and 0.5 below with seed 1 (179); the images where the two models differ (13 lost and 8 won
+# with this seed) put one standard error of such a difference at about 2.4 points, and on half of the images (eight
+# seeds) this seed measured 5.2 below, which is why the page draws sixteen. The check leaves room for another
+# CPU's rounding, as above, and asserts that without prior preservation adherence collapses
+assert results["prior"]["adherence"] >= results["base"]["adherence"] - 0.08
 assert results["no prior"]["adherence"] < results["prior"]["adherence"] - 0.3
 
 # %% [markdown]
@@ -218,7 +220,8 @@ for scale in (5.0, 7.5):
 
 # %% [markdown]
 # The base model's own adherence is about the same at every scale (92.7%, 93.8% and 87.5% at 3, 5 and 7.5, the same
-# prompts and eight seeds, measured when this page was built), so measuring both models at 3 favours neither.
+# prompts and eight seeds, measured for an earlier version of this page), so measuring both models at 3 favours
+# neither.
 #
 # The output of a run is a whole model in the official single-file layout (`RUN/model.safetensors`, what A1111,
 # ComfyUI and diffusers' `from_single_file` read): `minisd generate "a blue sks on a yellow background" --cfg 3

@@ -25,7 +25,7 @@ back from an encode and decode with rounded corners. Measured on the shipped VAE
 INSTANCE_COMBOS and HELD_OUT_COMBOS: the round trip passes is_diamond in 0/16 at 0.45 of the image side, 5/16 at
 0.55, 15/16 at 0.65 and 16/16 at 0.75 and 0.85. So the instance diamonds are drawn large (INSTANCE_SCALE): with
 sizes from 0.55 to 0.75, DreamBooth drew a diamond in the asked-for colours in 3/16 held-out images (tutorial 10's
-earlier recipe); with 0.72 to 0.85 and tutorial 10's recipe, in 40/48 and 42/48 (two training seeds).
+earlier recipe); with 0.72 to 0.85 and tutorial 10's recipe, in 41/48 and 42/48 (two training seeds).
 
 Why not a ring, or an upside-down triangle? Measured on the base model, the noise-prediction loss of the instance
 images (their class captions, 16 draws): diamonds 0.055, upside-down triangles 0.119, rings 0.166, true squares

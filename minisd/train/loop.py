@@ -62,9 +62,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     seed: int = 0
     grad_accum: int = 1                # micro-batches per optimizer step
-    # "adamw_fused": torch's one-kernel AdamW (the tiny recipe: ~15% of a tiny-model step on CPU);
-    # "adamw": torch.optim.AdamW with its defaults, what diffusers' scripts build (the fine-tuning parity tests
-    # compare against it); "adamw_8bit": bitsandbytes' AdamW8bit (CUDA only, optional)
+    # "adamw_fused": torch's one-kernel AdamW (the tiny recipe and minisd train; ~15% of a tiny-model step on CPU);
+    # "adamw": torch.optim.AdamW with its defaults, what diffusers' scripts build (the same update, one operation
+    # at a time); "adamw_8bit": bitsandbytes' AdamW8bit (CUDA only, optional)
     optimizer: str = "adamw_fused"
     mixed_precision: str = "no"        # "no", "fp16" (autocast + a loss scaler) or "bf16" (autocast)
     lr_scales: tuple = ()              # ((name prefix, factor), ...): parameter groups at lr * factor
