@@ -295,8 +295,8 @@ def train_config(cfg: FinetuneConfig):
         grad_accum=cfg.gradient_accumulation_steps,
         # torch's AdamW, in its one-kernel ("fused") form: the same update as the for-loop form diffusers' scripts
         # get on the CPU (the parity tests compare the two, 1e-5), in one pass over the weights and Adam's moments
-        # instead of about ten; measured 4x faster on the CPU with either AVX-512 or AVX2 kernels, ~2.5 s of an
-        # SD1.5 step (bench/adamw.py, bench/RESULTS.md)
+        # instead of about ten; over SD1.5's U-Net on the CPU, 0.7-1.1 s against the for-loop's 4.2-5.4 s (4-8x) with
+        # either AVX-512 or AVX2 kernels (bench/adamw.py, bench/RESULTS.md)
         optimizer="adamw_8bit" if cfg.use_8bit_adam else "adamw_fused", mixed_precision=cfg.mixed_precision)
 
 
