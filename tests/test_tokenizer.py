@@ -82,10 +82,13 @@ def oc():
     return open_clip.tokenizer.SimpleTokenizer(context_length=77)
 
 
-def transformers_differs_because(text):
-    """The documented reasons transformers' CLIPTokenizer gives other ids than CLIP's own algorithm."""
+def transformers_differs_because(text, sd2_padding=False):
+    """The documented reasons transformers' CLIPTokenizer gives other ids than CLIP's own algorithm; with
+    sd2_padding, configured as diffusers' SD2 tokenizer folders have it (pad_token "!")."""
     import regex                          # its \s is Unicode White_Space, as in transformers' normalizer
     reasons = []
+    if sd2_padding and "!" in text:
+        reasons.append("sd2 pad '!'")     # "!" is SD2's pad token, so a special token there: every "!" -> id 0
     if regex.sub(r"\s+", " ", ftfy.fix_text(text)) != regex.sub(r"\s+", " ", unicodedata.normalize("NFC", text)):
         reasons.append("ftfy")            # CLIP repairs the text with ftfy first; transformers 5 does not
     if html.unescape(text) != text:
@@ -158,11 +161,38 @@ def test_matches_transformers_except_documented_cases(tok, hf, hf_folder):
 
 def test_sd2_padding_matches_transformers_with_pad_token_bang(hf):
     tok2 = Tokenizer(pad_id=0)
-    texts = [t for t in CORPUS[:80] if not transformers_differs_because(t)]
+    texts = [t for t in INPUTS if not transformers_differs_because(t, sd2_padding=True)]
+    assert len(texts) > 350
     assert torch.equal(tok2(texts), hf(texts, sd2_padding=True))
 
 
-def test_documented_differences_from_transformers(tok, hf):
+def bang_split_ids(tok, text):
+    """The ids diffusers' SD2 tokenizer gives `text`, by its mechanism: the pad token "!" is a special token, so
+    transformers cuts the text at every "!" before anything else, tokenizes the pieces as CLIP does and puts id 0
+    (the bare "!") in each cut. CLIP's own BPE (open_clip's, SD2's) sees the "!" inside its word or punctuation
+    run and merges it there: "!!" is 748, "!?" 6004, the "!" of "wow!" 256 ("!</w>")."""
+    pieces = [tok.encode(piece) for piece in text.split("!")]
+    return [BOS, *pieces[0], *(i for piece in pieces[1:] for i in (0, *piece)), EOS]
+
+
+def test_sd2_tokenizer_of_diffusers_turns_every_bang_into_padding(hf_folder):
+    """The documented SD2 reason, pinned as a rule: on every input with a "!" (and no other documented reason)
+    transformers with pad_token "!" gives exactly `bang_split_ids`, and so differs from CLIP's ids (minisd's and
+    open_clip's) whenever CLIP merged a "!" into a longer token (transformers never produces such a token: it
+    never lets BPE see a "!"). Compared untruncated, as a change past the 77th token is cut off."""
+    from transformers import CLIPTokenizer
+    tok = Tokenizer(pad_id=0)
+    sd2 = CLIPTokenizer(str(hf_folder / "vocab.json"), str(hf_folder / "merges.txt"), pad_token="!")
+    texts = [t for t in INPUTS if transformers_differs_because(t, sd2_padding=True) == ["sd2 pad '!'"]]
+    assert len(texts) >= 10
+    assert [sd2(t).input_ids for t in texts] == [bang_split_ids(tok, t) for t in texts]
+    merged = [t for t in texts if any("!" in tok.decoder[i] and i != 0 for i in tok.encode(t))]
+    assert len(merged) >= 10 and all(sd2(t).input_ids != [BOS, *tok.encode(t), EOS] for t in merged)
+    # the rule can fail: without any "!" it is plain CLIP tokenization, which the SD1-padded tokenizer agrees with
+    assert bang_split_ids(tok, "a photo at night") == [BOS, *tok.encode("a photo at night"), EOS]
+
+
+def test_documented_differences_from_transformers(tok, hf, oc):
     # HTML entities: minisd, like CLIP, reads "&amp;" as "&"; transformers tokenizes the entity
     assert torch.equal(tok("fish &amp; chips"), hf("fish & chips"))
     assert not torch.equal(tok("fish &amp; chips"), hf("fish &amp; chips"))
@@ -178,6 +208,17 @@ def test_documented_differences_from_transformers(tok, hf):
     assert tok("<|endoftext|>")[0, 1] == EOS == hf("<|endoftext|>")[0, 1]
     # case-insensitive contractions: "'ſ" is one pre-token
     assert _pattern().findall("it'ſ") == ["it", "'ſ"] and not torch.equal(tok("it'ſ"), hf("it'ſ"))
+    # SD2's pad token "!" (diffusers' SD2 tokenizer folders): special there, so each "!" becomes 0 (the bare "!"),
+    # where CLIP's BPE, open_clip's and so SD2's own, merges it: "!!" 748, "!?" 6004, "wow!" -> "!</w>" 256.
+    # SD1's padding keeps "!" ordinary text, so the SD1 tokenizer agrees with minisd on the same prompts.
+    tok2 = Tokenizer(pad_id=0)
+    for text, clip_ids, diffusers_sd2_ids in [("night!!", [930, 748], [930, 0, 0]),
+                                               ("what!?", [768, 6004], [768, 0, 286]),      # 286: "?</w>"
+                                               ("wow!", [2781, 256], [2781, 0])]:
+        assert tok2.encode(text) == oc.encode(text) == clip_ids and torch.equal(tok(text), hf(text))
+        assert tok2(text)[0, :len(clip_ids) + 3].tolist() == [BOS, *clip_ids, EOS, 0]
+        diffusers_row = hf(text, sd2_padding=True)[0, :len(diffusers_sd2_ids) + 3].tolist()
+        assert diffusers_row == [BOS, *diffusers_sd2_ids, EOS, 0]
 
 
 def test_matches_open_clip_except_documented_cases(oc):

@@ -48,7 +48,10 @@ for label, get in rows:
 # %% [markdown]
 # - **Text encoder** (tutorials 1-2): SD 2 swapped OpenAI's CLIP for the larger OpenCLIP ViT-H/14, trained on
 #   LAION-2B, and conditions on its penultimate layer; its tokenizer pads with 0 instead of `<|endoftext|>`.
-#   Prompts and their embeddings do not transfer between the two families.
+#   Prompts and their embeddings do not transfer between the two families. 0 is the token "!": diffusers'
+#   SD 2 tokenizer, told "!" is its padding, turns each "!" typed in a prompt into 0 ("night!!" -> 0, 0),
+#   where SD 2's own tokenizer (open_clip's, which minisd follows) merges it ("!!" is 748): with "!" in an
+#   SD 2 prompt, minisd draws the original code's (and A1111's) image from a seed, not diffusers'.
 # - **Attention heads**: SD 1 uses 8 heads at every resolution, so a head's width grows with the channels; SD 2
 #   fixes the head width at 64, so the head count grows. Same parameters, different attention:
 
