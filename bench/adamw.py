@@ -7,7 +7,7 @@ Loshchilov & Hutter 2019, algorithm 2): "for-loop" (one tensor at a time, a few 
 diffusers' scripts get on the CPU by default), "foreach" (the same kernels over lists of tensors) and "fused" (one
 kernel per tensor that reads the weight, its gradient and both moments once and writes three of them back). The
 update is memory-bound, so the number of passes over 4 x 3.4 GB decides its time. `minisd train` uses the fused one
-(train/common.py train_config); this measures that choice on the machine at hand, with the CPU's flags, and, when
+(train/settings.py train_config); this measures that choice on the machine at hand, with the CPU's flags, and, when
 the CPU has AVX-512, once more in a child process limited to ATen's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2), the
 kernels an AVX2-only CPU runs. Each implementation gets a fresh optimizer (fresh moments); the time is the median
 of --steps steps after one warm-up step (the first step allocates the moments).

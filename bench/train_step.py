@@ -7,7 +7,7 @@ A step is what both training scripts do per optimizer step: a batch of one insta
 preservation), VAE encode (frozen), noise, U-Net forward and backward (and the text encoder's with
 --train-text-encoder), gradient clipping, AdamW. diffusers' side is its train_dreambooth.py step written from its
 parts (as tests/_train_refs.py does for the parity tests); minisd's side is the functions `minisd train` runs
-(train/common.py step_loss, train/loop.py's optimizer). Each (library, setting) runs in a fresh process, in turn, so
+(train/step.py step_loss, train/loop.py's optimizer). Each (library, setting) runs in a fresh process, in turn, so
 that one's memory does not count in the other's; the time of a row is the median step after one warm-up step, the
 memory the process's peak resident set (CPU) or peak allocated CUDA memory, model and optimizer state included.
 
@@ -42,21 +42,24 @@ def inputs(res, device):
 
 
 def minisd_step(args):
-    from minisd.train import common as tc
+    from minisd.train.dreambooth import DreamBoothConfig
     from minisd.train.loop import make_optimizer
-    cfg = tc.FinetuneConfig(out="", model=args.ckpt, train_text_encoder=args.te, gradient_checkpointing=args.gc,
-                            mixed_precision=args.precision)
-    model, _ = tc.load(cfg, torch.device(args.device), log=lambda *_: None)     # as `minisd train` loads it
-    tc.set_frozen_dtype(model, cfg)
+    from minisd.train.run import load, set_frozen_dtype, trainable_parameters
+    from minisd.train.settings import train_config
+    from minisd.train.step import Draws, step_loss
+    cfg = DreamBoothConfig(out="", model=args.ckpt, train_text_encoder=args.te, gradient_checkpointing=args.gc,
+                           mixed_precision=args.precision)
+    model, _ = load(cfg, torch.device(args.device), log=lambda *_: None)     # as `minisd train` loads it
+    set_frozen_dtype(model, cfg)
     model.unet.gradient_checkpointing = args.gc
     model.text_encoder.gradient_checkpointing = args.gc and args.te
-    trainable = tc.trainable_parameters(model, cfg)
-    opt = make_optimizer([{"params": list(trainable.values())}], tc.train_config(cfg))
+    trainable = trainable_parameters(model, cfg)
+    opt = make_optimizer([{"params": list(trainable.values())}], train_config(cfg))
     ac = model.config
     from minisd.diffusion import alphas_cumprod_from_betas, scaled_linear_betas
     abar = alphas_cumprod_from_betas(scaled_linear_betas(ac.beta_start, ac.beta_end, ac.num_timesteps))
     pixels, posterior, noise, t = inputs(args.res, args.device)
-    d = tc.Draws(posterior, noise, None, t.cpu())
+    d = Draws(posterior, noise, None, t.cpu())
     tokens = model.tokenizer(PROMPTS)
     low = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     model.train()
@@ -64,7 +67,7 @@ def minisd_step(args):
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(torch.device(args.device).type, low) if low else _null():
-            loss = tc.step_loss(model, pixels.to(model.vae.quant_conv.weight.dtype), None, tokens, d, abar, cfg, 1)
+            loss = step_loss(model, pixels.to(model.vae.quant_conv.weight.dtype), None, tokens, d, abar, cfg, 1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         opt.step()

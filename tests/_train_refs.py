@@ -32,7 +32,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoints import SMALL_SD1, diffusers_from_single_file, write_diffusers_config, write_ldm_checkpoint
-from minisd.train import common, finetune
+from minisd.train import finetune
+from minisd.train.batches import Stream, take
+from minisd.train.settings import DTYPES
+from minisd.train.step import Draws
 from minisd.train.data import find_examples
 from weights_convert import detect
 
@@ -50,7 +53,7 @@ def reference_training(pipe, batches, draws, steps, lr=1e-3, accumulation=1, tra
                        lr_scheduler="constant", warmup=0, max_grad_norm=1.0, weight_decay=1e-2, lora=False):
     """Train pipe.unet (and pipe.text_encoder) for `steps` optimizer steps; returns the loss of each step (the
     mean over its micro-batches). batches[k] = (pixels (B, 3, H, W) in [-1, 1], captions), draws[k] = minisd's
-    common.Draws for micro-batch k. prior_loss_weight not None: DreamBooth with the first n_instance examples
+    Draws for micro-batch k. prior_loss_weight not None: DreamBooth with the first n_instance examples
     instances. lora: the networks carry peft adapters (add_lora) and only those train, as in diffusers'
     train_dreambooth_lora.py (the parameters with requires_grad after add_adapter). The networks' dtype (float32,
     or float64 for the float64 parity tests) is the step's: pixels and draws are cast to it."""
@@ -169,7 +172,7 @@ def fixed_draws(n, batch, latent_channels=4, seed=0, latent_size=RES // 2):
         shape = (batch, latent_channels, latent_size, latent_size)
         t = torch.randint(100, 1000, (batch,), generator=g)
         t[0] = int(torch.randint(5, 40, (1,), generator=g))
-        out.append(common.Draws(posterior=torch.randn(shape, generator=g), noise=torch.randn(shape, generator=g),
+        out.append(Draws(posterior=torch.randn(shape, generator=g), noise=torch.randn(shape, generator=g),
                                 offset=torch.randn(batch, latent_channels, 1, 1, generator=g), timesteps=t))
     return out
 
@@ -199,16 +202,16 @@ def prepare(tmp_path, ckpt, method, accumulation, options, res=RES, latent_size=
                        checkpointing_steps=100, gradient_accumulation_steps=accumulation)
     if method is finetune:
         data = image_folder(tmp_path / "data", 3, seed=1, captions=CAPTIONS)
-        cfg = finetune.config(data=str(data), **common_opts, **options)
-        streams = [common.Stream(find_examples(str(data), res, log=lambda *_: None), 0)]
+        cfg = finetune.FinetuneConfig(data=str(data), **common_opts, **options)
+        streams = [Stream(find_examples(str(data), res, log=lambda *_: None), 0)]
     else:
         data = image_folder(tmp_path / "instance", 3, seed=2)
         cfg = method.config(instance_dir=str(data), instance_prompt="a photo of sks shape", **common_opts,
                                 **options)
-        streams = [common.Stream(find_examples(str(data), res, cfg.instance_prompt, log=lambda *_: None), 0)]
+        streams = [Stream(find_examples(str(data), res, cfg.instance_prompt, log=lambda *_: None), 0)]
         if prior:
             image_folder(tmp_path / "class", cfg.num_class_images, seed=3)
-            streams.append(common.Stream(find_examples(cfg.class_dir, res, cfg.class_prompt, log=lambda *_: None), 1))
+            streams.append(Stream(find_examples(cfg.class_dir, res, cfg.class_prompt, log=lambda *_: None), 1))
 
     def injected(k, places, shape):            # one process: the places of the whole micro-batch, in order
         assert list(places) == list(range(total)) and shape == tuple(draws[k].noise.shape), (places, shape)
@@ -220,7 +223,7 @@ def reference_batches(cfg, streams, n_micro):
     """What minisd's micro-batches 0 .. n_micro - 1 hold (its own choice of examples, centre crops)."""
     batches = []
     for k in range(n_micro):
-        parts = [common.take(s, k, cfg, cfg.resolution, None) for s in streams]
+        parts = [take(s, k, cfg, cfg.resolution, None) for s in streams]
         batches.append((torch.cat([p[0] for p in parts]), [c for p in parts for c in p[2]]))
     return batches
 
@@ -230,7 +233,7 @@ def run_pair(tmp_path, model, method, accumulation=1, reference_overrides=None, 
     reference_overrides: arguments of reference_training to change (to show that a difference is caught)."""
     ckpt, config = model
     cfg, streams, draws, injected = prepare(tmp_path, ckpt, method, accumulation, options)
-    prior = cfg.class_prompt is not None
+    prior = options.get("class_prompt") is not None       # FinetuneConfig has no class_prompt
     n_micro = STEPS * accumulation
     out = method.run(cfg, draws=injected, log=lambda *_: None)
     with open(tmp_path / "out" / "train_log.jsonl") as f:
@@ -238,7 +241,7 @@ def run_pair(tmp_path, model, method, accumulation=1, reference_overrides=None, 
     ours = {k: comparable(k, v) for k, v in detect.read(out, verbose=False).state.items()}
 
     batches = reference_batches(cfg, streams, n_micro)
-    pipe = diffusers_from_single_file(ckpt, config, torch_dtype=common.DTYPES[cfg.dtype])
+    pipe = diffusers_from_single_file(ckpt, config, torch_dtype=DTYPES[cfg.dtype])
     reference = dict(lr=LR, accumulation=accumulation, train_text_encoder=cfg.train_text_encoder,
                      snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset,
                      prior_loss_weight=cfg.prior_loss_weight if prior else None, n_instance=BATCH,

@@ -189,10 +189,10 @@ def test_a_process_that_dies_stops_the_job_with_a_clear_message_and_the_run_resu
 
 
 def test_scale_lr_multiplies_the_rate_by_the_examples_of_an_optimizer_step_and_nothing_else_does():
-    from minisd.train import common
-    cfg = common.FinetuneConfig(out="x", learning_rate=1e-5, train_batch_size=3, gradient_accumulation_steps=2)
-    assert common.train_config(cfg).lr == 1e-5                                  # never silently
-    scaled = common.train_config(common.FinetuneConfig(**{**cfg.__dict__, "scale_lr": True}))
+    from minisd.train import finetune, settings
+    cfg = finetune.FinetuneConfig(out="x", learning_rate=1e-5, train_batch_size=3, gradient_accumulation_steps=2)
+    assert settings.train_config(cfg).lr == 1e-5                                # never silently
+    scaled = settings.train_config(finetune.FinetuneConfig(**{**cfg.__dict__, "scale_lr": True}))
     assert scaled.lr == pytest.approx(1e-5 * 3 * 2 * 1)                        # x processes (1 here)
     from minisd.train.cli import build_parser, config_from_args
     args = build_parser().parse_args(["finetune", "--data", "d", "--out", "o", "--scale-lr"])

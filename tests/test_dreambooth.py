@@ -10,7 +10,7 @@ import torch
 
 from _train_refs import SD1, assert_equal, assert_equal_in_float64, image_folder, model_files, run_pair
 from checkpoints import SMALL_SD2
-from minisd.train import common, dreambooth
+from minisd.train import dreambooth, step
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
@@ -65,10 +65,10 @@ def test_prior_loss_weight_matters(tmp_path, sd1):
 
 def tiny_config(tmp_path, **kw):
     instance = image_folder(tmp_path / "instance", 2, seed=5)
-    return dreambooth.config(out=str(tmp_path / "out"), instance_dir=str(instance),
-                             instance_prompt="a photo of sks circle", class_prompt="a red circle",
-                             class_dir=str(tmp_path / "class"), num_class_images=3, max_train_steps=1,
-                             device="cpu", **kw)
+    return dreambooth.DreamBoothConfig(out=str(tmp_path / "out"), instance_dir=str(instance),
+                                       instance_prompt="a photo of sks circle", class_prompt="a red circle",
+                                       class_dir=str(tmp_path / "class"), num_class_images=3, max_train_steps=1,
+                                       device="cpu", **kw)
 
 
 def test_class_images_fill_the_folder_up_to_the_number_asked_and_only_what_is_missing(tmp_path):
@@ -110,7 +110,7 @@ def test_bad_settings_fail_in_one_line_before_training(tmp_path, change, message
 def test_the_draw_order_is_posterior_noise_offset_timesteps():
     """The default draws: what a resumed run and the docstring rely on."""
     g = torch.Generator().manual_seed(3)
-    d = common.draw(g, (2, 4, 8, 8), 1000, noise_offset=0.1)
+    d = step.draw(g, (2, 4, 8, 8), 1000, noise_offset=0.1)
     g = torch.Generator().manual_seed(3)
     assert torch.equal(d.posterior, torch.randn(2, 4, 8, 8, generator=g))
     assert torch.equal(d.noise, torch.randn(2, 4, 8, 8, generator=g))

@@ -99,8 +99,9 @@ def test_trained_file_gives_the_same_image_in_diffusers_and_minisd(tmp_path, sd1
     from minisd.pipeline import Pipeline
     ckpt, config = sd1
     data = image_folder(tmp_path / "data", 2, seed=1, captions=["a red circle"])
-    out = finetune.run(finetune.config(out=str(tmp_path / "out"), model=str(ckpt), data=str(data), resolution=16,
-                                       max_train_steps=2, learning_rate=1e-3, device="cpu"), log=lambda *_: None)
+    cfg = finetune.FinetuneConfig(out=str(tmp_path / "out"), model=str(ckpt), data=str(data), resolution=16,
+                                  max_train_steps=2, learning_rate=1e-3, device="cpu")
+    out = finetune.run(cfg, log=lambda *_: None)
     prompt = "a red circle on a blue background"
     ours = Pipeline.load(out, device="cpu", dtype="fp32", log=lambda *_: None)
     mine = np.asarray(ours.generate(prompt, steps=3, sampler="euler", schedule="leading", seed=4, width=32,
@@ -204,7 +205,7 @@ def test_command_line_errors_are_one_line_before_training(tmp_path, capsys, args
 def test_a_run_refuses_an_out_folder_with_a_checkpoint_unless_resumed(tmp_path):
     from _train_refs import image_folder
     data = image_folder(tmp_path / "data", 1, seed=2, captions=["a red circle"])
-    cfg = finetune.config(out=str(tmp_path / "out"), data=str(data), max_train_steps=1, device="cpu")
+    cfg = finetune.FinetuneConfig(out=str(tmp_path / "out"), data=str(data), max_train_steps=1, device="cpu")
     finetune.run(cfg, log=lambda *_: None)
     with pytest.raises(ValueError, match="pass --resume"):
         finetune.run(cfg, log=lambda *_: None)
@@ -276,7 +277,8 @@ def test_use_ema_averages_as_diffusers_ema_model(warmup, same):
     # `--use-ema` of minisd train follows diffusers' EMAModel (the first update copies, then n / (9 + n) up to the
     # decay); the tiny recipe keeps LDM's LitEma warm-up, (1 + n) / (10 + n), which this comparison tells apart
     from diffusers.training_utils import EMAModel
-    from minisd.train.common import FinetuneConfig, train_config
+    from minisd.train.finetune import FinetuneConfig
+    from minisd.train.settings import train_config
     from minisd.train.loop import EMA
 
     assert train_config(FinetuneConfig(out="x", use_ema=True)).ema_warmup == "diffusers"

@@ -42,7 +42,7 @@ from _train_refs import (BATCH, F64_TOL, LR, RES, SD1, STEPS, add_lora, diffuser
                          model_files, prepare, reference_batches, reference_training)
 from checkpoints import SMALL_SD1, SMALL_SD2
 from minisd import lora
-from minisd.train import common, lora as train_lora
+from minisd.train import lora as train_lora, settings
 from weights_convert import detect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +80,7 @@ def run_lora_pair(tmp_path, model, reference_alpha=None, res=RES, latent_size=RE
     ours = lora.read(out, config).layers
 
     start = train_lora.initial_factors(config, cfg, torch.Generator().manual_seed(cfg.seed))
-    dtype = common.DTYPES[cfg.dtype]
+    dtype = settings.DTYPES[cfg.dtype]
     pipe = diffusers_from_single_file(ckpt, config_folder, torch_dtype=dtype)
     modules = add_lora(pipe, config, start, cfg.rank, reference_alpha or cfg.alpha, cfg.train_text_encoder)
     assert all(m.lora_A["default"].weight.dtype == dtype for m in modules.values())
@@ -203,7 +203,7 @@ def small_sd2(tmp_path_factory):
 def test_step_zero_is_the_base_model_bit_for_bit(small_sd1, tmp_path):
     from test_lora import ours_image
     ours, _, _ = small_sd1
-    cfg = train_lora.config(out=str(tmp_path / "out"), train_text_encoder=True)
+    cfg = train_lora.LoRAConfig(out=str(tmp_path / "out"), train_text_encoder=True)
     start = train_lora.initial_factors(SMALL_SD1, cfg, torch.Generator().manual_seed(0))
     assert all(f.up.abs().max() == 0 and f.down.abs().max() > 0 for f in start.values())
     merged = train_lora.merged_weights(ours.model, start)        # what the first training forward computes with
@@ -221,9 +221,9 @@ def test_step_zero_is_the_base_model_bit_for_bit(small_sd1, tmp_path):
 def train_small(tmp_path, model_dir, save_format, **kw):
     """A few big steps (lr 1e-2) of LoRA training on random captioned images: a LoRA that changes the image."""
     data = image_folder(tmp_path / "data", 3, seed=1, captions=["a red circle", "a blue square", "two shapes"])
-    cfg = train_lora.config(out=str(tmp_path / "out"), model=str(model_dir / "model.safetensors"),
-                            data=str(data), resolution=32, max_train_steps=4, learning_rate=1e-2, rank=4,
-                            alpha=2.0, device="cpu", save_format=save_format, **kw)
+    cfg = train_lora.LoRAConfig(out=str(tmp_path / "out"), model=str(model_dir / "model.safetensors"),
+                                data=str(data), resolution=32, max_train_steps=4, learning_rate=1e-2, rank=4,
+                                alpha=2.0, device="cpu", save_format=save_format, **kw)
     return train_lora.run(cfg, log=lambda *_: None)
 
 
@@ -251,13 +251,14 @@ def test_trained_lora_gives_diffusers_image_through_load_lora_weights(request, t
 
 def test_base_weights_are_bit_identical_after_training(tmp_path, monkeypatch):
     from minisd.model import load_model, tiny_model_path
+    from minisd.train import run
     model = load_model(tiny_model_path(), verbose=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(train_lora, "load", lambda cfg, device, log: (model, tiny_model_path()))
+    monkeypatch.setattr(run, "load", lambda cfg, device, log: (model, tiny_model_path()))
     data = image_folder(tmp_path / "data", 2, seed=1, captions=["a red circle on a white background"])
-    cfg = train_lora.config(out=str(tmp_path / "out"), data=str(data), max_train_steps=3, learning_rate=1e-2,
-                            train_text_encoder=True, device="cpu", validation_prompts=("a red circle",),
-                            validation_steps=2)
+    cfg = train_lora.LoRAConfig(out=str(tmp_path / "out"), data=str(data), max_train_steps=3, learning_rate=1e-2,
+                                train_text_encoder=True, device="cpu", validation_prompts=("a red circle",),
+                                validation_steps=2)
     path = train_lora.run(cfg, log=lambda *_: None)
     assert lora.read(path, model.config).layers                   # it trained something ...
     after = model.state_dict()
@@ -278,7 +279,8 @@ def test_cli_dreambooth_lora_then_generate_and_merge_on_the_tiny_model(tmp_path,
                  "--train-text-encoder", "--lr-scheduler", "cosine", "--device", "cpu"]) == 0
     path = out / "ring-lora.safetensors"
     args = json.loads((out / "args.json").read_text())
-    assert args["method"] == "lora" and args["rank"] == 2 and args["learning_rate"] == train_lora.DEFAULT_LR
+    assert args["method"] == "lora" and args["rank"] == 2
+    assert args["learning_rate"] == train_lora.LoRAConfig.learning_rate
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
     assert len(os.listdir(tmp_path / "class")) == 2
     assert minisd_main(["generate", "a red sks circle on a white background", "--lora", f"{path}:0.8",
@@ -314,8 +316,8 @@ def test_resume_continues_to_the_same_factors(tmp_path):
     files = []
     for name, runs in (("straight", [3]), ("resumed", [2, 3])):
         for steps in runs:
-            cfg = train_lora.config(out=str(tmp_path / name), data=str(data), max_train_steps=steps,
-                                    learning_rate=1e-2, device="cpu", checkpointing_steps=1, resume=steps == 3)
+            cfg = train_lora.LoRAConfig(out=str(tmp_path / name), data=str(data), max_train_steps=steps,
+                                        learning_rate=1e-2, device="cpu", checkpointing_steps=1, resume=steps == 3)
             path = train_lora.run(cfg, log=lambda *_: None)
         files.append(load_file(path))
     assert files[0].keys() == files[1].keys()

@@ -28,9 +28,12 @@ from _train_refs import BATCH, LOSS_TOL, PARAM_TOL, RES, STEPS, fixed_draws, ima
 from checkpoints import SMALL_SD1, SMALL_SD2, diffusers_from_single_file, write_diffusers_config, write_ldm_checkpoint
 from minisd import embeddings
 from minisd.model import load_model
-from minisd.train import common, textual_inversion
+from minisd.train import textual_inversion
+from minisd.train.batches import Stream, pick_caption, take
 from minisd.train.cli import main as train_main
 from minisd.train.data import find_examples
+from minisd.train.step import example_generator
+from minisd.train.textual_inversion import TextualInversionConfig
 
 LR = 5e-4                   # x batch 2 (--scale-lr): 1e-3
 UPDATE_TOL = 1e-3
@@ -112,9 +115,9 @@ def run_pair(tmp_path, model, n, init_token="toy", reference=None, **options):
     """Train with minisd and the reference on the same file, batches and draws; returns the measured errors."""
     ckpt, config = model
     data = image_folder(tmp_path / "data", 3, seed=4)            # no captions: template prompts
-    cfg = textual_inversion.config(out=str(tmp_path / "out"), model=str(ckpt), data=str(data), token=TOKEN,
-                                   init_token=init_token, num_vectors=n, resolution=RES, train_batch_size=BATCH,
-                                   max_train_steps=STEPS, learning_rate=LR, device="cpu", **options)
+    cfg = TextualInversionConfig(out=str(tmp_path / "out"), model=str(ckpt), data=str(data), token=TOKEN,
+                                 init_token=init_token, num_vectors=n, resolution=RES, train_batch_size=BATCH,
+                                 max_train_steps=STEPS, learning_rate=LR, device="cpu", **options)
     draws = fixed_draws(STEPS, BATCH)
 
     def injected(k, places, shape):            # one process: the places of the whole micro-batch, in order
@@ -127,11 +130,11 @@ def run_pair(tmp_path, model, n, init_token="toy", reference=None, **options):
     assert token == TOKEN and ours.shape == (n, SMALL_SD1.text.width)
 
     # the batches of the run: each example's generator draws its template prompt, then its flip
-    stream = common.Stream(find_examples(str(data), RES, textual_inversion.templates(TOKEN), log=lambda *_: None), 0)
+    stream = Stream(find_examples(str(data), RES, textual_inversion.templates(TOKEN), log=lambda *_: None), 0)
     batches = []
     for k in range(STEPS):
-        generators = [common.example_generator(cfg.seed, k, j) for j in range(BATCH)]
-        pixels, _, captions = common.take(stream, k, cfg, RES, generators)
+        generators = [example_generator(cfg.seed, k, j) for j in range(BATCH)]
+        pixels, _, captions = take(stream, k, cfg, RES, generators)
         batches.append((pixels, captions))
     assert len({c for _, cs in batches for c in cs}) > 1, "the template prompts should vary"
     pipe = diffusers_from_single_file(ckpt, config, torch_dtype=torch.float32)
@@ -188,17 +191,18 @@ def test_every_weight_of_the_model_stays_bit_identical(tmp_path, monkeypatch):
     """The loaded model after training against a fresh load of the same file: the token table, the text
     encoder, U-Net and VAE, with weight decay and EMA on."""
     from minisd.model import tiny_model_path
+    from minisd.train import run
     held = {}
-    real_load = textual_inversion.load
+    real_load = run.load
 
     def load(cfg, device, log=print):
         held["model"], path = real_load(cfg, device, log)
         return held["model"], path
-    monkeypatch.setattr(textual_inversion, "load", load)
+    monkeypatch.setattr(run, "load", load)
     data = image_folder(tmp_path / "data", 2, seed=6)
-    cfg = textual_inversion.config(out=str(tmp_path / "out"), data=str(data), token="<w>", init_token="red",
-                                   num_vectors=3, max_train_steps=4, device="cpu", use_ema=True,
-                                   validation_prompts=("a <w> circle",), validation_steps=2)
+    cfg = TextualInversionConfig(out=str(tmp_path / "out"), data=str(data), token="<w>", init_token="red",
+                                 num_vectors=3, max_train_steps=4, device="cpu", use_ema=True,
+                                 validation_prompts=("a <w> circle",), validation_steps=2)
     out = textual_inversion.run(cfg, log=lambda *_: None)
     before = load_model(tiny_model_path(), verbose=False).state_dict()
     after = held["model"].state_dict()
@@ -260,8 +264,8 @@ def tiny_run(tmp_path, out, **kw):
     data = tmp_path / "data"
     if not data.exists():
         image_folder(data, 3, seed=12)
-    cfg = textual_inversion.config(out=str(tmp_path / out), data=str(data), token="<w>", init_token="red",
-                                   num_vectors=2, train_batch_size=2, device="cpu", **kw)
+    cfg = TextualInversionConfig(out=str(tmp_path / out), data=str(data), token="<w>", init_token="red",
+                                 num_vectors=2, train_batch_size=2, device="cpu", **kw)
     return embeddings.read(textual_inversion.run(cfg, log=lambda *_: None))[1]
 
 
@@ -380,7 +384,7 @@ def test_bad_words_and_data_fail_in_one_line_before_training(tmp_path, change, m
     if "data" in change:
         change = {**change, "data": str(folders[change["data"]])}
     settings = dict(data=str(data), token=TOKEN, init_token="toy", max_train_steps=1, device="cpu")
-    cfg = textual_inversion.config(out=str(tmp_path / "out"), **{**settings, **change})
+    cfg = TextualInversionConfig(out=str(tmp_path / "out"), **{**settings, **change})
     with pytest.raises(ValueError, match=message) as e:
         textual_inversion.run(cfg, log=lambda *_: None)
     assert "\n" not in str(e.value)
@@ -399,11 +403,11 @@ def test_templates_are_diffusers_lists_and_drawn_per_use():
     assert len(textual_inversion.OBJECT_TEMPLATES) == 27 and len(textual_inversion.STYLE_TEMPLATES) == 19
     prompts = textual_inversion.templates("<w>", "style")
     assert prompts[0] == "a painting in the style of <w>"
-    picked = {common.pick_caption(prompts, torch.Generator().manual_seed(s)) for s in range(40)}
+    picked = {pick_caption(prompts, torch.Generator().manual_seed(s)) for s in range(40)}
     assert len(picked) > 5 and picked <= set(prompts)
-    assert common.pick_caption("a caption", None) == "a caption"
+    assert pick_caption("a caption", None) == "a caption"
     with pytest.raises(ValueError, match="need a generator"):
-        common.pick_caption(prompts, None)
+        pick_caption(prompts, None)
 
 
 # --- A1111's chunk rule: a word's vectors are not cut by the end of a 75-token chunk ---------------------------

@@ -88,7 +88,7 @@ save(grid([[Image.open(p) for p in instances], [Image.open(p) for p in classes]]
 # holds is a pure function of (seed, step): each folder is read in fresh random orders, epoch after epoch.
 
 # %%
-from minisd.train import common, dreambooth
+from minisd.train import batches, dreambooth, settings
 from minisd.train.data import find_examples
 
 STEPS = 800
@@ -96,10 +96,10 @@ cfg = dreambooth.config(out=str(work / "prior"), instance_dir=str(work / "instan
                         class_prompt="unused", class_dir=str(work / "class"), num_class_images=n_class,
                         train_batch_size=4, max_train_steps=STEPS, learning_rate=2e-4, use_ema=True,
                         cache_latents=True, center_crop=True, device="cpu", checkpointing_steps=STEPS)
-streams = [common.Stream(find_examples(cfg.instance_dir, 64, cfg.instance_prompt), stream=0),
-           common.Stream(find_examples(cfg.class_dir, 64, cfg.class_prompt), stream=1)]
+streams = [batches.Stream(find_examples(cfg.instance_dir, 64, cfg.instance_prompt), stream=0),
+           batches.Stream(find_examples(cfg.class_dir, 64, cfg.class_prompt), stream=1)]
 for k in range(2):
-    captions = [c for s in streams for c in common.take(s, k, cfg, 64)[2]]
+    captions = [c for s in streams for c in batches.take(s, k, cfg, 64)[2]]
     print(f"batch {k}: {captions}")
 
 # %% [markdown]
@@ -119,7 +119,7 @@ import matplotlib.pyplot as plt
 
 from minisd.train.lr import learning_rate
 
-loop_cfg = common.train_config(dataclasses.replace(cfg, lr_scheduler="cosine_with_restarts", lr_warmup_steps=50))
+loop_cfg = settings.train_config(dataclasses.replace(cfg, lr_scheduler="cosine_with_restarts", lr_warmup_steps=50))
 fig, ax = plt.subplots(figsize=(7, 2.6))
 for cycles in (1, 3, 5):
     c = dataclasses.replace(loop_cfg, cycles=cycles)

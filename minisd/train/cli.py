@@ -1,6 +1,6 @@
 """`minisd train finetune | dreambooth | textual-inversion | lora ...`: argument parsing only (diffusers' flag
-names, with dashes). Each flag fills a field of common.FinetuneConfig (or the method's own config, a subclass) of
-the same name; the methods do the rest."""
+names, with dashes). Each flag fills the field of the same name of the method's config (a settings.TrainSettings
+with the method's own fields), whose defaults are the flags' defaults; the methods do the rest."""
 import argparse
 import dataclasses
 import sys
@@ -11,13 +11,13 @@ from weights_convert.io import CheckpointError
 from .. import distributed
 from ..download import DownloadError
 from . import dreambooth, finetune, lora, textual_inversion
-from .common import SAVE_FORMATS, SCHEDULERS, FinetuneConfig
+from .settings import SAVE_FORMATS, SCHEDULERS
 
 METHODS = {"finetune": finetune, "dreambooth": dreambooth, "textual-inversion": textual_inversion, "lora": lora}
 
 
-def _common(p, default_lr, save_formats=SAVE_FORMATS):
-    d = FinetuneConfig(out="")
+def _common(p, d, save_formats=SAVE_FORMATS):
+    """The flags of settings.TrainSettings, with the defaults of `d`, the method's config."""
     p.add_argument("--out", required=True, help="run folder: model.safetensors, train_log.jsonl, checkpoints/, "
                                                 "samples/, args.json")
     p.add_argument("--model", default=None, help="file, diffusers folder, sd15 | sd21 | sd21-base; default: tiny")
@@ -25,9 +25,9 @@ def _common(p, default_lr, save_formats=SAVE_FORMATS):
     p.add_argument("--train-batch-size", type=int, default=d.train_batch_size)
     p.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
     p.add_argument("--max-train-steps", type=int, default=d.max_train_steps, help="optimizer steps")
-    p.add_argument("--learning-rate", type=float, default=default_lr)
-    p.add_argument("--scale-lr", action="store_true", help="learning rate x train batch size (per process) x "
-                   "gradient accumulation steps x processes, as diffusers' --scale_lr")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--scale-lr", action="store_true", default=d.scale_lr, help="learning rate x train batch size "
+                   "(per process) x gradient accumulation steps x processes, as diffusers' --scale_lr")
     p.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=SCHEDULERS)
     p.add_argument("--lr-warmup-steps", type=int, default=d.lr_warmup_steps)
     p.add_argument("--lr-cycles", type=float, default=None,
@@ -42,7 +42,7 @@ def _common(p, default_lr, save_formats=SAVE_FORMATS):
     p.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR weighting (Hang et al. 2023); 5 is usual")
     p.add_argument("--noise-offset", type=float, default=d.noise_offset)
     p.add_argument("--center-crop", action="store_true", help="centre crops (default: random crops)")
-    p.add_argument("--random-flip", action="store_true")
+    p.add_argument("--random-flip", action="store_true", default=d.random_flip)
     p.add_argument("--cache-latents", action="store_true", help="encode each image once (needs --center-crop)")
     p.add_argument("--checkpointing-steps", type=int, default=d.checkpointing_steps)
     p.add_argument("--validation-prompt", action="append", default=[], dest="validation_prompts",
@@ -52,7 +52,7 @@ def _common(p, default_lr, save_formats=SAVE_FORMATS):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is fastest for the tiny model on a busy machine)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/checkpoints/")
-    p.add_argument("--save-format", default=save_formats[0], choices=save_formats)
+    p.add_argument("--save-format", default=d.save_format, choices=save_formats)
 
 
 def build_parser():
@@ -60,46 +60,50 @@ def build_parser():
     sub = parser.add_subparsers(dest="method", required=True)
     f = sub.add_parser("finetune", help="full fine-tuning on a folder of captioned images")
     f.add_argument("--data", required=True, help="images with NAME.txt captions or a metadata.jsonl")
-    _common(f, finetune.DEFAULT_LR)
+    _common(f, finetune.FinetuneConfig(out=""))
     b = sub.add_parser("dreambooth", help="DreamBooth, optionally with prior preservation")
     b.add_argument("--instance-dir", required=True)
     b.add_argument("--instance-prompt", required=True)
-    b.add_argument("--class-prompt", default=None, help="turns on prior preservation")
-    b.add_argument("--class-dir", default=None)
-    b.add_argument("--num-class-images", type=int, default=100)
-    b.add_argument("--prior-loss-weight", type=float, default=1.0)
-    _common(b, dreambooth.DEFAULT_LR)
+    d = dreambooth.DreamBoothConfig(out="")
+    _class_flags(b, d)
+    _common(b, d)
     t = sub.add_parser("textual-inversion", help="Textual Inversion: a new word's vectors, the model frozen")
+    d = textual_inversion.TextualInversionConfig(out="")
     t.add_argument("--data", required=True, help="images of the concept (captions naming --token optional)")
     t.add_argument("--token", required=True, help="the new word, e.g. \"<cat-toy>\"")
     t.add_argument("--init-token", required=True, help="a one-token word the vectors start from, e.g. toy")
-    t.add_argument("--num-vectors", type=int, default=1, help="vectors the word stands for")
-    t.add_argument("--learnable-property", default="object", choices=textual_inversion.PROPERTIES,
+    t.add_argument("--num-vectors", type=int, default=d.num_vectors, help="vectors the word stands for")
+    t.add_argument("--learnable-property", default=d.learnable_property, choices=textual_inversion.PROPERTIES,
                    help="template prompts for images without captions")
     t.add_argument("--no-scale-lr", action="store_false", dest="scale_lr", help="(--scale-lr is on by default)")
     t.add_argument("--no-random-flip", action="store_false", dest="random_flip", help="(flips are on by default)")
-    _common(t, textual_inversion.DEFAULT_LR)
-    t.set_defaults(scale_lr=True, random_flip=True, max_train_steps=textual_inversion.DEFAULT_STEPS)
+    _common(t, d)
     r = sub.add_parser("lora", help="a LoRA (low-rank change of the weights), on captioned images or DreamBooth's")
+    d = lora.LoRAConfig(out="")
     r.add_argument("--data", default=None, help="images with captions, as for finetune; or --instance-dir ...")
     r.add_argument("--instance-dir", default=None, help="DreamBooth-LoRA: the subject's images")
     r.add_argument("--instance-prompt", default=None)
-    r.add_argument("--class-prompt", default=None, help="turns on prior preservation")
-    r.add_argument("--class-dir", default=None)
-    r.add_argument("--num-class-images", type=int, default=100)
-    r.add_argument("--prior-loss-weight", type=float, default=1.0)
-    r.add_argument("--rank", type=int, default=lora.LoRAConfig.rank, help="r, the factors' inner size")
-    r.add_argument("--alpha", type=float, default=lora.LoRAConfig.alpha, help="the change is scaled by alpha / r")
-    r.add_argument("--lora-targets", default="default",
+    _class_flags(r, d)
+    r.add_argument("--rank", type=int, default=d.rank, help="r, the factors' inner size")
+    r.add_argument("--alpha", type=float, default=d.alpha, help="the change is scaled by alpha / r")
+    r.add_argument("--lora-targets", default=d.lora_targets,
                    help="default: kohya's (the U-Net transformers' Linear / 1x1 conv layers, the text encoder's "
                         "attention and MLP); attention: diffusers' (q, k, v, out)")
-    _common(r, lora.DEFAULT_LR, lora.SAVE_FORMATS)
+    _common(r, d, lora.SAVE_FORMATS)
     return parser
+
+
+def _class_flags(p, d):
+    """DreamBooth's prior preservation (dreambooth and lora)."""
+    p.add_argument("--class-prompt", default=None, help="turns on prior preservation")
+    p.add_argument("--class-dir", default=None)
+    p.add_argument("--num-class-images", type=int, default=d.num_class_images)
+    p.add_argument("--prior-loss-weight", type=float, default=d.prior_loss_weight)
 
 
 def config_from_args(args):
     method = METHODS[args.method]
-    fields = {f.name for f in dataclasses.fields(method.config(out=""))}     # FinetuneConfig or the method's own
+    fields = {f.name for f in dataclasses.fields(method.config)}              # the method's config class
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["validation_prompts"] = tuple(values.get("validation_prompts", ()))
     return method.config(**values)          # with the method's defaults for what has no flag

@@ -15,7 +15,7 @@ Preprocessing is diffusers' train_dreambooth / train_text_to_image transform, do
 side to `resolution` (torchvision's Resize on a PIL image is PIL's antialiased bilinear), centre or random crop,
 optional horizontal flip, to (3, H, W) in [-1, 1]. The random choices come from a torch.Generator drawn in
 torchvision's order (crop top, crop left, flip), so a batch is a pure function of the generators it is given
-(fine-tuning gives each example its own, seeded from (seed, step, place in the batch): common.py), and a resumed
+(fine-tuning gives each example its own, seeded from (seed, step, place in the batch): step.py), and a resumed
 run sees the same pixels.
 """
 import json

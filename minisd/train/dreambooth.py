@@ -3,25 +3,40 @@
     minisd train dreambooth --instance-dir dog/ --instance-prompt "a photo of sks dog" --out runs/sks \
         [--class-prompt "a photo of a dog" --class-dir dogs/ --num-class-images 100 --prior-loss-weight 1.0]
 
-It is fine-tuning (common.fit) on the instance images, all captioned with --instance-prompt. With
+It is fine-tuning (run.fit) on the instance images, all captioned with --instance-prompt. With
 --class-prompt, prior preservation (eq. 2 of the paper) adds a second loss on images the model itself drew for the
 class prompt before training, so it keeps knowing what a dog in general looks like: each batch holds the instance
 examples first, then as many class examples, and the loss is mse(instance) + prior_loss_weight * mse(class), as
 diffusers' train_dreambooth.py computes it. Missing class images are generated first with minisd's pipeline, into
 --class-dir; the images already there count, so a rerun only draws what is missing.
 """
-import dataclasses
 import os
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from .. import distributed
 from ..pipeline import Pipeline
-from .common import DTYPES, FinetuneConfig, Stream, check, fit, load
+from .batches import Stream
 from .data import IMAGE_EXTENSIONS, find_examples
+from .run import Training, fit
+from .settings import DTYPES, TrainSettings, check
 
-DEFAULT_LR = 5e-6          # diffusers' train_dreambooth.py default
+
+@dataclass(frozen=True)
+class DreamBoothConfig(TrainSettings):
+    """A DreamBooth run: the shared settings, the subject's images and prompt, and prior preservation's class."""
+    instance_dir: str | None = None          # the subject's images ...
+    instance_prompt: str | None = None       # ... and their caption ("a photo of sks dog")
+    class_prompt: str | None = None          # prior preservation: the class ("a photo of a dog")
+    class_dir: str | None = None             # its images, generated until there are num_class_images
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0           # w of mse(instance) + w mse(class)
+    learning_rate: float = 5e-6              # diffusers' train_dreambooth.py default
+
+
+config = DreamBoothConfig                    # what `minisd train dreambooth` fills from its flags (train/cli.py)
 
 
 def class_images(folder):
@@ -31,7 +46,7 @@ def class_images(folder):
     return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def generate_class_images(model, cfg: FinetuneConfig, resolution, device, log=print):
+def generate_class_images(model, cfg: DreamBoothConfig, resolution, device, log=print):
     """Fill cfg.class_dir up to cfg.num_class_images with images of cfg.class_prompt. Image i is drawn with seed
     cfg.seed + i and written as class-{i:05d}.png, so what a rerun adds does not depend on what was there.
 
@@ -60,8 +75,8 @@ def generate_class_images(model, cfg: FinetuneConfig, resolution, device, log=pr
     distributed.barrier()                       # all images are on disk before any process lists the folder
 
 
-def check_instances(cfg: FinetuneConfig):
-    """One-line errors for DreamBooth's own settings (common.check does the rest), before any model is loaded."""
+def check_instances(cfg: DreamBoothConfig):
+    """One-line errors for DreamBooth's own settings (settings.check does the rest), before any model is loaded."""
     if not cfg.instance_dir:
         raise ValueError("dreambooth needs --instance-dir DIR (the subject's images)")
     if not cfg.instance_prompt:
@@ -75,7 +90,7 @@ def check_instances(cfg: FinetuneConfig):
         raise ValueError(f"--num-class-images must be >= 1, got {cfg.num_class_images}")
 
 
-def instance_streams(cfg: FinetuneConfig, model, resolution, device, log=print):
+def instance_streams(cfg: DreamBoothConfig, model, resolution, device, log=print):
     """The instance stream, and with --class-prompt the class stream (its missing images generated first)."""
     # captions: the instance prompt, unless an image has its own (NAME.txt / metadata.jsonl)
     streams = [Stream(find_examples(cfg.instance_dir, resolution, cfg.instance_prompt, log=log), stream=0)]
@@ -87,18 +102,12 @@ def instance_streams(cfg: FinetuneConfig, model, resolution, device, log=print):
     return streams
 
 
-def run(cfg: FinetuneConfig, draws=None, log=print):
+def run(cfg: DreamBoothConfig, draws=None, log=print):
     """DreamBooth on cfg.instance_dir into cfg.out; returns the path of the model file written there."""
     check(cfg)
     check_instances(cfg)
-    device = distributed.setup(cfg.device)
-    log = distributed.main_only(log)
-    model, source = load(cfg, device, log)
-    resolution = cfg.resolution or model.config.image_size
-    streams = instance_streams(cfg, model, resolution, device, log)
-    return fit(cfg, "dreambooth", streams, model, source, device, draws, log)
 
+    def prepare(model, resolution, device, log):
+        return Training(instance_streams(cfg, model, resolution, device, log), prior_loss_weight=cfg.prior_loss_weight)
 
-def config(**kwargs):
-    """A FinetuneConfig with this method's defaults (the learning rate) for what is not given."""
-    return dataclasses.replace(FinetuneConfig(out=kwargs.pop("out"), learning_rate=DEFAULT_LR), **kwargs)
+    return fit(cfg, "dreambooth", prepare, draws, log)

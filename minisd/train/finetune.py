@@ -3,15 +3,25 @@
     minisd train finetune --data DIR --out DIR [--model M] [--train-text-encoder] [--use-ema] ...
 
 Every U-Net weight trains (and the text encoder's with --train-text-encoder) on the noise-prediction loss of the
-images in --data, each with its caption (NAME.txt or metadata.jsonl; data.py). common.fit does the training.
+images in --data, each with its caption (NAME.txt or metadata.jsonl; data.py). run.fit does the training; this
+method only says where the batches come from.
 """
-import dataclasses
+from dataclasses import dataclass
 
-from .. import distributed
-from .common import FinetuneConfig, Stream, check, fit, load
+from .batches import Stream
 from .data import find_examples
+from .run import Training, fit
+from .settings import TrainSettings, check
 
-DEFAULT_LR = 1e-5          # diffusers' train_text_to_image examples use 1e-5 (its argparse default is 1e-4)
+
+@dataclass(frozen=True)
+class FinetuneConfig(TrainSettings):
+    """A full fine-tuning run: the shared settings, and the folder of captioned images."""
+    data: str | None = None                  # a folder of captioned images
+    learning_rate: float = 1e-5              # diffusers' train_text_to_image examples (its argparse default: 1e-4)
+
+
+config = FinetuneConfig                      # what `minisd train finetune` fills from its flags (train/cli.py)
 
 
 def run(cfg: FinetuneConfig, draws=None, log=print):
@@ -19,15 +29,10 @@ def run(cfg: FinetuneConfig, draws=None, log=print):
     check(cfg)
     if not cfg.data:
         raise ValueError("finetune needs --data DIR (a folder of images with captions)")
-    device = distributed.setup(cfg.device)
-    log = distributed.main_only(log)
-    model, source = load(cfg, device, log)
-    resolution = cfg.resolution or model.config.image_size
-    examples = find_examples(cfg.data, resolution, log=log)
-    log(f"fine-tuning on {len(examples)} images of {cfg.data} at {resolution} px")
-    return fit(cfg, "finetune", [Stream(examples, stream=0)], model, source, device, draws, log)
 
+    def prepare(model, resolution, device, log):
+        examples = find_examples(cfg.data, resolution, log=log)
+        log(f"fine-tuning on {len(examples)} images of {cfg.data} at {resolution} px")
+        return Training([Stream(examples, stream=0)])
 
-def config(**kwargs):
-    """A FinetuneConfig with this method's defaults (the learning rate) for what is not given."""
-    return dataclasses.replace(FinetuneConfig(out=kwargs.pop("out"), learning_rate=DEFAULT_LR), **kwargs)
+    return fit(cfg, "finetune", prepare, draws, log)

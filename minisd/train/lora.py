@@ -15,7 +15,7 @@ up (out x r), and computes with
 W itself never changes: only the factors are in the optimizer. They start as kohya's LoRAModule and peft do:
 down ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), up = 0, so W' = W at step 0 (the base model,
 exactly) and the first step's gradient reaches only up (down's, (alpha / r) up^T dL/dW', is still zero). The
-rest is fine-tuning (common.fit: the same loss, batches, schedules, checkpoints, resume, log, validation samples
+rest is fine-tuning (run.fit: the same loss, batches, schedules, checkpoints, resume, log, validation samples
 drawn with the LoRA merged in); with --instance-dir it is DreamBooth's data, class images and prior preservation
 (dreambooth.py) with LoRA's trainable set.
 
@@ -46,23 +46,29 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import distributed, lora
+from .. import lora
 from . import dreambooth
-from .common import DTYPES, FinetuneConfig, Stream, check, fit, load
+from .batches import Stream
 from .data import find_examples
+from .run import Training, fit
+from .settings import DTYPES, check
 
-DEFAULT_LR = 1e-4          # diffusers' train_text_to_image_lora.py and train_dreambooth_lora.py
 SAVE_FORMATS = ("kohya", "diffusers")
 
 
 @dataclass(frozen=True)
-class LoRAConfig(FinetuneConfig):
-    """A LoRA run: fine-tuning's or DreamBooth's settings, plus the LoRA's own."""
+class LoRAConfig(dreambooth.DreamBoothConfig):
+    """A LoRA run: the shared settings, fine-tuning's --data or DreamBooth's instance (and class) settings, and
+    the LoRA's own."""
+    data: str | None = None                  # captioned images, as for finetune (or DreamBooth's --instance-dir)
     rank: int = 4                            # r
     alpha: float = 4.0                       # the change is scaled by alpha / r
     lora_targets: str = "default"            # minisd.lora.targets: "default" (kohya's) or "attention"
-    learning_rate: float = DEFAULT_LR
-    save_format: str = "kohya"
+    learning_rate: float = 1e-4              # diffusers' train_text_to_image_lora.py and train_dreambooth_lora.py
+    save_format: str = "kohya"               # SAVE_FORMATS
+
+
+config = LoRAConfig                          # what `minisd train lora` fills from its flags (train/cli.py)
 
 
 def initial_factors(config, cfg: LoRAConfig, generator):
@@ -112,38 +118,34 @@ def check_lora(cfg: LoRAConfig):
 def run(cfg: LoRAConfig, draws=None, log=print):
     """Train a LoRA on cfg.data (or DreamBooth-LoRA on cfg.instance_dir) into cfg.out; returns the file's path."""
     check_lora(cfg)
-    device = distributed.setup(cfg.device)
-    log = distributed.main_only(log)
-    model, source = load(cfg, device, log)
-    resolution = cfg.resolution or model.config.image_size
-    if cfg.instance_dir:
-        streams = dreambooth.instance_streams(cfg, model, resolution, device, log)
-    else:
-        streams = [Stream(find_examples(cfg.data, resolution, log=log), stream=0)]
-        log(f"LoRA on {len(streams[0].examples)} images of {cfg.data} at {resolution} px")
-    start = initial_factors(model.config, cfg, torch.Generator().manual_seed(cfg.seed))
-    params = {}                  # "{kohya name}.down" / ".up" -> the Parameter AdamW trains
-    for name, f in start.items():            # drawn in float32 whatever cfg.dtype: the same start in a float64 run
-        params[f"{name}.down"] = nn.Parameter(f.down.to(device, DTYPES[cfg.dtype]))
-        params[f"{name}.up"] = nn.Parameter(f.up.to(device, DTYPES[cfg.dtype]))
-    factors = {name: lora.Factors(params[f"{name}.down"], params[f"{name}.up"], cfg.alpha) for name in start}
-    log(f"LoRA rank {cfg.rank}, alpha {cfg.alpha:g} on {len(factors)} layers ({cfg.lora_targets} targets): "
-        f"{sum(p.numel() for p in params.values()):,} trainable numbers")
 
-    def trainable(model, cfg):
-        model.requires_grad_(False)
-        return params
+    def prepare(model, resolution, device, log):
+        if cfg.instance_dir:
+            streams = dreambooth.instance_streams(cfg, model, resolution, device, log)
+        else:
+            streams = [Stream(find_examples(cfg.data, resolution, log=log), stream=0)]
+            log(f"LoRA on {len(streams[0].examples)} images of {cfg.data} at {resolution} px")
+        start = initial_factors(model.config, cfg, torch.Generator().manual_seed(cfg.seed))
+        params = {}              # "{kohya name}.down" / ".up" -> the Parameter AdamW trains
+        for name, f in start.items():        # drawn in float32 whatever cfg.dtype: the same start in a float64 run
+            params[f"{name}.down"] = nn.Parameter(f.down.to(device, DTYPES[cfg.dtype]))
+            params[f"{name}.up"] = nn.Parameter(f.up.to(device, DTYPES[cfg.dtype]))
+        factors = {name: lora.Factors(params[f"{name}.down"], params[f"{name}.up"], cfg.alpha) for name in start}
+        log(f"LoRA rank {cfg.rank}, alpha {cfg.alpha:g} on {len(factors)} layers ({cfg.lora_targets} targets): "
+            f"{sum(p.numel() for p in params.values()):,} trainable numbers")
 
-    def save(model, weights, cfg):
-        with torch.no_grad():            # the final values (EMA ones with --use-ema) into the factors
-            for name, p in params.items():
-                p.copy_(weights[name])
-        final = {name: lora.Factors(f.down.detach().cpu(), f.up.detach().cpu(), f.alpha)
-                 for name, f in factors.items()}
-        return write(final, model.config, cfg)
+        def save(model, weights):
+            with torch.no_grad():        # the final values (EMA ones with --use-ema) into the factors
+                for name, p in params.items():
+                    p.copy_(weights[name])
+            final = {name: lora.Factors(f.down.detach().cpu(), f.up.detach().cpu(), f.alpha)
+                     for name, f in factors.items()}
+            return write(final, model.config, cfg)
 
-    return fit(cfg, "lora", streams, model, source, device, draws, log, trainable=trainable, save=save,
-               substitute=lambda: merged_weights(model, factors))
+        return Training(streams, trainable=params, save=save, substitute=lambda: merged_weights(model, factors),
+                        prior_loss_weight=cfg.prior_loss_weight)
+
+    return fit(cfg, "lora", prepare, draws, log)
 
 
 def write(factors, config, cfg: LoRAConfig):
@@ -163,7 +165,3 @@ def write(factors, config, cfg: LoRAConfig):
     os.replace(tmp, path)
     return path
 
-
-def config(**kwargs):
-    """A LoRAConfig with this method's defaults for what is not given."""
-    return LoRAConfig(**kwargs)

@@ -10,7 +10,7 @@ started at the embedding of --init-token, and only they are optimised (eq. 2 of 
 
 where the captions c name the word and text(c; v) is the text encoder with v looked up for the word's ids
 (TextEncoder.forward's `extra`, the path that loads embedding files at inference). The rest is fine-tuning's step
-(common.fit: the same loss, v targets for SD2, schedules, accumulation, mixed precision, checkpoints, resume).
+(run.fit: the same loss, v targets for SD2, schedules, accumulation, mixed precision, checkpoints, resume).
 The word stands for n ids past CLIP's vocabulary, so every row of the token table, and every other weight, stays
 bit for bit what it was.
 
@@ -31,20 +31,38 @@ Output (--out): learned_embeds.safetensors ({token: (n, width)}, diffusers' file
 reads) and <word>.safetensors ({"emb_params": (n, width)}, A1111's, named after the word without its brackets),
 beside train_log.jsonl, args.json, result.json, checkpoints/ and samples/ (validation prompts may use the word).
 """
-import dataclasses
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
-from .. import distributed
 from ..embeddings import Embeddings, save_a1111, save_diffusers
-from .common import DTYPES, FinetuneConfig, Stream, check, fit, load
+from .batches import Stream
 from .data import find_examples
+from .run import Training, fit
+from .settings import DTYPES, TrainSettings, check
 
-DEFAULT_LR = 5e-4            # diffusers' README run (with --scale_lr)
-DEFAULT_STEPS = 3000
 PROPERTIES = ("object", "style")
+
+
+@dataclass(frozen=True)
+class TextualInversionConfig(TrainSettings):
+    """A textual-inversion run: the shared settings with diffusers' textual_inversion.py defaults, the images of
+    the concept, and the new word."""
+    data: str | None = None                  # a folder of images of the concept (captions naming the word optional)
+    token: str | None = None                 # the new word ("<cat-toy>") ...
+    init_token: str | None = None            # ... whose vectors start as this word's embedding ("toy")
+    num_vectors: int = 1                     # ... how many vectors the word stands for
+    learnable_property: str = "object"       # PROPERTIES: the template prompts of uncaptioned images
+    learning_rate: float = 5e-4              # diffusers' README run (with --scale_lr)
+    scale_lr: bool = True
+    random_flip: bool = True
+    max_grad_norm: float = 0.0               # the script clips nothing
+    max_train_steps: int = 3000
+
+
+config = TextualInversionConfig              # what `minisd train textual-inversion` fills from its flags
 
 # diffusers' textual_inversion.py imagenet_templates_small / imagenet_style_templates_small
 OBJECT_TEMPLATES = (
@@ -73,7 +91,7 @@ def templates(token, learnable_property="object"):
     return tuple(t.format(token) for t in (STYLE_TEMPLATES if learnable_property == "style" else OBJECT_TEMPLATES))
 
 
-def check_words(cfg: FinetuneConfig, tokenizer):
+def check_words(cfg: TextualInversionConfig, tokenizer):
     """One-line errors for a word that cannot be learned; returns the id of the init token."""
     token, init = cfg.token, cfg.init_token
     if not token or not token.strip():
@@ -117,49 +135,38 @@ def save(vectors, token, out):
     return diffusers_path
 
 
-def run(cfg: FinetuneConfig, draws=None, log=print):
+def run(cfg: TextualInversionConfig, draws=None, log=print):
     """Textual inversion on cfg.data into cfg.out; returns the path of learned_embeds.safetensors."""
     check(cfg)
     if not cfg.data:
         raise ValueError("textual-inversion needs --data DIR (a folder of images of the concept)")
     if cfg.train_text_encoder:
         raise ValueError("--train-text-encoder does not apply to textual-inversion: only the new vectors train")
-    device = distributed.setup(cfg.device)         # under torchrun: this process's device, the job joined
-    log = distributed.main_only(log)
-    model, source = load(cfg, device, log)
-    init_id = check_words(cfg, model.tokenizer)
-    resolution = cfg.resolution or model.config.image_size
-    examples = find_examples(cfg.data, resolution, templates(cfg.token, cfg.learnable_property), log=log)
-    unnamed = [e for e in examples if isinstance(e.caption, str) and cfg.token.lower() not in e.caption.lower()]
-    if unnamed:
-        raise ValueError(f"the caption of {unnamed[0].path} does not name {cfg.token!r} ({len(unnamed)} such); "
-                         f"put the word in every caption, or remove the captions to train with template prompts")
 
-    # the new word's vectors: its own Parameter, every vector starting as the init token's row (as diffusers does)
-    with torch.no_grad():
-        start = model.text_encoder.token_embedding.weight[init_id].to(DTYPES[cfg.dtype]).repeat(cfg.num_vectors, 1)
-    vectors = torch.nn.Parameter(start.to(device))
-    words = Embeddings(model.config.text)
-    words.add(cfg.token, vectors)
-    name = f"embeddings.{cfg.token}"
+    def prepare(model, resolution, device, log):
+        init_id = check_words(cfg, model.tokenizer)
+        examples = find_examples(cfg.data, resolution, templates(cfg.token, cfg.learnable_property), log=log)
+        unnamed = [e for e in examples if isinstance(e.caption, str) and cfg.token.lower() not in e.caption.lower()]
+        if unnamed:
+            raise ValueError(f"the caption of {unnamed[0].path} does not name {cfg.token!r} ({len(unnamed)} such); "
+                             f"put the word in every caption, or remove the captions to train with template prompts")
 
-    def trainable(model, cfg):
-        model.requires_grad_(False)
-        return {name: vectors}
-
-    def write(model, weights, cfg):
+        # the new word's vectors: its own Parameter, every vector starting as the init token's row (as diffusers does)
         with torch.no_grad():
-            vectors.copy_(weights[name])        # the EMA values with --use-ema: the final samples use them too
-        return save(vectors, cfg.token, cfg.out)
+            row = model.text_encoder.token_embedding.weight[init_id]
+            start = row.to(DTYPES[cfg.dtype]).repeat(cfg.num_vectors, 1)
+        vectors = torch.nn.Parameter(start.to(device))
+        words = Embeddings(model.config.text)
+        words.add(cfg.token, vectors)
+        name = f"embeddings.{cfg.token}"
 
-    log(f"textual inversion of {cfg.token!r} ({cfg.num_vectors} vector{'s' * (cfg.num_vectors > 1)} from "
-        f"{cfg.init_token!r}) on {len(examples)} images of {cfg.data} at {resolution} px")
-    return fit(cfg, "textual_inversion", [Stream(examples, stream=0)], model, source, device, draws, log,
-               trainable=trainable, save=write, embeddings=words)
+        def write(model, weights):
+            with torch.no_grad():
+                vectors.copy_(weights[name])    # the EMA values with --use-ema: the final samples use them too
+            return save(vectors, cfg.token, cfg.out)
 
+        log(f"textual inversion of {cfg.token!r} ({cfg.num_vectors} vector{'s' * (cfg.num_vectors > 1)} from "
+            f"{cfg.init_token!r}) on {len(examples)} images of {cfg.data} at {resolution} px")
+        return Training([Stream(examples, stream=0)], trainable={name: vectors}, save=write, embeddings=words)
 
-def config(**kwargs):
-    """A FinetuneConfig with this method's defaults (diffusers' textual_inversion.py) for what is not given."""
-    defaults = FinetuneConfig(out=kwargs.pop("out"), learning_rate=DEFAULT_LR, scale_lr=True, random_flip=True,
-                              max_grad_norm=0.0, max_train_steps=DEFAULT_STEPS)
-    return dataclasses.replace(defaults, **kwargs)
+    return fit(cfg, "textual_inversion", prepare, draws, log)

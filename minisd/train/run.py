@@ -1,0 +1,267 @@
+"""A training run, the same for every method: join the job (torchrun), load the model, ask the method what it
+trains (`prepare` -> Training), train through the one loop (loop.py) on the step of step.py and the batches of
+batches.py, and write the run folder: the method's output (by default the whole model), train_log.jsonl,
+args.json, result.json, checkpoints/ and samples/.
+
+A method (finetune.py, dreambooth.py, textual_inversion.py, lora.py) checks its settings, then calls `fit` with
+a `prepare(model, resolution, device, log)` that says only what differs: where its batches come from, what
+trains, what is written.
+"""
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from weights_convert import detect, ldm, native
+from weights_convert.io import write_safetensors
+
+from .. import distributed, lora
+from ..diffusion import alphas_cumprod_from_betas, scaled_linear_betas
+from ..model import load_model, locate
+from ..pipeline import Pipeline
+from .batches import cache_moments, take
+from .loop import train
+from .settings import DTYPES, TrainSettings, train_config
+from .step import concat_draws, draw, example_generator, step_loss, text_in_backward
+
+
+@dataclass
+class Training:
+    """What a method trains, once the model is loaded (its `prepare` returns it); `fit` does the rest."""
+    streams: list                          # batches.Stream: one, or DreamBooth's instance stream then class stream
+    trainable: dict | None = None          # {name: Parameter} to optimise; None: trainable_parameters
+    save: Callable | None = None           # save(model, weights) -> path of what it wrote; None: save_model
+    embeddings: object = None              # textual-inversion words (embeddings.Embeddings) captions may use
+    substitute: Callable | None = None     # () -> {param name: tensor} computed with in place of the model's own
+    prior_loss_weight: float = 1.0         # DreamBooth: the class examples' weight, with a class stream
+
+
+def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
+    """Train what `prepare(model, resolution, device, log)` (a Training) says on cfg.model, write the run folder
+    cfg.out, and return the path of the file written. `draws(k, places, latent_shape)` replaces the draws of the
+    examples at `places`, their places j in micro-batch k (step.py) (tests).
+
+    The Training: `trainable` {name: Parameter} (default: trainable_parameters, the U-Net and maybe the text
+    encoder) and `save(model, weights)`, which writes the result and returns its path (default: save_model, the
+    whole model in the official layout); `weights` are the final values of the trainable tensors, EMA ones with
+    --use-ema. `embeddings`: textual-inversion words that captions and validation prompts may use.
+    `substitute()`, when given, returns {param name: tensor} that the training forward and the validation images
+    use in place of the model's own parameters (LoRA: W + (alpha / r) up down from the trainable factors).
+
+    Under torchrun each process joins the job (distributed.setup), trains on its share of every batch
+    (batches.py) and rank 0 alone writes files; the others return the same path once it is written."""
+    device = distributed.setup(cfg.device)         # under torchrun: this process's device, the job joined
+    log = distributed.main_only(log)
+    model, source = load(cfg, device, log)
+    resolution = cfg.resolution or model.config.image_size
+    job = prepare(model, resolution, device, log)
+    streams, embeddings, substitute = job.streams, job.embeddings, job.substitute
+
+    factor = 2 ** (len(model.config.vae.ch_mult) - 1)
+    ckpt_dir = os.path.join(cfg.out, "checkpoints")
+    ckpt_file = os.path.join(ckpt_dir, f"{method}.ckpt.pt")
+    if os.path.exists(ckpt_file) and not cfg.resume:
+        raise ValueError(f"{cfg.out} already holds a checkpoint ({ckpt_file}); pass --resume to continue it or "
+                         f"choose another --out")
+    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    log_path = os.path.join(cfg.out, "train_log.jsonl")
+    if main:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "args.json"), "w") as f:
+            json.dump({"method": method, "processes": world, **dataclasses.asdict(cfg)}, f, indent=1)
+        if not cfg.resume and os.path.exists(log_path):
+            os.remove(log_path)
+    if cfg.resume and not os.path.exists(ckpt_file):
+        log(f"no checkpoint in {ckpt_dir}: starting from step 0")
+    if world > 1:
+        b, a = cfg.train_batch_size, cfg.gradient_accumulation_steps
+        log(f"{world} processes x batch {b} x {a} accumulation = {b * a * world} examples per optimizer step"
+            + (f"; --scale-lr: learning rate {train_config(cfg).lr:g}" if cfg.scale_lr else ""))
+
+    mc = model.config
+    alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas(mc.beta_start, mc.beta_end, mc.num_timesteps))
+    if cfg.cache_latents:
+        for s in streams:
+            s.cache = cache_moments(model.vae, s.examples, resolution, device)
+    set_frozen_dtype(model, cfg, embeddings)
+    model.unet.gradient_checkpointing = cfg.gradient_checkpointing
+    model.text_encoder.gradient_checkpointing = cfg.gradient_checkpointing and text_in_backward(cfg, embeddings)
+    if job.trainable is None:
+        trainable = trainable_parameters(model, cfg)
+    else:
+        trainable = job.trainable
+        model.requires_grad_(False)
+    n_instance = cfg.train_batch_size if len(streams) > 1 else None
+    b, whole = cfg.train_batch_size, cfg.train_batch_size * world      # per process; the whole micro-batch
+    # places of this process's examples in micro-batch k: its share of each stream's part (instances, class)
+    places = [[part * whole + rank * b + i for i in range(b)] for part in range(len(streams))]
+
+    def loss_fn(k, _generator):                 # the loop's (seed, k) generator: each example has its own here
+        generators = {j: example_generator(cfg.seed, k, j) for js in places for j in js}
+        parts = [take(s, k, cfg, resolution, [generators[j] for j in js], world, rank)
+                 for s, js in zip(streams, places)]                             # instances first, then class
+        captions = [c for _, _, cs in parts for c in cs]
+        if parts[0][1] is not None:
+            pixels, moments = None, tuple(torch.cat([p[1][i] for p in parts]).to(device) for i in (0, 1))
+        else:
+            pixels, moments = torch.cat([p[0] for p in parts]), None
+        mine = [j for js in places for j in js]
+        shape = (len(mine), mc.unet.in_channels, resolution // factor, resolution // factor)
+        if draws is not None:
+            d = draws(k, mine, shape)
+        else:
+            d = concat_draws([draw(generators[j], (1, *shape[1:]), mc.num_timesteps, cfg.noise_offset)
+                              for j in mine])
+        encode = (lambda text: embeddings.tokenize(text, model.tokenizer.encode)) if embeddings else None
+        return step_loss(model, pixels, moments, model.tokenizer(captions, encode), d, alphas_cumprod, cfg,
+                         n_instance, job.prior_loss_weight, embeddings, substitute() if substitute else None)
+
+    def validate(step):
+        if cfg.validation_prompts and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
+            paths = validation_images(model, cfg, resolution, step, cfg.out, device, embeddings, substitute)
+            model.train()
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "validation": paths}) + "\n")
+
+    progress = Progress(cfg.max_train_steps, validate, disable=not main)
+    t0 = time.time()
+    try:
+        weights = train(model, trainable, loss_fn, train_config(cfg), ckpt_dir, method, on_step=progress,
+                        log=progress.bar.write, log_path=log_path, data_parallel=True)
+    finally:
+        progress.close()                        # an error message then starts on a line of its own
+    model.requires_grad_(False).eval()
+    path = None
+    if main:
+        path = job.save(model, weights) if job.save else save_model(model, weights, cfg, source)
+        result = {"method": method, "steps": cfg.max_train_steps, "seconds": round(time.time() - t0, 1),
+                  "model": path, "last_loss": _last_loss(log_path), "processes": world}
+        if cfg.validation_prompts:
+            result["validation"] = validation_images(model, cfg, resolution, cfg.max_train_steps, cfg.out, device,
+                                                     embeddings, substitute)
+        with open(os.path.join(cfg.out, "result.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        log(f"wrote {path}")
+    if world > 1:
+        box = [path]
+        distributed.broadcast_object(box)       # the others wait for the file, and learn its name
+        path = box[0]
+    return path
+
+
+def load(cfg: TrainSettings, device, log=print):
+    """(model on `device` in cfg.dtype (float32 unless a test asks for float64), path of its file)."""
+    path, _ = locate(cfg.model, log)
+    model = load_model(path, dtype=DTYPES[cfg.dtype], device=device, verbose=False, log=log)
+    return model, path
+
+
+def set_frozen_dtype(model, cfg: TrainSettings, embeddings=None):
+    """Under mixed precision the frozen networks are stored in the low precision (as diffusers' scripts do); the
+    trained ones stay fp32 (autocast computes in the low precision, AdamW updates fp32 weights), and so does the
+    text encoder when textual inversion trains at its input (the words of `embeddings`; diffusers'
+    textual_inversion.py). Without mixed precision everything stays in cfg.dtype."""
+    dtype = {"no": DTYPES[cfg.dtype], "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    model.vae.to(dtype)
+    if not text_in_backward(cfg, embeddings):
+        model.text_encoder.to(dtype)
+
+
+def trainable_parameters(model, cfg: TrainSettings):
+    """{name: parameter} of what trains: the U-Net, and the text encoder with --train-text-encoder."""
+    model.requires_grad_(False)
+    parts = ["unet"] + (["text_encoder"] if cfg.train_text_encoder else [])
+    out = {}
+    for part in parts:
+        module = getattr(model, part)
+        module.requires_grad_(True)
+        out.update({f"{part}.{k}": p for k, p in module.named_parameters()})
+    return out
+
+
+class Progress:
+    """A tqdm bar with step, loss and lr; `validate(step)` after each step."""
+
+    def __init__(self, total, validate, disable=False):
+        self.bar = tqdm(total=total, desc="train", dynamic_ncols=True, mininterval=1.0, disable=disable)
+        self.validate = validate
+
+    def __call__(self, step, loss, lr):
+        self.bar.update(step + 1 - self.bar.n)
+        self.bar.set_postfix(step=step + 1, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        self.validate(step + 1)
+
+    def close(self):
+        self.bar.close()
+
+
+def validation_images(model, cfg: TrainSettings, resolution, step, out, device, embeddings=None, substitute=None):
+    """One image per --validation-prompt into out/samples/ (seed = --seed), with the textual-inversion words of
+    `embeddings`; returns their paths. substitute(): {param name: tensor} to draw them with in place of the model's
+    own parameters (put back after)."""
+    folder = os.path.join(out, "samples")
+    os.makedirs(folder, exist_ok=True)
+    with torch.no_grad():
+        originals = lora.swap(model, ((k, v.detach()) for k, v in substitute().items())) if substitute else {}
+    try:
+        pipe = Pipeline(model, device, DTYPES[cfg.dtype], log=lambda *_: None)
+        if embeddings is not None:
+            pipe.embeddings = embeddings
+        paths = []
+        for i, prompt in enumerate(cfg.validation_prompts):
+            image = pipe.generate(prompt, seed=cfg.seed, width=resolution, height=resolution).images[0]
+            paths.append(os.path.join(folder, f"step-{step:06d}-{i}.png"))
+            image.save(paths[-1])
+    finally:
+        lora.restore(model, originals)
+    model.unet.to(memory_format=torch.contiguous_format)      # the pipeline may have changed the layouts
+    model.vae.to(memory_format=torch.contiguous_format)
+    set_frozen_dtype(model, cfg, embeddings)
+    return paths
+
+
+def save_model(model, weights, cfg: TrainSettings, source):
+    """Full fine-tuning's output: the trained weights (EMA ones with --use-ema) put into the model, and the whole
+    model written as OUT/model.safetensors (or the diffusers folder OUT/model)."""
+    model.load_state_dict(weights, strict=False)
+    path = os.path.join(cfg.out, "model.safetensors" if cfg.save_format == "single_file" else "model")
+    write_model(model, source, cfg, path)
+    return path
+
+
+def write_model(model, source, cfg: TrainSettings, path):
+    """The whole model in the official single-file layout (or a diffusers folder): the source file's tensors,
+    those not trained included (and the ones minisd does not use, e.g. schedule buffers), in float32 (float64
+    for a float64 run: cfg.dtype), with the trained ones replaced by `model`'s."""
+    ckpt = detect.read(source, prediction=model.config.prediction, verbose=False)
+    trained = model.state_dict()
+    tensors = {}
+    for name in list(ckpt.state):
+        t = ckpt.state.pop(name)
+        if name in trained:
+            t = trained[name].detach().cpu()
+        tensors[name] = t.to(DTYPES[cfg.dtype]) if t.is_floating_point() and not name.startswith("extra.") else t
+    if cfg.save_format == "diffusers":
+        from weights_convert import diffusers
+        from ..convert import vocab_files
+        model_tensors = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
+        diffusers.write_diffusers(model_tensors, model.config, path, vocab_files(model.tokenizer))
+        return
+    out = ldm.to_ldm(tensors, model.config)
+    tmp = str(path) + ".tmp"
+    write_safetensors(tmp, out, {"minisd_config": native.config_to_json(model.config)})
+    os.replace(tmp, path)
+
+
+def _last_loss(log_path):
+    loss = None
+    with open(log_path) as f:
+        for line in f:
+            entry = json.loads(line)
+            loss = entry.get("loss", loss)
+    return loss
