@@ -96,8 +96,9 @@ def generation_kwargs(args):
     churn = {k: getattr(args, k) for k in samplers.CHURN_DEFAULTS if getattr(args, k) is not None}
     s = samplers.check(args.sampler or DEFAULT_SAMPLER, args.schedule,
                        DEFAULT_STEPS if args.steps is None else args.steps, args.eta, churn)
-    kwargs = dict(negative_prompt=args.negative_prompt, steps=s.steps, cfg=DEFAULT_CFG if args.cfg is None else args.cfg,
-                  sampler=s.sampler, schedule=s.schedule, eta=s.eta, churn=s.churn, emphasis=args.emphasis)
+    cfg = DEFAULT_CFG if args.cfg is None else args.cfg
+    kwargs = dict(negative_prompt=args.negative_prompt, steps=s.steps, cfg=cfg, sampler=s.sampler,
+                  schedule=s.schedule, eta=s.eta, churn=s.churn, emphasis=args.emphasis)
     if "width" in args:
         kwargs.update(width=args.width, height=args.height)
     return kwargs

@@ -33,7 +33,7 @@ model's noise schedule decides (the sigmas, the final sigma, the starting noise 
 interpolation, the Brownian tree's interval), and `sample(plan, denoise, x, noise, callback)` runs it.
 """
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -509,6 +509,11 @@ class Plan:
     brownian: tuple | None = None
     eta: float | None = None        # as in Sampling
     churn: dict | None = None       # as in Sampling
+    # the sigmas as Python floats, read off the tensor once, when the plan is made: `sample` reads no tensor
+    host_sigmas: list = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "host_sigmas", _host(self.sigmas))
 
     def last(self, n):
         """The plan of the last n steps (img2img): it starts at sigmas[-n - 1]. The Brownian tree keeps the whole
@@ -560,4 +565,4 @@ def sample(plan, denoise, x, noise=None, callback=None):
         raise ValueError(f"sampler {plan.sampler!r} draws fresh noise: pass noise=noise_from(generator, shape, ...)"
                          + (" or brownian_noise(seed, shape, sigma_min, sigma_max)" if plan.brownian else ""))
     options = dict(plan.churn or {}) | ({} if plan.eta is None else {"eta": plan.eta})
-    return SAMPLERS[plan.sampler](denoise, x, plan.sigmas.tolist(), noise=noise, callback=callback, **options)
+    return SAMPLERS[plan.sampler](denoise, x, plan.host_sigmas, noise=noise, callback=callback, **options)
