@@ -22,7 +22,6 @@ import time
 import torch
 
 from minisd.config import TINY
-from minisd.eval import generate_batch
 from minisd.metrics import fid
 from minisd.metrics import tiny_features
 from minisd.model import StableDiffusion, load_model, tiny_model_path
@@ -41,8 +40,8 @@ def model_fid(model, net, reference, n, batch=50):
     prompts = [shapes.sample(5, i).text for i in range(n)]          # the training distribution's captions
     images = []
     for start in range(0, n, batch):
-        images += generate_batch(pipe, prompts[start:start + batch], list(range(start, min(start + batch, n))),
-                                 steps=20)
+        images += pipe.generate(prompts[start:start + batch], seed=list(range(start, min(start + batch, n))),
+                                steps=20).images
     return fid.fid_from_stats(fid.moments(fid.activations(as_u8(images), net, batch_size=250)), reference)
 
 

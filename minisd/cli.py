@@ -1,9 +1,16 @@
-"""The `minisd` command line: generate, img2img, convert, train-tiny.
+"""The `minisd` command line: generate, img2img, eval, convert, train-tiny, ...
 
     minisd generate "a red circle on a blue background"                       # the tiny built-in model, CPU
     minisd generate "a castle at dusk" --model v1-5-pruned-emaonly.safetensors --steps 25 --seed 1 --out castle.png
+    minisd generate "a castle at dusk" --model sd15 --seed 1 --batch-size 4   # seeds 1, 2, 3, 4 (A1111's batch)
     minisd img2img "a watercolour fox" --init-image fox.png --strength 0.6 --model sd15
+    minisd eval --prompts coco.txt --num-images 5000 --out runs/sd15 --model sd15 --ref coco-val.npz
     minisd convert v2-1_768-ema-pruned.safetensors sd21.minisd.safetensors --to minisd
+
+The commands that generate (generate, img2img, eval) share their flags (`add_generation_flags`) and turn them
+into the same two things: the keyword arguments of the Pipeline call (`generation_kwargs`, which checks the
+sampling settings, so a bad sampler, schedule, eta or churn fails before any model loads) and the loaded Pipeline
+(`load_pipeline`). A batch is A1111's: image b has seed SEED + b and equals that seed generated alone.
 """
 import argparse
 import os
@@ -15,9 +22,9 @@ from PIL import Image
 
 from weights_convert.io import CheckpointError
 
-from . import convert, lora, samplers, schedules
+from . import convert, distributed, lora, samplers, schedules
+from . import eval as evaluation
 from .download import DownloadError
-from .eval import main as eval_main
 from .images import a1111_parameters, from_pil, output_paths, save_png
 from .metrics import fid
 from .pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
@@ -28,71 +35,132 @@ from .train import cli as train_cli
 SCHEDULE_CHOICES = ("default", *schedules.SHAPES, *schedules.SPACINGS)
 
 
-def _add_common(p):
-    p.add_argument("prompt", help="what the image should show")
-    p.add_argument("--negative-prompt", default="", help="what it should not show (replaces the empty prompt in CFG)")
-    p.add_argument("--model", default=None,
+def add_generation_flags(p, size=True):
+    """The flags of every command that generates: the model and how it runs, then the sampling settings, seeds
+    and batch size (size: --width and --height too; img2img takes its size from the image)."""
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None,
                    help="checkpoint file (.safetensors/.ckpt), diffusers folder, or sd15 | sd21 | sd21-base "
                         "(downloaded once); default: the tiny built-in model")
-    p.add_argument("--prediction", default="auto", choices=("auto", "eps", "v"),
+    m.add_argument("--prediction", default="auto", choices=("auto", "eps", "v"),
                    help="what the U-Net predicts; auto = a config beside the file, else detected (see README)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--sampler", default=None,
+    m.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    m.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="auto: fp16 on CUDA (VAE decode kept in fp32), fp32 on CPU")
+    m.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA (kohya/A1111 or diffusers file) at SCALE (default 1); repeat for several")
+    m.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="where A1111's <lora:NAME:SCALE> in the prompt finds NAME.safetensors")
+    m.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion file; its word is the one the file names (else its stem)")
+    m.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                   help="every textual-inversion file in DIR, each word its file's stem (A1111)")
+    m.add_argument("--attention-slice", type=int, default=None, metavar="N",
+                   help="compute attention N queries at a time: same image, less memory")
+    m.add_argument("--vae-tile", type=int, default=None, metavar="N",
+                   help="decode in N x N latent tiles with blended seams (e.g. 64) for very large images")
+    m.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net (slow first step, faster after; best on CUDA)")
+    m.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA only: replay the U-Net step as a CUDA graph (removes Python launch overhead)")
+    m.add_argument("--no-prepack", action="store_true", help="CPU: plain layers, no oneDNN-prepared ones (whose "
+                   "choice is measured per run and changes the last bits): the same bytes in every run")
+    g = p.add_argument_group("generation")
+    g.add_argument("--negative-prompt", default="", help="what it should not show (replaces the empty prompt in CFG)")
+    g.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {DEFAULT_STEPS})")
+    g.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance scale (default {DEFAULT_CFG})")
+    g.add_argument("--sampler", default=None,
                    help="euler, euler_a, heun, dpm2, dpm2_a, dpmpp_2s_a, dpmpp_2m, lms, ddim, ddpm, plms, dpmpp_sde, "
                         "dpmpp_2m_sde, or an A1111 name such as 'DPM++ 2M Karras' (default dpmpp_2m, Karras)")
-    p.add_argument("--schedule", default="default", choices=SCHEDULE_CHOICES,
+    g.add_argument("--schedule", default=None, choices=SCHEDULE_CHOICES,
                    help="sigma schedule; default: karras (leading for ddim/plms/ddpm)")
-    p.add_argument("--eta", type=float, default=None, help="noise amount of ancestral samplers (default 1; ddim 0)")
-    p.add_argument("--s-churn", type=float, default=None,
+    g.add_argument("--eta", type=float, default=None, help="noise amount of ancestral samplers (default 1; ddim 0)")
+    g.add_argument("--s-churn", type=float, default=None,
                    help="euler/heun/dpm2: noise added back before each step (Karras et al. 2022 Alg. 2; default 0)")
-    p.add_argument("--s-tmin", type=float, default=None, help="churn only where sigma >= this (default 0)")
-    p.add_argument("--s-tmax", type=float, default=None, help="churn only where sigma <= this (default inf)")
-    p.add_argument("--s-noise", type=float, default=None, help="scale of the churn noise (default 1)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
-    p.add_argument("--batch", type=int, default=1, help="images per run")
+    g.add_argument("--s-tmin", type=float, default=None, help="churn only where sigma >= this (default 0)")
+    g.add_argument("--s-tmax", type=float, default=None, help="churn only where sigma <= this (default inf)")
+    g.add_argument("--s-noise", type=float, default=None, help="scale of the churn noise (default 1)")
+    g.add_argument("--emphasis", action="store_true", help="A1111 prompt weights: (word), (word:1.3), [word]")
+    g.add_argument("--seed", type=int, default=None,
+                   help="image k uses seed SEED + k (default: %(default)s, where None is a random seed, printed)")
+    g.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=1,
+                   help="images per sampling run, each equal to its seed generated alone (default %(default)s)")
+    if size:
+        g.add_argument("--width", type=int, default=None, help="multiple of 8; default: the model's size")
+        g.add_argument("--height", type=int, default=None, help="multiple of 8; default: the model's size")
+
+
+def generation_kwargs(args):
+    """The keyword arguments of Pipeline.generate / img2img from the flags, but the prompt and seeds. The
+    sampling settings are checked here (samplers.check), before any model loads."""
+    churn = {k: getattr(args, k) for k in samplers.CHURN_DEFAULTS if getattr(args, k) is not None}
+    s = samplers.check(args.sampler or DEFAULT_SAMPLER, args.schedule,
+                       DEFAULT_STEPS if args.steps is None else args.steps, args.eta, churn)
+    cfg = DEFAULT_CFG if args.cfg is None else args.cfg
+    kwargs = dict(negative_prompt=args.negative_prompt, steps=s.steps, cfg=cfg, sampler=s.sampler,
+                  schedule=s.schedule, eta=s.eta, churn=s.churn, emphasis=args.emphasis)
+    if "width" in args:
+        kwargs.update(width=args.width, height=args.height)
+    return kwargs
+
+
+def load_pipeline(args, device=None, log=print, progress=False):
+    """The Pipeline the flags ask for: the model on --device (or `device`) in --dtype, with its speed paths and
+    memory options, textual-inversion embeddings and LoRAs."""
+    pipe = Pipeline.load(args.model, args.prediction, device or args.device, args.dtype, log=log, progress=progress,
+                         compile=args.compile, cuda_graph=args.cuda_graph, prepack=not args.no_prepack)
+    pipe.set_memory_options(args.attention_slice, args.vae_tile)
+    pipe.load_embeddings(args.embedding, args.embeddings_dir)
+    pipe.set_loras([lora.parse_spec(spec) for spec in args.lora])
+    pipe.lora_dir = args.lora_dir
+    return pipe
+
+
+def _add_output(p):
+    p.add_argument("prompt", help="what the image should show")
     p.add_argument("--out", default="outputs/", help="a .png file or a directory (default outputs/)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="auto: fp16 on CUDA (VAE decode kept in fp32), fp32 on CPU")
-    p.add_argument("--emphasis", action="store_true", help="A1111 prompt weights: (word), (word:1.3), [word]")
-    p.add_argument("--attention-slice", type=int, default=None, metavar="N",
-                   help="compute attention N queries at a time: same image, less memory")
-    p.add_argument("--vae-tile", type=int, default=None, metavar="N",
-                   help="decode in N x N latent tiles with blended seams (e.g. 64) for very large images")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the U-Net (slow first step, faster after; best on CUDA)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="CUDA only: replay the U-Net step as a CUDA graph (removes Python launch overhead)")
     p.add_argument("--save-steps", default=None, metavar="DIR",
                    help="write each step's denoised estimate as a PNG into DIR (to watch the image form)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="merge a LoRA (kohya/A1111 or diffusers file) at SCALE (default 1); repeat for several")
-    p.add_argument("--lora-dir", default=None, metavar="DIR",
-                   help="where A1111's <lora:NAME:SCALE> in the prompt finds NAME.safetensors")
-    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
-                   help="a textual-inversion file; its word is the one the file names (else its stem)")
-    p.add_argument("--embeddings-dir", default=None, metavar="DIR",
-                   help="every textual-inversion file in DIR, each word its file's stem (A1111)")
+
+
+def _add_eval(p):
+    """eval's own flags, beside the generation flags (see eval.py)."""
+    p.add_argument("--prompts", required=True, help=".txt (one a line) or .jsonl with a 'text' field")
+    p.add_argument("--num-images", type=int, required=True, help="N: image k shows prompt k mod P with seed SEED+k")
+    p.add_argument("--out", required=True, help="folder: images/, settings.json, metrics.json")
+    p.add_argument("--ref", default=None, help="FID reference: folder of images, .npz statistics, or shapes")
+    p.add_argument("--metrics", default="fid",
+                   help=f"comma-separated, of {', '.join(evaluation.METRICS)} (default fid)")
+    p.add_argument("--features", choices=fid.FEATURES, default="inception",
+                   help="FID's feature network: Inception, or tiny (the shapes world's classifier, shipped)")
+    p.add_argument("--inception-weights", metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth (fid, is)")
+    p.add_argument("--clip-weights", metavar="FILE", help="CLIP ViT-L/14 weights (clip)")
+    p.add_argument("--metrics-batch", type=int, default=50, help="images per feature-network call")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is fastest for the tiny model on a busy machine)")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="minisd", description="Stable Diffusion 1.5 / 2.1, readable.")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text to image")
-    _add_common(g)
-    g.add_argument("--width", type=int, default=None, help="multiple of 8; default: the model's size")
-    g.add_argument("--height", type=int, default=None, help="multiple of 8; default: the model's size")
+    _add_output(g)
+    add_generation_flags(g)
     i = sub.add_parser("img2img", help="image + text to image")
-    _add_common(i)
+    _add_output(i)
+    add_generation_flags(i, size=False)
     i.add_argument("--init-image", required=True, help="the starting image (any mode; resized to a multiple of 8)")
     i.add_argument("--strength", type=float, required=True,
                    help="0..1: how much noise is added, i.e. how many of the steps run (int(steps * strength))")
     sub.add_parser("fid", help="Frechet Inception Distance between two image folders or .npz statistics "
                    "(minisd fid --help)", add_help=False)
-    sub.add_parser("eval", help="generate images for a prompt list and score them (minisd eval --help)",
-                   add_help=False)
+    e = sub.add_parser("eval", help="generate images for a prompt list and score them (minisd eval --help)",
+                       description="generate images for a prompt list and score them; writes OUT/metrics.json and "
+                       "prints name=value lines last")
+    _add_eval(e)
+    add_generation_flags(e)
+    e.set_defaults(seed=0, batch_size=8)        # reproducible by default; the batch size changes no image
     sub.add_parser("sweep", help="hyper-parameter search over training runs on Optuna (minisd sweep --help)",
                    add_help=False)
     c = sub.add_parser("convert", help="convert a checkpoint between layouts (python -m weights_convert)",
@@ -117,48 +185,45 @@ def _step_saver(pipe, folder):
 
 
 def run(args):
-    sampler = args.sampler or DEFAULT_SAMPLER
-    steps = DEFAULT_STEPS if args.steps is None else args.steps
-    cfg = DEFAULT_CFG if args.cfg is None else args.cfg
-    samplers.resolve(sampler, args.schedule)            # a bad sampler/schedule fails before the model loads
+    """minisd generate / img2img."""
+    kwargs = generation_kwargs(args)            # a bad sampler, schedule, eta or churn fails before the model loads
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     init = None
     if args.command == "img2img":
         if not 0.0 <= args.strength <= 1.0:
             raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
         init = Image.open(args.init_image)
         from_pil(init, log=lambda *_: None)
-    pipe = Pipeline.load(args.model, args.prediction, args.device, args.dtype, progress=True, compile=args.compile,
-                         cuda_graph=args.cuda_graph)
-    pipe.set_memory_options(args.attention_slice, args.vae_tile)
-    pipe.load_embeddings(args.embedding, args.embeddings_dir)
-    pipe.set_loras([lora.parse_spec(spec) for spec in args.lora])
-    pipe.lora_dir = args.lora_dir
-    seed = args.seed
-    if seed is None:
-        seed = random.randrange(2 ** 32)
+    pipe = load_pipeline(args, progress=True)
+    seed = random.randrange(2 ** 32) if args.seed is None else args.seed
     print(f"seed {seed}")
-    paths = output_paths(args.out, [seed] * args.batch, overwrite=args.overwrite)
+    seeds = [seed + b for b in range(args.batch_size)]      # A1111's batch: image b is seed + b's image alone
+    paths = output_paths(args.out, seeds, overwrite=args.overwrite)
     callback = _step_saver(pipe, args.save_steps) if args.save_steps else None
-    churn = {k: getattr(args, k) for k in ("s_churn", "s_tmin", "s_tmax", "s_noise") if getattr(args, k) is not None}
-    common = dict(negative_prompt=args.negative_prompt, steps=steps, cfg=cfg, sampler=sampler,
-                  schedule=args.schedule, eta=args.eta, seed=seed, batch=args.batch, emphasis=args.emphasis,
-                  callback=callback, churn=churn or None)
     t0 = time.time()
     if args.command == "generate":
-        result = pipe.generate(args.prompt, width=args.width, height=args.height, **common)
+        result = pipe.generate(args.prompt, seed=seeds, callback=callback, **kwargs)
     else:
-        result = pipe.img2img(args.prompt, init, args.strength, **common)
+        result = pipe.img2img(args.prompt, init, args.strength, seed=seeds, callback=callback, **kwargs)
     width, height = result.images[0].size
     extra = {}
     if args.command == "img2img":
         extra["denoising_strength"] = args.strength
-    for b, (image, path) in enumerate(zip(result.images, paths)):
-        params = a1111_parameters(args.prompt, args.negative_prompt, steps, samplers.display_name(result.sampler), cfg,
-                                  seed, width, height, pipe.name, schedule_type=result.schedule.capitalize(),
-                                  batch_pos=b if args.batch > 1 else None, **extra)
+    for b, (image, path, image_seed) in enumerate(zip(result.images, paths, result.seeds)):
+        params = a1111_parameters(args.prompt, args.negative_prompt, kwargs["steps"],
+                                  samplers.display_name(result.sampler), kwargs["cfg"], image_seed, width, height,
+                                  pipe.name, schedule_type=result.schedule.capitalize(),
+                                  batch_pos=b if len(seeds) > 1 else None, **extra)
         save_png(image, path, params, overwrite=args.overwrite)
         print(f"wrote {path}")
     print(f"{len(result.images)} image(s) in {time.time() - t0:.1f} s on {pipe.device} ({pipe.dtype})")
+
+
+def run_eval(args):
+    """minisd eval (eval.py)."""
+    generate = generation_kwargs(args)          # checked before any image is looked for or model loaded
+    evaluation.run(args, generate, lambda device, log: load_pipeline(args, device, log))
 
 
 def main(argv=None):
@@ -173,17 +238,21 @@ def main(argv=None):
         return fid.main(argv[1:])
     if argv[:1] == ["merge-lora"]:
         return lora.main(argv[1:])
-    if argv[:1] == ["eval"]:
-        return eval_main(argv[1:])
     if argv[:1] == ["sweep"]:
         return sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run_eval(args) if args.command == "eval" else run(args)
     except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, DownloadError) as e:
         # errors minisd raised on purpose carry a message for the user; no traceback
         print(f"minisd: error: {e}", file=sys.stderr)
         return 2
+    except distributed.PeerLost as e:           # eval under torchrun: another process died
+        print(f"minisd: error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if args.command == "eval":
+            distributed.shutdown()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`minisd eval`: generate images for a list of prompts, then score them.
+"""`minisd eval`'s library: generate images for a list of prompts, then score them (cli.py parses the command).
 
     minisd eval --prompts real/metadata.jsonl --num-images 1000 --out runs/eval --features tiny --ref shapes
     minisd eval --model sd15 --prompts coco.txt --num-images 5000 --out runs/sd15 --ref coco-val.npz \\
@@ -8,9 +8,9 @@
 Image k (0 <= k < N) shows prompt k mod P (P prompts in the file) and starts from seed `--seed` + k. Its file is
 images/p{prompt index}-s{seed}.png, so the name says what made it: a rerun skips the images already on disk, and
 a later sharded run (each worker taking some k) writes the same names. Every image comes from its own seed
-alone (its starting noise and any fresh noise of its sampler are drawn from its own generator, see
-`generate_batch`), so which images share a batch does not change any image. The generation settings are kept in
-settings.json; a rerun with other settings into the same folder is refused rather than mixing two sets.
+alone (a batch is Pipeline.generate with one seed per image: its starting noise and any fresh noise of its sampler
+come from its own generator), so which images share a batch does not change any image. The generation settings are
+kept in settings.json; a rerun with other settings into the same folder is refused rather than mixing two sets.
 
 Under torchrun (`torchrun --nproc-per-node 4 -m minisd eval ...`) the batches of missing images are shared out
 among the processes (batch i to rank i mod W, the batches one process would run: the same images, byte for
@@ -27,25 +27,19 @@ Then metrics.json, and one `name=value` line per metric printed last (what SageM
   adherence   for prompts of the tiny world ("a red circle on a blue background"): the fraction of images that
               shapes.judge, a fixed rule, reads back as exactly their prompt
 """
-import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from weights_convert.io import CheckpointError
-
-from . import diffusion, distributed, lora, samplers
-from .download import DownloadError
-from .images import a1111_parameters, save_png, to_pil
+from . import distributed, samplers
+from .images import a1111_parameters, save_png
 from .metrics import fid as fid_mod
-from .pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
-from .prompts import parse_lora_tags
+from .pipeline import DEFAULT_SAMPLER
 
 METRICS = ("fid", "is", "clip", "adherence")
 SHAPES_REF_IMAGES = 5000          # `--ref shapes`: this many real images ...
@@ -82,61 +76,19 @@ def image_plan(num_prompts, num_images, seed):
 
 # ---- generation --------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def generate_batch(pipe: Pipeline, prompts, seeds, negative_prompt="", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
-                   sampler=DEFAULT_SAMPLER, schedule=None, eta=None, width=None, height=None):
-    """One image per (prompt, seed), sampled as one batch, each equal to pipe.generate(prompt, seed=seed) alone
-    (up to the rounding of a batched U-Net call): image b's starting noise and its sampler's fresh noise come
-    from its own generator (the SDE samplers': its own Brownian tree), in Pipeline.generate's order. A batch
-    whose prompts name different LoRAs (<lora:NAME:MULT>: other weights) or encode to different lengths (over 75
-    tokens) is run one image at a time."""
-    def one_at_a_time():
-        return [image for p, s in zip(prompts, seeds)
-                for image in generate_batch(pipe, [p], [s], negative_prompt, steps, cfg, sampler, schedule, eta,
-                                            width, height)]
-    if len({tuple(parse_lora_tags(p)[1]) for p in prompts}) > 1:
-        return one_at_a_time()
-    # as Pipeline.generate does: the prompt's LoRA tags merged in (or the last prompt's taken out), tags cut off
-    prompts = [pipe._prompt_loras(p) for p in prompts]
-    contexts = [pipe.encode_prompts(p, negative_prompt) for p in prompts]       # [(cond, uncond)], each (1, L, C)
-    if len({(c.shape, u.shape) for c, u in contexts}) > 1:
-        return one_at_a_time()
-    size = pipe.model.config.image_size
-    width, height = width or size, height or size
-    if width % pipe.factor or height % pipe.factor:
-        raise ValueError(f"width and height must be multiples of {pipe.factor}, got {width}x{height}")
-    plan = pipe.plan(sampler, schedule, steps)
-    shape = (1, pipe.model.config.unet.in_channels, height // pipe.factor, width // pipe.factor)
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x = torch.cat([torch.randn(shape, generator=g) for g in generators]) * plan.init_sigma   # (B, 4, H/8, W/8)
-    if plan.brownian:
-        sources = [samplers.brownian_noise(int(s), shape, *plan.brownian, device=pipe.device, dtype=pipe.dtype)
-                   for s in seeds]
-    else:
-        sources = [samplers.noise_from(g, shape, pipe.device, pipe.dtype) for g in generators]
-
-    def noise(sigma=None, sigma_next=None):
-        return torch.cat([source(sigma, sigma_next) for source in sources])
-
-    denoise = diffusion.make_denoiser(pipe.unet_call, pipe.alphas_cumprod, pipe.model.config.prediction,
-                                      plan.interpolation, sigmas=plan.sigmas, device=pipe.device, dtype=pipe.dtype)
-    cond = torch.cat([c for c, _ in contexts])
-    uncond = torch.cat([u for _, u in contexts])
-    denoise = diffusion.cfg_denoiser(denoise, cond, uncond, scale=cfg)
-    latents = samplers.sample(plan.sampler, denoise, x.to(pipe.device, pipe.dtype), plan.sigmas.tolist(),
-                              noise=noise, eta=eta)
-    return to_pil(pipe.decode(latents))
-
-
-def generation_settings(args, prompts):
-    """What the images depend on: a rerun into the same folder must match these."""
-    return {"model": args.model or "tiny", "prediction": args.prediction, "negative_prompt": args.negative_prompt,
-            "sampler": args.sampler or DEFAULT_SAMPLER, "schedule": args.schedule,
-            "steps": DEFAULT_STEPS if args.steps is None else args.steps,
-            "cfg": DEFAULT_CFG if args.cfg is None else args.cfg, "eta": args.eta, "seed": args.seed,
-            "width": args.width, "height": args.height, "dtype": args.dtype, "lora": args.lora,
-            "lora_dir": args.lora_dir, "embedding": args.embedding, "embeddings_dir": args.embeddings_dir,
-            "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+def generation_settings(args, generate, prompts):
+    """What the images depend on: a rerun into the same folder must match these. args: the command's flags;
+    generate: the keyword arguments of Pipeline.generate (cli.generation_kwargs). Settings added since the first
+    settings.json (emphasis, churn) are written only when used, so folders made before them still match."""
+    settings = {"model": args.model or "tiny", "prediction": args.prediction,
+                "negative_prompt": generate["negative_prompt"], "sampler": args.sampler or DEFAULT_SAMPLER,
+                "schedule": args.schedule, "steps": generate["steps"], "cfg": generate["cfg"], "eta": generate["eta"],
+                "seed": args.seed, "width": generate["width"], "height": generate["height"], "dtype": args.dtype,
+                "lora": args.lora, "lora_dir": args.lora_dir, "embedding": args.embedding,
+                "embeddings_dir": args.embeddings_dir,
+                "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+    optional = {"emphasis": generate["emphasis"], "churn": generate["churn"]}
+    return settings | {k: v for k, v in optional.items() if v}
 
 
 def check_settings(out, settings):
@@ -166,20 +118,19 @@ def missing_batches(plan, folder, batch_size, log=print):
     return distributed.shard([todo[start:start + batch_size] for start in range(0, len(todo), batch_size)])
 
 
-def generate_missing(pipe, prompts, batches, folder, settings):
-    """Generate the images of `batches` (missing_batches), with a progress bar."""
-    s = settings
+def generate_missing(pipe, prompts, batches, folder, generate):
+    """Generate the images of `batches` (missing_batches), one seed per image, with a progress bar. generate: the
+    keyword arguments of Pipeline.generate but the prompts and seeds."""
     total = sum(map(len, batches))
     with tqdm(total=total, desc="images", unit="img", dynamic_ncols=True,
               disable=not total or not distributed.is_main()) as bar:
         for rows in batches:
-            images = generate_batch(pipe, [prompts[p] for _, p, _, _ in rows], [seed for _, _, seed, _ in rows],
-                                    s["negative_prompt"], s["steps"], s["cfg"], s["sampler"], s["schedule"], s["eta"],
-                                    s["width"], s["height"])
-            for (_, p, seed, name), image in zip(rows, images):
-                params = a1111_parameters(prompts[p], s["negative_prompt"], s["steps"],
-                                          samplers.display_name(samplers.resolve(s["sampler"], s["schedule"])[0]),
-                                          s["cfg"], seed, *image.size, pipe.name)
+            result = pipe.generate([prompts[p] for _, p, _, _ in rows], seed=[seed for _, _, seed, _ in rows],
+                                   **generate)
+            for (_, p, seed, name), image in zip(rows, result.images):
+                params = a1111_parameters(prompts[p], generate["negative_prompt"], generate["steps"],
+                                          samplers.display_name(result.sampler), generate["cfg"], seed, *image.size,
+                                          pipe.name)
                 save_png(image, folder / name, params, overwrite=True)
             bar.update(len(rows))
 
@@ -241,50 +192,12 @@ def compute_metrics(files, captions, args, log=print):
     return out
 
 
-# ---- the command -------------------------------------------------------------------------------------------------
+# ---- the command (cli.py parses it) -------------------------------------------------------------------------------
 
-def build_parser():
-    p = argparse.ArgumentParser(prog="minisd eval", description="generate images for a prompt list and score them; "
-                                "writes OUT/metrics.json and prints name=value lines last")
-    p.add_argument("--model", default=None, help="checkpoint, diffusers folder, sd15 | sd21 | sd21-base; "
-                   "default: the tiny built-in model")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="merge a LoRA at SCALE (default 1), as minisd generate does; repeat for several")
-    p.add_argument("--lora-dir", default=None, metavar="DIR", help="where a prompt's <lora:NAME:SCALE> finds NAME")
-    p.add_argument("--embedding", action="append", default=[], metavar="FILE", help="a textual-inversion file")
-    p.add_argument("--embeddings-dir", default=None, metavar="DIR", help="every textual-inversion file in DIR")
-    p.add_argument("--prompts", required=True, help=".txt (one a line) or .jsonl with a 'text' field")
-    p.add_argument("--num-images", type=int, required=True, help="N: image k shows prompt k mod P with seed SEED+k")
-    p.add_argument("--out", required=True, help="folder: images/, settings.json, metrics.json")
-    p.add_argument("--ref", default=None, help="FID reference: folder of images, .npz statistics, or shapes")
-    p.add_argument("--metrics", default="fid", help=f"comma-separated, of {', '.join(METRICS)} (default fid)")
-    p.add_argument("--features", choices=fid_mod.FEATURES, default="inception",
-                   help="FID's feature network: Inception, or tiny (the shapes world's classifier, shipped)")
-    p.add_argument("--inception-weights", metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth (fid, is)")
-    p.add_argument("--clip-weights", metavar="FILE", help="CLIP ViT-L/14 weights (clip)")
-    g = p.add_argument_group("generation")
-    g.add_argument("--negative-prompt", default="")
-    g.add_argument("--sampler", default=None, help="as in minisd generate (default dpmpp_2m, Karras)")
-    g.add_argument("--schedule", default=None, help="sigma schedule (default: the sampler's)")
-    g.add_argument("--steps", type=int, default=None, help=f"default {DEFAULT_STEPS}")
-    g.add_argument("--cfg", type=float, default=None, help=f"default {DEFAULT_CFG}")
-    g.add_argument("--eta", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0, help="image k uses seed SEED + k (default 0)")
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--prediction", default="auto", choices=("auto", "eps", "v"))
-    g.add_argument("--batch-size", type=int, default=8, help="images per sampling run (does not change any image)")
-    g.add_argument("--no-prepack", action="store_true", help="CPU: plain layers, no oneDNN-prepared ones (whose "
-                   "choice is measured per run and changes the last bits): the same bytes in every run")
-    g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
-    g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 is fastest for the tiny model on a busy machine)")
-    p.add_argument("--metrics-batch", type=int, default=50, help="images per feature-network call")
-    return p
-
-
-def run(args, log=print):
+def run(args, generate, load_pipeline, log=print):
+    """minisd eval. args: its flags (cli.py); generate: the keyword arguments of Pipeline.generate but the prompts
+    and seeds, already checked (cli.generation_kwargs); load_pipeline(device, log) -> the Pipeline, called only if
+    some image is missing."""
     if args.threads:
         torch.set_num_threads(args.threads)
     args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -297,24 +210,19 @@ def run(args, log=print):
         raise ValueError("the fid metric needs --ref DIR_OR_NPZ (or --ref shapes with --features tiny)")
     if args.ref == "shapes" and args.features != "tiny":
         raise ValueError("--ref shapes is the tiny world's real images: use it with --features tiny")
-    samplers.resolve(args.sampler or DEFAULT_SAMPLER, args.schedule)      # fail before the model loads
     prompts = read_prompts(args.prompts)
     device = distributed.setup(args.device)     # joins the job under torchrun; rank 0 alone writes and prints
     log = distributed.main_only(log)
     out = Path(args.out)
-    settings = generation_settings(args, prompts)
+    settings = generation_settings(args, generate, prompts)
     check_settings(out, settings)
     plan = image_plan(len(prompts), args.num_images, args.seed)
     folder = out / "images"
     t0 = time.time()
     batches = missing_batches(plan, folder, args.batch_size, log)
     if batches:
-        pipe = Pipeline.load(args.model, args.prediction, str(device), args.dtype, log=log,
-                             prepack=not args.no_prepack)
-        pipe.load_embeddings(args.embedding, args.embeddings_dir)
-        pipe.set_loras([lora.parse_spec(spec) for spec in args.lora])
-        pipe.lora_dir = args.lora_dir
-        generate_missing(pipe, prompts, batches, folder, settings)
+        pipe = load_pipeline(str(device), log)
+        generate_missing(pipe, prompts, batches, folder, generate)
         del pipe
     args.metrics_device = str(device)
     distributed.barrier()                   # every image is on disk
@@ -330,22 +238,3 @@ def run(args, log=print):
     os.replace(tmp, out / "metrics.json")
     for name, value in values.items():                 # last, one a line: what metric regexes read
         print(f"{name}={value:.6f}")
-
-
-def main(argv=None):
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
-        print(f"minisd: error: {e}", file=sys.stderr)
-        return 2
-    except distributed.PeerLost as e:
-        print(f"minisd: error: {e}", file=sys.stderr)
-        return 3
-    finally:
-        distributed.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

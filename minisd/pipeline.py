@@ -2,6 +2,7 @@
 
     pipe = Pipeline.load("v1-5-pruned-emaonly.safetensors")            # or a diffusers folder, "sd15", None = tiny
     images = pipe.generate("a red circle on a blue background", seed=1)
+    images = pipe.generate(["a red circle on a blue background", "a cat"], seed=[1, 2])   # one image per pair
     images = pipe.img2img("a watercolour of a fox", init_image=Image.open("fox.png"), strength=0.6, seed=1)
 
 The steps, each in the module that explains it:
@@ -15,6 +16,12 @@ the VAE posterior sample (img2img only), the initial noise randn(B, 4, H/8, W/8)
 an ancestral sampler. That is diffusers' order, so the same seed gives the same image as diffusers. The SDE
 samplers (dpmpp_sde, dpmpp_2m_sde) instead read their noise off a Brownian tree seeded with `seed`
 (brownian.py), as k-diffusion and diffusers' DPMSolverSDEScheduler(noise_sampler_seed=seed) do.
+
+Two kinds of batch follow from it. One prompt and one seed with batch=B is diffusers' batch: the one generator
+draws all B images, so image b depends on B. A list of prompts and/or seeds is A1111's batch: one image per
+(prompt, seed) pair, each with its own generator (and Brownian tree) drawing its share of every draw above, so each
+image equals that prompt and seed generated alone (up to the rounding of a batched U-Net call), whatever else
+shares its batch. `minisd generate --batch-size N` and `minisd eval` use the second.
 """
 import random
 from dataclasses import dataclass
@@ -65,9 +72,33 @@ def pick_dtype(dtype, device):
 class Result:
     images: list            # PIL images
     latents: torch.Tensor   # the final latents (B, 4, H/8, W/8), before the VAE decoder
-    seed: int
-    sampler: str
+    seeds: list             # image b's seed (diffusers' batch: the one seed, once)
+    sampler: str            # the sampler's key and the schedule it ran on
     schedule: str
+
+    @property
+    def seed(self):
+        return self.seeds[0]
+
+
+def _pairs(prompt, seed, batch):
+    """(prompts, seeds, images per seed) of a generate call: one prompt and one seed (None: a random one) draw
+    `batch` images from one generator; a list of prompts and/or seeds, one image per (prompt, seed) pair."""
+    if isinstance(prompt, str) and not isinstance(seed, (list, tuple)):
+        return [prompt], [random.randrange(2 ** 32) if seed is None else int(seed)], batch
+    if batch != 1:
+        raise ValueError(f"batch is for one prompt and one seed; a list of prompts or seeds is one image per pair "
+                         f"(got batch={batch!r})")
+    if isinstance(seed, (list, tuple)):
+        seeds = [int(s) for s in seed]
+    elif seed is None:
+        seeds = [random.randrange(2 ** 32) for _ in prompt]
+    else:
+        raise ValueError("a list of prompts needs a list of seeds, one per prompt (or None for random ones)")
+    prompts = [prompt] * len(seeds) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(seeds) or not prompts:
+        raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
+    return prompts, seeds, 1
 
 
 class Pipeline:
@@ -120,9 +151,9 @@ class Pipeline:
         return cls(sd, device, pick_dtype(dtype, device), name=name, log=log, progress=progress, compile=compile,
                    cuda_graph=cuda_graph, prepack=prepack)
 
-    def plan(self, sampler=DEFAULT_SAMPLER, schedule=None, steps=DEFAULT_STEPS):
-        """The sampling plan (samplers.plan) for this model's noise schedule."""
-        return samplers.plan(sampler, schedule, steps, self.sigmas_train)
+    def plan(self, sampler=DEFAULT_SAMPLER, schedule=None, steps=DEFAULT_STEPS, eta=None, churn=None):
+        """The sampling plan (samplers.plan: the settings checked) for this model's noise schedule."""
+        return samplers.plan(sampler, schedule, steps, self.sigmas_train, eta, churn)
 
     # -- textual inversion and LoRA ---------------------------------------------------------------------
 
@@ -183,9 +214,8 @@ class Pipeline:
 
     # -- the loop -----------------------------------------------------------------------------------------
 
-    def _check(self, steps, cfg, width, height, batch):
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    def _check(self, cfg, width, height, batch):
+        """The arguments samplers.check does not see (it checks steps, sampler, schedule, eta and churn)."""
         if cfg < 0:
             raise ValueError(f"cfg must be >= 0, got {cfg}")
         f = self.factor
@@ -196,9 +226,22 @@ class Pipeline:
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
 
+    def _noise(self, plan, seeds, generators, shape):
+        """The sampler's noise source: for each seed, draws shaped `shape` from its generator (the SDE samplers: its
+        Brownian tree, seeded with the seed: diffusers' noise_sampler_seed), concatenated over the seeds."""
+        if plan.brownian:
+            sources = [samplers.brownian_noise(s, shape, *plan.brownian, device=self.device, dtype=self.dtype)
+                       for s in seeds]
+        else:
+            sources = [samplers.noise_from(g, shape, self.device, self.dtype) for g in generators]
+        if len(sources) == 1:
+            return sources[0]
+        return lambda sigma=None, sigma_next=None: torch.cat([source(sigma, sigma_next) for source in sources])
+
     @torch.no_grad()
-    def _sample(self, x, plan, cond, uncond, cfg, generator, eta, callback, rescale, churn=None):
-        """Run the plan from x at plan.sigmas[0]: the guided denoiser, the noise source, a progress bar."""
+    def _sample(self, x, plan, cond, uncond, cfg, noise, callback, rescale):
+        """Run the plan from x at plan.sigmas[0]: the guided denoiser and a progress bar. cond and uncond: one
+        context for the batch (1, L, C) or one per image (B, L, C)."""
         # the per-step constants go to the device here, before the loop (see diffusion.make_denoiser), and the
         # samplers get the sigmas as Python floats: no step reads anything back from a tensor
         denoise = diffusion.make_denoiser(self.unet_call, self.alphas_cumprod, self.model.config.prediction,
@@ -207,11 +250,6 @@ class Pipeline:
         batch = x.shape[0]
         denoise = diffusion.cfg_denoiser(denoise, cond.expand(batch, -1, -1), uncond.expand(batch, -1, -1),
                                          scale=cfg, rescale=rescale)
-        if plan.brownian:       # the SDE samplers: a Brownian tree seeded with the seed (diffusers' noise_sampler_seed)
-            noise = samplers.brownian_noise(generator.initial_seed(), tuple(x.shape), *plan.brownian,
-                                            device=self.device, dtype=self.dtype)
-        else:
-            noise = samplers.noise_from(generator, tuple(x.shape), self.device, self.dtype)
         # a tqdm bar over the steps (a no-op unless self.progress); the samplers call back once per step
         bar = tqdm(total=len(plan.sigmas) - 1, desc=plan.sampler, unit="step", disable=not self.progress)
 
@@ -220,8 +258,7 @@ class Pipeline:
             if callback:
                 callback(i, x, denoised, sigma)
         with bar:
-            return samplers.sample(plan.sampler, denoise, x, plan.sigmas.tolist(), noise=noise, eta=eta,
-                                   callback=counted, **(churn or {}))
+            return samplers.sample(plan, denoise, x, noise=noise, callback=counted)
 
     def set_memory_options(self, attention_slice=None, vae_tile=None):
         """Trade speed for memory: attention computed `attention_slice` queries at a time (exactly the same
@@ -243,22 +280,40 @@ class Pipeline:
     def generate(self, prompt, negative_prompt="", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, sampler=DEFAULT_SAMPLER,
                  schedule=None, eta=None, seed=None, width=None, height=None, batch=1, emphasis=False,
                  callback=None, rescale=0.0, churn=None) -> Result:
-        """txt2img. seed None draws a random one (returned in the Result, and printed by the CLI).
+        """txt2img.
+
+        prompt and seed: one prompt and one seed (None draws a random one, returned in the Result and printed by
+        the CLI) make `batch` images drawn by one generator, as diffusers does. A list of prompts with a list of
+        seeds (or one prompt with a list of seeds) makes one image per (prompt, seed) pair, each equal to that
+        pair generated alone (see the module's noise convention); pairs whose prompts name different
+        <lora:NAME:MULT> tags (other weights) or encode to different lengths (over 75 tokens) are then run one at
+        a time, and `callback` is called once per step of each run.
         churn: {"s_churn": ..., "s_tmin": ..., "s_tmax": ..., "s_noise": ...} for euler, heun and dpm2
         (Karras et al. 2022, Alg. 2; A1111's sampler settings), None for none."""
         size = self.model.config.image_size
         width, height = width or size, height or size
-        self._check(steps, cfg, width, height, batch)
-        plan = self.plan(sampler, schedule, steps)
-        seed = random.randrange(2 ** 32) if seed is None else int(seed)
-        generator = torch.Generator().manual_seed(seed)
-        prompt = self._prompt_loras(prompt)
-        cond, uncond = self.encode_prompts(prompt, negative_prompt, emphasis)
-        shape = (batch, self.model.config.unet.in_channels, height // self.factor, width // self.factor)
-        x = torch.randn(shape, generator=generator) * plan.init_sigma      # drawn on the CPU: device-independent
-        latents = self._sample(x.to(self.device, self.dtype), plan, cond, uncond, cfg, generator, eta, callback,
-                               rescale, churn)
-        return Result(to_pil(self.decode(latents)), latents, seed, plan.sampler, plan.schedule)
+        plan = self.plan(sampler, schedule, steps, eta, churn)
+        self._check(cfg, width, height, batch)
+        prompts, seeds, per_seed = _pairs(prompt, seed, batch)
+
+        def one_at_a_time():
+            runs = [self.generate(p, negative_prompt, steps, cfg, sampler, schedule, eta, s, width, height, 1,
+                                  emphasis, callback, rescale, churn) for p, s in zip(prompts, seeds)]
+            return Result([image for r in runs for image in r.images], torch.cat([r.latents for r in runs]), seeds,
+                          plan.sampler, plan.schedule)
+        if len({tuple(parse_lora_tags(p)[1]) for p in prompts}) > 1:
+            return one_at_a_time()
+        contexts = [self.encode_prompts(self._prompt_loras(p), negative_prompt, emphasis) for p in prompts]
+        if len({(c.shape, u.shape) for c, u in contexts}) > 1:
+            return one_at_a_time()
+        cond, uncond = torch.cat([c for c, _ in contexts]), torch.cat([u for _, u in contexts])   # (1 or B, L, C)
+        shape = (per_seed, self.model.config.unet.in_channels, height // self.factor, width // self.factor)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        # drawn on the CPU: device-independent
+        x = torch.cat([torch.randn(shape, generator=g) for g in generators]) * plan.init_sigma   # (B, 4, H/8, W/8)
+        latents = self._sample(x.to(self.device, self.dtype), plan, cond, uncond, cfg,
+                               self._noise(plan, seeds, generators, shape), callback, rescale)
+        return Result(to_pil(self.decode(latents)), latents, seeds, plan.sampler, plan.schedule)
 
     @torch.no_grad()
     def img2img(self, prompt, init_image, strength=0.75, negative_prompt="", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
@@ -273,19 +328,28 @@ class Pipeline:
         space). strength 0 runs no step and returns the input. strength 1 runs every step and still starts from
         x0 + sigma_max * noise, as diffusers does: at SD's sigma_max (14.6) the image is 7% of the signal, enough to
         carry its layout and colours into the result; that is not txt2img.
+
+        seed: one seed (None: a random one) draws all `batch` images from one generator, as diffusers does; a list
+        of seeds makes one image per seed, each generated alone (one run per seed), as A1111's batch.
         """
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if isinstance(seed, (list, tuple)):
+            _, seeds, _ = _pairs(prompt, seed, batch)
+            runs = [self.img2img(prompt, init_image, strength, negative_prompt, steps, cfg, sampler, schedule, eta,
+                                 s, 1, emphasis, callback, rescale, churn) for s in seeds]
+            latents = None if runs[0].latents is None else torch.cat([r.latents for r in runs])
+            return Result([r.images[0] for r in runs], latents, seeds, runs[0].sampler, runs[0].schedule)
         image = from_pil(init_image, self.factor, log=self.log)     # (1, 3, H, W)
         height, width = image.shape[-2:]
-        self._check(steps, cfg, width, height, batch)
-        plan = self.plan(sampler, schedule, steps)
+        plan = self.plan(sampler, schedule, steps, eta, churn)
+        self._check(cfg, width, height, batch)
         seed = random.randrange(2 ** 32) if seed is None else int(seed)
         run = min(int(steps * strength), steps)
         if run == 0:
             self.log(f"strength {strength} x {steps} steps rounds to 0 steps: returning the input image")
             pil = to_pil(image)[0]
-            return Result([pil] * batch, None, seed, plan.sampler, plan.schedule)
+            return Result([pil] * batch, None, [seed], plan.sampler, plan.schedule)
         generator = torch.Generator().manual_seed(seed)
         prompt = self._prompt_loras(prompt)
         cond, uncond = self.encode_prompts(prompt, negative_prompt, emphasis)
@@ -297,5 +361,6 @@ class Pipeline:
         x0 = x0.expand(batch, -1, -1, -1)                            # one encoding serves the batch (diffusers)
         noise = torch.randn(x0.shape, generator=generator)           # ... the forward-process noise
         x = diffusion.add_noise(x0.to(self.dtype), noise.to(self.device, self.dtype), plan.sigmas[0].item())
-        latents = self._sample(x, plan, cond, uncond, cfg, generator, eta, callback, rescale, churn)
-        return Result(to_pil(self.decode(latents)), latents, seed, plan.sampler, plan.schedule)
+        latents = self._sample(x, plan, cond, uncond, cfg, self._noise(plan, [seed], [generator], tuple(x.shape)),
+                               callback, rescale)
+        return Result(to_pil(self.decode(latents)), latents, [seed], plan.sampler, plan.schedule)

@@ -20,16 +20,20 @@ Every sampler has the same signature:
 Noise convention (the pipeline and tests rely on it): one CPU torch.Generator seeded with the user's seed draws the
 initial latents first, then every noise draw, in exactly the order k-diffusion calls its `noise_sampler`. The SDE
 samplers (dpmpp_sde, dpmpp_2m_sde) instead read a Brownian tree seeded with the user's seed, as k-diffusion (A1111)
-and diffusers do by default (see `Plan.brownian`).
+and diffusers do by default (see `Plan.brownian`). A batch of one seed per image has one generator (or tree) per
+image, each drawing that image's share of every draw: `noise` returns them concatenated (see pipeline.py).
 
 Host/device: the sigmas are read to the host ONCE (Python floats); all per-step scalar arithmetic is on the CPU in
 float64, and the loops test `sigma_next > 0` on floats, so no step waits on the GPU (no per-step `.item()`).
 
-`plan(sampler, schedule, steps, sigmas_train)` is the one place that reads a sampler's name and knows its rules
-(default schedule, final sigma, starting noise scale, sigma -> t interpolation); the pipeline follows the plan.
+The sampling settings are read and checked in one place: `check(sampler, schedule, steps, eta, churn)` parses
+the sampler's name (a key or an A1111 name), picks its default schedule and refuses an eta or churn the sampler does
+not take; it needs no model, so the CLI calls it before loading one. `plan(..., sigmas_train)` adds what the
+model's noise schedule decides (the sigmas, the final sigma, the starting noise scale, the sigma -> t
+interpolation, the Brownian tree's interval), and `sample(plan, denoise, x, noise, callback)` runs it.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -457,9 +461,44 @@ def resolve(sampler, schedule=None):
     return key, schedule
 
 
+CHURN_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}     # no churn
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings a user chooses, checked (`check`); no model is needed to make them."""
+    sampler: str            # the key in SAMPLERS
+    schedule: str
+    steps: int
+    eta: float | None       # ancestral samplers' noise amount; None: the sampler's default (1; ddim 0)
+    churn: dict | None      # euler, heun, dpm2: all four of CHURN_DEFAULTS' keys (see `churn`); None: no churn
+
+
+def check(sampler, schedule, steps, eta=None, churn=None) -> Sampling:
+    """The settings, checked: a known sampler (a key or an A1111 name such as "DPM++ 2M Karras") and schedule,
+    a positive step count, eta only for ancestral samplers, churn ({"s_churn": ..., "s_tmin": ..., "s_tmax": ...,
+    "s_noise": ...}, any of them) only for euler, heun and dpm2. Raises ValueError saying what is wrong."""
+    key, schedule = resolve(sampler, schedule)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if eta is not None and key not in ANCESTRAL:
+        raise ValueError(f"sampler {key!r} takes no eta; ancestral samplers: {', '.join(sorted(ANCESTRAL))}")
+    unknown = sorted(set(churn or {}) - set(CHURN_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown churn setting {unknown[0]!r}; valid: {', '.join(CHURN_DEFAULTS)}")
+    churn = {**CHURN_DEFAULTS, **(churn or {})}
+    if churn == CHURN_DEFAULTS:
+        churn = None
+    elif key not in CHURN:
+        raise ValueError(f"sampler {key!r} takes no churn (s_churn, s_tmin, s_tmax, s_noise); samplers with "
+                         f"churn: {', '.join(sorted(CHURN))}")
+    return Sampling(key, schedule, steps, eta, churn)
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Everything one sampling run needs, decided once from the sampler's name, the schedule and the step count."""
+    """Everything one sampling run needs: the checked settings (`check`) and what the model's noise schedule
+    decides from them."""
     sampler: str            # the key in SAMPLERS
     schedule: str
     sigmas: torch.Tensor    # steps + 1 noise levels, float64 on the CPU
@@ -468,16 +507,30 @@ class Plan:
     # (sigma_min, sigma_max): the SDE samplers' noise is a Brownian tree on this interval, seeded with the seed;
     # None: fresh draws from the seed's generator
     brownian: tuple | None = None
+    eta: float | None = None        # as in Sampling
+    churn: dict | None = None       # as in Sampling
+    # the sigmas as Python floats, read off the tensor once, when the plan is made: `sample` reads no tensor
+    host_sigmas: list = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "host_sigmas", _host(self.sigmas))
 
     def last(self, n):
         """The plan of the last n steps (img2img): it starts at sigmas[-n - 1]. The Brownian tree keeps the whole
         schedule's interval, as diffusers' DPMSolverSDEScheduler does in img2img."""
-        return Plan(self.sampler, self.schedule, self.sigmas[len(self.sigmas) - 1 - n:], self.init_sigma,
-                    self.interpolation, self.brownian)
+        return replace(self, sigmas=self.sigmas[len(self.sigmas) - 1 - n:])
+
+    @property
+    def draws_noise(self):
+        """Whether the sampler reads its noise source: DDPM, an ancestral sampler at eta != 0, or churn."""
+        eta = (0.0 if self.sampler == "ddim" else 1.0) if self.eta is None else self.eta
+        return (self.sampler == "ddpm" or (self.sampler in ANCESTRAL and eta != 0)
+                or (self.churn is not None and self.churn["s_churn"] > 0))
 
 
-def plan(sampler, schedule, steps, sigmas_train):
-    """The Plan for `steps` steps of `sampler` (a key or an A1111 name) on a model with these training sigmas.
+def plan(sampler, schedule, steps, sigmas_train, eta=None, churn=None):
+    """The Plan for `steps` steps of `sampler` (a key or an A1111 name; checked with eta and churn by `check`) on a
+    model with these training sigmas.
 
     The rules, each one a difference between the libraries users compare against:
       final sigma   SD's DDIM and PLMS (LDM; diffusers with set_alpha_to_one=False) end their last step at abar_0,
@@ -490,40 +543,26 @@ def plan(sampler, schedule, steps, sigmas_train):
                     fractional t (between two training steps) tells them apart.
       noise         the SDE samplers read a Brownian tree on [smallest nonzero sigma, sigma_max] of the schedule
                     (k-diffusion's BrownianTreeNoiseSampler, diffusers' DPMSolverSDEScheduler), seeded by the
-                    pipeline with the user's seed: diffusers' noise_sampler_seed=seed; A1111's seed for one image
-                    (A1111 gives each image of a batch its own tree, diffusers and minisd one tree for the batch).
+                    pipeline with the image's seed: diffusers' noise_sampler_seed=seed for a batch of one seed,
+                    A1111's one tree per image for a batch of one seed per image.
     """
-    key, schedule = resolve(sampler, schedule)
-    final = "sigma_min" if key in ENDS_AT_SIGMA_MIN else "zero"
-    sigmas = schedules.get_sigmas(schedule, steps, sigmas_train, final=final)
-    spacing = schedule.split()[0]
-    variance_preserving = key in ("ddim", "plms", "ddpm") or spacing == "leading"
+    s = check(sampler, schedule, steps, eta, churn)
+    final = "sigma_min" if s.sampler in ENDS_AT_SIGMA_MIN else "zero"
+    sigmas = schedules.get_sigmas(s.schedule, steps, sigmas_train, final=final)
+    spacing = s.schedule.split()[0]
+    variance_preserving = s.sampler in ("ddim", "plms", "ddpm") or spacing == "leading"
     init_sigma = schedules.init_noise_sigma(sigmas[0].item(), variance_preserving)
     interpolation = "linear" if spacing in ("linspace", "leading", "trailing") else "log"
-    brownian = (sigmas[sigmas > 0].min().item(), sigmas.max().item()) if key in BROWNIAN else None
-    return Plan(key, schedule, sigmas, init_sigma, interpolation, brownian)
+    brownian = (sigmas[sigmas > 0].min().item(), sigmas.max().item()) if s.sampler in BROWNIAN else None
+    return Plan(s.sampler, s.schedule, sigmas, init_sigma, interpolation, brownian, s.eta, s.churn)
 
 
-def sample(name, denoise, x, sigmas, noise=None, eta=None, callback=None, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf,
-           s_noise=1.0):
-    """Run the sampler called `name` (a key or an A1111 display name; a schedule suffix is ignored here, it is for
-    the sigmas). eta is only accepted by ancestral samplers, churn (s_churn, s_tmin, s_tmax, s_noise; see `churn`)
-    by euler, heun and dpm2; stochastic runs need `noise`."""
-    key, _ = parse_sampler(name)
-    kwargs = {}
-    if eta is not None:
-        if key not in ANCESTRAL:
-            raise ValueError(f"sampler {key!r} takes no eta; ancestral samplers: {', '.join(sorted(ANCESTRAL))}")
-        kwargs["eta"] = eta
-    churn_args = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
-    if churn_args != dict(s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
-        if key not in CHURN:
-            raise ValueError(f"sampler {key!r} takes no churn (s_churn, s_tmin, s_tmax, s_noise); samplers with "
-                             f"churn: {', '.join(sorted(CHURN))}")
-        kwargs.update(churn_args)
-    draws = key == "ddpm" or (key in ANCESTRAL and kwargs.get("eta", 0.0 if key == "ddim" else 1.0) != 0) or (
-        s_churn > 0)
-    if draws and noise is None:
-        raise ValueError(f"sampler {key!r} draws fresh noise: pass noise=noise_from(generator, shape, ...)"
-                         + (" or brownian_noise(seed, shape, sigma_min, sigma_max)" if key in BROWNIAN else ""))
-    return SAMPLERS[key](denoise, x, sigmas, noise=noise, callback=callback, **kwargs)
+def sample(plan, denoise, x, noise=None, callback=None):
+    """Run the plan: its sampler from x at plan.sigmas[0] down its sigmas, with its eta and churn. A run that draws
+    noise (`Plan.draws_noise`) needs `noise`: noise_from(generator, shape, ...), or for the SDE samplers
+    brownian_noise(seed, shape, *plan.brownian)."""
+    if plan.draws_noise and noise is None:
+        raise ValueError(f"sampler {plan.sampler!r} draws fresh noise: pass noise=noise_from(generator, shape, ...)"
+                         + (" or brownian_noise(seed, shape, sigma_min, sigma_max)" if plan.brownian else ""))
+    options = dict(plan.churn or {}) | ({} if plan.eta is None else {"eta": plan.eta})
+    return SAMPLERS[plan.sampler](denoise, x, plan.host_sigmas, noise=noise, callback=callback, **options)

@@ -6,6 +6,7 @@ from PIL import Image
 from checkpoints import SMALL_SD1, write_ldm_checkpoint
 from minisd.cli import main
 from minisd.images import parse_a1111_parameters, read_png_parameters
+from minisd.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +51,24 @@ def test_attention_slicing_gives_the_same_image(model_file, tmp_path):
     assert a.shape == b.shape and np.abs(a - b).mean() < 255 * 0.1
 
 
-def test_batch_into_a_directory(model_file, tmp_path):
-    assert _generate(model_file, tmp_path / "outs", "--batch", "2") == 0
-    assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == ["00000-42.png", "00001-42.png"]
+def test_batch_size_n_is_seeds_seed_to_seed_plus_n_minus_1_each_as_generated_alone(model_file, tmp_path):
+    """A1111's batch: --seed 42 --batch-size 2 writes seed 42's image and seed 43's, each naming its own seed."""
+    assert _generate(model_file, tmp_path / "outs", "--batch-size", "2") == 0
+    assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == ["00000-42.png", "00001-43.png"]
+    second = tmp_path / "outs" / "00001-43.png"
+    assert parse_a1111_parameters(read_png_parameters(second))["Seed"] == "43"
+    assert _generate(model_file, tmp_path / "alone.png", "--seed", "43") == 0
+    batched, alone = (np.asarray(Image.open(p), dtype=np.int16) for p in (second, tmp_path / "alone.png"))
+    # one U-Net call over two images rounds differently in the last bits than over one: at most 1 level of 255
+    assert np.abs(batched - alone).max() <= 1
+    # and the test would fail under the old semantics (one generator drawing the whole batch, diffusers'): its
+    # second image is another image
+    pipe = Pipeline.load(model_file, device="cpu", log=lambda *_: None)
+    old = pipe.generate("a red circle", steps=2, width=32, height=32, seed=42, batch=2).images[1]
+    assert np.abs(np.asarray(old, dtype=np.int16) - alone).max() > 10
+    # --batch is the same flag
+    assert _generate(model_file, tmp_path / "again", "--batch", "2") == 0
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["00000-42.png", "00001-43.png"]
 
 
 def test_img2img_and_save_steps(model_file, tmp_path):
@@ -79,6 +95,7 @@ def test_churn_flags_reach_the_sampler_and_plms_runs(model_file, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--sampler", "euler b"], "unknown sampler"),
     (["--sampler", "euler_a", "--s-churn", "1"], "takes no churn"),
+    (["--sampler", "euler", "--eta", "0.5"], "takes no eta"),
     (["--width", "33"], "multiple of"),
     (["--steps", "0"], "steps must be a positive integer"),
 ])
@@ -86,6 +103,28 @@ def test_bad_input_is_one_clear_line(model_file, tmp_path, capsys, extra, messag
     assert _generate(model_file, tmp_path / "e.png", *extra) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sampler", "euler b"], "unknown sampler"),
+    (["--sampler", "euler", "--eta", "0.5"], "takes no eta"),
+    (["--sampler", "euler_a", "--s-churn", "1"], "takes no churn"),
+    (["--sampler", "Euler Karras", "--schedule", "exponential"], "asks for the karras schedule"),
+])
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_bad_sampling_settings_fail_before_the_model_loads(tmp_path, capsys, command, extra, message):
+    # the model file does not exist: the error names the settings, so they were checked before any load
+    args = ["x"] if command == "generate" else ["--prompts", str(tmp_path / "p.txt"), "--num-images", "1",
+                                                  "--out", str(tmp_path / "run")]
+    assert main([command, *args, "--model", str(tmp_path / "nope.safetensors"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "nope" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_schedule_has_the_same_choices_as_generate(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--prompts", "p.txt", "--num-images", "1", "--out", str(tmp_path), "--schedule", "cosine"])
+    assert "invalid choice: 'cosine'" in capsys.readouterr().err
 
 
 def test_bad_strength_and_missing_or_broken_checkpoint(model_file, tmp_path, capsys):

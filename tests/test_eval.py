@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from minisd import cli, lora
-from minisd.config import TINY
-from minisd.eval import generate_batch, image_plan, read_prompts
-from minisd.pipeline import Pipeline
+from test_pipeline import random_lora
+
+from minisd import cli
+from minisd.eval import image_plan, read_prompts
 from minisd.tiny import shapes
 
 PROMPTS = [shapes.caption("red", "circle", "blue"), shapes.caption("white", "square", "green"),
@@ -20,54 +20,8 @@ PROMPTS = [shapes.caption("red", "circle", "blue"), shapes.caption("white", "squ
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return Pipeline.load(None, log=lambda *_: None)
-
-
 def pixels(image):
     return np.asarray(image, dtype=np.int16)
-
-
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_a", "dpmpp_sde"])
-def test_a_batched_image_equals_the_same_prompt_and_seed_generated_alone(pipe, sampler):
-    # deterministic, ancestral (fresh noise from each image's generator) and SDE (each image's Brownian tree)
-    batch = generate_batch(pipe, PROMPTS, [7, 8, 9], steps=4, sampler=sampler)
-    alone = [pipe.generate(p, seed=s, steps=4, sampler=sampler).images[0] for p, s in zip(PROMPTS, [7, 8, 9])]
-    for a, b in zip(batch, alone):
-        # a batched U-Net call rounds differently in the last bits: at most one level of 255 after decoding
-        assert np.abs(pixels(a) - pixels(b)).max() <= 1
-    # and the comparison can fail: another seed gives another image
-    other = pipe.generate(PROMPTS[0], seed=10, steps=4, sampler=sampler).images[0]
-    assert np.abs(pixels(batch[0]) - pixels(other)).max() > 10
-
-
-def random_lora(path, seed=3):
-    """A kohya LoRA file for the tiny model, large enough to change its images."""
-    g = torch.Generator().manual_seed(seed)
-    factors = {}
-    for name, layer in lora.targets(TINY, "default").items():
-        out_f, in_f, *k = layer.shape
-        down = torch.randn(4, in_f, *k, generator=g) / (in_f * int(np.prod(k or [1]))) ** 0.5
-        factors[name] = lora.Factors(down, torch.randn(out_f, 4, *[1] * len(k), generator=g), 2.0)
-    lora.save_kohya(path, factors)
-    return path
-
-
-def test_a_batch_mixing_lora_tags_equals_each_prompt_generated_alone(pipe, tmp_path):
-    random_lora(tmp_path / "odd.safetensors")
-    pipe.lora_dir = str(tmp_path)
-    try:
-        prompts = [PROMPTS[0], PROMPTS[1] + " <lora:odd:0.8>", PROMPTS[2]]
-        batch = generate_batch(pipe, prompts, [7, 8, 9], steps=4)
-        alone = [pipe.generate(p, seed=s, steps=4).images[0] for p, s in zip(prompts, [7, 8, 9])]
-        for a, b in zip(batch, alone):
-            assert np.abs(pixels(a) - pixels(b)).max() <= 1
-        untagged = pipe.generate(PROMPTS[1], seed=8, steps=4).images[0]
-        assert np.abs(pixels(batch[1]) - pixels(untagged)).max() > 10      # the LoRA did change that image
-    finally:
-        pipe.lora_dir = None
-        pipe.set_loras([])
 
 
 def test_image_k_is_prompt_k_mod_p_with_seed_plus_k():

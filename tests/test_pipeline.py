@@ -5,13 +5,17 @@ Tolerance: max abs pixel difference <= 2/255 in [0, 1], fp32 on CPU (the issue's
 random-weight models' outputs with a pixel std of ~0.2, so a wrong step, seed, schedule or prompt moves pixels
 by far more than that (test_parity_can_fail shows it).
 """
+import diffusers
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from checkpoints import SMALL_SD1, SMALL_SD2, diffusers_from_single_file, write_diffusers_config, write_ldm_checkpoint
+from minisd import lora
+from minisd.config import TINY
 from minisd.pipeline import Pipeline
+from minisd.tiny import shapes
 
 TOL = 2 / 255
 PROMPT = "a red circle on a blue background, highly detailed"
@@ -268,6 +272,102 @@ def test_strength_out_of_range_is_a_clear_error(sd1):
     ours, _ = sd1
     with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
         ours.img2img(PROMPT, _init_image(), 1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batches: diffusers' (one prompt, one seed, batch=B) and A1111's (one seed per image)
+
+
+def test_a_batch_of_one_seed_is_diffusers_batch(sd1):
+    """generate(prompt, seed=s, batch=2): one generator draws both images, as diffusers' num_images_per_prompt."""
+    ours, ref = sd1
+    mine = ours.generate(PROMPT, NEG, 4, 7.5, "euler_a", "leading", seed=5, width=32, height=32, batch=2).images
+    ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(ref.sd_scheduler_config,
+                                                                          timestep_spacing="leading")
+    theirs = ref(PROMPT, negative_prompt=NEG, num_inference_steps=4, guidance_scale=7.5, num_images_per_prompt=2,
+                 generator=torch.Generator().manual_seed(5), width=32, height=32, output_type="np").images
+    assert np.abs(_np(mine) - theirs).max() <= TOL
+    # and the comparison can fail: the second image is not the first (nor seed 5's image alone)
+    assert np.abs(theirs[1] - theirs[0]).max() > 10 * TOL
+
+
+TINY_PROMPTS = [shapes.caption("red", "circle", "blue"), shapes.caption("white", "square", "green"),
+                shapes.caption("black", "triangle", "yellow")]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Pipeline.load(None, log=lambda *_: None)
+
+
+def pixels(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_a", "dpmpp_sde"])
+def test_a_batched_image_equals_the_same_prompt_and_seed_generated_alone(tiny, sampler):
+    # deterministic, ancestral (fresh noise from each image's generator) and SDE (each image's Brownian tree)
+    pipe = tiny
+    batch = pipe.generate(TINY_PROMPTS, seed=[7, 8, 9], steps=4, sampler=sampler).images
+    alone = [pipe.generate(p, seed=s, steps=4, sampler=sampler).images[0] for p, s in zip(TINY_PROMPTS, [7, 8, 9])]
+    for a, b in zip(batch, alone):
+        # a batched U-Net call rounds differently in the last bits: at most one level of 255 after decoding
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    # and the comparison can fail: another seed gives another image
+    other = pipe.generate(TINY_PROMPTS[0], seed=10, steps=4, sampler=sampler).images[0]
+    assert np.abs(pixels(batch[0]) - pixels(other)).max() > 10
+
+
+def random_lora(path, seed=3):
+    """A kohya LoRA file for the tiny model, large enough to change its images."""
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for name, layer in lora.targets(TINY, "default").items():
+        out_f, in_f, *k = layer.shape
+        down = torch.randn(4, in_f, *k, generator=g) / (in_f * int(np.prod(k or [1]))) ** 0.5
+        factors[name] = lora.Factors(down, torch.randn(out_f, 4, *[1] * len(k), generator=g), 2.0)
+    lora.save_kohya(path, factors)
+    return path
+
+
+def test_a_batch_mixing_lora_tags_equals_each_prompt_generated_alone(tiny, tmp_path):
+    pipe = tiny
+    random_lora(tmp_path / "odd.safetensors")
+    pipe.lora_dir = str(tmp_path)
+    try:
+        prompts = [TINY_PROMPTS[0], TINY_PROMPTS[1] + " <lora:odd:0.8>", TINY_PROMPTS[2]]
+        batch = pipe.generate(prompts, seed=[7, 8, 9], steps=4).images
+        alone = [pipe.generate(p, seed=s, steps=4).images[0] for p, s in zip(prompts, [7, 8, 9])]
+        for a, b in zip(batch, alone):
+            assert np.abs(pixels(a) - pixels(b)).max() <= 1
+        untagged = pipe.generate(TINY_PROMPTS[1], seed=8, steps=4).images[0]
+        assert np.abs(pixels(batch[1]) - pixels(untagged)).max() > 10      # the LoRA did change that image
+    finally:
+        pipe.lora_dir = None
+        pipe.set_loras([])
+
+
+def test_a_batch_mixing_prompt_lengths_equals_each_prompt_generated_alone(tiny):
+    long_prompt = TINY_PROMPTS[1] + ", highly detailed" * 30             # over 75 tokens: two chunks of context
+    prompts = [TINY_PROMPTS[0], long_prompt]
+    batch = tiny.generate(prompts, seed=[7, 8], steps=3).images
+    alone = [tiny.generate(p, seed=s, steps=3).images[0] for p, s in zip(prompts, [7, 8])]
+    for a, b in zip(batch, alone):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    assert np.abs(pixels(batch[0]) - pixels(batch[1])).max() > 10         # two different images
+
+
+def test_one_prompt_with_a_list_of_seeds_and_bad_pairings(tiny):
+    batch = tiny.generate(TINY_PROMPTS[0], seed=[7, 8], steps=3)
+    assert batch.seeds == [7, 8] and len(batch.images) == 2
+    alone = tiny.generate(TINY_PROMPTS[0], seed=8, steps=3).images[0]
+    assert np.abs(pixels(batch.images[1]) - pixels(alone)).max() <= 1
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        tiny.generate(TINY_PROMPTS, seed=[7, 8], steps=3)
+    with pytest.raises(ValueError, match="needs a list of seeds"):
+        tiny.generate(TINY_PROMPTS, seed=7, steps=3)
+    with pytest.raises(ValueError, match="batch is for one prompt and one seed"):
+        tiny.generate(TINY_PROMPTS[0], seed=[7, 8], steps=3, batch=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------

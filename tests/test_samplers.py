@@ -1,5 +1,6 @@
 """The samplers and sigma schedules equal k-diffusion's and diffusers', and behave as the theory says on a toy
 problem with an exact denoiser."""
+import dataclasses
 import inspect
 import math
 
@@ -255,18 +256,28 @@ def test_no_churn_draws_no_noise(name):
     assert torch.equal(S.SAMPLERS[name](gmm_denoiser, x, sigmas, noise=no_noise, s_churn=5.0, s_tmin=100.0), plain)
 
 
-def test_sample_entry_point_passes_churn_and_checks_it():
+def toy_plan(sampler, steps=5, **settings):
+    """samplers.plan's Plan for `sampler` (eta, churn: settings), on the toy problem's sigmas."""
+    return dataclasses.replace(S.plan(sampler, None, steps, SIGMAS_TRAIN, **settings), sigmas=toy_sigmas(steps))
+
+
+def test_sample_runs_the_plans_churn_and_check_refuses_churn_elsewhere():
     sigmas = toy_sigmas(5)
     x = torch.randn(10, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
     noise = lambda: S.noise_from(torch.Generator().manual_seed(1), (10, 2), dtype=torch.float64)   # noqa: E731
-    assert torch.equal(S.sample("Heun", gmm_denoiser, x, sigmas, noise(), s_churn=1.0, s_noise=1.01),
+    plan = toy_plan("Heun", churn={"s_churn": 1.0, "s_noise": 1.01})
+    assert plan.churn == {"s_churn": 1.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.01}
+    assert torch.equal(S.sample(plan, gmm_denoiser, x, noise()),
                        S.heun(gmm_denoiser, x, sigmas, noise(), s_churn=1.0, s_noise=1.01))
-    assert not torch.equal(S.sample("euler", gmm_denoiser, x, sigmas, noise(), s_churn=1.0),
+    assert not torch.equal(S.sample(toy_plan("euler", churn={"s_churn": 1.0}), gmm_denoiser, x, noise()),
                            S.euler(gmm_denoiser, x, sigmas))
+    assert S.check("euler_a", None, 5, churn={"s_tmin": 0.0}).churn is None      # the defaults are no churn
     with pytest.raises(ValueError, match="takes no churn"):
-        S.sample("euler_a", gmm_denoiser, x, sigmas, noise(), s_churn=1.0)
+        S.check("euler_a", None, 5, churn={"s_churn": 1.0})
+    with pytest.raises(ValueError, match="unknown churn setting 's_chrun'"):
+        S.check("euler", None, 5, churn={"s_chrun": 1.0})
     with pytest.raises(ValueError, match="draws fresh noise"):
-        S.sample("dpm2", gmm_denoiser, x, sigmas, s_churn=1.0)
+        S.sample(toy_plan("dpm2", churn={"s_churn": 1.0}), gmm_denoiser, x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -504,25 +515,39 @@ def test_names_identifiers_and_a1111_display_names():
     assert S.parse_sampler("PLMS") == ("plms", None) and S.display_name("plms") == "PLMS"
 
 
-def test_sample_entry_point_dispatches_and_checks():
-    sigmas = toy_sigmas(5)
-    x = torch.randn(10, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
-    assert torch.equal(S.sample("Heun", gmm_denoiser, x, sigmas), S.heun(gmm_denoiser, x, sigmas))
-    noise = lambda: S.noise_from(torch.Generator().manual_seed(1), (10, 2), dtype=torch.float64)   # noqa: E731
-    assert torch.equal(S.sample("Euler a", gmm_denoiser, x, sigmas, noise(), eta=0.5),
-                       S.euler_a(gmm_denoiser, x, sigmas, noise(), eta=0.5))
+def test_check_reads_the_settings_once_and_refuses_bad_ones():
+    assert S.check("DPM++ 2M Karras", None, 20) == S.Sampling("dpmpp_2m", "karras", 20, None, None)
+    assert S.check("DDIM", "default", 20, eta=0.5) == S.Sampling("ddim", "leading", 20, 0.5, None)
     with pytest.raises(ValueError, match="takes no eta"):
-        S.sample("euler", gmm_denoiser, x, sigmas, eta=0.5)
-    with pytest.raises(ValueError, match="draws fresh noise"):
-        S.sample("euler_a", gmm_denoiser, x, sigmas)
+        S.check("euler", None, 5, eta=0.5)
     with pytest.raises(ValueError, match="euler_a.*DPM\\+\\+ 2M"):
-        S.sample("Euler b", gmm_denoiser, x, sigmas)
+        S.check("Euler b", None, 5)
+    with pytest.raises(ValueError, match="asks for the karras schedule"):
+        S.check("Euler Karras", "exponential", 5)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        S.check("euler", None, 0)
     with pytest.raises(ValueError, match="valid: discrete, karras"):
         schedules.get_sigmas("cosine", 10, SIGMAS_TRAIN)
     with pytest.raises(ValueError, match="valid: discrete, karras"):
         schedules.get_sigmas("leading karras rho", 10, SIGMAS_TRAIN)
     with pytest.raises(ValueError, match="positive integer"):
         schedules.get_sigmas("karras", 0, SIGMAS_TRAIN)
+
+
+def test_sample_runs_the_plans_sampler_with_its_eta():
+    sigmas = toy_sigmas(5)
+    x = torch.randn(10, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
+    assert torch.equal(S.sample(toy_plan("Heun"), gmm_denoiser, x), S.heun(gmm_denoiser, x, sigmas))
+    noise = lambda: S.noise_from(torch.Generator().manual_seed(1), (10, 2), dtype=torch.float64)   # noqa: E731
+    plan = toy_plan("Euler a", eta=0.5)
+    assert plan.eta == 0.5
+    assert torch.equal(S.sample(plan, gmm_denoiser, x, noise()), S.euler_a(gmm_denoiser, x, sigmas, noise(), eta=0.5))
+    # the eta reaches the sampler: eta 1 is another image
+    assert not torch.equal(S.sample(toy_plan("Euler a"), gmm_denoiser, x, noise()), S.sample(plan, gmm_denoiser, x,
+                                                                                               noise()))
+    with pytest.raises(ValueError, match="draws fresh noise"):
+        S.sample(toy_plan("euler_a"), gmm_denoiser, x)
+    assert S.sample(toy_plan("ddim"), gmm_denoiser, x).isfinite().all()      # ddim's default eta 0 draws none
 
 
 def test_ancestral_split_is_the_ddpm_posterior_at_eta_1():

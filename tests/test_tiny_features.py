@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from minisd.eval import generate_batch
 from minisd.metrics import fid as fid_mod
 from minisd.metrics import tiny_features as tf
 from minisd.pipeline import Pipeline
@@ -76,7 +75,7 @@ def model_fid(pipe, net, reference, n=150, **kwargs):
     prompts = [shapes.sample(5, i).text for i in range(n)]          # the training distribution's captions
     images = []
     for start in range(0, n, 50):
-        images += generate_batch(pipe, prompts[start:start + 50], list(range(start, start + 50)), **kwargs)
+        images += pipe.generate(prompts[start:start + 50], seed=list(range(start, start + 50)), **kwargs).images
     u8 = torch.stack([fid_mod.as_uint8(im) for im in images])
     return fid_mod.fid_from_stats(stats(u8, net), reference)
 
