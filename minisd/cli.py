@@ -15,7 +15,7 @@ from PIL import Image
 
 from weights_convert.io import CheckpointError
 
-from . import convert, lora, samplers, schedules
+from . import convert, lora, merge, samplers, schedules
 from .download import DownloadError
 from .eval import main as eval_main
 from .images import a1111_parameters, from_pil, output_paths, save_png
@@ -172,7 +172,7 @@ def main(argv=None):
     if argv[:1] == ["fid"]:
         return fid.main(argv[1:])
     if argv[:1] == ["merge-lora"]:
-        return lora.main(argv[1:])
+        return merge.main(argv[1:])
     if argv[:1] == ["eval"]:
         return eval_main(argv[1:])
     if argv[:1] == ["sweep"]:
