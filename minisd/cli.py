@@ -22,7 +22,7 @@ from PIL import Image
 
 from weights_convert.io import CheckpointError
 
-from . import convert, distributed, lora, samplers, schedules
+from . import convert, distributed, lora, merge, samplers, schedules
 from . import eval as evaluation
 from .download import DownloadError
 from .images import a1111_parameters, from_pil, output_paths, save_png
@@ -237,7 +237,7 @@ def main(argv=None):
     if argv[:1] == ["fid"]:
         return fid.main(argv[1:])
     if argv[:1] == ["merge-lora"]:
-        return lora.main(argv[1:])
+        return merge.main(argv[1:])
     if argv[:1] == ["sweep"]:
         return sweep_main(argv[1:])
     args = build_parser().parse_args(argv)

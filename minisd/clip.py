@@ -22,11 +22,13 @@ from .config import TextConfig
 
 
 class SelfAttention(AttentionLayer):
-    """Causal multi-head self-attention with q, k, v packed in one projection (nn.MultiheadAttention's names)."""
+    """Multi-head self-attention with q, k, v packed in one projection (nn.MultiheadAttention's names). Causal in
+    the text tower; CLIP's image tower (metrics/clip_image.py) lets every patch attend to every other."""
 
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, causal):
         super().__init__()
         self.heads = heads
+        self.causal = causal
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))   # rows: q, then k, then v
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
@@ -34,7 +36,7 @@ class SelfAttention(AttentionLayer):
 
     def forward(self, x):                                                  # x: (B, N, width)
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        return self.out_proj(attention(q, k, v, self.heads, causal=True, fast=self.fast))
+        return self.out_proj(attention(q, k, v, self.heads, causal=self.causal, fast=self.fast))
 
 
 class MLP(nn.Module):
@@ -59,12 +61,12 @@ class MLP(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, width, heads, activation, causal):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.width)
-        self.attn = SelfAttention(cfg.width, cfg.heads)
-        self.ln_2 = nn.LayerNorm(cfg.width)
-        self.mlp = MLP(cfg.width, cfg.activation)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads, causal)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, activation)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -72,9 +74,12 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    """`layers` blocks; the text tower's and the image tower's differ only in the mask (and their sizes)."""
+
+    def __init__(self, width, heads, layers, activation, causal):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, activation, causal)
+                                       for _ in range(layers))
 
 
 class TextEncoder(AttentionSettings, nn.Module):
@@ -94,7 +99,7 @@ class TextEncoder(AttentionSettings, nn.Module):
             token_weight.normal_()          # nn.Embedding's own N(0, 1) init (overwritten below; kept for the stream)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, _weight=token_weight)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))  # learned
-        self.transformer = Transformer(cfg)
+        self.transformer = Transformer(cfg.width, cfg.heads, cfg.layers, cfg.activation, causal=True)
         self.ln_final = nn.LayerNorm(cfg.width)
         if not meta:                                        # CLIP's init
             nn.init.normal_(self.token_embedding.weight, std=0.02)

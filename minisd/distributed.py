@@ -22,7 +22,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from .pipeline import pick_device
+from .devices import pick_device
 
 # A collective waits this long for a slow peer before failing. Rank 0 alone writes checkpoints, sample images and
 # the final model while the others wait at the next gradient average, so it must cover the slowest of those

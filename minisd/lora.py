@@ -40,7 +40,7 @@ step, keeps every fast path (oneDNN-prepared layers, CUDA graphs) computing plai
 case for the text encoder's packed q/k/v projection (a q_proj LoRA is a change to the first third of the rows of
 `in_proj_weight`). Its cost is memory: the merged copies of the targeted weights exist next to the originals
 while a LoRA is in use (SD1.5 with a LoRA on every default target: ~250M U-Net and ~85M text weights, 1.3 GB in
-fp32, 0.65 GB in fp16). `merge_checkpoint` writes the merged weights into a new checkpoint instead.
+fp32, 0.65 GB in fp16). `minisd merge-lora` (merge.py) writes the merged weights into a new checkpoint instead.
 
 Targets (which layers a new LoRA trains, `targets`): "default" is what kohya's train_network.py trains, every
 Linear and 1x1 conv inside the U-Net's transformer blocks (kohya's Transformer2DModel: proj_in, proj_out, the
@@ -48,20 +48,18 @@ attentions' to_q/to_k/to_v/to_out.0, ff.net.0.proj, ff.net.2) and the text encod
 MLP (fc1, fc2); "attention" is diffusers' train_text_to_image_lora.py: the U-Net's to_q/to_k/to_v/to_out.0, and
 for the text encoder its q/k/v/out projections (diffusers' DreamBooth LoRA script).
 """
-import argparse
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from torch import nn
 
-from weights_convert import detect, ldm, native
+from weights_convert import ldm
 from weights_convert.diffusers import rename, unet_table
-from weights_convert.io import SafetensorsFile, unpickle_ckpt, write_ckpt, write_safetensors
+from weights_convert.io import SafetensorsFile, unpickle_ckpt, write_safetensors
 
 from .clip import TextEncoder
 from .config import ModelConfig
@@ -419,59 +417,3 @@ def save_diffusers(path, lora_layers, config: ModelConfig, dtype=None):
         tensors[f"{layer.diffusers}.lora_A.weight"] = cast(f.down.detach())
         tensors[f"{layer.diffusers}.lora_B.weight"] = cast(f.up.detach() * f.scale())
     write_safetensors(str(path), tensors, {"format": "pt"})
-
-
-# ---------------------------------------------------------------------------------------------------------
-# merge-lora: a new checkpoint with the LoRAs merged in
-
-def merge_checkpoint(model_path, specs, out, log=print):
-    """Write `model_path` with the LoRAs `specs` ([(file, multiplier)]) merged into its weights, to `out`.
-
-    The layout written: an original single file (LDM) input gives an LDM file, every tensor it held kept (schedule
-    buffers, EMA copies); a minisd file gives a minisd file; a diffusers folder gives an LDM single file (the layout
-    A1111, ComfyUI and diffusers' from_single_file read). `.safetensors` or `.ckpt` by `out`'s suffix. Every LoRA
-    is read and checked before anything is written; the file is written beside `out` and renamed into place, so
-    `out` is never half-written."""
-    from .model import build_on_meta, check_state
-    ckpt = detect.read(model_path, log=log)
-    cfg = ckpt.config
-    loras = [(read(path, cfg), scale, scale) for path, scale in specs]
-    check_state(ckpt.state, build_on_meta(cfg), ckpt.layout + " checkpoint")
-    tensors = {name: ckpt.state.pop(name) for name in list(ckpt.state)}    # lazily mapped from the file
-    for param, w in merged(cfg, tensors.__getitem__, loras):
-        tensors[param] = w
-    tmp = f"{out}.partial"
-    try:
-        if ckpt.layout == "minisd":
-            native.write_native(tmp, tensors, cfg, ckpt.used_ema)
-        else:
-            tensors = ldm.to_ldm(tensors, cfg, ckpt.used_ema)
-            if str(out).endswith(".ckpt"):
-                write_ckpt(tmp, tensors)
-            else:
-                write_safetensors(tmp, tensors, {"minisd_config": native.config_to_json(cfg)})
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    log(f"minisd: wrote {out} ({'minisd' if ckpt.layout == 'minisd' else 'ldm'} layout) with "
-        + ", ".join(f"{lora.name} x {scale:g}" for lora, scale, _ in loras) + " merged in")
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="minisd merge-lora",
-                                description="Merge LoRA files into a checkpoint's weights and write a new one.")
-    p.add_argument("--model", required=True, help="checkpoint file or diffusers folder")
-    p.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]",
-                   help="a LoRA file and its multiplier (default 1); repeat for several")
-    p.add_argument("--out", required=True, help="the merged checkpoint (.safetensors or .ckpt)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    args = p.parse_args(argv)
-    try:
-        if os.path.exists(args.out) and not args.overwrite:
-            raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
-        merge_checkpoint(args.model, [parse_spec(s) for s in args.lora], args.out)
-    except (ValueError, FileNotFoundError) as e:         # LoRAError and CheckpointError are ValueErrors
-        print(f"minisd: error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -8,6 +8,7 @@
                                               scheduler config (what from_single_file(config=...) needs)
     write_diffusers_folder(path, cfg, seed)   the same plus weights, converted from the LDM file of that seed
                                               by diffusers itself (from_single_file + save_pretrained)
+    build_pair(tmp_path_factory, cfg, seed)   minisd's Pipeline and diffusers' pipeline of one such file
 
 Names and shapes come from the reference modules built on the meta device; values are drawn here. Reference
 inits zero some output layers (LDM's zero_module), which would let comparisons pass trivially, so every
@@ -309,6 +310,22 @@ def diffusers_from_single_file(ckpt_path, config_folder, **kwargs):
     return StableDiffusionPipeline.from_single_file(str(ckpt_path), config=str(config_folder),
                                                     local_files_only=True, safety_checker=None,
                                                     requires_safety_checker=False, **kwargs)
+
+
+def build_pair(tmp_path_factory, cfg, seed):
+    """(our Pipeline, diffusers' StableDiffusionPipeline, the folder) of one random LDM checkpoint of `cfg`: fp32 on
+    the CPU, ours without oneDNN-prepared layers; diffusers' keeps its file's scheduler config in
+    `sd_scheduler_config` (tests build each scheduler from it)."""
+    from minisd.pipeline import Pipeline
+    d = tmp_path_factory.mktemp(cfg.name)
+    ckpt = d / "model.safetensors"
+    write_ldm_checkpoint(ckpt, cfg, seed=seed, parameterization=cfg.prediction)
+    write_diffusers_config(d / "config", cfg)
+    ours = Pipeline.load(str(ckpt), device="cpu", dtype="fp32", log=lambda *_: None, prepack=False)
+    ref = diffusers_from_single_file(ckpt, d / "config")
+    ref.set_progress_bar_config(disable=True)
+    ref.sd_scheduler_config = ref.scheduler.config
+    return ours, ref, d
 
 
 def write_diffusers_folder(path, cfg, seed=0, weights=True):

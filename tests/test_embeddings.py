@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import SMALL_SD1, SMALL_SD2, diffusers_from_single_file, write_diffusers_config, write_ldm_checkpoint
+from checkpoints import SMALL_SD1, SMALL_SD2, build_pair
 from minisd import embeddings
 from minisd.cli import main
-from minisd.pipeline import Pipeline
 
 TOL = 2 / 255
 PROMPT = "a <cat-toy> on a beach, highly detailed"
@@ -22,26 +21,14 @@ PROMPT = "a <cat-toy> on a beach, highly detailed"
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
 
 
-def _build(tmp_path_factory, cfg, seed):
-    d = tmp_path_factory.mktemp(cfg.name)
-    ckpt = d / "model.safetensors"
-    write_ldm_checkpoint(ckpt, cfg, seed=seed, parameterization=cfg.prediction)
-    write_diffusers_config(d / "config", cfg)
-    ours = Pipeline.load(str(ckpt), device="cpu", dtype="fp32", log=lambda *_: None, prepack=False)
-    ref = diffusers_from_single_file(ckpt, d / "config")
-    ref.set_progress_bar_config(disable=True)
-    ref.sd_scheduler_config = ref.scheduler.config
-    return ours, ref, d
-
-
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
-    return _build(tmp_path_factory, SMALL_SD1, seed=1)
+    return build_pair(tmp_path_factory, SMALL_SD1, seed=1)
 
 
 @pytest.fixture(scope="module")
 def sd2(tmp_path_factory):
-    return _build(tmp_path_factory, SMALL_SD2, seed=2)
+    return build_pair(tmp_path_factory, SMALL_SD2, seed=2)
 
 
 def vectors(n, width=64, seed=0):

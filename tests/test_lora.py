@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import (SMALL_SD1, SMALL_SD2, diffusers_from_single_file, reference_diffusers_unet,
-                         reference_unet, write_diffusers_config, write_ldm_checkpoint)
-from minisd import lora
+from checkpoints import SMALL_SD1, SMALL_SD2, build_pair, reference_diffusers_unet, reference_unet
+from minisd import lora, merge
 from minisd.cli import main
 from minisd.config import SD15, SD21_V
 from minisd.fast import onednn
@@ -43,26 +42,14 @@ def _np(images):
     return np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
 
 
-def _build(tmp_path_factory, cfg, seed):
-    d = tmp_path_factory.mktemp(cfg.name)
-    ckpt = d / "model.safetensors"
-    write_ldm_checkpoint(ckpt, cfg, seed=seed, parameterization=cfg.prediction)
-    write_diffusers_config(d / "config", cfg)
-    ours = Pipeline.load(str(ckpt), device="cpu", dtype="fp32", log=lambda *_: None, prepack=False)
-    ref = diffusers_from_single_file(ckpt, d / "config")
-    ref.set_progress_bar_config(disable=True)
-    ref.sd_scheduler_config = ref.scheduler.config
-    return ours, ref, d
-
-
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
-    return _build(tmp_path_factory, SMALL_SD1, seed=1)
+    return build_pair(tmp_path_factory, SMALL_SD1, seed=1)
 
 
 @pytest.fixture(scope="module")
 def sd2(tmp_path_factory):
-    return _build(tmp_path_factory, SMALL_SD2, seed=2)
+    return build_pair(tmp_path_factory, SMALL_SD2, seed=2)
 
 
 def ours_image(pipe, seed=7):
@@ -433,7 +420,7 @@ def test_merge_lora_keeps_a_minisd_file_minisd_and_equals_the_applied_lora(sd1, 
     path = tmp_path / "k.safetensors"
     lora.save_kohya(path, random_lora(SMALL_SD1, seed=8))
     merged = tmp_path / "merged.safetensors"
-    lora.merge_checkpoint(str(native), [(str(path), 0.6)], str(merged), log=lambda *_: None)
+    merge.merge_checkpoint(str(native), [(str(path), 0.6)], str(merged), log=lambda *_: None)
     assert SafetensorsFile(str(merged)).metadata["format"] == "minisd"
     load = lambda p: Pipeline.load(str(p), device="cpu", dtype="fp32", log=lambda *_: None, prepack=False)
     applied = load(native)

@@ -40,7 +40,7 @@ import torch
 
 from _train_refs import (BATCH, F64_TOL, LR, RES, SD1, STEPS, add_lora, diffusers_from_single_file, image_folder,
                          model_files, prepare, reference_batches, reference_training)
-from checkpoints import SMALL_SD1, SMALL_SD2
+from checkpoints import SMALL_SD1, SMALL_SD2, build_pair
 from minisd import lora
 from minisd.train import lora as train_lora, settings
 from weights_convert import detect
@@ -190,14 +190,12 @@ def test_lora_parity_can_fail(tmp_path, sd1):
 
 @pytest.fixture(scope="module")
 def small_sd1(tmp_path_factory):
-    from test_lora import _build
-    return _build(tmp_path_factory, SMALL_SD1, seed=41)
+    return build_pair(tmp_path_factory, SMALL_SD1, seed=41)
 
 
 @pytest.fixture(scope="module")
 def small_sd2(tmp_path_factory):
-    from test_lora import _build
-    return _build(tmp_path_factory, SMALL_SD2, seed=42)
+    return build_pair(tmp_path_factory, SMALL_SD2, seed=42)
 
 
 def test_step_zero_is_the_base_model_bit_for_bit(small_sd1, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from minisd.metrics import fid as fid_mod
 from minisd.metrics import tiny_features as tf
 from minisd.pipeline import Pipeline
-from minisd.tiny import shapes
+from minisd.tiny import features_recipe, shapes
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
@@ -36,7 +36,7 @@ def reference(net):
 def test_the_shipped_network_is_small_and_reads_every_head_on_held_out_samples(net):
     assert tf.default_path().stat().st_size < 2e6
     assert net.dim == 128
-    acc = tf.accuracy(net, seed=12345, n=500)          # a stream it was not trained on
+    acc = features_recipe.accuracy(net, seed=12345, n=500)          # a stream it was not trained on
     # the card reports 100% on 2000 samples; 99% leaves room for a rare ambiguous small shape
     assert min(acc.values()) >= 0.99, acc
 
@@ -116,9 +116,9 @@ def test_minisd_fid_cli_takes_features_tiny(tmp_path, capsys):
 
 
 def test_training_is_deterministic_from_the_seed(tmp_path):
-    recipe = tf.Recipe(steps=3, batch=8, eval_samples=8)
-    _, report = tf.train_features(tmp_path / "a", recipe, log=lambda *_: None)
-    tf.train_features(tmp_path / "b", recipe, log=lambda *_: None)
+    recipe = features_recipe.Recipe(steps=3, batch=8, eval_samples=8)
+    _, report = features_recipe.train_features(tmp_path / "a", recipe, log=lambda *_: None)
+    features_recipe.train_features(tmp_path / "b", recipe, log=lambda *_: None)
     a = tf.load_tiny_features(tmp_path / "a" / tf.FILENAME)
     b = tf.load_tiny_features(tmp_path / "b" / tf.FILENAME)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):

@@ -7,20 +7,19 @@
     -> `layers` pre-LN blocks: x + attn(ln_1 x), x + mlp(ln_2 x), attention NOT causal (unlike the text tower)
     -> ln_post of the class token, times proj                        (N, embed_dim)
 
-Module names are open_clip's (`visual.` stripped), like minisd/clip.py's text tower. `from_transformers` maps
-transformers' CLIPModel (`vision_model.*`, `visual_projection.weight`) onto them: the per-block names are the text
-tower's (weights_convert/text.py), the embeddings and LayerNorms are renamed, q/k/v are packed into in_proj, and
-visual_projection.weight (embed_dim, width) is transposed into proj (width, embed_dim).
+The blocks are minisd/clip.py's, the text tower's, with the causal mask off. Module names are open_clip's
+(`visual.` stripped), like the text tower's. `from_transformers` maps transformers' CLIPModel (`vision_model.*`,
+`visual_projection.weight`) onto them: the per-block names are the text tower's (weights_convert/text.py), the
+embeddings and LayerNorms are renamed, q/k/v are packed into in_proj, and visual_projection.weight
+(embed_dim, width) is transposed into proj (width, embed_dim).
 """
 import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from minisd.attention import attention
-from minisd.clip import MLP
+from minisd.clip import Transformer
 from weights_convert.text import TRANSFORMERS_BLOCK, TRANSFORMERS_QKV
 
 
@@ -39,42 +38,6 @@ class VisionConfig:
 VIT_L_14 = VisionConfig()             # OpenAI CLIP ViT-L/14, whose text tower is SD1's (config.SD1_TEXT)
 
 
-class Attention(nn.Module):
-    """Full (bidirectional) multi-head self-attention, q/k/v packed in one projection (nn.MultiheadAttention's
-    names, as open_clip stores them)."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))   # rows: q, then k, then v
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-
-    def forward(self, x):                                                     # (N, tokens, width)
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        return self.out_proj(attention(q, k, v, self.heads, causal=False))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.width)
-        self.attn = Attention(cfg.width, cfg.heads)
-        self.ln_2 = nn.LayerNorm(cfg.width)
-        self.mlp = MLP(cfg.width, cfg.activation)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class Transformer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.resblocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
-
-
 class ImageEncoder(nn.Module):
     """Normalised pixels (N, 3, S, S) -> image embeddings (N, embed_dim), not yet L2-normalised."""
 
@@ -88,7 +51,7 @@ class ImageEncoder(nn.Module):
         self.class_embedding = nn.Parameter(torch.randn(cfg.width) * cfg.width ** -0.5)
         self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, cfg.width) * cfg.width ** -0.5)
         self.ln_pre = nn.LayerNorm(cfg.width)
-        self.transformer = Transformer(cfg)
+        self.transformer = Transformer(cfg.width, cfg.heads, cfg.layers, cfg.activation, causal=False)
         self.ln_post = nn.LayerNorm(cfg.width)
         self.proj = nn.Parameter(torch.randn(cfg.width, cfg.embed_dim) * cfg.width ** -0.5)
 

@@ -16,31 +16,22 @@ The 128 pooled features (Inception's pool3 analogue: the input of the heads, aft
 what the model makes of a held-out prompt. GroupNorm, not BatchNorm: a feature must not depend on what else is in
 the batch.
 
-    python -m minisd.metrics.tiny_features --out runs/tiny-features     # reproduces the shipped weights
+Here: the network, and its weights file (the config, and the training report, in the safetensors metadata). The
+recipe that trains it on the shapes world, and its command, are minisd/tiny/features_recipe.py:
 
-trains it (cross-entropy summed over the three heads, AdamW with warmup + cosine, through minisd.train.train),
-measures the accuracy of each head on held-out samples, and writes the weights plus report.json. Deterministic
-from the seed for a given torch build and thread count (--threads; the shipped file used 1).
+    python -m minisd.tiny.features_recipe --out runs/tiny-features     # reproduces the shipped weights
 """
-import argparse
 import json
-import os
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from ..images import to_tensor
-from ..tiny import shapes
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 FILENAME = "minisd-tiny-features.safetensors"
-COLOURS = tuple(shapes.COLOURS)          # class index -> name, for the colour and background heads
-SHAPES = shapes.SHAPES
 
 
 @dataclass(frozen=True)
@@ -51,21 +42,14 @@ class FeaturesConfig:
     groups: int = 8                                 # GroupNorm groups
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """Every number of the training run; the shipped weights are Recipe() (seed 0)."""
-    seed: int = 0
-    steps: int = 1500
-    batch: int = 64
-    lr: float = 2e-3
-    warmup_steps: int = 50
-    eval_samples: int = 2000        # held-out samples for the accuracy of each head (another stream: seed + 1)
-
-
 class TinyFeatures(nn.Module):
-    """uint8 images -> `input` -> pooled features (N, D) -> `heads` -> three sets of logits."""
+    """uint8 images -> `input` -> pooled features (N, D) -> `heads` -> three sets of logits.
 
-    def __init__(self, cfg: FeaturesConfig = FeaturesConfig()):
+    `colours` and `shapes` are how many classes the heads tell apart (the shapes world's 8 colours, the colour and
+    background heads, and its 3 shapes): the recipe gives the world's, `load_tiny_features` reads them off the
+    weights."""
+
+    def __init__(self, cfg: FeaturesConfig, colours: int, shapes: int):
         super().__init__()
         self.cfg = cfg
         layers, c_in = [], 3
@@ -74,9 +58,9 @@ class TinyFeatures(nn.Module):
                        nn.ReLU()]
             c_in = width
         self.trunk = nn.Sequential(*layers)
-        self.colour = nn.Linear(c_in, len(COLOURS))
-        self.shape = nn.Linear(c_in, len(SHAPES))
-        self.background = nn.Linear(c_in, len(COLOURS))
+        self.colour = nn.Linear(c_in, colours)
+        self.shape = nn.Linear(c_in, shapes)
+        self.background = nn.Linear(c_in, colours)
 
     @property
     def dim(self):
@@ -101,43 +85,6 @@ class TinyFeatures(nn.Module):
         return self.colour(features), self.shape(features), self.background(features)
 
 
-# ---- data: a pure function of (seed, index), like the tiny model's --------------------------------------------
-
-HELD_OUT_FRACTION = len(shapes.HELD_OUT) / len(shapes.all_combinations())
-
-
-def world_sample(seed, index):
-    """A sample uniform over all 168 combinations (shapes.sample draws from the 156 training ones or the 12 held-out
-    ones; choosing between them in proportion makes the mixture uniform), with shapes.sample's geometry."""
-    held_out = np.random.default_rng([seed, index, 1]).random() < HELD_OUT_FRACTION
-    return shapes.sample(seed, index, held_out=held_out)
-
-
-def labelled_batch(seed, start, n):
-    samples = [world_sample(seed, i) for i in range(start, start + n)]
-    labels = torch.tensor([[COLOURS.index(s.colour), SHAPES.index(s.shape), COLOURS.index(s.background)]
-                           for s in samples])                       # (n, 3)
-    return to_tensor([s.image for s in samples]), labels
-
-
-def loss(model, x, labels):
-    """Cross-entropy of each head, summed."""
-    return sum(F.cross_entropy(logits, labels[:, i]) for i, logits in enumerate(model.heads(model(x))))
-
-
-@torch.no_grad()
-def accuracy(model, seed, n, batch=500):
-    """Fraction right per head, and all three at once, on samples start..n of the stream `seed`."""
-    model.eval()
-    right = torch.zeros(4)
-    for start in range(0, n, batch):
-        x, labels = labelled_batch(seed, start, min(batch, n - start))
-        predicted = torch.stack([logits.argmax(dim=1) for logits in model.heads(model(x))], dim=1)
-        hits = predicted == labels
-        right += torch.cat([hits.sum(dim=0), hits.all(dim=1).sum()[None]]).float()
-    return dict(zip(("colour", "shape", "background", "all"), (right / n).tolist()))
-
-
 # ---- weights ---------------------------------------------------------------------------------------------------
 
 def default_path() -> Path:
@@ -145,7 +92,6 @@ def default_path() -> Path:
 
 
 def save(model, path, report=None):
-    from safetensors.torch import save_file
     metadata = {"config": json.dumps(asdict(model.cfg))}
     if report is not None:
         metadata["report"] = json.dumps(report)
@@ -154,8 +100,6 @@ def save(model, path, report=None):
 
 def load_tiny_features(path=None, device="cpu") -> TinyFeatures:
     """The shipped network (minisd/assets/) or the one at `path`, in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     path = Path(path) if path is not None else default_path()
     if not path.is_file():
         raise ValueError(f"tiny feature network {path} does not exist")
@@ -164,73 +108,8 @@ def load_tiny_features(path=None, device="cpu") -> TinyFeatures:
     if "config" not in meta:
         raise ValueError(f"{path} is not a minisd tiny feature network (no 'config' in its metadata)")
     cfg = json.loads(meta["config"])
-    model = TinyFeatures(FeaturesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}))
-    model.load_state_dict(load_file(str(path)))
+    state = load_file(str(path))
+    model = TinyFeatures(FeaturesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}),
+                         colours=len(state["colour.bias"]), shapes=len(state["shape.bias"]))
+    model.load_state_dict(state)
     return model.eval().requires_grad_(False).to(device)
-
-
-# ---- the recipe ------------------------------------------------------------------------------------------------
-
-def train_features(out_dir, recipe=Recipe(), log=print):
-    """Train into out_dir (resuming its checkpoint), write out_dir/minisd-tiny-features.safetensors and report.json.
-    Returns (path, report)."""
-    from ..train.loop import TrainConfig, train
-    os.makedirs(out_dir, exist_ok=True)
-    torch.manual_seed(recipe.seed)                                  # the initial weights
-    model = TinyFeatures()
-    cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, lr_schedule="cosine", warmup_steps=recipe.warmup_steps,
-                      ema_decay=0.0, checkpoint_every=200, seed=recipe.seed)
-
-    def loss_fn(step, generator):                                   # batch `step` of the stream `seed`
-        x, labels = labelled_batch(recipe.seed, step * recipe.batch, recipe.batch)
-        return loss(model, x, labels)
-
-    t0 = time.time()
-    weights = train(model, dict(model.named_parameters()), loss_fn, cfg, out_dir, "tiny_features",
-                    on_step=_progress(log), log=log)
-    seconds = time.time() - t0
-    model.load_state_dict(weights)
-    model.eval().requires_grad_(False)
-    acc = accuracy(model, recipe.seed + 1, recipe.eval_samples)
-    report = {"recipe": asdict(recipe), "config": asdict(model.cfg), "train_seconds": round(seconds, 1),
-              "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters()),
-              "held_out_accuracy": {k: round(v, 4) for k, v in acc.items()}}
-    path = os.path.join(out_dir, FILENAME)
-    save(model, path + ".tmp", report)
-    os.replace(path + ".tmp", path)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    log(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB); held-out accuracy {report['held_out_accuracy']}")
-    return path, report
-
-
-def _progress(log, every=100):
-    losses = []
-
-    def on_step(step, loss, lr):
-        losses.append(loss)
-        if (step + 1) % every == 0:
-            log(f"step {step + 1}: loss {sum(losses) / len(losses):.4f} lr {lr:.2e}")
-            losses.clear()
-    return on_step
-
-
-def main(argv=None):
-    """`python -m minisd.metrics.tiny_features --out DIR [--seed N] [--steps N] [--threads N]`."""
-    p = argparse.ArgumentParser(prog="python -m minisd.metrics.tiny_features",
-                                description="train the tiny world's feature network (the shipped one: defaults)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint, report.json, the weights")
-    d = Recipe()
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (the last bits of the weights depend on it; the shipped file used 1)")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(args.threads)
-    train_features(args.out, Recipe(seed=args.seed, steps=args.steps, eval_samples=args.eval_samples))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
