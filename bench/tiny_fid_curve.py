@@ -4,7 +4,7 @@ should fall as the model trains. The figures of bench/RESULTS.md, section "FID a
     python bench/tiny_fid_curve.py --out runs/fid-curve              # steps 0, 250, 500, 1000, 2000 + shipped
     python bench/tiny_fid_curve.py --out runs/fid-curve --steps 0 500 --n 200   # a shorter look
 
-Phase 3 of minisd/tiny/recipe.py (text encoder + U-Net from their seeded initial weights, the recipe's own
+Phase 3 of minisd/train/tiny.py (text encoder + U-Net from their seeded initial weights, the recipe's own
 10000-step schedule, EMA) is run with TrainConfig.until, so each checkpoint is the recipe's run at that step, not a
 shorter run with its own schedule. Phases 1-2 (the autoencoder) are taken from the shipped model instead of
 being trained again: the bank of latents is encoded by the shipped VAE (fp16 weights, where the recipe's run
@@ -26,7 +26,7 @@ from minisd.metrics import fid
 from minisd.metrics import tiny_features
 from minisd.model import StableDiffusion, load_model, tiny_model_path
 from minisd.pipeline import Pipeline
-from minisd.tiny import recipe as tiny_recipe
+from minisd.train import tiny as tiny_recipe
 from minisd.tiny import shapes
 from minisd.train.loop import TrainConfig
 

@@ -34,12 +34,17 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from . import distributed, samplers
 from .images import a1111_parameters, save_png
 from .metrics import fid as fid_mod
+from .metrics.clip_score import clip_scores, load_clip
+from .metrics.inception import load_inception
+from .metrics.inception_score import inception_logits, inception_score
 from .pipeline import DEFAULT_SAMPLER
+from .tiny import shapes
 
 METRICS = ("fid", "is", "clip", "adherence")
 SHAPES_REF_IMAGES = 5000          # `--ref shapes`: this many real images ...
@@ -142,7 +147,6 @@ def reference_statistics(ref, model, features, batch_size, device, log=print):
     if ref == "shapes":
         if features != "tiny":
             raise ValueError("--ref shapes is the tiny world's real images: use it with --features tiny")
-        from .tiny import shapes
         log(f"reference: {SHAPES_REF_IMAGES} real shapes images (stream {SHAPES_REF_SEED})")
         images = [fid_mod.as_uint8(shapes.sample(SHAPES_REF_SEED, i).image) for i in range(SHAPES_REF_IMAGES)]
         return fid_mod.moments(fid_mod.activations(images, model, batch_size, device=device))
@@ -161,14 +165,11 @@ def compute_metrics(files, captions, args, log=print):
         stats = fid_mod.moments(fid_mod.activations(files, model, args.metrics_batch, device=args.metrics_device))
         out["fid"] = fid_mod.fid_from_stats(stats, ref)
     if "is" in wanted:
-        from .metrics.inception import load_inception
-        from .metrics.inception_score import inception_logits, inception_score
         model = load_inception(args.inception_weights, device=args.metrics_device)
         logits = torch.cat([inception_logits(torch.stack([fid_mod.read_image(f) for f in files[i:i + 50]]), model,
                                              device=args.metrics_device) for i in range(0, len(files), 50)])
         out["is"], out["is_std"] = inception_score(logits, splits=10, generator=torch.Generator().manual_seed(0))
     if "clip" in wanted:
-        from .metrics.clip_score import clip_scores, load_clip
         if not args.clip_weights:
             raise ValueError("the clip metric needs --clip-weights FILE (OpenAI CLIP ViT-L/14, transformers' or "
                              "open_clip's layout)")
@@ -177,9 +178,6 @@ def compute_metrics(files, captions, args, log=print):
                                         device=args.metrics_device) for i in range(0, len(files), 32)])
         out["clip"] = max(float(scores.mean()), 0.0)                 # torchmetrics clamps the mean
     if "adherence" in wanted:
-        from PIL import Image
-
-        from .tiny import shapes
         hits = 0
         for f, text in zip(files, captions):
             words = shapes.parse_caption(text) if len(text.split()) == 7 else None

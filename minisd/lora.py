@@ -57,7 +57,6 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from weights_convert import ldm
 from weights_convert.diffusers import rename, unet_table
 from weights_convert.io import SafetensorsFile, unpickle_ckpt, write_safetensors
 

@@ -5,9 +5,7 @@
 What it writes is an ordinary checkpoint, checked like `minisd convert` checks one (convert.py): every tensor by
 name and shape against the model its config describes, before anything is written.
 """
-import argparse
 import os
-import sys
 
 from weights_convert import detect, ldm, native
 from weights_convert.io import write_ckpt, write_safetensors
@@ -47,22 +45,3 @@ def merge_checkpoint(model_path, specs, out, log=print):
             os.remove(tmp)
     log(f"minisd: wrote {out} ({'minisd' if ckpt.layout == 'minisd' else 'ldm'} layout) with "
         + ", ".join(f"{applied.name} x {scale:g}" for applied, scale, _ in loras) + " merged in")
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="minisd merge-lora",
-                                description="Merge LoRA files into a checkpoint's weights and write a new one.")
-    p.add_argument("--model", required=True, help="checkpoint file or diffusers folder")
-    p.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]",
-                   help="a LoRA file and its multiplier (default 1); repeat for several")
-    p.add_argument("--out", required=True, help="the merged checkpoint (.safetensors or .ckpt)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    args = p.parse_args(argv)
-    try:
-        if os.path.exists(args.out) and not args.overwrite:
-            raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
-        merge_checkpoint(args.model, [lora.parse_spec(s) for s in args.lora], args.out)
-    except (ValueError, FileNotFoundError) as e:         # LoRAError and CheckpointError are ValueErrors
-        print(f"minisd: error: {e}", file=sys.stderr)
-        return 2
-    return 0

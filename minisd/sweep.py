@@ -55,13 +55,11 @@ At the end (and after each trial): trials.csv and trials.md (every trial: number
 folder, seconds), best.json (the best parameters), and objective-vs-parameter plots (plots.png) when matplotlib
 is importable (it is not a dependency of minisd; pip install matplotlib).
 """
-import argparse
 import contextlib
 import csv
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import tomllib
@@ -373,33 +371,3 @@ def sweep(spec, storage_url=None, trials=None, log=print):
         log(f"best: trial {best.number}, {spec['objective']}={best.value:.6g}, {best.params}")
     log(f"wrote {folder / 'trials.md'}, {folder / 'trials.csv'}")
     return best
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="minisd sweep", description="hyper-parameter search on Optuna: each trial runs "
-                                "the spec's commands (train, then minisd eval) in its own folder")
-    p.add_argument("spec", help="the sweep's TOML file (see minisd/sweep.py)")
-    p.add_argument("--storage", default=None, metavar="URL",
-                   help="Optuna RDB storage shared by several workers (default: SQLite in the sweep folder)")
-    p.add_argument("--trials", type=int, default=None, help="finished trials wanted (default: the spec's)")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-
-    def on_sigterm(signum, frame):                   # a scheduler's stop: end like Ctrl-C (the command is stopped)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        sweep(read_spec(args.spec), args.storage, args.trials)
-    except ValueError as e:
-        print(f"minisd: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("minisd sweep: interrupted; run the same command again to continue the study", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -177,7 +177,7 @@ def test_a_process_that_dies_stops_the_job_with_a_clear_message_and_the_run_resu
     last = errors[0]
     print(f"[dead rank] rank 0 exited {procs[0].returncode} after {waited:.1f} s: {last}")
     assert procs[0].returncode == 3
-    assert last.startswith("minisd train: error: another process of this 2-process job stopped")
+    assert last.startswith("minisd: error: another process of this 2-process job stopped")
     assert "--resume" in last
     step = torch.load(ckpt, weights_only=True)["step"]
     assert 1 <= step < 500
@@ -194,6 +194,6 @@ def test_scale_lr_multiplies_the_rate_by_the_examples_of_an_optimizer_step_and_n
     assert settings.train_config(cfg).lr == 1e-5                                # never silently
     scaled = settings.train_config(finetune.FinetuneConfig(**{**cfg.__dict__, "scale_lr": True}))
     assert scaled.lr == pytest.approx(1e-5 * 3 * 2 * 1)                        # x processes (1 here)
-    from minisd.train.cli import build_parser, config_from_args
-    args = build_parser().parse_args(["finetune", "--data", "d", "--out", "o", "--scale-lr"])
+    from minisd.cli.train import config_from_args
+    args = cli.build_parser().parse_args(["train", "finetune", "--data", "d", "--out", "o", "--scale-lr"])
     assert config_from_args(args).scale_lr

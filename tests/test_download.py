@@ -15,7 +15,7 @@ import urllib.error
 import pytest
 
 from minisd import download as dl
-from minisd.metrics import fid as fid_mod
+from minisd import cli
 from minisd.metrics import inception
 from minisd.tiny import shapes
 
@@ -277,7 +277,7 @@ def test_inception_weights_whose_sha256_does_not_match_their_name_are_refused_in
         inception_hub, tmp_path, capsys):
     shapes.write_image_folder(tmp_path / "a", 2, seed=1)
     shapes.write_image_folder(tmp_path / "b", 2, seed=2)
-    assert fid_mod.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2     # fetches the weights, refuses them
+    assert cli.main(["fid", str(tmp_path / "a"), str(tmp_path / "b")]) == 2     # fetches the weights, refuses them
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("minisd: error: could not download the Inception weights: Checksum mismatch for "
                             f"{inception.URL}: expected SHA-256 6726825d..., got {hashlib.sha256(DATA).hexdigest()}")

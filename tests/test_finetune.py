@@ -245,7 +245,7 @@ def test_a_run_killed_after_a_checkpoint_and_resumed_ends_bit_identical(tmp_path
     root = Path(__file__).resolve().parents[1]
 
     def command(out, *extra):
-        return [sys.executable, "-m", "minisd.cli", "train", "finetune", "--data", str(data), "--out", str(out),
+        return [sys.executable, "-m", "minisd", "train", "finetune", "--data", str(data), "--out", str(out),
                 "--max-train-steps", "24", "--checkpointing-steps", "4", "--random-flip", "--train-batch-size", "2",
                 "--learning-rate", "1e-4", "--lr-scheduler", "cosine", "--use-ema", "--device", "cpu", *extra]
 

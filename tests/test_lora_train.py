@@ -268,10 +268,9 @@ def test_base_weights_are_bit_identical_after_training(tmp_path, monkeypatch):
 def test_cli_dreambooth_lora_then_generate_and_merge_on_the_tiny_model(tmp_path, capsys):
     from minisd.cli import main as minisd_main
     from minisd.tiny import subject
-    from minisd.train.cli import main
     subject.write_instance_folder(str(tmp_path / "ring"), combos=subject.INSTANCE_COMBOS[:2])
     out = tmp_path / "ring-lora"
-    assert main(["lora", "--instance-dir", str(tmp_path / "ring"), "--instance-prompt", "a sks circle",
+    assert minisd_main(["train", "lora", "--instance-dir", str(tmp_path / "ring"), "--instance-prompt", "a sks circle",
                  "--class-prompt", "a red circle on a white background", "--class-dir", str(tmp_path / "class"),
                  "--num-class-images", "2", "--out", str(out), "--max-train-steps", "2", "--rank", "2",
                  "--train-text-encoder", "--lr-scheduler", "cosine", "--device", "cpu"]) == 0
@@ -299,8 +298,8 @@ def test_cli_dreambooth_lora_then_generate_and_merge_on_the_tiny_model(tmp_path,
     (["--class-prompt", "a circle"], "--class-prompt needs --class-dir"),
 ])
 def test_bad_flags_are_one_line_errors_before_anything_is_written(tmp_path, capsys, flags, message):
-    from minisd.train.cli import main
-    assert main(["lora", "--instance-dir", str(tmp_path), "--instance-prompt", "a sks circle",
+    from minisd.cli import main
+    assert main(["train", "lora", "--instance-dir", str(tmp_path), "--instance-prompt", "a sks circle",
                  "--out", str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err

@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+from minisd import cli
 from minisd.metrics import fid as fid_mod
 from minisd.metrics.inception import FILENAME, InceptionV3, from_pytorch_fid, load_inception
 from minisd.metrics.inception_score import inception_logits, inception_score
@@ -315,7 +316,7 @@ def test_fid_matches_torchmetrics(ours, weights, folders):
 
 def test_npz_files_are_pytorch_fids_format(stats_a, pytorch_fid_model, folders, tmp_path):
     from pytorch_fid.fid_score import compute_statistics_of_path
-    assert fid_mod.main([str(folders[0]), "--save-stats", str(tmp_path / "ours.npz")]) == 0
+    assert cli.main(["fid", str(folders[0]), "--save-stats", str(tmp_path / "ours.npz")]) == 0
     m, s = compute_statistics_of_path(str(tmp_path / "ours.npz"), pytorch_fid_model, 50, 2048, "cpu")
     assert m.dtype == s.dtype == np.float64 and m.shape == (2048,) and s.shape == (2048, 2048)
     assert np.array_equal(m, stats_a[0].numpy()) and np.array_equal(s, stats_a[1].numpy())
@@ -329,7 +330,7 @@ def test_cli_prints_fid_last(tmp_path, capsys):
     x1, x2 = random_features(10, 12, 32)
     fid_mod.save_stats(tmp_path / "a.npz", *fid_mod.moments(x1))
     fid_mod.save_stats(tmp_path / "b.npz", *fid_mod.moments(x2))
-    assert fid_mod.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == 0
+    assert cli.main(["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     expected = check_frechet_distance(x1, x2, references=False)
     assert last.startswith("fid=") and abs(float(last[4:]) - expected) <= 1e-6 * expected
@@ -346,7 +347,7 @@ def test_cli_errors_are_one_line(case, tmp_path, capsys, torch_home):
             "empty": [str(tmp_path / "empty"), str(bad)],
             "unreadable": [str(bad), str(bad)],
             "exists": [str(bad), "--save-stats", str(tmp_path / "out.npz")]}[case]
-    assert fid_mod.main(argv) == 2
+    assert cli.main(["fid", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     print(err)
     assert len(err) == 1 and err[0].startswith("minisd: error: ")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from minisd import sweep
+from minisd import cli, sweep
 
 pytest.importorskip("optuna")
 
@@ -147,7 +147,7 @@ def test_a_failing_command_fails_its_trial_which_counts_and_is_not_retried(tmp_p
 def test_spec_errors_say_what_is_wrong(tmp_path, capsys, edit, message):
     path = write_spec(tmp_path)
     path.write_text(path.read_text().replace(*edit))
-    assert sweep.main([str(path)]) == 2
+    assert cli.main(["sweep", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
 
@@ -163,7 +163,7 @@ def test_an_objective_missing_from_metrics_json_fails_the_trial_naming_the_keys(
 
 def test_without_optuna_the_error_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)                # import optuna now raises ImportError
-    assert sweep.main([str(write_spec(tmp_path))]) == 2
+    assert cli.main(["sweep", str(write_spec(tmp_path))]) == 2
     assert capsys.readouterr().err.strip() == "minisd: error: minisd sweep needs optuna: pip install minisd[sweep]"
 
 

@@ -30,7 +30,7 @@ from minisd import embeddings
 from minisd.model import load_model
 from minisd.train import textual_inversion
 from minisd.train.batches import Stream, pick_caption, take
-from minisd.train.cli import main as train_main
+from minisd.cli import main as minisd_main
 from minisd.train.data import find_examples
 from minisd.train.step import example_generator
 from minisd.train.textual_inversion import TextualInversionConfig
@@ -223,7 +223,7 @@ def test_cli_trains_on_the_tiny_model_and_minisd_reads_both_files(tmp_path):
             "--num-vectors", "2", "--out", str(tmp_path / "out"), "--max-train-steps", "3", "--device", "cpu",
             "--lr-scheduler", "cosine", "--lr-cycles", "0.5", "--validation-prompt", "a <teal> square",
             "--validation-steps", "2"]
-    assert train_main(args) == 0
+    assert minisd_main(["train", *args]) == 0
     out = tmp_path / "out"
     assert {"learned_embeds.safetensors", "teal.safetensors", "train_log.jsonl", "args.json", "result.json",
             "checkpoints", "samples"} <= {p.name for p in out.iterdir()}
@@ -249,9 +249,10 @@ def test_cli_trains_on_the_tiny_model_and_minisd_reads_both_files(tmp_path):
 
 
 def test_cli_defaults_are_diffusers_textual_inversion_ones():
-    from minisd.train.cli import build_parser, config_from_args
+    from minisd.cli import build_parser
+    from minisd.cli.train import config_from_args
     parse = lambda *extra: config_from_args(build_parser().parse_args(
-        ["textual-inversion", "--data", "d", "--token", "<w>", "--init-token", "toy", "--out", "o", *extra]))
+        ["train", "textual-inversion", "--data", "d", "--token", "<w>", "--init-token", "toy", "--out", "o", *extra]))
     cfg = parse()
     assert (cfg.learning_rate, cfg.scale_lr, cfg.random_flip, cfg.max_grad_norm, cfg.adam_weight_decay,
             cfg.max_train_steps, cfg.num_vectors, cfg.learnable_property) == (5e-4, True, True, 0.0, 1e-2, 3000, 1,
@@ -321,7 +322,7 @@ def test_learned_embeds_load_in_diffusers_with_the_same_prompt_embedding(tmp_pat
     from minisd.pipeline import Pipeline
     ckpt, config = sd1
     data = image_folder(tmp_path / "data", 2, seed=8)
-    assert train_main(["textual-inversion", "--data", str(data), "--token", TOKEN, "--init-token", "toy",
+    assert minisd_main(["train", "textual-inversion", "--data", str(data), "--token", TOKEN, "--init-token", "toy",
                        "--num-vectors", "3", "--model", str(ckpt), "--resolution", "16", "--out",
                        str(tmp_path / "out"), "--max-train-steps", "2", "--device", "cpu"]) == 0
     path = tmp_path / "out" / "learned_embeds.safetensors"
@@ -351,7 +352,7 @@ def test_tiny_model_learns_sun_and_draws_it_on_held_out_backgrounds(tmp_path):
     from minisd.pipeline import Pipeline
     from minisd.tiny import new_word
     new_word.write_folder(tmp_path / "data", n=8, seed=1)
-    assert train_main(["textual-inversion", "--data", str(tmp_path / "data"), "--token", new_word.TOKEN,
+    assert minisd_main(["train", "textual-inversion", "--data", str(tmp_path / "data"), "--token", new_word.TOKEN,
                        "--init-token", new_word.INIT_TOKEN, "--num-vectors", str(new_word.NUM_VECTORS),
                        "--train-batch-size", "4", "--max-train-steps", "200", "--seed", "1", "--device", "cpu",
                        "--out", str(tmp_path / "out")]) == 0
@@ -393,7 +394,7 @@ def test_bad_words_and_data_fail_in_one_line_before_training(tmp_path, change, m
 
 def test_cli_error_is_one_line(tmp_path, capsys):
     data = image_folder(tmp_path / "data", 1, seed=9)
-    assert train_main(["textual-inversion", "--data", str(data), "--token", "toy", "--init-token", "toy",
+    assert minisd_main(["train", "textual-inversion", "--data", str(data), "--token", "toy", "--init-token", "toy",
                        "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already a word" in err

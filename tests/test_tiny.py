@@ -15,7 +15,7 @@ from minisd.model import tiny_model_path
 from minisd.pipeline import Pipeline
 from minisd.tiny import shapes
 from minisd.tiny.evaluate import adherence, eval_combinations
-from minisd.tiny.recipe import noisy_captions
+from minisd.train.tiny import noisy_captions
 from minisd.train.loss import diffusion_loss
 
 SEEDS = (0, 1)

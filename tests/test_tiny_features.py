@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from minisd import cli
 from minisd.metrics import fid as fid_mod
 from minisd.metrics import tiny_features as tf
 from minisd.pipeline import Pipeline
-from minisd.tiny import features_recipe, shapes
+from minisd.tiny import shapes
+from minisd.train import tiny_features as features_recipe
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
@@ -106,12 +108,12 @@ def test_fid_falls_as_sampling_gets_enough_steps(shipped_fid, pipe, net, referen
 def test_minisd_fid_cli_takes_features_tiny(tmp_path, capsys):
     shapes.write_image_folder(tmp_path / "a", 20, seed=1)
     shapes.write_image_folder(tmp_path / "b", 20, seed=2)
-    assert fid_mod.main([str(tmp_path / "a"), str(tmp_path / "b"), "--features", "tiny"]) == 0
+    assert cli.main(["fid", str(tmp_path / "a"), str(tmp_path / "b"), "--features", "tiny"]) == 0
     value = float(capsys.readouterr().out.strip().splitlines()[-1].split("=")[1])
     assert value == pytest.approx(fid_mod.fid(tmp_path / "a", tmp_path / "b", features="tiny"))
-    assert fid_mod.main([str(tmp_path / "a"), "--features", "tiny", "--save-stats", str(tmp_path / "a.npz")]) == 0
+    assert cli.main(["fid", str(tmp_path / "a"), "--features", "tiny", "--save-stats", str(tmp_path / "a.npz")]) == 0
     assert np.load(tmp_path / "a.npz")["mu"].shape == (128,)
-    assert fid_mod.main([str(tmp_path / "a"), str(tmp_path / "b"), "--features", "tiny",
+    assert cli.main(["fid", str(tmp_path / "a"), str(tmp_path / "b"), "--features", "tiny",
                          "--inception-weights", "x.pth"]) == 2
 
 

@@ -19,13 +19,14 @@ from safetensors.torch import save_file
 
 from checkpoints import (SMALL_SD1, SMALL_SD2, reference_diffusers_unet, reference_diffusers_vae, reference_unet,
                          reference_vae, schedule_buffers as reference_schedule, write_ldm_checkpoint)
+from minisd import cli as minisd_cli
 from minisd.config import SD15, SD21_V
 from weights_convert import diffusers as dmap, ldm
-from weights_convert.__main__ import main as cli
 from weights_convert.io import CheckpointError, SafetensorsFile, Tensors, read_checkpoint, write_safetensors
 from weights_convert.native import config_from_json, config_to_json
 
 CONFIGS = [SMALL_SD1, SMALL_SD2, SD15, SD21_V]
+cli = lambda argv: minisd_cli.main(["convert", *argv])      # noqa: E731  (`minisd convert ...`)
 ids = [c.name for c in CONFIGS]
 
 
@@ -218,15 +219,15 @@ def test_fp16_casts_the_model_weights_only(files, tmp_path):
     assert torch.equal(m["unet.out.2.weight"], orig["model.diffusion_model.out.2.weight"].half())
 
 
-def test_cli_runs_as_a_module(files, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "weights_convert", str(files["small-sd1"]),
+def test_convert_runs_as_a_command(files, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "minisd", "convert", str(files["small-sd1"]),
                         str(tmp_path / "x.safetensors"), "--to", "minisd"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "original LDM single file" in r.stdout and "wrote" in r.stdout
 
 
 def test_cli_reports_a_bad_file_without_a_traceback(tmp_path, capsys):
-    assert cli([str(tmp_path / "nope.safetensors"), str(tmp_path / "y.safetensors"), "--to", "minisd"]) == 1
+    assert cli([str(tmp_path / "nope.safetensors"), str(tmp_path / "y.safetensors"), "--to", "minisd"]) == 2
     err = capsys.readouterr().err
     assert "no such file" in err and "Traceback" not in err
 

@@ -74,7 +74,7 @@ save(grid(rows, labels=["input/8", "ch 0", "ch 1", "ch 2", "ch 3"], scale=8), "0
 # decoding). For SD's autoencoder that number is 0.18215 (its latents have std about 5.5). minisd applies it in
 # exactly one place: `VAE.encode` multiplies, `VAE.decode` divides.
 #
-# The tiny model's autoencoder was measured the same way (`minisd/tiny/recipe.py`). We can repeat the measurement on a
+# The tiny model's autoencoder was measured the same way (`minisd/train/tiny.py`). We can repeat the measurement on a
 # fresh batch of training images:
 
 # %%

@@ -1,4 +1,4 @@
-"""Checkpoint layouts and conversions between them (`python -m weights_convert --help`).
+"""Checkpoint layouts and conversions between them (the command: `minisd convert --help`, minisd/convert.py).
 
     io.py         reading/writing .safetensors (streamed, one tensor at a time) and .ckpt (weights_only)
     ldm.py        the original single-file layout (model.diffusion_model.*, first_stage_model.*, ...)

@@ -8,7 +8,7 @@
     clip_image.py       CLIP's ViT image tower (OpenAI ViT-L/14), from transformers' or open_clip's layout
     clip_score.py       CLIP score as torchmetrics computes it, with minisd's text encoder for the captions
     tiny_features.py    a small classifier of the tiny model's shapes world: FID's feature space for offline runs
-                        (`--features tiny`; weights ship in minisd/assets/, minisd/tiny/features_recipe.py made them)
+                        (`--features tiny`; weights ship in minisd/assets/, minisd/train/tiny_features.py made them)
 
 Runtime needs nothing beyond minisd's own dependencies (torch, numpy, pillow). The Inception and CLIP weights are
 the users' files (fetched or given); only the tiny feature network's 0.4 MB ship with minisd.

@@ -26,8 +26,6 @@ other tiny-feature FIDs (and its `.npz` files hold (128,) / (128, 128) statistic
                [--device cpu] [--inception-weights FILE] [--features inception|tiny]
     minisd fid DIR --save-stats ref.npz
 """
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +33,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .inception import load_inception
-from .resize import MODES, to_inception_input
+from .resize import to_inception_input
 from .tiny_features import TinyFeatures, load_tiny_features
 
 FEATURES = ("inception", "tiny")
@@ -183,50 +181,3 @@ def fid(a, b, model=None, batch_size=50, resize="pytorch-fid", device="cpu", wei
             source = moments(activations(source, model, batch_size, resize, device))
         stats.append(source)
     return fid_from_stats(*stats)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="minisd fid", description="Fréchet Inception Distance between two image "
-                                "folders or pytorch-fid .npz statistics files; prints fid=VALUE last.")
-    p.add_argument("paths", nargs="+", metavar="DIR_OR_NPZ", help="two folders/.npz files, or one with --save-stats")
-    p.add_argument("--resize", choices=MODES, default="pytorch-fid",
-                   help="how images become Inception's 299x299 input (see minisd/metrics/resize.py)")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--inception-weights", metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth")
-    p.add_argument("--features", choices=FEATURES, default="inception",
-                   help="the feature network: Inception (FID proper) or tiny, the shapes world's own classifier "
-                        "shipped in minisd/assets (tiny_features.py)")
-    p.add_argument("--save-stats", metavar="NPZ", help="write the statistics of the one folder given to this file")
-    args = p.parse_args(argv)
-    try:
-        if args.save_stats:
-            if len(args.paths) != 1:
-                raise ValueError("--save-stats takes exactly one folder")
-            if Path(args.save_stats).exists():
-                raise ValueError(f"{args.save_stats} exists already; not overwriting it")
-            model = load_network(args.features, _weights(args), args.device)
-            mu, sigma = moments(activations(args.paths[0], model, args.batch_size, args.resize, args.device))
-            save_stats(args.save_stats, mu, sigma)
-            print(f"wrote {args.save_stats} ({args.features} features" +
-                  (f", {args.resize} resize)" if args.features == "inception" else ")"))
-            return 0
-        if len(args.paths) != 2:
-            raise ValueError(f"expected two folders or .npz files, got {len(args.paths)}")
-        value = fid(*args.paths, batch_size=args.batch_size, resize=args.resize, device=args.device,
-                    weights=_weights(args), features=args.features)
-    except ValueError as e:
-        print(f"minisd: error: {e}", file=sys.stderr)
-        return 2
-    print(f"fid={value:.6f}")
-    return 0
-
-
-def _weights(args):
-    if args.features != "inception" and args.inception_weights:
-        raise ValueError("--inception-weights is for --features inception")
-    return args.inception_weights
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,9 +17,9 @@ what the model makes of a held-out prompt. GroupNorm, not BatchNorm: a feature m
 the batch.
 
 Here: the network, and its weights file (the config, and the training report, in the safetensors metadata). The
-recipe that trains it on the shapes world, and its command, are minisd/tiny/features_recipe.py:
+recipe that trains it on the shapes world, and its command, are minisd/train/tiny_features.py:
 
-    python -m minisd.tiny.features_recipe --out runs/tiny-features     # reproduces the shipped weights
+    minisd train-tiny-features --out runs/tiny-features    # reproduces the shipped weights
 """
 import json
 from dataclasses import asdict, dataclass

@@ -16,5 +16,8 @@ batches come from; run.fit loads the model and drives loop.train with step.py's 
   lr.py          learning-rate schedules (diffusers' get_scheduler, plus floors and the tiny recipe's)
   loss.py        the noise-prediction objective, v targets, Min-SNR weights, DreamBooth's prior loss
   data.py        image folders with captions, and diffusers' preprocessing
-  cli.py         the `minisd train` command line
+  tiny.py        the tiny built-in model's three-phase recipe from scratch (`minisd train-tiny`)
+  tiny_features.py  the tiny world's feature network for FID (`minisd train-tiny-features`)
+
+The command line (`minisd train ...`) is minisd/cli/train.py.
 """

@@ -36,7 +36,7 @@ class DreamBoothConfig(TrainSettings):
     learning_rate: float = 5e-6              # diffusers' train_dreambooth.py default
 
 
-config = DreamBoothConfig                    # what `minisd train dreambooth` fills from its flags (train/cli.py)
+config = DreamBoothConfig                    # what `minisd train dreambooth` fills from its flags (cli/train.py)
 
 
 def class_images(folder):

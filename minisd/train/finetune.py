@@ -21,7 +21,7 @@ class FinetuneConfig(TrainSettings):
     learning_rate: float = 1e-5              # diffusers' train_text_to_image examples (its argparse default: 1e-4)
 
 
-config = FinetuneConfig                      # what `minisd train finetune` fills from its flags (train/cli.py)
+config = FinetuneConfig                      # what `minisd train finetune` fills from its flags (cli/train.py)
 
 
 def run(cfg: FinetuneConfig, draws=None, log=print):

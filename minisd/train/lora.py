@@ -68,7 +68,7 @@ class LoRAConfig(dreambooth.DreamBoothConfig):
     save_format: str = "kohya"               # SAVE_FORMATS
 
 
-config = LoRAConfig                          # what `minisd train lora` fills from its flags (train/cli.py)
+config = LoRAConfig                          # what `minisd train lora` fills from its flags (cli/train.py)
 
 
 def initial_factors(config, cfg: LoRAConfig, generator):

@@ -17,10 +17,11 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from weights_convert import detect, ldm, native
+from weights_convert import detect, diffusers, ldm, native
 from weights_convert.io import write_safetensors
 
 from .. import distributed, lora
+from ..convert import vocab_files
 from ..diffusion import alphas_cumprod_from_betas, scaled_linear_betas
 from ..model import load_model, locate
 from ..pipeline import Pipeline
@@ -247,8 +248,6 @@ def write_model(model, source, cfg: TrainSettings, path):
             t = trained[name].detach().cpu()
         tensors[name] = t.to(DTYPES[cfg.dtype]) if t.is_floating_point() and not name.startswith("extra.") else t
     if cfg.save_format == "diffusers":
-        from weights_convert import diffusers
-        from ..convert import vocab_files
         model_tensors = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
         diffusers.write_diffusers(model_tensors, model.config, path, vocab_files(model.tokenizer))
         return

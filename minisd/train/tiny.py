@@ -19,11 +19,9 @@ The recipe follows latent diffusion (Rombach et al. 2022) in three phases, all r
      like web alt-text (`noisy_captions`): that is what makes guidance matter, as it does for SD.
 Everything random at step i is drawn from a generator seeded with (seed, i), so an interrupted run resumes exactly.
 """
-import argparse
 import copy
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -35,11 +33,11 @@ from ..config import TINY
 from ..diffusion import alphas_cumprod_from_betas, scaled_linear_betas
 from ..images import to_tensor
 from ..model import StableDiffusion, save_model
-from ..train.loop import TrainConfig, atomic_save, train
-from ..train.loss import diffusion_loss
+from ..tiny import shapes
+from ..tiny.evaluate import sample_grid
 from ..vae import sample_posterior
-from . import shapes
-from .evaluate import sample_grid
+from .loop import TrainConfig, atomic_save, train
+from .loss import diffusion_loss
 
 @dataclass(frozen=True)
 class Recipe:
@@ -273,29 +271,3 @@ def train_tiny(out_dir, recipe=Recipe(), device="cpu", log=print):
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return path
-
-
-def main(argv=None):
-    """`minisd train-tiny --out DIR [--seed N] [--vae-steps N] [--steps N] [--threads N]`; returns an exit code."""
-    p = argparse.ArgumentParser(prog="minisd train-tiny", description="train the tiny built-in model from scratch")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, sample grids, log.jsonl, the weights")
-    d = Recipe()
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
-    p.add_argument("--steps", type=int, default=d.steps, help="text encoder + U-Net steps")
-    p.add_argument("--bank-size", type=int, default=d.bank_size)
-    p.add_argument("--sample-every", type=int, default=d.sample_every)
-    p.add_argument("--caption-noise", type=float, default=d.caption_noise)
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch CPU threads (use 1 on a busy machine: OpenMP threads that wait for each other lose)")
-    p.add_argument("--device", default="cpu", help="cpu (how the shipped weights were made) or cuda")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(args.threads)
-    recipe = replace(d, seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, bank_size=args.bank_size,
-                     sample_every=args.sample_every, caption_noise=args.caption_noise)
-    train_tiny(args.out, recipe, args.device)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,36 +1,27 @@
-"""The `minisd` command line: generate, img2img, eval, convert, train-tiny, ...
+"""The commands that generate: `minisd generate`, `minisd img2img` and `minisd eval`.
 
     minisd generate "a red circle on a blue background"                       # the tiny built-in model, CPU
     minisd generate "a castle at dusk" --model v1-5-pruned-emaonly.safetensors --steps 25 --seed 1 --out castle.png
     minisd generate "a castle at dusk" --model sd15 --seed 1 --batch-size 4   # seeds 1, 2, 3, 4 (A1111's batch)
     minisd img2img "a watercolour fox" --init-image fox.png --strength 0.6 --model sd15
     minisd eval --prompts coco.txt --num-images 5000 --out runs/sd15 --model sd15 --ref coco-val.npz
-    minisd convert v2-1_768-ema-pruned.safetensors sd21.minisd.safetensors --to minisd
 
-The commands that generate (generate, img2img, eval) share their flags (`add_generation_flags`) and turn them
-into the same two things: the keyword arguments of the Pipeline call (`generation_kwargs`, which checks the
+They share their flags (`add_generation_flags`, also for the inpaint and ControlNet commands to come) and turn
+them into the same two things: the keyword arguments of the Pipeline call (`generation_kwargs`, which checks the
 sampling settings, so a bad sampler, schedule, eta or churn fails before any model loads) and the loaded Pipeline
 (`load_pipeline`). A batch is A1111's: image b has seed SEED + b and equals that seed generated alone.
 """
-import argparse
 import os
 import random
-import sys
 import time
 
 from PIL import Image
 
-from weights_convert.io import CheckpointError
-
-from . import convert, distributed, lora, merge, samplers, schedules
-from . import eval as evaluation
-from .download import DownloadError
-from .images import a1111_parameters, from_pil, output_paths, save_png
-from .metrics import fid
-from .pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
-from .sweep import main as sweep_main
-from .tiny import recipe as tiny_recipe
-from .train import cli as train_cli
+from .. import eval as evaluation
+from .. import lora, samplers, schedules
+from ..images import a1111_parameters, from_pil, output_paths, save_png
+from ..metrics import fid
+from ..pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
 
 SCHEDULE_CHOICES = ("default", *schedules.SHAPES, *schedules.SPACINGS)
 
@@ -141,38 +132,23 @@ def _add_eval(p):
                    help="torch CPU threads (default: torch's; 1 is fastest for the tiny model on a busy machine)")
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="minisd", description="Stable Diffusion 1.5 / 2.1, readable.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="text to image")
-    _add_output(g)
-    add_generation_flags(g)
-    i = sub.add_parser("img2img", help="image + text to image")
-    _add_output(i)
-    add_generation_flags(i, size=False)
-    i.add_argument("--init-image", required=True, help="the starting image (any mode; resized to a multiple of 8)")
-    i.add_argument("--strength", type=float, required=True,
+def add_generate(p):
+    _add_output(p)
+    add_generation_flags(p)
+
+
+def add_img2img(p):
+    _add_output(p)
+    add_generation_flags(p, size=False)
+    p.add_argument("--init-image", required=True, help="the starting image (any mode; resized to a multiple of 8)")
+    p.add_argument("--strength", type=float, required=True,
                    help="0..1: how much noise is added, i.e. how many of the steps run (int(steps * strength))")
-    sub.add_parser("fid", help="Frechet Inception Distance between two image folders or .npz statistics "
-                   "(minisd fid --help)", add_help=False)
-    e = sub.add_parser("eval", help="generate images for a prompt list and score them (minisd eval --help)",
-                       description="generate images for a prompt list and score them; writes OUT/metrics.json and "
-                       "prints name=value lines last")
-    _add_eval(e)
-    add_generation_flags(e)
-    e.set_defaults(seed=0, batch_size=8)        # reproducible by default; the batch size changes no image
-    sub.add_parser("sweep", help="hyper-parameter search over training runs on Optuna (minisd sweep --help)",
-                   add_help=False)
-    c = sub.add_parser("convert", help="convert a checkpoint between layouts (python -m weights_convert)",
-                       add_help=False)
-    c.add_argument("args", nargs=argparse.REMAINDER)
-    sub.add_parser("train", help="fine-tune: minisd train finetune | dreambooth (minisd train --help)",
-                   add_help=False)
-    t = sub.add_parser("train-tiny", help="train the tiny built-in model from scratch (minisd train-tiny --out DIR)",
-                       add_help=False)
-    t.add_argument("args", nargs=argparse.REMAINDER)
-    sub.add_parser("merge-lora", help="merge LoRAs into a checkpoint (minisd merge-lora --help)", add_help=False)
-    return parser
+
+
+def add_eval(p):
+    _add_eval(p)
+    add_generation_flags(p)
+    p.set_defaults(seed=0, batch_size=8)        # reproducible by default; the batch size changes no image
 
 
 def _step_saver(pipe, folder):
@@ -184,7 +160,7 @@ def _step_saver(pipe, folder):
     return callback
 
 
-def run(args):
+def run_generate(args):
     """minisd generate / img2img."""
     kwargs = generation_kwargs(args)            # a bad sampler, schedule, eta or churn fails before the model loads
     if args.batch_size < 1:
@@ -224,37 +200,3 @@ def run_eval(args):
     """minisd eval (eval.py)."""
     generate = generation_kwargs(args)          # checked before any image is looked for or model loaded
     evaluation.run(args, generate, lambda device, log: load_pipeline(args, device, log))
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["convert"]:
-        return convert.main(argv[1:])
-    if argv[:1] == ["train-tiny"]:
-        return tiny_recipe.main(argv[1:])
-    if argv[:1] == ["train"]:
-        return train_cli.main(argv[1:])
-    if argv[:1] == ["fid"]:
-        return fid.main(argv[1:])
-    if argv[:1] == ["merge-lora"]:
-        return merge.main(argv[1:])
-    if argv[:1] == ["sweep"]:
-        return sweep_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        run_eval(args) if args.command == "eval" else run(args)
-    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, DownloadError) as e:
-        # errors minisd raised on purpose carry a message for the user; no traceback
-        print(f"minisd: error: {e}", file=sys.stderr)
-        return 2
-    except distributed.PeerLost as e:           # eval under torchrun: another process died
-        print(f"minisd: error: {e}", file=sys.stderr)
-        return 3
-    finally:
-        if args.command == "eval":
-            distributed.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """How the tiny world's feature network (minisd/metrics/tiny_features.py) is trained: on labelled shapes images.
 
-    python -m minisd.tiny.features_recipe --out runs/tiny-features     # reproduces the shipped weights
+    minisd train-tiny-features --out runs/tiny-features    # reproduces the shipped weights
 
 draws the images (uniform over all 168 combinations, the 12 held out from the tiny model included), trains the
 network on them (cross-entropy summed over the three heads, AdamW with warmup + cosine, through
@@ -8,10 +8,8 @@ minisd.train.train), measures the accuracy of each head on held-out samples, and
 report.json. Deterministic from the seed for a given torch build and thread count (--threads; the shipped file
 used 1).
 """
-import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -21,8 +19,8 @@ import torch.nn.functional as F
 
 from ..images import to_tensor
 from ..metrics.tiny_features import FILENAME, FeaturesConfig, TinyFeatures, save
-from ..train.loop import TrainConfig, train
-from . import shapes
+from ..tiny import shapes
+from .loop import TrainConfig, train
 
 COLOURS = tuple(shapes.COLOURS)          # class index -> name, for the colour and background heads
 SHAPES = shapes.SHAPES
@@ -119,24 +117,3 @@ def _progress(log, every=100):
             log(f"step {step + 1}: loss {sum(losses) / len(losses):.4f} lr {lr:.2e}")
             losses.clear()
     return on_step
-
-
-def main(argv=None):
-    """`python -m minisd.tiny.features_recipe --out DIR [--seed N] [--steps N] [--threads N]`."""
-    p = argparse.ArgumentParser(prog="python -m minisd.tiny.features_recipe",
-                                description="train the tiny world's feature network (the shipped one: defaults)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint, report.json, the weights")
-    d = Recipe()
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (the last bits of the weights depend on it; the shipped file used 1)")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(args.threads)
-    train_features(args.out, Recipe(seed=args.seed, steps=args.steps, eval_samples=args.eval_samples))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

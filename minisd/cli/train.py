@@ -1,17 +1,17 @@
-"""`minisd train finetune | dreambooth | textual-inversion | lora ...`: argument parsing only (diffusers' flag
-names, with dashes). Each flag fills the field of the same name of the method's config (a settings.TrainSettings
-with the method's own fields), whose defaults are the flags' defaults; the methods do the rest."""
-import argparse
+"""The training commands: `minisd train finetune | dreambooth | textual-inversion | lora`, `minisd train-tiny`,
+`minisd train-tiny-features` and `minisd sweep`. Argument parsing only (diffusers' flag names, with dashes): each
+`minisd train` flag fills the field of the same name of the method's config (a train.settings.TrainSettings with
+the method's own fields), whose defaults are the flags' defaults; the methods do the rest."""
 import dataclasses
+import signal
 import sys
+from dataclasses import replace
 
 import torch
-from weights_convert.io import CheckpointError
 
-from .. import distributed
-from ..download import DownloadError
-from . import dreambooth, finetune, lora, textual_inversion
-from .settings import SAVE_FORMATS, SCHEDULERS
+from .. import sweep
+from ..train import dreambooth, finetune, lora, textual_inversion, tiny, tiny_features
+from ..train.settings import SAVE_FORMATS, SCHEDULERS
 
 METHODS = {"finetune": finetune, "dreambooth": dreambooth, "textual-inversion": textual_inversion, "lora": lora}
 
@@ -55,8 +55,7 @@ def _common(p, d, save_formats=SAVE_FORMATS):
     p.add_argument("--save-format", default=d.save_format, choices=save_formats)
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="minisd train", description="fine-tune Stable Diffusion")
+def add_train(parser):
     sub = parser.add_subparsers(dest="method", required=True)
     f = sub.add_parser("finetune", help="full fine-tuning on a folder of captioned images")
     f.add_argument("--data", required=True, help="images with NAME.txt captions or a metadata.jsonl")
@@ -90,7 +89,6 @@ def build_parser():
                    help="default: kohya's (the U-Net transformers' Linear / 1x1 conv layers, the text encoder's "
                         "attention and MLP); attention: diffusers' (q, k, v, out)")
     _common(r, d, lora.SAVE_FORMATS)
-    return parser
 
 
 def _class_flags(p, d):
@@ -109,22 +107,65 @@ def config_from_args(args):
     return method.config(**values)          # with the method's defaults for what has no flag
 
 
-def main(argv=None):
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+def run_train(args):
     if args.threads:                # not a config field: it is how the run is computed, not what it trains
         torch.set_num_threads(args.threads)
+    METHODS[args.method].run(config_from_args(args))
+
+
+def add_train_tiny(p):
+    p.add_argument("--out", required=True, help="run folder: checkpoints, sample grids, log.jsonl, the weights")
+    d = tiny.Recipe()
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
+    p.add_argument("--steps", type=int, default=d.steps, help="text encoder + U-Net steps")
+    p.add_argument("--bank-size", type=int, default=d.bank_size)
+    p.add_argument("--sample-every", type=int, default=d.sample_every)
+    p.add_argument("--caption-noise", type=float, default=d.caption_noise)
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (use 1 on a busy machine: OpenMP threads that wait for each other lose)")
+    p.add_argument("--device", default="cpu", help="cpu (how the shipped weights were made) or cuda")
+
+
+def run_train_tiny(args):
+    torch.set_num_threads(args.threads)
+    recipe = replace(tiny.Recipe(), seed=args.seed, vae_steps=args.vae_steps, steps=args.steps,
+                     bank_size=args.bank_size, sample_every=args.sample_every, caption_noise=args.caption_noise)
+    tiny.train_tiny(args.out, recipe, args.device)
+
+
+def add_train_tiny_features(p):
+    p.add_argument("--out", required=True, help="run folder: checkpoint, report.json, the weights")
+    d = tiny_features.Recipe()
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (the last bits of the weights depend on it; the shipped file used 1)")
+
+
+def run_train_tiny_features(args):
+    torch.set_num_threads(args.threads)
+    tiny_features.train_features(args.out, tiny_features.Recipe(seed=args.seed, steps=args.steps,
+                                                                eval_samples=args.eval_samples))
+
+
+def add_sweep(p):
+    p.add_argument("spec", help="the sweep's TOML file (see minisd/sweep.py)")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="Optuna RDB storage shared by several workers (default: SQLite in the sweep folder)")
+    p.add_argument("--trials", type=int, default=None, help="finished trials wanted (default: the spec's)")
+
+
+def run_sweep(args):
+    def on_sigterm(signum, frame):                   # a scheduler's stop: end like Ctrl-C (the command is stopped)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        METHODS[args.method].run(config_from_args(args))
-    except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
-        print(f"minisd train: error: {e}", file=sys.stderr)
-        return 2
-    except distributed.PeerLost as e:
-        print(f"minisd train: error: {e}", file=sys.stderr)
-        return 3
+        sweep.sweep(sweep.read_spec(args.spec), args.storage, args.trials)
+    except KeyboardInterrupt:
+        print("minisd sweep: interrupted; run the same command again to continue the study", file=sys.stderr)
+        return 130
     finally:
-        distributed.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        signal.signal(signal.SIGTERM, previous)
