@@ -27,7 +27,10 @@ Differences from the references, all deliberate and tested in tests/test_tokeniz
   such as U+001C..U+001F, which ftfy removes; fed CLIP's cleaned text it agrees), HTML entities ("&amp;"
   stays), word-final capital sigma (its per-character lowercasing gives σ where str.lower() gives ς),
   special-token strings in another case ("<|ENDOFTEXT|>": it matches specials before lowercasing), and "'ſ"
-  (see below).
+  (see below). For SD 2, diffusers' tokenizer folders set pad_token "!", which transformers then treats as a
+  special token: each typed "!" becomes the pad id 0 ("night!!" -> 0, 0), where SD 2's own tokenizer (open_clip's,
+  and minisd's) merges it ("!!" is 748); so an SD 2 prompt with "!" gets the original's image, not diffusers'
+  (tests/test_sd2_pad.py).
 - The pre-tokeniser regex. CLIP's pattern, for the third-party `regex` package, is
       <\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+
   with IGNORECASE. The stdlib `re` has no \p{...} classes, so `_unicode_classes` spells \p{L} (letters) and
