@@ -39,6 +39,7 @@ from ..vae import sample_posterior
 from .loop import TrainConfig, atomic_save, train
 from .loss import diffusion_loss
 
+
 @dataclass(frozen=True)
 class Recipe:
     """Every number of the training run; the shipped weights are Recipe() with seed 0."""
