@@ -163,8 +163,10 @@ SEEDS = (0, 1, 2)
 
 
 def check(pipe):
-    reads = [(subject.is_diamond(pipe.generate(subject.instance_prompt(c, b), seed=seed).images[0]), (c, b))
-             for c, b in subject.HELD_OUT_COMBOS for seed in SEEDS]
+    pairs = [(c, b, seed) for c, b in subject.HELD_OUT_COMBOS for seed in SEEDS]
+    images = pipe.generate([subject.instance_prompt(c, b) for c, b, _ in pairs],     # one image per (prompt, seed),
+                           seed=[seed for _, _, seed in pairs]).images               # all 24 in one batch
+    reads = [(subject.is_diamond(image), (c, b)) for image, (c, b, _) in zip(images, pairs)]
     score = sum(read == (c, b, True) for read, (c, b) in reads) / len(reads)
     diamonds = sum(read[2] for read, _ in reads) / len(reads)
     return score, diamonds
@@ -190,8 +192,8 @@ save(grid([instances], labels=[f"{c[:3]}/{b[:3]}" for c, b in subject.INSTANCE_C
 rows = []
 for loras, seed in (([], 0), ([(path, 1.0)], 0), ([(path, 1.0)], 1)):
     pipe.set_loras(loras)
-    rows.append([pipe.generate(subject.instance_prompt(c, b), seed=seed).images[0]
-                 for c, b in subject.HELD_OUT_COMBOS])
+    rows.append(pipe.generate([subject.instance_prompt(c, b) for c, b in subject.HELD_OUT_COMBOS],
+                              seed=[seed] * len(subject.HELD_OUT_COMBOS)).images)
 pipe.set_loras([])
 save(grid(rows, labels=[f"{c[:3]}/{b[:3]}" for c, b in subject.HELD_OUT_COMBOS],
           row_labels=["base", "LoRA, seed 0", "LoRA, seed 1"], label_width=84), "12_diamond_lora.png")

@@ -96,6 +96,8 @@ def _class_flags(p, d):
     p.add_argument("--class-prompt", default=None, help="turns on prior preservation")
     p.add_argument("--class-dir", default=None)
     p.add_argument("--num-class-images", type=int, default=d.num_class_images)
+    p.add_argument("--sample-batch-size", type=int, default=d.sample_batch_size,
+                   help="class images per generate call (each is its seed's alone)")
     p.add_argument("--prior-loss-weight", type=float, default=d.prior_loss_weight)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import shapes
+from .evaluate import BATCH_SIZE, generate_each
 
 IDENTIFIER = "sks"          # DreamBooth's usual rare token (a single CLIP token the tiny model never saw in training)
 CLASS = "square"
@@ -107,7 +108,7 @@ def shows_subject(image, colour, background):
     return is_diamond(image) == (colour, background, True)
 
 
-def write_class_folder(pipe, folder, every=3, uncond=16):
+def write_class_folder(pipe, folder, every=3, uncond=16, batch_size=BATCH_SIZE):
     """Class images for prior preservation, drawn by the model itself before training: the base model's picture
     of every `every`-th training combination of its world (all shapes, 52 images), each with its caption beside
     it, and `uncond` of its pictures for the empty prompt, with empty captions; returns how many. `minisd train
@@ -130,29 +131,30 @@ def write_class_folder(pipe, folder, every=3, uncond=16):
     base model's own, so it is kept, not retrained.)"""
     os.makedirs(folder, exist_ok=True)
     combos = shapes.all_combinations(held_out=False)[::every]
-    for i, combo in enumerate(combos):
-        name = os.path.join(folder, f"class-{i:05d}")
-        pipe.generate(shapes.caption(*combo), seed=i).images[0].save(name + ".png")
-        with open(name + ".txt", "w") as f:
-            f.write(shapes.caption(*combo))
-    for i in range(uncond):
-        name = os.path.join(folder, f"uncond-{i:05d}")
-        pipe.generate("", seed=1000 + i).images[0].save(name + ".png")
-        open(name + ".txt", "w").close()                      # an empty caption: the unconditional prompt
-    return len(combos) + uncond
+    # (file name, caption, seed); the empty captions are the unconditional prompt
+    rows = ([(f"class-{i:05d}", shapes.caption(*combo), i) for i, combo in enumerate(combos)]
+            + [(f"uncond-{i:05d}", "", 1000 + i) for i in range(uncond)])
+    images = generate_each(pipe, [caption for _, caption, _ in rows], [seed for _, _, seed in rows], batch_size)
+    for (name, caption, _), image in zip(rows, images):
+        image.save(os.path.join(folder, name + ".png"))
+        with open(os.path.join(folder, name + ".txt"), "w") as f:
+            f.write(caption)
+    return len(rows)
 
 
-def subject_score(pipe, seeds=(0, 1, 2), combos=HELD_OUT_COMBOS, cfg=7.5):
+def subject_score(pipe, seeds=(0, 1, 2), combos=HELD_OUT_COMBOS, cfg=7.5, batch_size=BATCH_SIZE):
     """(fraction, images): the identifier's prompt in colour pairs no instance image had, at guidance scale cfg;
     how often it is a diamond in the asked-for colours."""
-    images = [(pipe.generate(instance_prompt(c, b), seed=s, cfg=cfg).images[0], c, b) for c, b in combos
-              for s in seeds]
-    return sum(shows_subject(*x) for x in images) / len(images), [im for im, _, _ in images]
+    pairs = [(c, b, s) for c, b in combos for s in seeds]
+    images = generate_each(pipe, [instance_prompt(c, b) for c, b, _ in pairs], [s for _, _, s in pairs], batch_size,
+                           cfg=cfg)
+    return sum(shows_subject(im, c, b) for im, (c, b, _) in zip(images, pairs)) / len(images), images
 
 
-def drift(pipe, seeds=(0, 1), combos=HELD_OUT_COMBOS, cfg=7.5):
+def drift(pipe, seeds=(0, 1), combos=HELD_OUT_COMBOS, cfg=7.5, batch_size=BATCH_SIZE):
     """How often the plain class prompt ("a red square on a blue background") now draws a diamond: the class word
     taking on the subject, the drift prior preservation is there to stop."""
-    found = [is_diamond(pipe.generate(class_prompt(c, b), seed=s, cfg=cfg).images[0])[2] for c, b in combos
-             for s in seeds]
-    return sum(found) / len(found)
+    pairs = [(c, b, s) for c, b in combos for s in seeds]
+    images = generate_each(pipe, [class_prompt(c, b) for c, b, _ in pairs], [s for _, _, s in pairs], batch_size,
+                           cfg=cfg)
+    return sum(is_diamond(image)[2] for image in images) / len(images)

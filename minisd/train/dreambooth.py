@@ -32,6 +32,7 @@ class DreamBoothConfig(TrainSettings):
     class_prompt: str | None = None          # prior preservation: the class ("a photo of a dog")
     class_dir: str | None = None             # its images, generated until there are num_class_images
     num_class_images: int = 100
+    sample_batch_size: int = 4               # class images per generate call (diffusers' --sample_batch_size)
     prior_loss_weight: float = 1.0           # w of mse(instance) + w mse(class)
     learning_rate: float = 5e-6              # diffusers' train_dreambooth.py default
 
@@ -50,8 +51,12 @@ def generate_class_images(model, cfg: DreamBoothConfig, resolution, device, log=
     """Fill cfg.class_dir up to cfg.num_class_images with images of cfg.class_prompt. Image i is drawn with seed
     cfg.seed + i and written as class-{i:05d}.png, so what a rerun adds does not depend on what was there.
 
-    Under torchrun the missing images are shared out by index (rank r draws every W-th), and every process
-    waits until all of them are written; each image is the same whichever process draws it."""
+    They are drawn cfg.sample_batch_size (S) at a time through generate's list form, one seed per image, in fixed
+    batches: image i is drawn in the batch of images S * (i // S) to S * (i // S) + S - 1, whichever of those are
+    missing (the others are drawn and not written). Each image equals its seed generated alone up to the rounding
+    of a batched U-Net call, and since its batch depends on i and S alone, so do its bits: a rerun draws the same
+    image bit for bit. Under torchrun the batches are shared out (rank r draws every W-th), and every process waits
+    until all images are written; each image is the same whichever process draws it."""
     os.makedirs(cfg.class_dir, exist_ok=True)
     have = len(class_images(cfg.class_dir))
     missing = cfg.num_class_images - have
@@ -61,15 +66,22 @@ def generate_class_images(model, cfg: DreamBoothConfig, resolution, device, log=
     todo = [i for i in range(cfg.num_class_images + have)
             if not os.path.exists(os.path.join(cfg.class_dir, f"class-{i:05d}.png"))][:missing]
     distributed.barrier()                       # every process has listed the folder before any image is added
-    todo = distributed.shard(todo)
+    size = cfg.sample_batch_size
+    batches = distributed.shard(sorted({i // size for i in todo}))      # rank r draws every W-th batch
+    todo = set(todo)
     pipe = Pipeline(model, device, DTYPES[cfg.dtype], log=lambda *_: None)
-    with tqdm(total=len(todo), desc="class images", unit="image", disable=not distributed.is_main()) as bar:
-        for i in todo:          # one call per image: its seed alone decides it, whatever else is generated
-            image = pipe.generate(cfg.class_prompt, seed=cfg.seed + i, width=resolution, height=resolution)
-            path = os.path.join(cfg.class_dir, f"class-{i:05d}.png")
-            image.images[0].save(path + ".tmp", format="PNG")    # not an image name: a killed run leaves no
-            os.replace(path + ".tmp", path)                      # half-written image that would count
-            bar.update(1)
+    total = sum(i // size in batches for i in todo)
+    with tqdm(total=total, desc="class images", unit="image", disable=not distributed.is_main()) as bar:
+        for b in batches:
+            indices = range(b * size, b * size + size)
+            result = pipe.generate([cfg.class_prompt] * size, seed=[cfg.seed + i for i in indices],
+                                   width=resolution, height=resolution)
+            for i, image in zip(indices, result.images):
+                if i in todo:
+                    path = os.path.join(cfg.class_dir, f"class-{i:05d}.png")
+                    image.save(path + ".tmp", format="PNG")     # not an image name: a killed run leaves no
+                    os.replace(path + ".tmp", path)             # half-written image that would count
+                    bar.update(1)
     model.unet.to(memory_format=torch.contiguous_format)
     model.vae.to(memory_format=torch.contiguous_format)
     distributed.barrier()                       # all images are on disk before any process lists the folder
@@ -88,6 +100,8 @@ def check_instances(cfg: DreamBoothConfig):
         raise ValueError("--class-dir is only used with --class-prompt (prior preservation)")
     if prior and cfg.num_class_images < 1:
         raise ValueError(f"--num-class-images must be >= 1, got {cfg.num_class_images}")
+    if prior and cfg.sample_batch_size < 1:
+        raise ValueError(f"--sample-batch-size must be >= 1, got {cfg.sample_batch_size}")
 
 
 def instance_streams(cfg: DreamBoothConfig, model, resolution, device, log=print):
