@@ -23,3 +23,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(items):
+    """The tutorials first: they are a third of the suite's time, all in one file, so under tests/run.sh's two
+    workers (one file per worker at a time) one worker runs them while the other runs everything else, instead of
+    starting them last and finishing alone."""
+    items.sort(key=lambda item: item.path.name != "test_tutorials.py")       # stable: the rest keeps its order

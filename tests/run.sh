@@ -10,4 +10,7 @@ cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
 python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5   # the original ldm.* code, without its pins
-exec python -m pytest "$@"
+# Two workers, each file on one of them (its module fixtures built once): the CI machines have 2 cores, and most
+# tests run one thread (conftest.py's one_thread: the tiny model's tensors are too small for a second one), so one
+# process leaves a core idle. conftest.py puts the tutorials, a third of the suite's time in one file, first.
+exec python -m pytest -n 2 --dist loadfile "$@"
