@@ -97,7 +97,7 @@ def _class_flags(p, d):
     p.add_argument("--class-dir", default=None)
     p.add_argument("--num-class-images", type=int, default=d.num_class_images)
     p.add_argument("--sample-batch-size", type=int, default=d.sample_batch_size,
-                   help="class images per generate call (each is its seed's alone)")
+                   help="class images per generate call (each is its seed's alone; default %(default)s)")
     p.add_argument("--prior-loss-weight", type=float, default=d.prior_loss_weight)
 
 
