@@ -102,12 +102,16 @@ def test_a_truncated_jpeg_is_caught_where_verify_would_pass_it(tmp_path):
 def test_an_empty_missing_or_non_folder_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    with pytest.raises(ValueError, match=r"^no images \(png, jpg, jpeg, webp, bmp\) in .*empty$"):
+    with pytest.raises(ValueError, match=r"^no images \(png, jpg, jpeg, webp, bmp\) and no N_prompt subfolders "
+                                         r"\(kohya's layout\) in .*empty$"):
         find_examples(tmp_path / "empty", 64, fallback_caption="p", log=quiet)
     with pytest.raises(ValueError, match="nowhere does not exist"):
         find_examples(tmp_path / "nowhere", 64, fallback_caption="p", log=quiet)
     with pytest.raises(ValueError, match="readme.txt is not a folder"):
         find_examples(tmp_path / "empty" / "readme.txt", 64, fallback_caption="p", log=quiet)
+    (tmp_path / "empty" / "readme.txt").unlink()
+    with pytest.raises(ValueError, match=r"^\S*empty is empty$"):
+        find_examples(tmp_path / "empty", 64, fallback_caption="p", log=quiet)
 
 
 def test_bad_metadata_is_an_error_naming_the_line(tmp_path):

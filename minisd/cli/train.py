@@ -53,16 +53,39 @@ def _common(p, d, save_formats=SAVE_FORMATS):
                    help="torch CPU threads (default: torch's; 1 is fastest for the tiny model on a busy machine)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/checkpoints/")
     p.add_argument("--save-format", default=d.save_format, choices=save_formats)
+    g = p.add_argument_group("data folders and captions (kohya-ss/sd-scripts' names)")
+    g.add_argument("--caption-extension", default=d.caption_extension,
+                   help="caption files beside the images: NAME%(default)s (kohya's other name: .caption)")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="skip images that cannot be decoded, with a note (default: an error naming the first)")
+    g.add_argument("--caption-dropout-rate", type=float, default=d.caption_dropout_rate,
+                   help="probability of training an example with an empty caption")
+    g.add_argument("--shuffle-caption", action="store_true", help="shuffle the comma-separated tags of a caption")
+    g.add_argument("--keep-tokens", type=int, default=d.keep_tokens,
+                   help="the first N tags stay first, in place (not shuffled, not dropped)")
+    g.add_argument("--caption-tag-dropout-rate", type=float, default=d.caption_tag_dropout_rate,
+                   help="probability of leaving out each tag (but the kept ones)")
+    g = p.add_argument_group("aspect-ratio buckets (kohya-ss/sd-scripts' algorithm and names)")
+    g.add_argument("--enable-bucket", action="store_true",
+                   help="train each image at the bucket of its aspect ratio (area about --resolution squared) "
+                        "instead of a square crop; every batch from one bucket")
+    g.add_argument("--min-bucket-reso", type=int, default=d.min_bucket_reso, help="default %(default)s")
+    g.add_argument("--max-bucket-reso", type=int, default=d.max_bucket_reso, help="default %(default)s")
+    g.add_argument("--bucket-reso-steps", type=int, default=d.bucket_reso_steps,
+                   help="bucket sides are multiples of this (a multiple of 8; default %(default)s)")
+    g.add_argument("--bucket-no-upscale", action="store_true",
+                   help="a bucket per image size, never enlarging (min and max are then ignored)")
 
 
 def add_train(parser):
     sub = parser.add_subparsers(dest="method", required=True)
     f = sub.add_parser("finetune", help="full fine-tuning on a folder of captioned images")
-    f.add_argument("--data", required=True, help="images with NAME.txt captions or a metadata.jsonl")
+    f.add_argument("--data", required=True, help="images with NAME.txt captions or a metadata.jsonl, or kohya's "
+                                                 "N_prompt subfolders of them")
     _common(f, finetune.FinetuneConfig(out=""))
     b = sub.add_parser("dreambooth", help="DreamBooth, optionally with prior preservation")
-    b.add_argument("--instance-dir", required=True)
-    b.add_argument("--instance-prompt", required=True)
+    b.add_argument("--instance-dir", required=True, help="the subject's images, or kohya's N_prompt subfolders")
+    b.add_argument("--instance-prompt", default=None, help="their caption (not needed in kohya's layout)")
     d = dreambooth.DreamBoothConfig(out="")
     _class_flags(b, d)
     _common(b, d)
@@ -94,7 +117,9 @@ def add_train(parser):
 def _class_flags(p, d):
     """DreamBooth's prior preservation (dreambooth and lora)."""
     p.add_argument("--class-prompt", default=None, help="turns on prior preservation")
-    p.add_argument("--class-dir", default=None)
+    p.add_argument("--class-dir", default=None, help="class images, generated there until --num-class-images")
+    p.add_argument("--reg-data-dir", default=None,
+                   help="kohya's name: existing class images (none generated), a folder or N_prompt subfolders")
     p.add_argument("--num-class-images", type=int, default=d.num_class_images)
     p.add_argument("--sample-batch-size", type=int, default=d.sample_batch_size,
                    help="class images per generate call (each is its seed's alone; default %(default)s)")

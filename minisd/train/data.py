@@ -1,11 +1,22 @@
-"""Training images from a folder: what `--data DIR`, `--instance-dir DIR` and `--class-dir DIR` point at.
+"""Training images from a folder: what `--data DIR`, `--instance-dir DIR`, `--class-dir DIR` and `--reg-data-dir DIR`
+point at.
 
-A folder holds images (png, jpg, jpeg, webp, bmp, any case), read in sorted order, not from subfolders (as
-diffusers' train_dreambooth and kohya's default). Each image's caption is, first found:
+Two layouts:
 
-1. `NAME.txt` beside `NAME.png` (the A1111 / kohya convention), stripped of surrounding whitespace;
+- a plain folder of images (png, jpg, jpeg, webp, bmp, any case), read in sorted order, not from subfolders (as
+  diffusers' train_dreambooth and kohya's default);
+- kohya-ss/sd-scripts' DreamBooth layout: no images at the top, only subfolders named `N_prompt` (`10_sks dog`),
+  each a plain folder whose images an epoch holds N times (their `repeats`) and whose uncaptioned images take
+  `prompt` as caption (kohya's `class_tokens`: the name after the first "_"). Hidden subfolders are skipped; a
+  subfolder with another name is an error (kohya skips it with a warning, which silently trains on less).
+
+Each image's caption is, first found:
+
+1. `NAME.txt` beside `NAME.png` (the A1111 / kohya convention; `--caption-extension .caption` for kohya's other
+   name), stripped of surrounding whitespace;
 2. the `text` of its line `{"file_name": "NAME.png", "text": ...}` in `metadata.jsonl` (diffusers' ImageFolder);
-3. the caller's fallback prompt (DreamBooth's instance or class prompt).
+3. the prompt of its `N_prompt` folder, when not empty;
+4. the caller's fallback prompt (DreamBooth's instance or class prompt).
 
 The per-image file wins over metadata.jsonl because it is the more specific of the two and the one captioning
 tools (BLIP, WD14 taggers) write last; a note says how many images had both. Nothing in the folder is written:
@@ -16,11 +27,11 @@ side to `resolution` (torchvision's Resize on a PIL image is PIL's antialiased b
 optional horizontal flip, to (3, H, W) in [-1, 1]. The random choices come from a torch.Generator drawn in
 torchvision's order (crop top, crop left, flip), so a batch is a pure function of the generators it is given
 (fine-tuning gives each example its own, seeded from (seed, step, place in the batch): step.py), and a resumed
-run sees the same pixels.
+run sees the same pixels. With --enable-bucket, buckets.py crops to each image's bucket instead.
 """
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image, ImageOps
@@ -33,8 +44,14 @@ METADATA = "metadata.jsonl"
 
 @dataclass(frozen=True)
 class Example:
+    """One training image. caption: a str, or a tuple of alternatives drawn per use (textual inversion's
+    templates). repeats: how many times an epoch holds it (kohya's `N_prompt` folders; 1 in a plain folder).
+    size: (width, height) as decoded and turned upright, what aspect-ratio buckets need (None: not known, read
+    from the file when needed); it describes the file, so it takes no part in comparisons."""
     path: str
     caption: str
+    repeats: int = 1
+    size: tuple | None = field(default=None, compare=False)
 
 
 def check_resolution(resolution):
@@ -43,21 +60,29 @@ def check_resolution(resolution):
         raise ValueError(f"resolution must be a positive multiple of 8, got {resolution!r}")
 
 
+def read_text(path):
+    """The text of a caption or metadata file: UTF-8, else a one-line error naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
 def read_metadata(folder):
     """{file_name: text} from folder/metadata.jsonl, or {} without one."""
     path = os.path.join(folder, METADATA)
     if not os.path.exists(path):
         return {}
     captions = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                captions[entry["file_name"]] = entry["text"].strip()
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise ValueError(f"{path} line {n} is not {{\"file_name\": ..., \"text\": ...}}") from None
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            captions[entry["file_name"]] = entry["text"].strip()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{path} line {n} is not {{\"file_name\": ..., \"text\": ...}}") from None
     return captions
 
 
@@ -67,25 +92,94 @@ def load_image(path):
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def find_examples(folder, resolution, fallback_caption=None, log=print):
-    """Every image in `folder` with its caption, checked before any training starts.
+def check_caption_extension(caption_extension):
+    if not (isinstance(caption_extension, str) and len(caption_extension) > 1 and caption_extension[0] == "."
+            and caption_extension.lower() not in IMAGE_EXTENSIONS + (".jsonl",)):
+        raise ValueError(f"--caption-extension must be a file extension such as .txt or .caption, got "
+                         f"{caption_extension!r}")
+
+
+def is_image(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def repeats_and_prompt(name, folder):
+    """(N, prompt) of a kohya subfolder named `N_prompt` (kohya's extract_dreambooth_params: the prompt is the
+    name after the first "_"; N alone is allowed and has no prompt)."""
+    head, _, prompt = name.partition("_")
+    if not (head.isascii() and head.isdigit() and int(head) > 0):
+        raise ValueError(f"{os.path.join(folder, name)}: the subfolders of kohya's layout are named N_prompt with N "
+                         f"a positive integer (the repeats), got {name!r}")
+    return int(head), prompt
+
+
+def is_kohya_layout(folder):
+    """Whether `folder` holds no images and at least one subfolder (not hidden): kohya's `N_prompt` layout."""
+    if not os.path.isdir(folder):
+        return False
+    names = os.listdir(folder)
+    return not any(map(is_image, names)) and any(
+        not n.startswith(".") and os.path.isdir(os.path.join(folder, n)) for n in names)
+
+
+def find_examples(folder, resolution, fallback_caption=None, log=print, caption_extension=".txt",
+                  skip_bad_images=False):
+    """Every image in `folder` (a plain folder or kohya's `N_prompt` layout: module docstring) with its caption,
+    repeats and size, checked before any training starts.
 
     Every image is decoded once here: `Image.verify()` only checks PNG checksums, and a truncated JPEG or WebP
-    passes it and would fail hours into a run. Decoding costs ~2 ms per 512 px JPEG, a second per 500 images."""
+    passes it and would fail hours into a run. Decoding costs ~2 ms per 512 px JPEG, a second per 500 images.
+    An image that cannot be decoded is an error naming it, or with skip_bad_images a note counting them."""
     check_resolution(resolution)
+    check_caption_extension(caption_extension)
     if not os.path.isdir(folder):
         raise ValueError(f"{folder} is not a folder" if os.path.exists(folder) else f"{folder} does not exist")
     names = sorted(os.listdir(folder))
-    images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-    if not images:
-        raise ValueError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) in {folder}")
+    if not names:
+        raise ValueError(f"{folder} is empty")
+    bad = []
+    if not is_kohya_layout(folder):
+        if not any(map(is_image, names)):
+            raise ValueError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) and no N_prompt subfolders "
+                             f"(kohya's layout) in {folder}")
+        kohya = [n for n in names if os.path.isdir(os.path.join(folder, n)) and n.partition("_")[0].isdigit()]
+        if kohya:
+            raise ValueError(f"{folder} holds both images and kohya's N_prompt subfolders ({kohya[0]}); in kohya's "
+                             f"layout every image is in a N_prompt subfolder")
+        examples = _read_folder(folder, names, fallback_caption, 1, caption_extension, bad, skip_bad_images, log)
+    else:
+        examples, skipped = [], []
+        for name in names:
+            path = os.path.join(folder, name)
+            if name.startswith(".") or not os.path.isdir(path):
+                skipped.append(name)
+                continue
+            repeats, prompt = repeats_and_prompt(name, folder)
+            inner = sorted(os.listdir(path))
+            if not any(map(is_image, inner)):
+                raise ValueError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) in {path}")
+            examples += _read_folder(path, inner, prompt or fallback_caption, repeats, caption_extension, bad,
+                                     skip_bad_images, log)
+        if skipped:
+            log(f"skipped {len(skipped)} entries in {folder} that are not N_prompt subfolders (first: {skipped[0]})")
+    if bad:
+        log(f"skipped {len(bad)} images that cannot be decoded (--skip-bad-images; first: {bad[0]})")
+        if not examples:
+            raise ValueError(f"no readable images in {folder}: all {len(bad)} cannot be decoded")
+    return examples
+
+
+def _read_folder(folder, names, fallback_caption, repeats, caption_extension, bad, skip_bad_images, log):
+    """The examples of one plain folder whose sorted entries are `names` (at least one an image); undecodable
+    images are appended to `bad` when skip_bad_images, else an error."""
+    images = [n for n in names if is_image(n)]
     metadata = read_metadata(folder)
     unknown = sorted(set(metadata) - set(images))
     if unknown:
         raise ValueError(f"{os.path.join(folder, METADATA)} names {unknown[0]}, which is not an image in {folder}")
 
-    captions_txt = {os.path.splitext(n)[0] + ".txt" for n in images}
-    skipped = [n for n in names if n not in images and n not in captions_txt and n != METADATA]
+    caption_files = {os.path.splitext(n)[0] + caption_extension for n in images}
+    skipped = [n for n in names if n not in images and n not in caption_files and n != METADATA]
     if skipped:
         log(f"skipped {len(skipped)} entries in {folder} that are not images or captions (first: {skipped[0]})")
 
@@ -93,14 +187,17 @@ def find_examples(folder, resolution, fallback_caption=None, log=print):
     for name in images:
         path = os.path.join(folder, name)
         try:
-            load_image(path)
+            size = load_image(path).size
         except Exception as e:                   # PIL raises OSError, SyntaxError, ValueError... for bad files
             reason = (str(e).splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"{path} is not a readable image ({reason})") from None
-        txt = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
-        if os.path.isfile(txt):
-            with open(txt, encoding="utf-8") as f:
-                caption = f.read().strip()
+            if not skip_bad_images:
+                raise ValueError(f"{path} is not a readable image ({reason}); --skip-bad-images skips such "
+                                 f"images") from None
+            bad.append(f"{path}: {reason}")
+            continue
+        caption_file = os.path.join(folder, os.path.splitext(name)[0] + caption_extension)
+        if os.path.isfile(caption_file):
+            caption = read_text(caption_file).strip()
             both += name in metadata
         elif name in metadata:
             caption = metadata[name]
@@ -109,12 +206,13 @@ def find_examples(folder, resolution, fallback_caption=None, log=print):
         else:
             missing.append(name)
             continue
-        examples.append(Example(path, caption))
+        examples.append(Example(path, caption, repeats, size))
     if missing:
-        raise ValueError(f"{len(missing)} images in {folder} have no caption (first: {missing[0]}); add NAME.txt "
-                         f"or {METADATA} lines, or give a prompt")
+        raise ValueError(f"{len(missing)} images in {folder} have no caption (first: {missing[0]}); add "
+                         f"NAME{caption_extension} or {METADATA} lines, or give a prompt")
     if both:
-        log(f"{both} images in {folder} have both a .txt caption and a {METADATA} line; using the .txt")
+        log(f"{both} images in {folder} have both a {caption_extension} caption and a {METADATA} line; using the "
+            f"{caption_extension}")
     return examples
 
 

@@ -19,9 +19,9 @@ from tqdm import tqdm
 from .. import distributed
 from ..pipeline import Pipeline
 from .batches import Stream
-from .data import IMAGE_EXTENSIONS, find_examples
+from .data import IMAGE_EXTENSIONS, find_examples, is_kohya_layout
 from .run import Training, fit
-from .settings import DTYPES, TrainSettings, check
+from .settings import DTYPES, TrainSettings, check, folder_options
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class DreamBoothConfig(TrainSettings):
     instance_prompt: str | None = None       # ... and their caption ("a photo of sks dog")
     class_prompt: str | None = None          # prior preservation: the class ("a photo of a dog")
     class_dir: str | None = None             # its images, generated until there are num_class_images
+    reg_data_dir: str | None = None          # kohya's name: class images already there (none generated), a plain
+                                             # folder or N_prompt subfolders; prior preservation without a prompt
     num_class_images: int = 100
     sample_batch_size: int = 4               # class images per generate call (diffusers' --sample_batch_size)
     prior_loss_weight: float = 1.0           # w of mse(instance) + w mse(class)
@@ -91,8 +93,14 @@ def check_instances(cfg: DreamBoothConfig):
     """One-line errors for DreamBooth's own settings (settings.check does the rest), before any model is loaded."""
     if not cfg.instance_dir:
         raise ValueError("dreambooth needs --instance-dir DIR (the subject's images)")
-    if not cfg.instance_prompt:
-        raise ValueError("dreambooth needs --instance-prompt (e.g. \"a photo of sks dog\")")
+    if not cfg.instance_prompt and not is_kohya_layout(cfg.instance_dir):
+        raise ValueError("dreambooth needs --instance-prompt (e.g. \"a photo of sks dog\"), unless --instance-dir "
+                         "is kohya's layout of N_prompt subfolders")
+    if cfg.reg_data_dir:
+        if cfg.class_dir:
+            raise ValueError("--reg-data-dir (kohya's name: existing class images) and --class-dir (class images "
+                             "generated as needed) are two ways to give the class images; give one")
+        return
     prior = cfg.class_prompt is not None
     if prior and not cfg.class_dir:
         raise ValueError("--class-prompt needs --class-dir DIR (where the class images are, or go)")
@@ -105,12 +113,18 @@ def check_instances(cfg: DreamBoothConfig):
 
 
 def instance_streams(cfg: DreamBoothConfig, model, resolution, device, log=print):
-    """The instance stream, and with --class-prompt the class stream (its missing images generated first)."""
-    # captions: the instance prompt, unless an image has its own (NAME.txt / metadata.jsonl)
-    streams = [Stream(find_examples(cfg.instance_dir, resolution, cfg.instance_prompt, log=log), stream=0)]
-    if cfg.class_prompt is not None:
-        generate_class_images(model, cfg, resolution, device, log)
-        streams.append(Stream(find_examples(cfg.class_dir, resolution, cfg.class_prompt, log=log), stream=1))
+    """The instance stream, and with --reg-data-dir or --class-prompt the class stream (with --class-dir, its
+    missing images generated first)."""
+    # captions: the instance prompt, unless an image has its own (NAME.txt / metadata.jsonl / N_prompt folder)
+    options = folder_options(cfg)
+    streams = [Stream(find_examples(cfg.instance_dir, resolution, cfg.instance_prompt, log=log, **options), stream=0,
+                      role="instance", root=cfg.instance_dir)]
+    class_dir = cfg.reg_data_dir or cfg.class_dir
+    if cfg.class_prompt is not None or cfg.reg_data_dir:
+        if not cfg.reg_data_dir:
+            generate_class_images(model, cfg, resolution, device, log)
+        streams.append(Stream(find_examples(class_dir, resolution, cfg.class_prompt, log=log, **options), stream=1,
+                              role="class", root=class_dir))
     log(f"DreamBooth on {len(streams[0].examples)} images of {cfg.instance_dir}"
         + (f" with {len(streams[1].examples)} class images" if len(streams) > 1 else "") + f" at {resolution} px")
     return streams

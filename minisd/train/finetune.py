@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .batches import Stream
 from .data import find_examples
 from .run import Training, fit
-from .settings import TrainSettings, check
+from .settings import TrainSettings, check, folder_options
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,8 @@ def run(cfg: FinetuneConfig, draws=None, log=print):
         raise ValueError("finetune needs --data DIR (a folder of images with captions)")
 
     def prepare(model, resolution, device, log):
-        examples = find_examples(cfg.data, resolution, log=log)
+        examples = find_examples(cfg.data, resolution, log=log, **folder_options(cfg))
         log(f"fine-tuning on {len(examples)} images of {cfg.data} at {resolution} px")
-        return Training([Stream(examples, stream=0)])
+        return Training([Stream(examples, stream=0, root=cfg.data)])
 
     return fit(cfg, "finetune", prepare, draws, log)

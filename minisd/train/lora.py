@@ -51,7 +51,7 @@ from . import dreambooth
 from .batches import Stream
 from .data import find_examples
 from .run import Training, fit
-from .settings import DTYPES, check
+from .settings import DTYPES, check, folder_options
 
 SAVE_FORMATS = ("kohya", "diffusers")
 
@@ -111,8 +111,8 @@ def check_lora(cfg: LoRAConfig):
                          "one of the two")
     if cfg.instance_dir:
         dreambooth.check_instances(cfg)
-    elif cfg.instance_prompt or cfg.class_prompt or cfg.class_dir:
-        raise ValueError("--instance-prompt, --class-prompt and --class-dir go with --instance-dir")
+    elif cfg.instance_prompt or cfg.class_prompt or cfg.class_dir or cfg.reg_data_dir:
+        raise ValueError("--instance-prompt, --class-prompt, --class-dir and --reg-data-dir go with --instance-dir")
 
 
 def run(cfg: LoRAConfig, draws=None, log=print):
@@ -123,7 +123,8 @@ def run(cfg: LoRAConfig, draws=None, log=print):
         if cfg.instance_dir:
             streams = dreambooth.instance_streams(cfg, model, resolution, device, log)
         else:
-            streams = [Stream(find_examples(cfg.data, resolution, log=log), stream=0)]
+            streams = [Stream(find_examples(cfg.data, resolution, log=log, **folder_options(cfg)), stream=0,
+                              root=cfg.data)]
             log(f"LoRA on {len(streams[0].examples)} images of {cfg.data} at {resolution} px")
         start = initial_factors(model.config, cfg, torch.Generator().manual_seed(cfg.seed))
         params = {}              # "{kohya name}.down" / ".up" -> the Parameter AdamW trains

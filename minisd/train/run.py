@@ -21,6 +21,7 @@ from weights_convert import detect, diffusers, ldm, native
 from weights_convert.io import write_safetensors
 
 from .. import distributed, lora
+from . import buckets
 from ..convert import vocab_files
 from ..diffusion import alphas_cumprod_from_betas, scaled_linear_betas
 from ..model import load_model, locate
@@ -62,6 +63,13 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
     resolution = cfg.resolution or model.config.image_size
     job = prepare(model, resolution, device, log)
     streams, embeddings, substitute = job.streams, job.embeddings, job.substitute
+    if cfg.enable_bucket:
+        for s in streams:
+            s.buckets = buckets.assign(s.examples, resolution, cfg.min_bucket_reso, cfg.max_bucket_reso,
+                                       cfg.bucket_reso_steps, cfg.bucket_no_upscale)
+            log(f"buckets of {s.root or s.role} ({len(s.examples)} images):")
+            for line in buckets.table(s.examples, s.buckets):
+                log("  " + line)
 
     factor = 2 ** (len(model.config.vae.ch_mult) - 1)
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
@@ -77,6 +85,9 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
             json.dump({"method": method, "processes": world, **dataclasses.asdict(cfg)}, f, indent=1)
         if not cfg.resume and os.path.exists(log_path):
             os.remove(log_path)
+        if cfg.enable_bucket:
+            buckets.write_json(os.path.join(cfg.out, "buckets.json"),
+                               [(s.role, s.root or "", s.examples, s.buckets) for s in streams])
     if cfg.resume and not os.path.exists(ckpt_file):
         log(f"no checkpoint in {ckpt_dir}: starting from step 0")
     if world > 1:
@@ -88,7 +99,7 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
     alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas(mc.beta_start, mc.beta_end, mc.num_timesteps))
     if cfg.cache_latents:
         for s in streams:
-            s.cache = cache_moments(model.vae, s.examples, resolution, device)
+            s.cache = cache_moments(model.vae, s, resolution, device)
     set_frozen_dtype(model, cfg, embeddings)
     model.unet.gradient_checkpointing = cfg.gradient_checkpointing
     model.text_encoder.gradient_checkpointing = cfg.gradient_checkpointing and text_in_backward(cfg, embeddings)
@@ -106,13 +117,27 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
         generators = {j: example_generator(cfg.seed, k, j) for js in places for j in js}
         parts = [take(s, k, cfg, resolution, [generators[j] for j in js], world, rank)
                  for s, js in zip(streams, places)]                             # instances first, then class
+        if len({latent_size(p) for p in parts}) == 1:
+            return parts_loss(k, parts, places, generators, n_instance)
+        # DreamBooth with the instance and class batches in different buckets: their latents cannot be stacked,
+        # so each half goes through the networks on its own; the loss is the same mse(inst) + w mse(class)
+        return (parts_loss(k, parts[:1], places[:1], generators, None)
+                + job.prior_loss_weight * parts_loss(k, parts[1:], places[1:], generators, None))
+
+    def latent_size(part):
+        pixels, moments, _ = part
+        return tuple(moments[0].shape[-2:]) if moments is not None else (pixels.shape[-2] // factor,
+                                                                         pixels.shape[-1] // factor)
+
+    def parts_loss(k, parts, places, generators, n_instance):
+        """The loss of the examples of `parts` (take's outputs, all of one size) at `places` in micro-batch k."""
         captions = [c for _, _, cs in parts for c in cs]
         if parts[0][1] is not None:
             pixels, moments = None, tuple(torch.cat([p[1][i] for p in parts]).to(device) for i in (0, 1))
         else:
             pixels, moments = torch.cat([p[0] for p in parts]), None
         mine = [j for js in places for j in js]
-        shape = (len(mine), mc.unet.in_channels, resolution // factor, resolution // factor)
+        shape = (len(mine), mc.unet.in_channels, *latent_size(parts[0]))
         if draws is not None:
             d = draws(k, mine, shape)
         else:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import distributed
-from .data import check_resolution
+from . import buckets, captions
+from .data import check_caption_extension, check_resolution
 from .loop import TrainConfig
 from .lr import check_schedule
 
@@ -53,6 +54,18 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     adam_weight_decay: float = 1e-2
     dtype: str = "float32"                   # DTYPES: "float64" for the parity tests (no --flag)
+    # the data folders (data.py) and kohya-ss/sd-scripts' options, with kohya's names and defaults
+    caption_extension: str = ".txt"          # NAME.txt beside NAME.png (kohya's default is .caption)
+    skip_bad_images: bool = False            # an image that cannot be decoded: a counted note, not an error
+    enable_bucket: bool = False              # aspect-ratio buckets (buckets.py)
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    caption_dropout_rate: float = 0.0        # caption tricks (captions.py)
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_tag_dropout_rate: float = 0.0
 
 
 def check(cfg: TrainSettings, save_formats=SAVE_FORMATS):
@@ -85,6 +98,15 @@ def check(cfg: TrainSettings, save_formats=SAVE_FORMATS):
         raise ValueError("--use-8bit-adam (bitsandbytes' AdamW8bit) runs on CUDA only")
     if cfg.use_ema and not 0 < cfg.ema_decay < 1:
         raise ValueError(f"the EMA decay must be in (0, 1), got {cfg.ema_decay}")
+    check_caption_extension(cfg.caption_extension)
+    captions.check(cfg)
+    if cfg.enable_bucket and cfg.resolution is not None:      # else checked once the model's size is known
+        buckets.check(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
+
+
+def folder_options(cfg: TrainSettings):
+    """The keyword arguments of data.find_examples that the settings give."""
+    return dict(caption_extension=cfg.caption_extension, skip_bad_images=cfg.skip_bad_images)
 
 
 def train_config(cfg: TrainSettings):

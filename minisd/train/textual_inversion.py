@@ -41,7 +41,7 @@ from ..embeddings import Embeddings, save_a1111, save_diffusers
 from .batches import Stream
 from .data import find_examples
 from .run import Training, fit
-from .settings import DTYPES, TrainSettings, check
+from .settings import DTYPES, TrainSettings, check, folder_options
 
 PROPERTIES = ("object", "style")
 
@@ -145,7 +145,8 @@ def run(cfg: TextualInversionConfig, draws=None, log=print):
 
     def prepare(model, resolution, device, log):
         init_id = check_words(cfg, model.tokenizer)
-        examples = find_examples(cfg.data, resolution, templates(cfg.token, cfg.learnable_property), log=log)
+        examples = find_examples(cfg.data, resolution, templates(cfg.token, cfg.learnable_property), log=log,
+                                 **folder_options(cfg))
         unnamed = [e for e in examples if isinstance(e.caption, str) and cfg.token.lower() not in e.caption.lower()]
         if unnamed:
             raise ValueError(f"the caption of {unnamed[0].path} does not name {cfg.token!r} ({len(unnamed)} such); "
@@ -167,6 +168,6 @@ def run(cfg: TextualInversionConfig, draws=None, log=print):
 
         log(f"textual inversion of {cfg.token!r} ({cfg.num_vectors} vector{'s' * (cfg.num_vectors > 1)} from "
             f"{cfg.init_token!r}) on {len(examples)} images of {cfg.data} at {resolution} px")
-        return Training([Stream(examples, stream=0)], trainable={name: vectors}, save=write, embeddings=words)
+        return Training([Stream(examples, stream=0, root=cfg.data)], trainable={name: vectors}, save=write, embeddings=words)
 
     return fit(cfg, "textual_inversion", prepare, draws, log)
