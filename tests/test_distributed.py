@@ -112,6 +112,42 @@ def test_dreambooth_with_prior_and_its_class_images_are_the_same_on_two_processe
     assert err <= TOL and loss_err <= TOL
 
 
+def test_dreambooth_on_kohya_folders_with_buckets_and_caption_tricks_is_the_same_on_two_processes(tmp_path):
+    """kohya's layout for the instances and --reg-data-dir for the class, aspect-ratio buckets (the instance and
+    class halves of a batch in the same bucket at some steps, in different ones at others: two forward passes),
+    random crops and flips, every caption trick: each micro-batch of 2 comes from one bucket and each process
+    takes its half, and the weights equal one process's."""
+    from PIL import Image
+    import numpy as np
+
+    def photo(path, w, h, seed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    for i, (w, h) in enumerate([(48, 32), (50, 30), (40, 40), (44, 42)]):
+        photo(tmp_path / "inst" / f"{1 + i % 2}_sks circle, red, small" / f"{i}.png", w, h, seed=i)
+    for i, (w, h) in enumerate([(32, 48), (40, 40), (41, 39)]):
+        photo(tmp_path / "reg" / "1_a circle, red" / f"{i}.png", w, h, seed=10 + i)
+    method = ["dreambooth", "--instance-dir", tmp_path / "inst", "--reg-data-dir", tmp_path / "reg",
+              "--prior-loss-weight", 0.5, "--resolution", 32, "--enable-bucket", "--min-bucket-reso", 16,
+              "--max-bucket-reso", 64, "--bucket-reso-steps", 8, "--random-flip", "--shuffle-caption",
+              "--keep-tokens", 1, "--caption-tag-dropout-rate", 0.3, "--caption-dropout-rate", 0.2, "--seed", 3]
+    from minisd.train import buckets, dreambooth
+    from minisd.train.batches import micro_batch
+    cfg = dreambooth.DreamBoothConfig(out="", instance_dir=str(tmp_path / "inst"), reg_data_dir=str(tmp_path / "reg"))
+    streams = dreambooth.instance_streams(cfg, None, 32, "cpu", log=lambda *_: None)
+    for s in streams:
+        s.buckets = buckets.assign(s.examples, 32, 16, 64, 8)
+    same = [len({s.buckets[micro_batch(s, 2, k, 3)[0]][0] for s in streams}) == 1 for k in range(5)]
+    assert any(same) and not all(same), same                   # both ways of computing the loss are used
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main([str(a) for a in train_args(method, one, 2)]) == 0
+    torchrun(*train_args(method, two, 1))
+    assert (one / "buckets.json").read_text() == (two / "buckets.json").read_text()
+    assert set(json.loads((one / "buckets.json").read_text())) == {"instance", "class"}
+    err, loss_err = compare(one, two, ("unet.",))
+    assert err <= TOL and loss_err <= TOL
+
+
 def test_eval_on_two_processes_writes_the_same_images_and_figures(tmp_path, capsys):
     """The batches are shared out, the images are the same bytes, rank 0 alone prints the figures. --no-prepack:
     each process would otherwise time oneDNN-prepared layers against plain ones and keep the faster (on a busy
