@@ -246,3 +246,30 @@ def test_take_gives_each_bucket_its_size_and_a_table_counts_repeats(tmp_path):
     cfg = finetune.FinetuneConfig(out="x", center_crop=True, train_batch_size=2)
     shapes = {tuple(take(s, k, cfg, 64)[0].shape) for k in range(8)}
     assert shapes == {(2, 3, 48, 80), (2, 3, 80, 48)}
+
+
+def test_halves_in_different_buckets_are_weighted_by_the_prior_loss_weight_in_a_run(tmp_path, monkeypatch):
+    """run.fit's two ways, seen through a stand-in loss: one call on the stacked batch (same bucket: 100) or the
+    instance call + w x the class call (1 + 0.25 x 1), the logged loss of each step one or the other, both used."""
+    from minisd.train import dreambooth, run
+    for i, (w, h) in enumerate([(48, 32), (32, 32)]):
+        (tmp_path / "inst").mkdir(exist_ok=True)
+        Image.new("RGB", (w, h)).save(tmp_path / "inst" / f"{i}.png")
+    for i, (w, h) in enumerate([(32, 48), (32, 32)]):
+        (tmp_path / "reg").mkdir(exist_ok=True)
+        Image.new("RGB", (w, h)).save(tmp_path / "reg" / f"{i}.png")
+    sizes = []
+
+    def stand_in(model, pixels, moments, tokens, d, abar, cfg, n_instance, *args):
+        sizes.append(tuple(pixels.shape))
+        return torch.tensor(1.0 if n_instance is None else 100.0, requires_grad=True)
+    monkeypatch.setattr(run, "step_loss", stand_in)
+    cfg = dreambooth.DreamBoothConfig(out=str(tmp_path / "out"), instance_dir=str(tmp_path / "inst"),
+                                      instance_prompt="sks", class_prompt="a thing", reg_data_dir=str(tmp_path / "reg"),
+                                      prior_loss_weight=0.25, resolution=32, max_train_steps=8, center_crop=True,
+                                      device="cpu", enable_bucket=True, min_bucket_reso=16, max_bucket_reso=64,
+                                      bucket_reso_steps=8)
+    dreambooth.run(cfg, log=quiet)
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "out" / "train_log.jsonl")]
+    assert set(losses) == {100.0, 1.25}, losses
+    assert {s[0] for s in sizes} == {1, 2}                   # halves of 1 apart, or both stacked

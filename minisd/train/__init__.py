@@ -10,12 +10,14 @@ batches come from; run.fit loads the model and drives loop.train with step.py's 
   settings.py    TrainSettings, what every method's config shares; its checks; the loop's settings it gives
   run.py         fit: load the model, ask the method what trains, train, write the run folder (model, log, samples)
   batches.py     which examples micro-batch k holds (a pure function of seed, stream, k), crops, cached latents
+  buckets.py     kohya's aspect-ratio buckets: the bucket list, each image's bucket, its crop (--enable-bucket)
+  captions.py    kohya's caption tricks: dropout, shuffled tags, kept tokens, tag dropout
   step.py        one step's random draws (per example) and its loss on a whole SD model
   loop.py        AdamW, the learning rate, gradient accumulation, mixed precision, an EMA copy, atomic
                  checkpoints and exact resumption; the gradient average over processes under torchrun
   lr.py          learning-rate schedules (diffusers' get_scheduler, plus floors and the tiny recipe's)
   loss.py        the noise-prediction objective, v targets, Min-SNR weights, DreamBooth's prior loss
-  data.py        image folders with captions, and diffusers' preprocessing
+  data.py        image folders (plain, or kohya's N_prompt subfolders) with captions, and diffusers' preprocessing
   tiny.py        the tiny built-in model's three-phase recipe from scratch (`minisd train-tiny`)
   tiny_features.py  the tiny world's feature network for FID (`minisd train-tiny-features`)
 

@@ -9,6 +9,12 @@ class prompt before training, so it keeps knowing what a dog in general looks li
 examples first, then as many class examples, and the loss is mse(instance) + prior_loss_weight * mse(class), as
 diffusers' train_dreambooth.py computes it. Missing class images are generated first with minisd's pipeline, into
 --class-dir; the images already there count, so a rerun only draws what is missing.
+
+kohya-ss/sd-scripts' layout works too: --instance-dir of `N_prompt` subfolders (N repeats; the folder's prompt is
+the caption of its uncaptioned images, so --instance-prompt is optional), and --reg-data-dir, kohya's name for
+class images that already exist (a plain folder or `N_prompt` subfolders; nothing is generated, and --class-prompt
+is only the caption of images that have none). With --enable-bucket the instance and class batches are each drawn
+from one bucket, not always the same one: then each half goes through the networks on its own (run.fit).
 """
 import os
 from dataclasses import dataclass

@@ -3,8 +3,9 @@
     minisd train finetune --data DIR --out DIR [--model M] [--train-text-encoder] [--use-ema] ...
 
 Every U-Net weight trains (and the text encoder's with --train-text-encoder) on the noise-prediction loss of the
-images in --data, each with its caption (NAME.txt or metadata.jsonl; data.py). run.fit does the training; this
-method only says where the batches come from.
+images in --data, each with its caption (NAME.txt or metadata.jsonl; data.py), a plain folder or kohya's N_prompt
+subfolders. run.fit does the training (with --enable-bucket, at each image's aspect-ratio bucket: buckets.py);
+this method only says where the batches come from.
 """
 from dataclasses import dataclass
 

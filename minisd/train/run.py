@@ -6,6 +6,11 @@ args.json, result.json, checkpoints/ and samples/.
 A method (finetune.py, dreambooth.py, textual_inversion.py, lora.py) checks its settings, then calls `fit` with
 a `prepare(model, resolution, device, log)` that says only what differs: where its batches come from, what
 trains, what is written.
+
+With --enable-bucket, `fit` gives every example its aspect-ratio bucket (buckets.py), prints a table of them and
+writes buckets.json in the run folder; every micro-batch of a stream comes from one bucket (batches.py). When
+DreamBooth's instance and class batches are in different buckets, their latents cannot be stacked: the two
+halves go through the networks separately, and the loss is the same mse(instance) + w mse(class).
 """
 import dataclasses
 import json
