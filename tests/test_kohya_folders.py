@@ -180,7 +180,7 @@ def test_caption_tricks_are_a_pure_function_of_seed_step_and_example_and_leave_i
     assert a != [trick(TRICKS, 1, k, j) for k in range(20) for j in range(3)]
     assert len(set(a)) > 20                                  # the step and the place both change the draw
     g = example_generator(0, 3, 1)
-    captions.caption_generator(g)
+    assert captions.apply(TAGS, TRICKS, captions.caption_generator(g)) == trick(TRICKS, 0, 3, 1)
     assert torch.equal(g.get_state(), example_generator(0, 3, 1).get_state())   # crops and noise are untouched
 
 

@@ -374,7 +374,7 @@ def test_tiny_model_learns_sun_and_draws_it_on_held_out_backgrounds(tmp_path):
     (dict(num_vectors=0), "--num-vectors must be >= 1, got 0"),
     (dict(learnable_property="person"), "unknown --learnable-property 'person'"),
     (dict(train_text_encoder=True), "does not apply to textual-inversion"),
-    (dict(data="EMPTY"), "no images"),
+    (dict(data="EMPTY"), "empty is empty"),
     (dict(data="CAPTIONED"), "does not name '<cat-toy>'"),
 ])
 def test_bad_words_and_data_fail_in_one_line_before_training(tmp_path, change, message):
