@@ -142,7 +142,8 @@ def find_examples(folder, resolution, fallback_caption=None, log=print, caption_
         if not any(map(is_image, names)):
             raise ValueError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) and no N_prompt subfolders "
                              f"(kohya's layout) in {folder}")
-        kohya = [n for n in names if os.path.isdir(os.path.join(folder, n)) and n.partition("_")[0].isdigit()]
+        kohya = [n for n in names if os.path.isdir(os.path.join(folder, n)) and "_" in n
+                 and n.partition("_")[0].isdigit()]
         if kohya:
             raise ValueError(f"{folder} holds both images and kohya's N_prompt subfolders ({kohya[0]}); in kohya's "
                              f"layout every image is in a N_prompt subfolder")
