@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..images import to_tensor
-from .data import load_image, resize_and_crop
+from .data import resize_and_crop
 from .settings import TrainSettings
 
 
@@ -65,7 +65,7 @@ def take(source: Stream, k, cfg: TrainSettings, resolution, generators=None, wor
     captions = [pick_caption(source.examples[i].caption, g) for i, g in zip(idx, generators)]
     if source.cache is not None:
         return None, (source.cache[0][idx], source.cache[1][idx]), captions
-    images = [resize_and_crop(load_image(source.examples[i].path), resolution, cfg.center_crop, cfg.random_flip, g)
+    images = [resize_and_crop(source.examples[i].image(), resolution, cfg.center_crop, cfg.random_flip, g)
               for i, g in zip(idx, generators)]
     return to_tensor(images), None, captions
 
@@ -75,7 +75,7 @@ def cache_moments(vae, examples, resolution, device, chunk=8):
     """Posterior (mean, logvar) of every example, centre-cropped, encoded once (--cache-latents)."""
     means, logvars = [], []
     for start in range(0, len(examples), chunk):
-        images = [resize_and_crop(load_image(e.path), resolution) for e in examples[start:start + chunk]]
+        images = [resize_and_crop(e.image(), resolution) for e in examples[start:start + chunk]]
         mean, logvar = vae.posterior(to_tensor(images).to(device, vae.quant_conv.weight.dtype))
         at_least_fp32 = torch.promote_types(mean.dtype, torch.float32)
         means.append(mean.to(at_least_fp32))

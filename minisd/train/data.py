@@ -21,6 +21,7 @@ run sees the same pixels.
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from PIL import Image, ImageOps
@@ -33,8 +34,16 @@ METADATA = "metadata.jsonl"
 
 @dataclass(frozen=True)
 class Example:
+    """A training image and its caption (a str; a tuple holds alternatives, one drawn per use: batches.pick_caption).
+    `path` is the image file, read by load_image; with a `loader` (a dataset's row: hf_dataset.py) it only names
+    the image in messages, and loader() returns the image, upright RGB as load_image returns it."""
     path: str
     caption: str
+    loader: Callable | None = None
+
+    def image(self):
+        """The PIL image every batch and cached latent of this example is made from."""
+        return self.loader() if self.loader is not None else load_image(self.path)
 
 
 def check_resolution(resolution):
@@ -147,5 +156,5 @@ def make_batch(examples, indices, resolution, center_crop=True, random_flip=Fals
     if (not center_crop or random_flip) and generator is None:
         raise ValueError("random crops and flips need a torch.Generator (seeded from (seed, step) by the loop)")
     picked = [examples[i] for i in indices]
-    images = [resize_and_crop(load_image(e.path), resolution, center_crop, random_flip, generator) for e in picked]
+    images = [resize_and_crop(e.image(), resolution, center_crop, random_flip, generator) for e in picked]
     return to_tensor(images), [e.caption for e in picked]
