@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from minisd.cli import main
 from minisd.train import finetune, lora, textual_inversion
 from minisd.train.batches import Stream, take
+from minisd.train.data import find_examples
 from minisd.train.hf_dataset import INSTALL, dataset_examples
 from minisd.train.step import example_generator
 
@@ -30,7 +31,7 @@ datasets = pytest.importorskip("datasets")
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
 
-CAPTIONS = ["a red circle on a blue square", "two green triangles", "a photo of a yellow star"]
+CAPTIONS = ["a red circle on a blue square", " two green triangles \n", "a photo of a yellow star"]   # stripped
 RUN = dict(resolution=32, max_train_steps=2, train_batch_size=2, random_flip=True, device="cpu")
 
 
@@ -51,18 +52,23 @@ def datasets_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """One folder of 3 random-pixel 40x32 PNGs with metadata.jsonl captions (what --data reads, and an imagefolder),
-    and the same files as a Dataset, written by save_to_disk (columns "picture", "caption") and to_parquet."""
+    """One folder of 3 random-pixel 40x32 images with metadata.jsonl captions (what --data reads, and an
+    imagefolder): an RGB PNG, a greyscale PNG and a JPEG whose EXIF orientation turns it upright to 32x40; and the
+    same files as a Dataset, written by save_to_disk (columns "picture", "caption") and to_parquet."""
     root = tmp_path_factory.mktemp("sources")
     folder = root / "folder"
     folder.mkdir()
+    names = ["00.png", "01.png", "02.jpg"]
     files = []
     with open(folder / "metadata.jsonl", "w") as f:
-        for i, caption in enumerate(CAPTIONS):
+        for i, (name, caption) in enumerate(zip(names, CAPTIONS)):
             a = np.random.default_rng([7, i]).integers(0, 256, (32, 40, 3), dtype=np.uint8)
-            Image.fromarray(a).save(folder / f"{i:02d}.png")
-            files.append((folder / f"{i:02d}.png").read_bytes())
-            f.write(json.dumps({"file_name": f"{i:02d}.png", "text": caption}) + "\n")
+            image = Image.fromarray(a).convert("L" if i == 1 else "RGB")
+            exif = Image.Exif()
+            exif[0x0112] = 6 if name.endswith(".jpg") else 1       # orientation: rotate 90 degrees to show
+            image.save(folder / name, exif=exif)
+            files.append((folder / name).read_bytes())
+            f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
     data = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in files], "text": CAPTIONS},
                                       features=features)
@@ -102,6 +108,9 @@ def test_finetune_on_a_dataset_equals_the_folder_bit_for_bit(tmp_path, sources, 
     before = digest(sources[kind])
     cfg = finetune.FinetuneConfig(out=str(tmp_path / "out"), dataset_name=str(sources[kind]), **columns, **RUN)
     assert_same_tensors(finetune.run(cfg, log=quiet), folder_finetune)
+    # the same captions too, stripped as a folder's are (CLIP's tokenizer would hide the difference in the weights)
+    folder = find_examples(str(sources["folder"]), 32, log=quiet)
+    assert [e.caption for e in dataset_examples(cfg, 32, log=quiet)] == [e.caption for e in folder]
     assert digest(sources[kind]) == before, "the dataset on disk must be read only"
     if kind == "saved":         # no cache file beside the Arrow files either
         assert sorted(os.listdir(sources["saved"])) == ["data-00000-of-00001.arrow", "dataset_info.json",
@@ -132,8 +141,8 @@ def test_textual_inversion_on_an_uncaptioned_dataset_uses_templates_as_the_folde
     images of a folder without captions do."""
     bare = tmp_path / "bare"
     bare.mkdir()
-    for i in range(3):
-        (bare / f"{i:02d}.png").write_bytes((sources["folder"] / f"{i:02d}.png").read_bytes())
+    for image in sorted(sources["folder"].glob("0*")):                  # the images, without metadata.jsonl
+        (bare / image.name).write_bytes(image.read_bytes())
     saved = datasets.load_from_disk(str(sources["saved"])).remove_columns(["caption"])
     saved.save_to_disk(str(tmp_path / "saved"))
     files = []
@@ -215,6 +224,13 @@ def test_a_saved_dataset_dict_has_its_splits_named(tmp_path, sources):
     with pytest.raises(ValueError, match=r"has no split 'train' \(--dataset-split\); its splits: validation$"):
         dataset_examples(cfg, 32, log=quiet)
     assert len(dataset_examples(dataclasses.replace(cfg, dataset_split="validation"), 32, log=quiet)) == 3
+    # a saved Dataset of one named split is that split
+    datasets.Dataset.from_dict(table.to_dict(), features=table.features, split="test").save_to_disk(
+        str(tmp_path / "test"))
+    cfg = dataclasses.replace(cfg, dataset_name=str(tmp_path / "test"))
+    with pytest.raises(ValueError, match=r"holds the split 'test' only, not 'train'; pass --dataset-split test$"):
+        dataset_examples(cfg, 32, log=quiet)
+    assert len(dataset_examples(dataclasses.replace(cfg, dataset_split="test"), 32, log=quiet)) == 3
 
 
 def test_without_the_datasets_package_the_error_says_how_to_install_it(tmp_path, capsys, monkeypatch, sources):
