@@ -9,7 +9,6 @@ equal to the last bit; a change of one pixel, one caption or the order shows (te
 """
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import sys

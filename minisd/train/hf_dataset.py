@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from PIL import UnidentifiedImageError
 
-from .data import IMAGE_EXTENSIONS, Example, check_resolution, load_image
+from .data import IMAGE_EXTENSIONS, Example, check_resolution, find_examples, load_image
 
 INSTALL = "--dataset-name needs the datasets package: pip install -e \".[datasets]\" (or pip install datasets)"
 
@@ -66,11 +66,11 @@ def training_examples(cfg, resolution, fallback_caption=None, log=print):
     """The examples of --data (data.find_examples) or of --dataset-name (dataset_examples)."""
     if cfg.dataset_name:
         return dataset_examples(cfg, resolution, fallback_caption, log)
-    from .data import find_examples
     return find_examples(cfg.data, resolution, fallback_caption, log=log)
 
 
 def import_datasets():
+    """The datasets package, imported only here (it is optional), or a one-line error saying how to install it."""
     try:
         import datasets
     except ImportError:
@@ -96,17 +96,17 @@ def load(cfg):
     """(the split's datasets.Dataset, its name for messages) of cfg.dataset_name (module docstring)."""
     datasets = import_datasets()
     name, config, split = cfg.dataset_name, cfg.dataset_config_name, cfg.dataset_split
-    local = is_saved(name) or name.endswith(".parquet") or is_image_folder(name)
-    if config and local:
+    saved, parquet, images = is_saved(name), name.endswith(".parquet"), is_image_folder(name)
+    if config and (saved or parquet or images):
         raise ValueError(f"--dataset-config-name applies to Hub datasets, not to {name}")
+    if parquet and not glob.glob(name):
+        raise ValueError(f"{name} does not exist")
     try:
-        if is_saved(name):
+        if saved:
             data = datasets.load_from_disk(name)
-        elif name.endswith(".parquet"):
-            if not glob.glob(name):
-                raise ValueError(f"{name} does not exist")
+        elif parquet:
             data = datasets.load_dataset("parquet", data_files=name, split=split)
-        elif is_image_folder(name):
+        elif images:
             data = datasets.load_dataset("imagefolder", data_dir=name, split=split)
         else:
             data = datasets.load_dataset(name, config, split=split)
@@ -117,13 +117,14 @@ def load(cfg):
         if split not in data:
             raise ValueError(f"{name} has no split {split!r} (--dataset-split); its splits: {', '.join(data)}")
         return data[split], f"{name}[{split}]"
-    if is_saved(name) and data.split is not None and str(data.split) != split:
+    if saved and data.split is not None and str(data.split) != split:
         raise ValueError(f"{name} holds the split {str(data.split)!r} only, not {split!r}; pass --dataset-split "
                          f"{data.split}")
-    return data, (name if is_saved(name) else f"{name}[{split}]")
+    return data, (name if saved else f"{name}[{split}]")
 
 
 def is_string(feature, datasets):
+    """A datasets.Value of text."""
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
