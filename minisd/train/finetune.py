@@ -5,8 +5,7 @@
 
 Every U-Net weight trains (and the text encoder's with --train-text-encoder) on the noise-prediction loss of the
 images in --data, each with its caption (NAME.txt or metadata.jsonl; data.py), or of a Hugging Face dataset's rows
-(hf_dataset.py). run.fit does the training; this
-method only says where the batches come from.
+(hf_dataset.py). run.fit does the training; this method only says where the batches come from.
 """
 from dataclasses import dataclass
 
