@@ -4,7 +4,6 @@ exact resume, cached latents and DreamBooth's halves in different buckets. (Seve
 tests/test_distributed.py.)"""
 import itertools
 import json
-import os
 
 import numpy as np
 import pytest

@@ -294,7 +294,7 @@ def test_cli_dreambooth_lora_then_generate_and_merge_on_the_tiny_model(tmp_path,
     (["--alpha", "0"], "--alpha must be > 0"),
     (["--lora-targets", "mlp"], "unknown --lora-targets 'mlp'; choose default or attention"),
     (["--gradient-checkpointing"], "--gradient-checkpointing is not supported by train lora"),
-    (["--data", "x"], "--data DIR (captioned images) or --instance-dir DIR"),
+    (["--data", "x"], "--data and --instance-dir are different sources of images; give one"),
     (["--class-prompt", "a circle"], "--class-prompt needs --class-dir"),
 ])
 def test_bad_flags_are_one_line_errors_before_anything_is_written(tmp_path, capsys, flags, message):

@@ -80,9 +80,11 @@ def _common(p, d, save_formats=SAVE_FORMATS):
 def add_train(parser):
     sub = parser.add_subparsers(dest="method", required=True)
     f = sub.add_parser("finetune", help="full fine-tuning on a folder of captioned images")
-    f.add_argument("--data", required=True, help="images with NAME.txt captions or a metadata.jsonl, or kohya's "
-                                                 "N_prompt subfolders of them")
-    _common(f, finetune.FinetuneConfig(out=""))
+    f.add_argument("--data", default=None, help="images with NAME.txt captions or a metadata.jsonl, or kohya's "
+                                                "N_prompt subfolders of them")
+    d = finetune.FinetuneConfig(out="")
+    _dataset_flags(f, d)
+    _common(f, d)
     b = sub.add_parser("dreambooth", help="DreamBooth, optionally with prior preservation")
     b.add_argument("--instance-dir", required=True, help="the subject's images, or kohya's N_prompt subfolders")
     b.add_argument("--instance-prompt", default=None, help="their caption (not needed in kohya's layout)")
@@ -91,7 +93,8 @@ def add_train(parser):
     _common(b, d)
     t = sub.add_parser("textual-inversion", help="Textual Inversion: a new word's vectors, the model frozen")
     d = textual_inversion.TextualInversionConfig(out="")
-    t.add_argument("--data", required=True, help="images of the concept (captions naming --token optional)")
+    t.add_argument("--data", default=None, help="images of the concept (captions naming --token optional)")
+    _dataset_flags(t, d, "(default: text if the dataset has it, else template prompts)")
     t.add_argument("--token", required=True, help="the new word, e.g. \"<cat-toy>\"")
     t.add_argument("--init-token", required=True, help="a one-token word the vectors start from, e.g. toy")
     t.add_argument("--num-vectors", type=int, default=d.num_vectors, help="vectors the word stands for")
@@ -102,7 +105,9 @@ def add_train(parser):
     _common(t, d)
     r = sub.add_parser("lora", help="a LoRA (low-rank change of the weights), on captioned images or DreamBooth's")
     d = lora.LoRAConfig(out="")
-    r.add_argument("--data", default=None, help="images with captions, as for finetune; or --instance-dir ...")
+    r.add_argument("--data", default=None, help="images with captions, as for finetune; or --dataset-name or "
+                                                "--instance-dir ...")
+    _dataset_flags(r, d)
     r.add_argument("--instance-dir", default=None, help="DreamBooth-LoRA: the subject's images")
     r.add_argument("--instance-prompt", default=None)
     _class_flags(r, d)
@@ -112,6 +117,18 @@ def add_train(parser):
                    help="default: kohya's (the U-Net transformers' Linear / 1x1 conv layers, the text encoder's "
                         "attention and MLP); attention: diffusers' (q, k, v, out)")
     _common(r, d, lora.SAVE_FORMATS)
+
+
+def _dataset_flags(p, d, caption_default="(default: %(default)s)"):
+    """A Hugging Face dataset instead of --data (finetune, lora, textual-inversion; train.hf_dataset)."""
+    p.add_argument("--dataset-name", default=None, metavar="NAME_OR_PATH",
+                   help="a Hugging Face dataset instead of --data: a Hub name, a save_to_disk folder, parquet "
+                        "file(s) or an image folder with metadata.jsonl (needs pip install -e \".[datasets]\")")
+    p.add_argument("--dataset-config-name", default=None, help="the Hub dataset's configuration, if it has several")
+    p.add_argument("--dataset-split", default=d.dataset_split, help="(default: %(default)s)")
+    p.add_argument("--image-column", default=d.image_column, help="(default: %(default)s)")
+    p.add_argument("--caption-column", default=d.caption_column,
+                   help="strings, or lists of strings (one drawn per use) " + caption_default)
 
 
 def _class_flags(p, d):

@@ -18,6 +18,7 @@ batches come from; run.fit loads the model and drives loop.train with step.py's 
   lr.py          learning-rate schedules (diffusers' get_scheduler, plus floors and the tiny recipe's)
   loss.py        the noise-prediction objective, v targets, Min-SNR weights, DreamBooth's prior loss
   data.py        image folders (plain, or kohya's N_prompt subfolders) with captions, and diffusers' preprocessing
+  hf_dataset.py  Hugging Face datasets as a source of captioned images (--dataset-name; optional `datasets`)
   tiny.py        the tiny built-in model's three-phase recipe from scratch (`minisd train-tiny`)
   tiny_features.py  the tiny world's feature network for FID (`minisd train-tiny-features`)
 

@@ -29,7 +29,7 @@ import torch
 
 from ..images import to_tensor
 from . import buckets, captions
-from .data import load_image, resize_and_crop
+from .data import resize_and_crop
 from .settings import TrainSettings
 
 
@@ -128,7 +128,7 @@ def take(source: Stream, k, cfg: TrainSettings, resolution, generators=None, wor
 
 def preprocess(source: Stream, i, resolution, center_crop=True, random_flip=False, generator=None):
     """Example i of `source` as a PIL image of its training size: its bucket, or resolution^2."""
-    image = load_image(source.examples[i].path)
+    image = source.examples[i].image()
     if source.buckets is None:
         return resize_and_crop(image, resolution, center_crop, random_flip, generator)
     return buckets.crop(image, *source.buckets[i], center_crop, random_flip, generator)

@@ -39,7 +39,6 @@ import os
 import torch
 from PIL import Image
 
-from .data import load_image
 
 
 def check(resolution, min_size, max_size, steps):
@@ -103,7 +102,7 @@ def assign(examples, resolution, min_size=256, max_size=1024, steps=64, no_upsca
     buckets = resolutions(resolution, min_size, max_size, steps)
     out = []
     for e in examples:
-        size = e.size or load_image(e.path).size
+        size = e.size or e.image().size
         bucket, resized = select(*size, buckets, steps, no_upscale, resolution * resolution)
         if min(bucket) < 8:
             raise ValueError(f"{e.path} ({size[0]} x {size[1]}) is too small for --bucket-no-upscale with "
@@ -145,7 +144,7 @@ def write_json(path, folders):
     (folders: [(role, root, examples, assigned)]); written to a temporary name, then renamed into place."""
     lines = []
     for role, root, examples, assigned in folders:
-        pairs = [f"  {json.dumps(os.path.relpath(e.path, root))}: {list(bucket)}"
+        pairs = [f"  {json.dumps(os.path.relpath(e.path, root) if root else e.path)}: {list(bucket)}"
                  for e, (bucket, _) in zip(examples, assigned)]
         lines.append(f" {json.dumps(role)}: {{\n" + ",\n".join(pairs) + "\n }")
     with open(path + ".tmp", "w") as f:          # one image a line

@@ -32,6 +32,7 @@ run sees the same pixels. With --enable-bucket, buckets.py crops to each image's
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from PIL import Image, ImageOps
@@ -45,13 +46,21 @@ METADATA = "metadata.jsonl"
 @dataclass(frozen=True)
 class Example:
     """One training image. caption: a str, or a tuple of alternatives drawn per use (textual inversion's
-    templates). repeats: how many times an epoch holds it (kohya's `N_prompt` folders; 1 in a plain folder).
-    size: (width, height) as decoded and turned upright, what aspect-ratio buckets need (None: not known, read
-    from the file when needed); it describes the file, so it takes no part in comparisons."""
+    templates, a dataset row's list of captions: batches.pick_caption). repeats: how many times an epoch holds it
+    (kohya's `N_prompt` folders; 1 in a plain folder). size: (width, height) as decoded and turned upright, what
+    aspect-ratio buckets need (None: not known, read from the image when needed); it describes the image, so it
+    takes no part in comparisons. `path` is the image file, read by load_image; with a `loader` (a dataset's row:
+    hf_dataset.py) it only names the image in messages, and loader() returns the image, upright RGB as load_image
+    returns it."""
     path: str
     caption: str
     repeats: int = 1
     size: tuple | None = field(default=None, compare=False)
+    loader: Callable | None = field(default=None, compare=False)
+
+    def image(self):
+        """The PIL image every batch and cached latent of this example is made from."""
+        return self.loader() if self.loader is not None else load_image(self.path)
 
 
 def check_resolution(resolution):
@@ -246,5 +255,5 @@ def make_batch(examples, indices, resolution, center_crop=True, random_flip=Fals
     if (not center_crop or random_flip) and generator is None:
         raise ValueError("random crops and flips need a torch.Generator (seeded from (seed, step) by the loop)")
     picked = [examples[i] for i in indices]
-    images = [resize_and_crop(load_image(e.path), resolution, center_crop, random_flip, generator) for e in picked]
+    images = [resize_and_crop(e.image(), resolution, center_crop, random_flip, generator) for e in picked]
     return to_tensor(images), [e.caption for e in picked]

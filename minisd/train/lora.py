@@ -49,17 +49,17 @@ from torch import nn
 from .. import lora
 from . import dreambooth
 from .batches import Stream
-from .data import find_examples
+from .hf_dataset import DatasetSettings, check_source, training_examples
 from .run import Training, fit
-from .settings import DTYPES, check, folder_options
+from .settings import DTYPES, check
 
 SAVE_FORMATS = ("kohya", "diffusers")
 
 
 @dataclass(frozen=True)
-class LoRAConfig(dreambooth.DreamBoothConfig):
-    """A LoRA run: the shared settings, fine-tuning's --data or DreamBooth's instance (and class) settings, and
-    the LoRA's own."""
+class LoRAConfig(DatasetSettings, dreambooth.DreamBoothConfig):
+    """A LoRA run: the shared settings, fine-tuning's --data (or --dataset-name) or DreamBooth's instance (and
+    class) settings, and the LoRA's own."""
     data: str | None = None                  # captioned images, as for finetune (or DreamBooth's --instance-dir)
     rank: int = 4                            # r
     alpha: float = 4.0                       # the change is scaled by alpha / r
@@ -106,9 +106,7 @@ def check_lora(cfg: LoRAConfig):
     if cfg.gradient_checkpointing:
         raise ValueError("--gradient-checkpointing is not supported by train lora (its recomputation would see "
                          "the base weights, not W + (alpha / r) up down)")
-    if bool(cfg.data) == bool(cfg.instance_dir):
-        raise ValueError("train lora needs --data DIR (captioned images) or --instance-dir DIR (DreamBooth), "
-                         "one of the two")
+    check_source(cfg, "train lora", others=[("--instance-dir", cfg.instance_dir)])
     if cfg.instance_dir:
         dreambooth.check_instances(cfg)
     elif cfg.instance_prompt or cfg.class_prompt or cfg.class_dir or cfg.reg_data_dir:
@@ -123,9 +121,8 @@ def run(cfg: LoRAConfig, draws=None, log=print):
         if cfg.instance_dir:
             streams = dreambooth.instance_streams(cfg, model, resolution, device, log)
         else:
-            streams = [Stream(find_examples(cfg.data, resolution, log=log, **folder_options(cfg)), stream=0,
-                              root=cfg.data)]
-            log(f"LoRA on {len(streams[0].examples)} images of {cfg.data} at {resolution} px")
+            streams = [Stream(training_examples(cfg, resolution, log=log), stream=0, root=cfg.data)]
+            log(f"LoRA on {len(streams[0].examples)} images of {cfg.dataset_name or cfg.data} at {resolution} px")
         start = initial_factors(model.config, cfg, torch.Generator().manual_seed(cfg.seed))
         params = {}              # "{kohya name}.down" / ".up" -> the Parameter AdamW trains
         for name, f in start.items():        # drawn in float32 whatever cfg.dtype: the same start in a float64 run

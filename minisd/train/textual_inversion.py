@@ -14,7 +14,9 @@ where the captions c name the word and text(c; v) is the text encoder with v loo
 The word stands for n ids past CLIP's vocabulary, so every row of the token table, and every other weight, stays
 bit for bit what it was.
 
-Captions: an image's NAME.txt / metadata.jsonl caption if it has one (it must name the word), else, per use, one
+Images: --data's folder, or a Hugging Face dataset's rows (--dataset-name; hf_dataset.py). Captions: an image's
+NAME.txt / metadata.jsonl caption, or its row's (--caption-column; by default the column "text" if there is one),
+if it has one (it must name the word, and so must each of a list of captions), else, per use, one
 of the small prompt templates of diffusers' textual_inversion.py (from the paper's code): "a photo of a {}", ... for
 --learnable-property object, "a painting in the style of {}", ... for style.
 
@@ -39,18 +41,19 @@ import torch
 
 from ..embeddings import Embeddings, save_a1111, save_diffusers
 from .batches import Stream
-from .data import find_examples
+from .hf_dataset import DatasetSettings, check_source, training_examples
 from .run import Training, fit
-from .settings import DTYPES, TrainSettings, check, folder_options
+from .settings import DTYPES, TrainSettings, check
 
 PROPERTIES = ("object", "style")
 
 
 @dataclass(frozen=True)
-class TextualInversionConfig(TrainSettings):
+class TextualInversionConfig(DatasetSettings, TrainSettings):
     """A textual-inversion run: the shared settings with diffusers' textual_inversion.py defaults, the images of
     the concept, and the new word."""
     data: str | None = None                  # a folder of images of the concept (captions naming the word optional)
+    caption_column: str | None = None        # a dataset's: "text" if it has one, else template prompts
     token: str | None = None                 # the new word ("<cat-toy>") ...
     init_token: str | None = None            # ... whose vectors start as this word's embedding ("toy")
     num_vectors: int = 1                     # ... how many vectors the word stands for
@@ -89,6 +92,11 @@ STYLE_TEMPLATES = (
 def templates(token, learnable_property="object"):
     """The prompts an uncaptioned image is trained with, one drawn per use."""
     return tuple(t.format(token) for t in (STYLE_TEMPLATES if learnable_property == "style" else OBJECT_TEMPLATES))
+
+
+def alternatives(caption):
+    """The captions an example may be trained with: its caption, or each of its alternatives (a tuple)."""
+    return (caption,) if isinstance(caption, str) else caption
 
 
 def check_words(cfg: TextualInversionConfig, tokenizer):
@@ -138,16 +146,14 @@ def save(vectors, token, out):
 def run(cfg: TextualInversionConfig, draws=None, log=print):
     """Textual inversion on cfg.data into cfg.out; returns the path of learned_embeds.safetensors."""
     check(cfg)
-    if not cfg.data:
-        raise ValueError("textual-inversion needs --data DIR (a folder of images of the concept)")
+    check_source(cfg, "textual-inversion")
     if cfg.train_text_encoder:
         raise ValueError("--train-text-encoder does not apply to textual-inversion: only the new vectors train")
 
     def prepare(model, resolution, device, log):
         init_id = check_words(cfg, model.tokenizer)
-        examples = find_examples(cfg.data, resolution, templates(cfg.token, cfg.learnable_property), log=log,
-                                 **folder_options(cfg))
-        unnamed = [e for e in examples if isinstance(e.caption, str) and cfg.token.lower() not in e.caption.lower()]
+        examples = training_examples(cfg, resolution, templates(cfg.token, cfg.learnable_property), log=log)
+        unnamed = [e for e in examples if not all(cfg.token.lower() in c.lower() for c in alternatives(e.caption))]
         if unnamed:
             raise ValueError(f"the caption of {unnamed[0].path} does not name {cfg.token!r} ({len(unnamed)} such); "
                              f"put the word in every caption, or remove the captions to train with template prompts")
@@ -167,7 +173,8 @@ def run(cfg: TextualInversionConfig, draws=None, log=print):
             return save(vectors, cfg.token, cfg.out)
 
         log(f"textual inversion of {cfg.token!r} ({cfg.num_vectors} vector{'s' * (cfg.num_vectors > 1)} from "
-            f"{cfg.init_token!r}) on {len(examples)} images of {cfg.data} at {resolution} px")
-        return Training([Stream(examples, stream=0, root=cfg.data)], trainable={name: vectors}, save=write, embeddings=words)
+            f"{cfg.init_token!r}) on {len(examples)} images of {cfg.dataset_name or cfg.data} at {resolution} px")
+        return Training([Stream(examples, stream=0, root=cfg.data)], trainable={name: vectors}, save=write,
+                        embeddings=words)
 
     return fit(cfg, "textual_inversion", prepare, draws, log)
