@@ -244,3 +244,23 @@ def test_minisd_imports_datasets_only_for_dataset_name():
     import subprocess
     code = "import sys, minisd.cli, minisd.train.finetune; sys.exit('datasets' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__))).returncode == 0
+
+
+def test_a_dataset_trains_in_aspect_ratio_buckets_as_the_folder_does(tmp_path, sources):
+    """--enable-bucket on dataset rows: each row's size is known from its decoded image (Example.size), so the
+    40x32 and the upright 32x40 images land in the buckets their files land in, with the same weights; buckets.json
+    names the rows."""
+    buckets = dict(enable_bucket=True, min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=8,
+                   bucket_no_upscale=True)            # each image its own bucket: 40x32 -> 32x24, 32x40 -> 24x32
+    runs = {}
+    for kind, source in (("data", dict(data=str(sources["folder"]))),
+                         ("dataset_name", dict(dataset_name=str(sources["parquet"])))):
+        out = tmp_path / kind
+        runs[kind] = finetune.run(finetune.FinetuneConfig(out=str(out), **source, **buckets, **RUN), log=quiet)
+        runs[kind + "_json"] = json.loads((out / "buckets.json").read_text())["data"]
+    assert_same_tensors(runs["data"], runs["dataset_name"])
+    by_file, by_row = runs["data_json"], runs["dataset_name_json"]
+    assert sorted(by_file) == ["00.png", "01.png", "02.jpg"] and len(by_row) == 3
+    assert [by_file[n] for n in sorted(by_file)] == list(by_row.values())
+    assert by_file["00.png"] == [32, 24] and by_file["02.jpg"] == [24, 32]
+    assert all(name.endswith(f"row {i}") for i, name in enumerate(by_row))
