@@ -67,7 +67,7 @@ def all_combinations(held_out=None):
 
 @dataclass(frozen=True)
 class Sample:
-    image: Image.Image      # RGB, size x size
+    image: Image.Image      # RGB, size x size or (width, height)
     colour: str
     shape: str
     background: str
@@ -77,16 +77,27 @@ class Sample:
         return caption(self.colour, self.shape, self.background)
 
 
-def draw(colour, shape, background, size=64, scale=0.6, center=(0.5, 0.5), supersample=4):
-    """Render one shape. `scale` is the shape's extent as a fraction of the image side; `center` in [0, 1]^2.
+def _width_height(size):
+    """(width, height) of a size given as one side (a square) or as (width, height)."""
+    width, height = (size, size) if isinstance(size, int) else size
+    if width < 1 or height < 1:
+        raise ValueError(f"an image size must be positive, got {width}x{height}")
+    return width, height
 
-    Drawn `supersample` times larger and box-filtered down, so edges are anti-aliased like a photo's.
+
+def draw(colour, shape, background, size=64, scale=0.6, center=(0.5, 0.5), supersample=4):
+    """Render one shape on a picture of `size` pixels: one side (a square) or (width, height).
+
+    `scale` is the shape's extent as a fraction of the picture's shorter side, so a circle stays round in a
+    landscape or portrait picture; `center` is in [0, 1]^2, as fractions of the width and the height. Drawn
+    `supersample` times larger and box-filtered down, so edges are anti-aliased like a photo's.
     """
-    big = size * supersample
-    img = Image.new("RGB", (big, big), COLOURS[background])
+    width, height = _width_height(size)
+    big_w, big_h = width * supersample, height * supersample
+    img = Image.new("RGB", (big_w, big_h), COLOURS[background])
     d = ImageDraw.Draw(img)
-    half = scale * big / 2
-    cx, cy = center[0] * big, center[1] * big
+    half = scale * min(big_w, big_h) / 2
+    cx, cy = center[0] * big_w, center[1] * big_h
     box = (cx - half, cy - half, cx + half, cy + half)
     fill = COLOURS[colour]
     if shape == "circle":
@@ -97,26 +108,30 @@ def draw(colour, shape, background, size=64, scale=0.6, center=(0.5, 0.5), super
         d.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    return img.resize((size, size), Image.BOX)
+    return img.resize((width, height), Image.BOX)
 
 
-def placement(rng, low=0.45, high=0.75):
-    """(scale, center) of a shape: its extent uniform in [low, high] of the side, its centre uniform where it keeps
-    0.04 of the side from every edge. `rng` is a numpy Generator."""
+def placement(rng, low=0.45, high=0.75, size=64):
+    """(scale, center) of a shape on a picture of `size` (one side or (width, height)): its extent uniform in
+    [low, high] of the shorter side, its centre uniform where it keeps 0.04 of each side from every edge.
+    `rng` is a numpy Generator."""
+    width, height = _width_height(size)
     scale = rng.uniform(low, high)
-    margin = scale / 2 + 0.04
-    return scale, tuple(rng.uniform(margin, 1 - margin, size=2))
+    short = min(width, height)
+    margin = np.array([scale / 2 * short / width, scale / 2 * short / height]) + 0.04    # (x, y)
+    return scale, tuple(rng.uniform(margin, 1 - margin))
 
 
 def sample(seed, index, size=64, held_out=False):
-    """The `index`-th sample of the stream `seed`: a pure function, so streams resume exactly.
+    """The `index`-th sample of the stream `seed`: a pure function, so streams resume exactly. `size`: one side
+    (a square picture) or (width, height).
 
     held_out=False draws only training combinations, held_out=True only the held-out ones.
     """
     rng = np.random.default_rng([seed, index])
     combos = all_combinations(held_out=held_out)
     colour, shape, background = combos[rng.integers(len(combos))]
-    scale, center = placement(rng)
+    scale, center = placement(rng, size=size)
     return Sample(draw(colour, shape, background, size, scale, center), colour, shape, background)
 
 
