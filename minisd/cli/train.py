@@ -157,6 +157,8 @@ def add_train_tiny_captioner(p):
     d = tiny_captioner.Recipe()
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--bank-size", type=int, default=d.bank_size, help="training pictures, drawn once")
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="held-out pictures measured at the end")
     p.add_argument("--threads", type=int, default=1,
@@ -165,8 +167,8 @@ def add_train_tiny_captioner(p):
 
 def run_train_tiny_captioner(args):
     torch.set_num_threads(args.threads)
-    recipe = replace(tiny_captioner.Recipe(), seed=args.seed, steps=args.steps, bank_size=args.bank_size,
-                     eval_samples=args.eval_samples)
+    recipe = replace(tiny_captioner.Recipe(), seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
+                     bank_size=args.bank_size, eval_samples=args.eval_samples)
     tiny_captioner.train_captioner(args.out, recipe)
 
 
