@@ -18,7 +18,7 @@ https://huggingface.co/{repo}/resolve/main/{file}, with urllib (no hub library, 
 
 A named folder lives at `cache_dir() / "{owner}--{repo}"`, its files under their own names. Each is fetched as
 above if it is not there yet; the weights of a sharded folder are its index `*.index.json` and the shards the
-index names. Small files are not stored with Git LFS: the hub's ETag is then their git blob id (SHA-1 of
+index names. An empty `.complete` file is written once all are there; from then on the folder is used as it is. Small files are not stored with Git LFS: the hub's ETag is then their git blob id (SHA-1 of
 "blob {size}\\0" + bytes), which is checked instead of a SHA-256.
 """
 import errno
@@ -66,22 +66,25 @@ class NamedFolder:
     """A transformers-layout model folder in a Hugging Face repository."""
     repo: str
     files: tuple               # fetched always (config, tokenizer, preprocessor files)
-    weights: str = "model.safetensors"   # one file, or an index (*.index.json) whose shards are fetched too
-    optional: tuple = ()       # fetched where the repository has them (a 404 is skipped)
+    weights: tuple = ("model.safetensors", "pytorch_model.bin")   # the first the repository has is fetched; an
+    optional: tuple = ()       # index (*.index.json) brings its shards. `optional`: fetched where the repository
+                               # has them (a 404 is skipped)
 
 
-_BERT_TOKENIZER = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+_BERT_TOKENIZER = dict(optional=("special_tokens_map.json", "tokenizer.json"))
 FOLDERS = {
     "blip-base": NamedFolder("Salesforce/blip-image-captioning-base",
-                             ("config.json", "preprocessor_config.json", *_BERT_TOKENIZER)),
+                             ("config.json", "preprocessor_config.json", "vocab.txt", "tokenizer_config.json"),
+                             **_BERT_TOKENIZER),
     "blip-large": NamedFolder("Salesforce/blip-image-captioning-large",
-                              ("config.json", "preprocessor_config.json", *_BERT_TOKENIZER)),
+                              ("config.json", "preprocessor_config.json", "vocab.txt", "tokenizer_config.json"),
+                              **_BERT_TOKENIZER),
     "blip2-opt-2.7b": NamedFolder("Salesforce/blip2-opt-2.7b",
-                                  ("config.json", "preprocessor_config.json", "tokenizer_config.json",
-                                   "special_tokens_map.json", "vocab.json", "merges.txt"),
-                                  weights="model.safetensors.index.json",
-                                  optional=("generation_config.json", "tokenizer.json", "added_tokens.json",
-                                            "processor_config.json")),
+                                  ("config.json", "preprocessor_config.json", "tokenizer_config.json", "vocab.json",
+                                   "merges.txt"),
+                                  weights=("model.safetensors.index.json", "pytorch_model.bin.index.json"),
+                                  optional=("special_tokens_map.json", "generation_config.json", "tokenizer.json",
+                                            "added_tokens.json", "processor_config.json")),
 }
 
 
@@ -132,22 +135,29 @@ def fetch_folder(name: str, cache=None, endpoint: str | None = None, progress: b
     """The local folder of named transformers folder `name`, its missing files downloaded first."""
     spec = _named_folder(name)
     folder = folder_path(name, cache)
+    complete = folder / ".complete"            # written last: every file is there (optional ones the hub lacks
+    if complete.exists():                      # are not asked for again)
+        return folder
     endpoint = (endpoint or os.environ.get("MINISD_HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     settings = (progress, timeout, retries, retry_wait)
 
     def get(file, optional=False):
+        """The local path of `file`; None for an optional file the repository does not have."""
         path = folder / file
         if not path.exists():
             url = f"{endpoint}/{spec.repo}/resolve/main/{file}"
-            _fetch_file(f"'{name}' file {file}", url, path, None, *settings, optional=optional)
+            if not _fetch_file(f"'{name}' file {file}", url, path, None, *settings, optional=optional):
+                return None
         return path
 
     for file in spec.files:
         get(file)
     for file in spec.optional:
         get(file, optional=True)
-    weights = get(spec.weights)
-    if spec.weights.endswith(".index.json"):
+    weights = next((path for path in (folder / w for w in spec.weights) if path.exists()), None)
+    for file in spec.weights:                       # the first form the repository has
+        weights = weights or get(file, optional=file != spec.weights[-1])
+    if weights.name.endswith(".index.json"):
         try:
             shards = sorted(set(json.loads(weights.read_text(encoding="utf-8"))["weight_map"].values()))
         except (ValueError, KeyError, AttributeError):
@@ -155,12 +165,13 @@ def fetch_folder(name: str, cache=None, endpoint: str | None = None, progress: b
                 from None
         for shard in shards:
             get(shard)
+    complete.write_text("")
     return folder
 
 
 def _fetch_file(label, url, path, sha256, progress, timeout, retries, retry_wait, pinned=None, optional=False):
-    """Download one file to `path`, checked; errors as DownloadError saying what to do by hand. An optional
-    file the server does not have (404) is skipped."""
+    """Download one file to `path`, checked; errors as DownloadError saying what to do by hand. False for an
+    optional file the server does not have (404), True when downloaded."""
     by_hand = f"Download this file:\n  {url}\nand put it at:\n  {path}"
     try:
         if sha256 or pinned:
@@ -168,9 +179,10 @@ def _fetch_file(label, url, path, sha256, progress, timeout, retries, retry_wait
         else:
             expected, blob = _hub_checksums(url, timeout)
         download(url, path, expected, progress, timeout, retries, retry_wait, git_blob=blob)
+        return True
     except urllib.error.HTTPError as e:
         if optional and e.code == 404:
-            return
+            return False
         hint = {401: " (the repository may need a login or a licence accepted on its page)",
                 403: " (the repository may need a login or a licence accepted on its page)",
                 404: " (no such file: the repository may have moved or been removed)"}.get(e.code, "")

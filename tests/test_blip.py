@@ -145,11 +145,8 @@ def test_full_comparison(tmp_path_factory, name, vision, decodings):
 
 # ---- decoding details on a small model: ends, padding, the beam-search settings ----------------------------
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """A small BLIP whose captions end ([SEP]) at different lengths per picture: the end and padding paths."""
-    folder = tmp_path_factory.mktemp("blip-small")
-    ref = reference_blip(vision=SMALL_VISION, text=SMALL_TEXT, seed=2, sep_bias=1.0)
+def small_blip(folder, sep_bias):
+    ref = reference_blip(vision=SMALL_VISION, text=SMALL_TEXT, seed=2, sep_bias=sep_bias)
     with torch.no_grad():     # make the small decoder listen to the picture
         for layer in ref.text_decoder.bert.encoder.layer:
             layer.crossattention.output.dense.weight.mul_(25)
@@ -157,31 +154,70 @@ def small(tmp_path_factory):
     return folder, ref
 
 
-@pytest.mark.parametrize("beams, length_penalty, early_stopping", [
-    (1, 1.0, False), (2, 1.0, False), (3, 1.0, False), (4, 1.0, False), (3, 1.0, True), (3, 0.5, "never"),
-    (3, 2.0, "never"), (3, -1.0, False)])
-def test_small_decoding_matches_transformers_with_ends_and_padding(small, beams, length_penalty, early_stopping):
-    folder, ref = small
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A small BLIP where some captions end ([SEP]) and some run to max_length, at different lengths."""
+    return small_blip(tmp_path_factory.mktemp("blip-small"), sep_bias=1.0)
+
+
+@pytest.fixture(scope="module")
+def ending(tmp_path_factory):
+    """A small BLIP whose captions all end early ([SEP] favoured), at lengths that differ per picture and beam:
+    finished beam lists fill up, so early stopping and min_length decide the outcome."""
+    return small_blip(tmp_path_factory.mktemp("blip-ending"), sep_bias=2.0)
+
+
+@pytest.mark.parametrize("model, beams, length_penalty, early_stopping, prompt, min_length", [
+    ("small", 1, 1.0, False, None, 3), ("small", 2, 1.0, False, None, 3), ("small", 3, 1.0, False, None, 3),
+    ("small", 4, 1.0, False, None, 3), ("small", 3, 0.5, "never", None, 3), ("small", 3, 2.0, "never", None, 3),
+    ("small", 3, -1.0, False, None, 3), ("small", 1, 1.0, False, PROMPT, 3), ("small", 3, 1.0, False, PROMPT, 3),
+    ("small", 1, 1.0, False, None, 11), ("ending", 1, 1.0, False, None, 3), ("ending", 3, 1.0, False, None, 3),
+    ("ending", 3, 1.0, True, None, 3), ("ending", 3, 1.0, True, None, 12), ("ending", 3, 1.0, False, None, 12),
+    ("ending", 2, 1.0, True, None, 3), ("ending", 3, 2.0, True, None, 8), ("ending", 3, 0.5, "never", None, 5), ("ending", 3, 1.0, False, PROMPT, 10)])
+def test_small_decoding_matches_transformers_with_ends_and_padding(request, model, beams, length_penalty,
+                                                                   early_stopping, prompt, min_length):
+    folder, ref = request.getfixturevalue(model)
     from transformers import BlipProcessor
+    processor = BlipProcessor.from_pretrained(str(folder))
     images = pictures(5, seed=1)
     ours = blip.load_blip(folder)
     pixels = ours.processor(images)
-    expected = ref.generate(pixel_values=pixels, num_beams=beams, max_length=16, min_length=3,
-                            length_penalty=length_penalty, early_stopping=early_stopping)
+    kw = {"input_ids": processor(text=[prompt] * 5, return_tensors="pt").input_ids} if prompt else {}
+    expected = ref.generate(pixel_values=pixels, num_beams=beams, max_length=16, min_length=min_length,
+                            length_penalty=length_penalty, early_stopping=early_stopping, **kw)
     with torch.no_grad():
         features = ours.model.vision(pixels)
     t = ours.model.cfg.text
-    ids = torch.full((5, 1), t.bos_token_id)
-    got = decode.generate(ours.model.make_step(), ids, cache=[features], num_beams=beams, max_length=16, min_length=3,
-                          eos_token_id=t.sep_token_id, pad_token_id=t.pad_token_id,
+    ids = torch.tensor([[t.bos_token_id, *(ours.tokenizer.encode(prompt) if prompt else [])]] * 5)
+    got = decode.generate(ours.model.make_step(), ids, cache=[features], num_beams=beams, max_length=16,
+                          min_length=min_length, eos_token_id=t.sep_token_id, pad_token_id=t.pad_token_id,
                           length_penalty=length_penalty, early_stopping=early_stopping)
     assert torch.equal(got, expected)
-    if (length_penalty, early_stopping) == (1.0, False) and beams in (1, 3):
+    if (length_penalty, early_stopping, prompt, min_length) == (1.0, False, None, 3) and beams in (1, 3):
         ends = (expected == t.sep_token_id).float().argmax(dim=1)
         assert len(set(ends.tolist())) > 1              # rows end at different lengths: the padding is compared
-        processor = BlipProcessor.from_pretrained(str(folder))
         assert ours.caption(images, num_beams=beams, min_length=3, max_length=16) == \
             processor.batch_decode(expected, skip_special_tokens=True)
+
+
+def test_decoder_logits_for_a_prompt_match_transformers_forward(small):
+    """Every position's logits of a prompt fed at once (the causal mask) and then token by token (the cache)."""
+    folder, ref = small
+    ours = blip.load_blip(folder)
+    images = pictures(2, seed=4)
+    pixels = ours.processor(images)
+    ids = torch.tensor([[30522, *ours.tokenizer.encode("a photo of the cat sitting")]] * 2)
+    with torch.no_grad():
+        expected = ref(pixel_values=pixels, input_ids=ids).logits                         # (2, 7, vocab)
+        cross = ours.model.text.cross_kv(ours.model.vision(pixels))
+        empty = [torch.zeros(2, 0, 64)] * 4
+        at_once, _ = ours.model.text(ids, cross, empty)
+        past, one_by_one = empty, []
+        for i in range(ids.shape[1]):
+            logits, past = ours.model.text(ids[:, i:i + 1], cross, past)
+            one_by_one.append(logits)
+    assert relative(expected, at_once) < 1e-5
+    assert relative(expected, torch.cat(one_by_one, dim=1)) < 1e-5
 
 
 def test_min_length_forbids_the_end_token_until_reached(small):

@@ -204,8 +204,10 @@ class BlipCaptioner:
         """PIL images (or their `features` from `encode`) -> token ids (N, L), as transformers'
         BlipForConditionalGeneration.generate returns them: [DEC], the prompt's tokens, the caption's, then
         [SEP] and padding."""
-        image = self.encode(images) if features is None else features
         t = self.model.cfg.text
+        if max_length > t.max_positions:
+            raise ValueError(f"max_length {max_length} is more than this decoder's {t.max_positions} positions")
+        image = self.encode(images) if features is None else features
         # transformers tokenizes [CLS] prompt [SEP], puts [DEC] in place of [CLS] and drops the [SEP]
         prompt_ids = self.tokenizer.encode(prompt) if prompt else []
         ids = torch.tensor([[t.bos_token_id, *prompt_ids]] * len(image), device=image.device)
