@@ -84,3 +84,18 @@ def test_mislabel_changes_exactly_one_attribute_and_stays_in_training():
             assert wrong in shapes.all_combinations(held_out=False)    # never leaks a held-out combination
             changed.add(differs.index(True))
     assert changed == {0, 1, 2}                                        # colour, shape and background all occur
+
+
+def test_pictures_of_any_width_and_height():
+    # a square size given as (w, h) is the square picture; the shape keeps its proportions in landscape and
+    # portrait pictures (scale is a fraction of the shorter side) and the judge reads it there too
+    assert np.array_equal(np.asarray(shapes.draw("red", "circle", "blue", 64)),
+                          np.asarray(shapes.draw("red", "circle", "blue", (64, 64))))
+    for size in ((96, 64), (64, 96), (150, 100)):
+        for i in range(40):
+            s = shapes.sample(4, i, size=size)
+            assert s.image.size == size
+            assert shapes.agrees(s.image, s.colour, s.shape, s.background), (size, i, s.text)
+        wide = np.asarray(shapes.draw("black", "square", "white", size, scale=0.5)).min(axis=2) < 128
+        ys, xs = np.nonzero(wide)
+        assert xs.max() - xs.min() + 1 == ys.max() - ys.min() + 1 == min(size) // 2     # a square stays square

@@ -2,7 +2,8 @@
 the parsing of every command lives in this package:
 
   generate.py   generate, img2img, eval: the flags every generating command shares, and the Pipeline they load
-  train.py      train (finetune | dreambooth | textual-inversion | lora), train-tiny, train-tiny-features, sweep
+  train.py      train (finetune | dreambooth | textual-inversion | lora), train-tiny, train-tiny-features,
+                train-tiny-captioner, sweep
   tools.py      convert, merge-lora, fid
   caption.py    caption
 
@@ -29,6 +30,8 @@ COMMANDS = {
     "train-tiny": ("train the tiny built-in model from scratch", train.add_train_tiny, train.run_train_tiny),
     "train-tiny-features": ("train the tiny world's feature network (--features tiny) from scratch",
                             train.add_train_tiny_features, train.run_train_tiny_features),
+    "train-tiny-captioner": ("train the tiny world's captioner (caption --model tiny) from scratch",
+                             train.add_train_tiny_captioner, train.run_train_tiny_captioner),
     "sweep": ("hyper-parameter search on Optuna: each trial runs the spec's commands (train, then minisd eval) in "
               "its own folder", train.add_sweep, train.run_sweep),
     "convert": ("convert a checkpoint between layouts (original LDM, diffusers, minisd)", tools.add_convert,

@@ -1,5 +1,5 @@
 """The training commands: `minisd train finetune | dreambooth | textual-inversion | lora`, `minisd train-tiny`,
-`minisd train-tiny-features` and `minisd sweep`. Argument parsing only (diffusers' flag names, with dashes): each
+`minisd train-tiny-features`, `minisd train-tiny-captioner` and `minisd sweep`. Argument parsing only (diffusers' flag names, with dashes): each
 `minisd train` flag fills the field of the same name of the method's config (a train.settings.TrainSettings with
 the method's own fields), whose defaults are the flags' defaults; the methods do the rest."""
 import dataclasses
@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 
 from .. import sweep
-from ..train import dreambooth, finetune, lora, textual_inversion, tiny, tiny_features
+from ..train import dreambooth, finetune, lora, textual_inversion, tiny, tiny_captioner, tiny_features
 from ..train.settings import SAVE_FORMATS, SCHEDULERS
 
 METHODS = {"finetune": finetune, "dreambooth": dreambooth, "textual-inversion": textual_inversion, "lora": lora}
@@ -192,6 +192,26 @@ def run_train_tiny_features(args):
     torch.set_num_threads(args.threads)
     tiny_features.train_features(args.out, tiny_features.Recipe(seed=args.seed, steps=args.steps,
                                                                 eval_samples=args.eval_samples))
+
+
+def add_train_tiny_captioner(p):
+    p.add_argument("--out", required=True, help="run folder: checkpoint, report.json, the model folder tiny_captioner/")
+    d = tiny_captioner.Recipe()
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--bank-size", type=int, default=d.bank_size, help="training pictures, drawn once")
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="held-out pictures measured at the end")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (the last bits of the weights depend on it; the shipped folder used 1)")
+
+
+def run_train_tiny_captioner(args):
+    torch.set_num_threads(args.threads)
+    recipe = replace(tiny_captioner.Recipe(), seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
+                     bank_size=args.bank_size, eval_samples=args.eval_samples)
+    tiny_captioner.train_captioner(args.out, recipe)
 
 
 def add_sweep(p):
