@@ -66,18 +66,29 @@ class GPT2Tokenizer:
 
     @classmethod
     def from_folder(cls, folder):
-        """A transformers tokenizer folder: vocab.json, merges.txt, and the special tokens from
-        tokenizer_config.json / special_tokens_map.json / added_tokens.json."""
+        """A transformers tokenizer folder: vocab.json + merges.txt (or, where only transformers 5 wrote it,
+        tokenizer.json), and the special tokens from tokenizer_config.json / special_tokens_map.json /
+        added_tokens.json / tokenizer.json."""
         folder = Path(folder)
-        for name in ("vocab.json", "merges.txt"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder} has no {name}; expected a GPT-2 / OPT tokenizer folder")
-        vocab = _read_json(folder / "vocab.json")
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
-        merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        tokenizer_json = _read_json(folder / "tokenizer.json", default={})
+        added, flagged = {}, set()      # added tokens (content -> id); those marked special
+        for token in tokenizer_json.get("added_tokens") or []:
+            added[token["content"]] = int(token["id"])
+            if token.get("special", False):
+                flagged.add(token["content"])
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = _read_json(folder / "vocab.json")
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+            merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        elif (tokenizer_json.get("model") or {}).get("type") == "BPE":
+            vocab = tokenizer_json["model"]["vocab"]
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in tokenizer_json["model"]["merges"]]
+        else:
+            raise ValueError(f"{folder} has neither vocab.json + merges.txt nor a BPE tokenizer.json; expected a "
+                             f"GPT-2 / OPT tokenizer folder")
         bad = next((m for m in merges if len(m) != 2), None)
         if bad is not None:
-            raise ValueError(f"{folder / 'merges.txt'}: {' '.join(bad)!r} is not a pair of symbols")
+            raise ValueError(f"{folder}: merge {' '.join(bad)!r} is not a pair of symbols")
 
         config = _read_json(folder / "tokenizer_config.json", default={})
         named = {}      # bos_token, eos_token, ... -> content; special_tokens_map.json wins, as in transformers
@@ -87,23 +98,24 @@ class GPT2Tokenizer:
                     named[key] = _content(value)
                 elif key in ("additional_special_tokens", "extra_special_tokens") and isinstance(value, list):
                     named.update({f"{key}.{n}": _content(v) for n, v in enumerate(value)})
-        added, special = {}, set(named.values()) | {IMAGE_TOKEN}
         for token, i in _read_json(folder / "added_tokens.json", default={}).items():
             added[token] = int(i)
         for i, token in (config.get("added_tokens_decoder") or {}).items():
             added[token["content"]] = int(i)
             if token.get("special", False):
-                special.add(token["content"])
+                flagged.add(token["content"])
+        special = set(named.values()) | flagged | {IMAGE_TOKEN}
         for content in special - {IMAGE_TOKEN}:
             if content in vocab:
                 added.setdefault(content, vocab[content])
             elif content not in added:
-                raise ValueError(f"{folder}: special token {content!r} is in neither vocab.json nor the added tokens")
+                raise ValueError(f"{folder}: special token {content!r} is in neither the vocabulary nor the added "
+                                 f"tokens")
         if IMAGE_TOKEN not in added:    # Blip2Processor adds it, with the next free id, when the folder has none
             added[IMAGE_TOKEN] = vocab.get(IMAGE_TOKEN, 1 + max([*vocab.values(), *added.values()]))
         add_bos = config.get("add_bos_token")
         if add_bos is None:         # no flag: what the folder's tokenizer.json post-processor does, if any
-            add_bos = _post_processor_adds_bos(folder / "tokenizer.json")
+            add_bos = _post_processor_adds_bos(tokenizer_json)
         bos = named.get("bos_token")
         return cls(vocab, merges, added, special, bos_id=added[bos] if add_bos and bos else None)
 
@@ -163,8 +175,8 @@ def _content(token):
     return token["content"] if isinstance(token, dict) else token
 
 
-def _post_processor_adds_bos(path):
+def _post_processor_adds_bos(tokenizer_json):
     """Does tokenizer.json's post-processor (a TemplateProcessing) put a special token before the text?"""
-    processor = (_read_json(path, default={}).get("post_processor") or {})
+    processor = tokenizer_json.get("post_processor") or {}
     single = processor.get("single") or []
     return processor.get("type") == "TemplateProcessing" and bool(single) and "SpecialToken" in single[0]
