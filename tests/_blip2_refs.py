@@ -124,7 +124,7 @@ def reference_config(vision=None, qformer=None, text=None, text_layers=2, num_qu
 
 
 @torch.no_grad()
-def reference_blip2(cfg, seed=0, eos_boost=1.0):
+def reference_blip2(cfg, seed=0):
     """Blip2ForConditionalGeneration(cfg) with every tensor drawn as the module docstring says. Built on the meta
     device and then filled, so transformers' own init (1.4B draws at full size) is skipped."""
     from transformers import Blip2ForConditionalGeneration
@@ -154,7 +154,6 @@ def reference_blip2(cfg, seed=0, eos_boost=1.0):
     for layer in ref.language_model.model.decoder.layers:      # no fixed direction from relu's positive mean
         layer.fc2.weight.sub_(layer.fc2.weight.mean(dim=1, keepdim=True))
     embed = ref.language_model.model.decoder.embed_tokens.weight
-    embed[NEWLINE_ID % embed.shape[0]] *= eos_boost      # a louder end token: captions of several lengths
     assert ref.language_model.lm_head.weight.data_ptr() == embed.data_ptr()
     return ref.eval()
 
