@@ -1,7 +1,8 @@
-"""Fetching the official Stable Diffusion files by name: `--model sd15`, `sd21`, `sd21-base`.
+"""Fetching the official files by name: `--model sd15`, `sd21`, `sd21-base` (one checkpoint file each, MODELS)
+and the captioners `blip-base`, `blip-large`, `blip2-opt-2.7b` (a transformers folder each, FOLDERS).
 
-Each name is one single-file checkpoint in its official Hugging Face repository, fetched over plain HTTPS
-from https://huggingface.co/{repo}/resolve/main/{file} with urllib (no hub library, no token):
+Each file is fetched from its official Hugging Face repository over plain HTTPS,
+https://huggingface.co/{repo}/resolve/main/{file}, with urllib (no hub library, no token):
 
 - The file is cached at `cache_dir() / file`: `$MINISD_CACHE` if set, else `~/.cache/minisd`. A file already
   there is used as it is (it was checked when it was downloaded, or the user put it there).
@@ -14,10 +15,16 @@ from https://huggingface.co/{repo}/resolve/main/{file} with urllib (no hub libra
 - Offline, the error says which URL to fetch by hand and the full path to put it at.
 - `$MINISD_HF_ENDPOINT` (or the `endpoint` argument) replaces https://huggingface.co, e.g. for a mirror; the
   tests point it at a small server on 127.0.0.1.
+
+A named folder lives at `cache_dir() / "{owner}--{repo}"`, its files under their own names. Each is fetched as
+above if it is not there yet; the weights of a sharded folder are its index `*.index.json` and the shards the
+index names. Small files are not stored with Git LFS: the hub's ETag is then their git blob id (SHA-1 of
+"blob {size}\\0" + bytes), which is checked instead of a SHA-256.
 """
 import errno
 import hashlib
 import http.client
+import json
 import os
 import re
 import socket
@@ -54,6 +61,30 @@ MODELS = {
 }
 
 
+@dataclass(frozen=True)
+class NamedFolder:
+    """A transformers-layout model folder in a Hugging Face repository."""
+    repo: str
+    files: tuple               # fetched always (config, tokenizer, preprocessor files)
+    weights: str = "model.safetensors"   # one file, or an index (*.index.json) whose shards are fetched too
+    optional: tuple = ()       # fetched where the repository has them (a 404 is skipped)
+
+
+_BERT_TOKENIZER = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+FOLDERS = {
+    "blip-base": NamedFolder("Salesforce/blip-image-captioning-base",
+                             ("config.json", "preprocessor_config.json", *_BERT_TOKENIZER)),
+    "blip-large": NamedFolder("Salesforce/blip-image-captioning-large",
+                              ("config.json", "preprocessor_config.json", *_BERT_TOKENIZER)),
+    "blip2-opt-2.7b": NamedFolder("Salesforce/blip2-opt-2.7b",
+                                  ("config.json", "preprocessor_config.json", "tokenizer_config.json",
+                                   "special_tokens_map.json", "vocab.json", "merges.txt"),
+                                  weights="model.safetensors.index.json",
+                                  optional=("generation_config.json", "tokenizer.json", "added_tokens.json",
+                                            "processor_config.json")),
+}
+
+
 class DownloadError(RuntimeError):
     """A named model could not be fetched; the message says why and what to do instead."""
 
@@ -86,24 +117,71 @@ def fetch_model(name: str, cache=None, endpoint: str | None = None, sha256: str 
     path = model_path(name, cache)
     if path.exists():
         return path
-    url = model_url(name, endpoint)
+    _fetch_file(f"model '{name}'", model_url(name, endpoint), path, sha256, progress, timeout, retries, retry_wait,
+                pinned=_named(name).sha256)
+    return path
+
+
+def folder_path(name: str, cache: Path | None = None) -> Path:
+    """The folder a named transformers folder is (or will be) cached in."""
+    return Path(cache or cache_dir()) / _named_folder(name).repo.replace("/", "--")
+
+
+def fetch_folder(name: str, cache=None, endpoint: str | None = None, progress: bool = True, timeout: float = 30.0,
+                 retries: int = 5, retry_wait: float = 2.0) -> Path:
+    """The local folder of named transformers folder `name`, its missing files downloaded first."""
+    spec = _named_folder(name)
+    folder = folder_path(name, cache)
+    endpoint = (endpoint or os.environ.get("MINISD_HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    settings = (progress, timeout, retries, retry_wait)
+
+    def get(file, optional=False):
+        path = folder / file
+        if not path.exists():
+            url = f"{endpoint}/{spec.repo}/resolve/main/{file}"
+            _fetch_file(f"'{name}' file {file}", url, path, None, *settings, optional=optional)
+        return path
+
+    for file in spec.files:
+        get(file)
+    for file in spec.optional:
+        get(file, optional=True)
+    weights = get(spec.weights)
+    if spec.weights.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(weights.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):
+            raise DownloadError(f"{weights} is not a weights index (no weight_map); delete it and run again") \
+                from None
+        for shard in shards:
+            get(shard)
+    return folder
+
+
+def _fetch_file(label, url, path, sha256, progress, timeout, retries, retry_wait, pinned=None, optional=False):
+    """Download one file to `path`, checked; errors as DownloadError saying what to do by hand. An optional
+    file the server does not have (404) is skipped."""
     by_hand = f"Download this file:\n  {url}\nand put it at:\n  {path}"
     try:
-        expected = expected_sha256(name, url, sha256, timeout)
-        download(url, path, expected, progress, timeout, retries, retry_wait)
+        if sha256 or pinned:
+            expected, blob = _check_hex(sha256) if sha256 else pinned, None
+        else:
+            expected, blob = _hub_checksums(url, timeout)
+        download(url, path, expected, progress, timeout, retries, retry_wait, git_blob=blob)
     except urllib.error.HTTPError as e:
+        if optional and e.code == 404:
+            return
         hint = {401: " (the repository may need a login or a licence accepted on its page)",
                 403: " (the repository may need a login or a licence accepted on its page)",
                 404: " (no such file: the repository may have moved or been removed)"}.get(e.code, "")
-        raise DownloadError(f"Could not download model '{name}': HTTP {e.code} {e.reason} for {url}{hint}.\n"
+        raise DownloadError(f"Could not download {label}: HTTP {e.code} {e.reason} for {url}{hint}.\n"
                             f"{by_hand}") from None
     except (OSError, http.client.HTTPException) as e:
         if _is_offline(e):
-            raise DownloadError(f"Could not reach {urllib.parse.urlsplit(url).netloc} to download model "
-                                f"'{name}' ({e.reason}).\n{by_hand}\n"
+            raise DownloadError(f"Could not reach {urllib.parse.urlsplit(url).netloc} to download {label} "
+                                f"({e.reason}).\n{by_hand}\n"
                                 f"(or set MINISD_CACHE to a directory that already holds {path.name})") from None
-        raise DownloadError(f"Download of model '{name}' from {url} failed ({e!r}).\n{by_hand}") from None
-    return path
+        raise DownloadError(f"Download of {label} from {url} failed ({e!r}).\n{by_hand}") from None
 
 
 def expected_sha256(name: str, url: str, sha256: str | None = None, timeout: float = 30.0) -> str | None:
@@ -118,16 +196,25 @@ def expected_sha256(name: str, url: str, sha256: str | None = None, timeout: flo
         return _check_hex(sha256)
     if _named(name).sha256:
         return _named(name).sha256
+    return _hub_checksums(url, timeout)[0]
+
+
+def _hub_checksums(url: str, timeout: float):
+    """(SHA-256, git blob SHA-1) the hub announces for a file, either None: an LFS file has the first (in
+    X-Linked-Etag), a small file stored in git the second (its ETag)."""
     headers = _head_without_redirect(url, timeout)
     etag = headers.get("X-Linked-Etag") or headers.get("ETag") or ""
     etag = etag.removeprefix("W/").strip('"').lower()
-    return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
+    return (etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None,
+            etag if re.fullmatch(r"[0-9a-f]{40}", etag) else None)
 
 
 def download(url: str, path, sha256: str | None = None, progress: bool = True, timeout: float = 30.0,
-             retries: int = 5, retry_wait: float = 2.0, hash_prefix: str | None = None) -> Path:
+             retries: int = 5, retry_wait: float = 2.0, hash_prefix: str | None = None,
+             git_blob: str | None = None) -> Path:
     """Download `url` to `path` through `path.part`, resuming with HTTP Range; check `sha256` (or, where only
-    its first hex digits are known, `hash_prefix`, as torch.hub.download_url_to_file does); rename.
+    its first hex digits are known, `hash_prefix`, as torch.hub.download_url_to_file does; or, for a small file
+    kept in git, its `git_blob` id); rename.
 
     A connection that drops mid-file (or ends short of the announced length) is resumed from the bytes
     already on disk, up to `retries` times. A server that ignores Range (answers 200) restarts the file.
@@ -151,7 +238,13 @@ def download(url: str, path, sha256: str | None = None, progress: bool = True, t
         print(f"minisd: download interrupted ({reason}), resuming", file=sys.stderr)
         time.sleep(retry_wait * (attempt + 1))
     expected = sha256 or (hash_prefix and hash_prefix.lower())
-    if not expected:
+    if git_blob and not expected:
+        actual = git_blob_id(part)
+        if actual != git_blob:
+            part.unlink()
+            raise ChecksumError(f"Checksum mismatch for {url}: expected git blob {git_blob}, got {actual}. "
+                                f"The bad download was deleted; run again to retry.")
+    elif not expected:
         print(f"minisd: warning: no SHA-256 known for {url}; the file is not checked", file=sys.stderr)
     else:
         actual = sha256_file(part)
@@ -200,6 +293,15 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+def git_blob_id(path) -> str:
+    """git's object id of a file: SHA-1 of "blob {size}\\0" followed by its bytes."""
+    h = hashlib.sha1(f"blob {os.path.getsize(path)}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
         return None                        # urllib then raises the 3xx as an HTTPError, headers included
@@ -240,6 +342,12 @@ def _check_hex(sha256: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{64}", value):
         raise ValueError(f"expected a SHA-256 of 64 hex digits, got {sha256!r}")
     return value
+
+
+def _named_folder(name: str) -> NamedFolder:
+    if name not in FOLDERS:
+        raise ValueError(f"unknown model name {name!r}; known names: {', '.join(FOLDERS)}")
+    return FOLDERS[name]
 
 
 def _named(name: str) -> NamedModel:

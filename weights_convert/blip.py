@@ -12,6 +12,8 @@ the first one.
 """
 import torch
 
+from .io import check_shapes
+
 VISION = {    # ours (under vision.): transformers (under the vision model's prefix)
     "patch_embed.weight": "embeddings.patch_embedding.weight",
     "patch_embed.bias": "embeddings.patch_embedding.bias",
@@ -132,11 +134,4 @@ def check(ours, cfg):
 
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Blip(cfg).state_dict().items()}
-    for k in ours:
-        if k not in shapes:
-            raise ValueError(f"unknown BLIP key {k!r}")
-    for k, shape in shapes.items():
-        if k not in ours:
-            raise ValueError(f"missing BLIP key {k!r}")
-        if tuple(ours[k].shape) != shape:
-            raise ValueError(f"BLIP key {k!r} has shape {tuple(ours[k].shape)}, expected {shape} for {cfg}")
+    check_shapes(ours, shapes, "BLIP", cfg)

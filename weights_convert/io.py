@@ -235,6 +235,19 @@ def read_checkpoint(path):
     return Tensors(obj, metadata)
 
 
+def check_shapes(ours, shapes, what, cfg):
+    """Raise ValueError naming the first key of `ours` that `shapes` (name -> shape, the network built for `cfg`)
+    does not have, then the first one it lacks, then the first of another shape. `what` names the network."""
+    for k in ours:
+        if k not in shapes:
+            raise ValueError(f"unknown {what} key {k!r}")
+    for k, shape in shapes.items():
+        if k not in ours:
+            raise ValueError(f"missing {what} key {k!r}")
+        if tuple(ours[k].shape) != tuple(shape):
+            raise ValueError(f"{what} key {k!r} has shape {tuple(ours[k].shape)}, expected {tuple(shape)} for {cfg}")
+
+
 def write_safetensors(path, tensors, metadata=None):
     """Write name -> tensor as .safetensors, streaming one tensor at a time (no second copy in RAM)."""
     header, offset = {}, 0

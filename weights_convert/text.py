@@ -15,6 +15,8 @@ import torch
 
 from minisd.config import TextConfig
 
+from .io import check_shapes
+
 # ---- transformers CLIPTextModel (keys under `text_model.`; transformers >= 5.6 saves them without it) ----
 TRANSFORMERS = {    # minisd name: transformers name
     "token_embedding.weight": "embeddings.token_embedding.weight",
@@ -67,16 +69,7 @@ def expected_shapes(cfg: TextConfig):
 
 def check(ours, cfg: TextConfig):
     """Raise ValueError naming the first unknown, missing or mis-shaped key of a minisd text state dict."""
-    shapes = expected_shapes(cfg)
-    for k in ours:
-        if k not in shapes:
-            raise ValueError(f"unknown text-encoder key {k!r}")
-    for k, shape in shapes.items():
-        if k not in ours:
-            raise ValueError(f"missing text-encoder key {k!r}")
-        if tuple(ours[k].shape) != shape:
-            raise ValueError(f"text-encoder key {k!r} has shape {tuple(ours[k].shape)}, expected {shape} "
-                             f"for {cfg}")
+    check_shapes(ours, expected_shapes(cfg), "text-encoder", cfg)
 
 
 def from_transformers(sd, cfg: TextConfig = None):

@@ -12,8 +12,9 @@ picture, a BERT-style text decoder writes the caption while cross-attending to e
 
 The decoder is "Image-grounded text decoder" of the paper's fig. 2, trained with language modelling; captioning
 starts from [DEC] (the bos token, BERT's [CLS] replaced), optionally followed by a prompt ("a picture of", the
-paper's sec. 4.1), and ends at [SEP]. Decoding is decode.py's; `step` feeds it with a key/value cache: the
-image's keys and values are computed once per layer, each new token attends to the cached ones before it.
+paper's sec. 4.1), and ends at [SEP]. Decoding is decode.py's; `make_step` feeds it with a key/value cache:
+the image's keys and values are computed once per layer and picture, each new token attends to the cached
+ones before it.
 
 The configuration comes from a transformers folder's config.json (`Salesforce/blip-image-captioning-base`:
 ViT-B/16, `-large`: ViT-L/16, both at 384 px with the same BERT-base decoder); weights_convert/blip.py maps the
@@ -94,8 +95,12 @@ class Attention(nn.Module):
         self.v = nn.Linear(kv_width, width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x, k, v, causal=False):          # x: (N, T, width); k, v: (N, S, width), already projected
-        return self.out(attention(self.q(x), k, v, self.heads, causal=causal))
+    def forward(self, x, k, v, causal=False):
+        """x: (N, T, width); k, v: (B, S, width), already projected, with N a multiple of B: rows
+        j*N/B .. (j+1)*N/B - 1 of x all read k[j], v[j] (the beams of picture j; decode.py keeps them together).
+        They are attended to as N/B*T queries of one sequence: the same numbers, without N/B copies of k, v."""
+        q = self.q(x).reshape(k.shape[0], -1, x.shape[-1])
+        return self.out(attention(q, k, v, self.heads, causal=causal).reshape(x.shape))
 
 
 class DecoderLayer(nn.Module):
@@ -165,18 +170,21 @@ class Blip(nn.Module):
         self.vision = ViT(cfg.vision)
         self.text = TextDecoder(cfg.text)
 
-    def step(self, ids, cache):
-        """decode.py's step. cache = [image tokens] on the first call (the prompt), then
-        [cross k/v of every layer..., self k/v of every layer...]."""
-        n_layers = len(self.text.layers)
-        if len(cache) == 1:
-            cross = self.text.cross_kv(cache[0])
-            empty = cache[0].new_zeros(ids.shape[0], 0, self.cfg.text.width)
-            past = [empty] * (2 * n_layers)
-        else:
-            cross, past = cache[:2 * n_layers], cache[2 * n_layers:]
-        logits, past = self.text(ids, cross, past)
-        return logits[:, -1], cross + past
+    def make_step(self):
+        """decode.py's step for one decoding. Its first call gets [image tokens (B, S, width)] and computes the
+        image's keys and values for every layer once, kept here: decode.py keeps the beams of a picture in
+        consecutive rows, so they need not be copied per beam nor reordered. The cache it returns holds the
+        self-attention keys and values of the tokens fed so far, [k_0, v_0, k_1, v_1, ...]."""
+        cross = []
+
+        def step(ids, cache):
+            if not cross:
+                cross.extend(self.text.cross_kv(cache[0]))
+                cache = [cache[0].new_zeros(ids.shape[0], 0, self.cfg.text.width)] * (2 * len(self.text.layers))
+            logits, past = self.text(ids, cross, cache)
+            return logits[:, -1], past
+
+        return step
 
 
 class BlipCaptioner:
@@ -186,18 +194,29 @@ class BlipCaptioner:
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
 
     @torch.no_grad()
-    def caption(self, images, prompt=None, num_beams=1, min_length=5, max_length=75):
-        """PIL images -> one caption each, as transformers' BlipForConditionalGeneration.generate and
-        BlipProcessor.decode(skip_special_tokens=True) write it: the prompt, if any, starts the caption."""
+    def encode(self, images):
+        """PIL images -> the ViT's image tokens (N, tokens, width)."""
         weight = self.model.vision.patch_embed.weight
-        image = self.model.vision(self.processor(images).to(weight.device, weight.dtype))   # (N, tokens, width)
+        return self.model.vision(self.processor(images).to(weight.device, weight.dtype))
+
+    @torch.no_grad()
+    def generate_ids(self, images, prompt=None, num_beams=1, min_length=5, max_length=75, features=None):
+        """PIL images (or their `features` from `encode`) -> token ids (N, L), as transformers'
+        BlipForConditionalGeneration.generate returns them: [DEC], the prompt's tokens, the caption's, then
+        [SEP] and padding."""
+        image = self.encode(images) if features is None else features
         t = self.model.cfg.text
         # transformers tokenizes [CLS] prompt [SEP], puts [DEC] in place of [CLS] and drops the [SEP]
         prompt_ids = self.tokenizer.encode(prompt) if prompt else []
-        ids = torch.tensor([[t.bos_token_id, *prompt_ids]] * len(images), device=weight.device)
-        out = generate(self.model.step, ids, cache=[image], num_beams=num_beams, max_length=max_length,
-                       min_length=min_length, eos_token_id=t.sep_token_id, pad_token_id=t.pad_token_id)
-        return [self.tokenizer.decode(row) for row in out.tolist()]
+        ids = torch.tensor([[t.bos_token_id, *prompt_ids]] * len(image), device=image.device)
+        return generate(self.model.make_step(), ids, cache=[image], num_beams=num_beams, max_length=max_length,
+                        min_length=min_length, eos_token_id=t.sep_token_id, pad_token_id=t.pad_token_id)
+
+    def caption(self, images, prompt=None, num_beams=1, min_length=5, max_length=75):
+        """PIL images -> one caption each, decoded as BlipProcessor.decode(skip_special_tokens=True) does: the
+        prompt, if any, starts the caption."""
+        ids = self.generate_ids(images, prompt, num_beams, min_length, max_length)
+        return [self.tokenizer.decode(row) for row in ids.tolist()]
 
 
 def load_blip(folder, device="cpu", dtype=torch.float32):

@@ -4,9 +4,12 @@
 The decoder is a function `step(ids_new, cache) -> (logits, cache)`:
 - `ids_new` (N, n): the tokens not yet fed: the whole prompt on the first call, then one token per row;
 - `cache`: a list of tensors with the batch in dim 0 (the image features the decoder cross-attends to, keys and
-  values of the positions already fed, ...), whatever the step needs; `generate` never looks inside, it only
-  repeats each row `num_beams` times at the start and reorders rows (`t[rows]`) when beams are re-ranked;
+  values of the positions already fed, ...), whatever the step needs; `generate` never looks inside: beam
+  search feeds the prompts once, repeats each row of the returned cache `num_beams` times, and reorders rows
+  (`t[rows]`) when beams are re-ranked;
 - `logits` (N, V): the scores of the next token after the last position.
+Beam search keeps the k beams of prompt i in rows i*k .. i*k+k-1 throughout (reordering moves rows only within
+a prompt's group), so a step may keep per-prompt tensors (B rows) outside the cache and map row r to r // k.
 
 Lengths count the prompt: `max_length` and `min_length` are lengths of the whole sequence, prompt included (as
 transformers' `max_length` / `min_length`). Processing of the scores (transformers' LogitsProcessor order):
@@ -104,8 +107,10 @@ def _beam_search(step, input_ids, cache, k, length_penalty, early_stopping, max_
     is_finished = torch.zeros(B, k, dtype=torch.bool, device=device)
     can_improve = torch.ones(B, 1, dtype=torch.bool, device=device)
 
-    cache = [t.repeat_interleave(k, dim=0) for t in cache]
-    logits, cache = step(input_ids.repeat_interleave(k, dim=0), cache)
+    # The k beams of a prompt start as the same sequence: the prompt is fed once per prompt and its logits and
+    # cache are repeated (transformers feeds k copies; the same numbers, k times the work).
+    logits, cache = step(input_ids, list(cache))
+    logits, cache = logits.repeat_interleave(k, dim=0), [t.repeat_interleave(k, dim=0) for t in cache]
     cur_len = prompt_len
     while True:
         V = logits.shape[-1]

@@ -4,6 +4,7 @@ the parsing of every command lives in this package:
   generate.py   generate, img2img, eval: the flags every generating command shares, and the Pipeline they load
   train.py      train (finetune | dreambooth | textual-inversion | lora), train-tiny, train-tiny-features, sweep
   tools.py      convert, merge-lora, fid
+  caption.py    caption
 
 An error minisd raises on purpose (a ValueError, a missing file, a bad checkpoint, a failed download) carries a
 message for the user: it ends the command as one line, `minisd: error: ...`, with exit status 2, never a
@@ -16,7 +17,7 @@ from weights_convert.io import CheckpointError
 
 from .. import distributed
 from ..download import DownloadError
-from . import generate, tools, train
+from . import caption, generate, tools, train
 
 # name: (what it does, adds its flags to its parser, runs it: returns an exit status, or None for 0)
 COMMANDS = {
@@ -34,6 +35,8 @@ COMMANDS = {
                 tools.run_convert),
     "merge-lora": ("merge LoRA files into a checkpoint's weights and write a new one", tools.add_merge_lora,
                    tools.run_merge_lora),
+    "caption": ("write a caption beside every image of a folder with BLIP or BLIP-2 (NAME.txt or metadata.jsonl); "
+                "prints 'captioned N, skipped M' last", caption.add_caption, caption.run_caption),
     "fid": ("Frechet Inception Distance between two image folders or pytorch-fid .npz statistics files; prints "
             "fid=VALUE last", tools.add_fid, tools.run_fid),
 }

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from minisd.clip import Transformer
+from weights_convert.io import check_shapes
 from weights_convert.text import TRANSFORMERS_BLOCK, TRANSFORMERS_QKV
 
 
@@ -88,14 +89,7 @@ def check(ours, cfg: VisionConfig):
     """Raise ValueError naming the first unknown, missing or mis-shaped key of an image-tower state dict."""
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in ImageEncoder(cfg).state_dict().items()}
-    for k in ours:
-        if k not in shapes:
-            raise ValueError(f"unknown image-tower key {k!r}")
-    for k, shape in shapes.items():
-        if k not in ours:
-            raise ValueError(f"missing image-tower key {k!r}")
-        if tuple(ours[k].shape) != shape:
-            raise ValueError(f"image-tower key {k!r} has shape {tuple(ours[k].shape)}, expected {shape} for {cfg}")
+    check_shapes(ours, shapes, "image-tower", cfg)
 
 
 def from_open_clip(sd, cfg: VisionConfig = VIT_L_14):
