@@ -307,3 +307,22 @@ def test_config_errors_name_the_problem():
                        ("activation_function", "gelu"), ("tie_word_embeddings", False)):
         with pytest.raises(ValueError, match=key):
             blip2.config_from_json({**good, "text_config": {**good["text_config"], key: value}})
+
+
+def test_minisd_caption_writes_the_blip2_captions(small, tmp_path, capsys):
+    from minisd import cli
+    folder, ref = small
+    images = pictures(3, seed=5)
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"img{i}.png")
+    expected = Reference(ref, folder, images, [(PROMPT, 3)], max_length=24)
+    status = cli.main(["caption", str(tmp_path), "--model", str(folder), "--prompt", PROMPT, "--num-beams", "3",
+                       "--max-length", "24", "--prefix", "sks"])
+    assert status in (0, None) and "captioned 3, skipped 0" in capsys.readouterr().out
+    for i, text in enumerate(expected.captions[PROMPT, 3]):
+        assert (tmp_path / f"img{i}.txt").read_text(encoding="utf-8") == f"sks {text}\n"
+    bad = tmp_path / "t5"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "blip-2", "text_config": {"model_type": "t5"}}))
+    assert cli.main(["caption", str(tmp_path), "--model", str(bad), "--overwrite"]) == 2
+    assert "minisd: error:" in capsys.readouterr().err

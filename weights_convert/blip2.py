@@ -21,6 +21,7 @@ import re
 import torch
 
 from .blip import _batch, _unbatch, vision_table
+from .io import check_shapes
 
 QFORMER = {    # ours (under qformer.): transformers (under qformer.)
     "ln_in.weight": "layernorm.weight",
@@ -154,11 +155,4 @@ def check(ours, cfg):
 
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Blip2(cfg).state_dict().items()}
-    for k in ours:
-        if k not in shapes:
-            raise ValueError(f"unknown BLIP-2 key {k!r}")
-    for k, shape in shapes.items():
-        if k not in ours:
-            raise ValueError(f"missing BLIP-2 key {k!r}")
-        if tuple(ours[k].shape) != shape:
-            raise ValueError(f"BLIP-2 key {k!r} has shape {tuple(ours[k].shape)}, expected {shape} for {cfg}")
+    check_shapes(ours, shapes, "BLIP-2", cfg)
