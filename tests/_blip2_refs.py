@@ -27,6 +27,7 @@ from collections import Counter
 import torch
 
 from _blip_refs import WORDS
+from minisd.tokenizer import merge_pairs
 
 OPT_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 VOCAB_SIZE = 50265          # the tokenizer's vocab.json; <image> is 50265; the model's rows go to 50304
@@ -61,16 +62,7 @@ def learn_merges(text, n):
             break
         best = max(pairs, key=lambda p: (pairs[p], p))
         merges.append(best)
-        for w, s in splits.items():
-            out, i = [], 0
-            while i < len(s):
-                if i < len(s) - 1 and (s[i], s[i + 1]) == best:
-                    out.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            splits[w] = out
+        splits = {w: merge_pairs(s, {best: 0}) for w, s in splits.items()}     # every occurrence of `best`
     return merges
 
 

@@ -1,5 +1,6 @@
 r"""GPT-2's tokenizer (Radford et al. 2019), which OPT (Zhang et al. 2022) and so BLIP-2's language model use:
-byte-level BPE read from a transformers folder's vocab.json + merges.txt.
+byte-level BPE read from a transformers folder's vocab.json + merges.txt (or, in a folder transformers 5 saved,
+its tokenizer.json).
 
 Text becomes ids in three steps, the way transformers' GPT2Tokenizer (the `tokenizers` library) does it:
 
@@ -160,14 +161,11 @@ class GPT2Tokenizer:
 
 
 def _read_json(path, default=None):
-    if not path.is_file():
-        if default is not None:
-            return default
-        raise FileNotFoundError(f"{path} is missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    """A JSON file of the folder; `default` when it is absent (None: it must be there)."""
+    from weights_convert.folders import read_config
+    if default is not None and not path.is_file():
+        return default
+    return read_config(path.parent, path.name)
 
 
 def _content(token):
