@@ -79,6 +79,7 @@ class Reference:
                                min_length=min_length, **inputs, **kw)
             self.ids[prompt, beams] = ids
             self.captions[prompt, beams] = [c.strip() for c in processor.batch_decode(ids, skip_special_tokens=True)]
+        del ref.vision_model.forward                          # the real ViT again, for the next pictures
 
 
 @pytest.fixture(scope="module")
