@@ -68,7 +68,9 @@ def learn_merges(text, n):
 
 def write_tokenizer(folder, n_merges=400):
     """vocab.json, merges.txt and the hub's tokenizer_config.json / special_tokens_map.json for OPT."""
-    merges = learn_merges(TRAINING_TEXT, n_merges)
+    # plus " " + U+001C as one token: U+001C is whitespace to Python's \s but not to the `tokenizers` regex, so
+    # only a pre-tokeniser with the latter's whitespace keeps them together (gpt2_tokenizer.WHITE_SPACE)
+    merges = learn_merges(TRAINING_TEXT, n_merges) + [("Ġ", byte_symbols()[0x1C])]
     vocab = [*OPT_SPECIALS, *byte_symbols().values()]
     vocab += list(dict.fromkeys(a + b for a, b in merges if a + b not in vocab))
     letters = "abcdefghijklmnopqrstuvwxyz"

@@ -181,7 +181,7 @@ def test_small_decoding_matches_transformers_with_ends_and_padding(small, prompt
 CORPUS = ["a photo of", "A Photo OF the  Cats, playing!", "Don't stop; it's 3.14159 -- really?", "I'M HE'S we'Ve",
           "café naïve résumé", "中文字 and 日本語", "  leading and trailing  ", "tabs\tand\nnewlines\r\n\n  x",
           "zzzzqqq unknownword", "x" * 120, "ünïcödé ÀÉÎ e\u0301", "(brackets) [square] {curly} <angle>",
-          "e-mail@host.com", "\x00nul\ufffdreplacement\x07bell", "file\x1cseparators\x1d\x1e\x1f here",
+          "e-mail@host.com", "\x00nul\ufffdreplacement\x07bell", "file\x1cseparators\x1d\x1e\x1f here", "a \x1cb  \x1c\x1c x",
           "nbsp\u00a0and\u3000ideographic\u2009thin \u0085nel", "emoji 😀👍🏽 and flags 🇫🇷", "12345 67 8.9e10",
           "</s>a photo<pad>of<image>the <s> <unk> <mask>", "", " ", "   ", "\n", "$100 ^caret `tick` ~tilde",
           "„quotes“ «guillemets» — dash…", "looking holding standing sitting", "won't can't we're they've i'm"]
