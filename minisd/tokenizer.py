@@ -94,6 +94,26 @@ def _pattern():
         rf"|[{letters}]+|[{numbers}]|[^\s{letters}{numbers}]+")
 
 
+def merge_pairs(symbols, bpe_ranks):
+    """BPE's merge loop (Sennrich et al. 2016): while some adjacent pair has a rank, merge every occurrence of the
+    lowest-ranked one, left to right. Shared by CLIP's tokenizer and GPT-2's (caption/gpt2_tokenizer.py)."""
+    while len(symbols) > 1:
+        pairs = set(zip(symbols, symbols[1:]))
+        best = min(pairs, key=lambda pair: bpe_ranks.get(pair, float("inf")))
+        if best not in bpe_ranks:
+            break
+        merged, i = [], 0
+        while i < len(symbols):  # merge every occurrence of `best`, left to right
+            if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
 def clean(text):
     """Text normalisation before pre-tokenisation: CLIP's basic_clean + whitespace_clean + lower."""
     text = ftfy.fix_text(text)                         # repair first: mojibake, quotes, widths, ... then NFC
@@ -159,21 +179,7 @@ class Tokenizer:
         """One pre-token (byte characters) -> its BPE symbols, merging the lowest-ranked adjacent pair first."""
         if word in self.cache:
             return self.cache[word]
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pairs = set(zip(symbols, symbols[1:]))
-            best = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, float("inf")))
-            if best not in self.bpe_ranks:
-                break
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence of `best`, left to right
-                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+        symbols = merge_pairs([*word[:-1], word[-1] + "</w>"], self.bpe_ranks)
         self.cache[word] = symbols
         return symbols
 
