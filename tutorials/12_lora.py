@@ -209,8 +209,9 @@ save(grid(rows, labels=[f"{c[:3]}/{b[:3]}" for c, b in subject.HELD_OUT_COMBOS],
 #
 # Full DreamBooth, with tutorial 10's recipe (batches of 4 instance and 4 class images, 800 steps at 2e-4, the
 # weights' moving average, and 16 unconditional class images that keep the guidance's other branch in place), draws
-# the diamond in the asked-for colours in 85% of the held-out images at guidance 3 and 54% at this page's 7.5
-# (tutorial 10, six seeds), after about 100 s of training, in a 20.2 MB file. This LoRA, from the same instance and
+# the diamond in the asked-for colours in 83% of the held-out images at guidance 3 and 56% at this page's 7.5
+# (tutorial 10, six seeds), after 800 steps on batches twice this page's (105 s of CPU on the AVX2 EPYC that
+# rendered both pages), in a 20.2 MB file. This LoRA, from the same instance and
 # class folders with batches of 2 and no average, scores what is printed above (38% at 7.5 when this page was built) in
 # the training time its clock line prints, in 0.5 MB.
 #
