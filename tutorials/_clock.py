@@ -7,7 +7,8 @@
 
 Wall time is what a reader waits. CPU time (this process's, all its threads, and that of the processes it ran and
 waited for, such as a sweep's trials) is the same figure on a machine busy with other work, where the wall time
-grows and the CPU time barely does; the tutorials run one thread, so on an idle machine the two agree. The figures on a rendered page are those of the machine its clock names.
+grows and the CPU time barely does; the tutorials run one thread, so on an idle machine the two agree. The figures
+on a rendered page are those of the machine its clock names.
 """
 import os
 import platform
