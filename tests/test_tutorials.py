@@ -40,17 +40,19 @@ def test_tutorials_numbered_in_reading_order_each_titled_by_what_it_teaches():
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.stem)
 def test_tutorial_runs_on_the_tiny_model_on_cpu(path, figures_in_tmp, one_thread, monkeypatch):
-    monkeypatch.setenv("MINISD_TUTORIAL_SWEEP_TRIALS", "2")     # tutorial 13's sweep: 2 trials here, 6 on its page
+    monkeypatch.setenv("MINISD_TUTORIAL_SWEEP_TRIALS", "2")     # tutorial 13's sweep: 2 trials here, 3 on its page
     _, cells = build.execute(path)          # raises if any cell raises (the tutorials assert their claims)
     made = [f for cell in cells for f in cell.figures]
     assert all((figures_in_tmp / f).is_file() for f in made)
 
 
 @pytest.mark.slow
-def test_tutorial_13_runs_the_six_trial_sweep_of_its_page(figures_in_tmp, one_thread, monkeypatch):
+def test_tutorial_13_runs_a_six_trial_sweep(figures_in_tmp, one_thread, monkeypatch):
+    """The page runs three trials, to finish within three minutes on one core of an AVX2 CPU; the six it ran before
+    (tutorials/README.md) are checked here."""
     monkeypatch.setenv("MINISD_TUTORIAL_SWEEP_TRIALS", "6")
     _, cells = build.execute(TUTORIALS / "13_evaluation.py")
-    assert "6 trials in" in "".join(cell.output for cell in cells)
+    assert "6 trials done" in "".join(cell.output for cell in cells)
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.stem)

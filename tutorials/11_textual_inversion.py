@@ -19,16 +19,17 @@
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from _clock import Clock
 from minisd.model import load_model, tiny_model_path
 from minisd.pipeline import Pipeline
 from minisd.tiny import new_word, shapes
 
 torch.set_num_threads(1)            # the tiny model's tensors are too small for threads to pay
+clock = Clock()                     # the machine, and each phase's time (a summary at the end)
 model = load_model(tiny_model_path(), verbose=False)
 tokenizer = model.tokenizer
 for word in ("<sun>", "yellow circle"):
@@ -83,11 +84,10 @@ from minisd.train import textual_inversion
 cfg = textual_inversion.config(out=str(work / "run"), data=str(work / "data"), token=new_word.TOKEN,
                                init_token=new_word.INIT_TOKEN, num_vectors=new_word.NUM_VECTORS,
                                train_batch_size=4, max_train_steps=200, device="cpu")
-t0 = time.time()
-path = textual_inversion.run(cfg, log=lambda *_: None)
-seconds = time.time() - t0
+with clock("train"):
+    path = textual_inversion.run(cfg, log=lambda *_: None)
 losses = [e["loss"] for e in map(json.loads, open(work / "run" / "train_log.jsonl")) if "loss" in e]
-print(f"{len(losses)} steps in {seconds:.0f} s; mean loss of the first 20 steps {sum(losses[:20]) / 20:.4f}, "
+print(f"{len(losses)} steps; mean loss of the first 20 steps {sum(losses[:20]) / 20:.4f}, "
       f"of the last 20 {sum(losses[-20:]) / 20:.4f}")
 print("written:", sorted(p.name for p in (work / "run").iterdir()))
 
@@ -115,10 +115,11 @@ print(f"{token} {tuple(vectors.shape)}: {os.path.getsize(path)} bytes; the model
 pipe = Pipeline(model)
 circle = model.text_encoder.token_embedding.weight[tokenizer.encode(new_word.INIT_TOKEN)[0]].detach()
 pipe.embeddings.add(new_word.TOKEN, circle.expand(new_word.NUM_VECTORS, -1))
-start_score, start_results = new_word.score(pipe, per_background=16)
-pipe.embeddings = embeddings.Embeddings(model.config.text)
-pipe.load_embeddings([path])
-score, results = new_word.score(pipe, per_background=16)
+with clock("evaluate, before and after"):
+    start_score, start_results = new_word.score(pipe, per_background=16)
+    pipe.embeddings = embeddings.Embeddings(model.config.text)
+    pipe.load_embeddings([path])
+    score, results = new_word.score(pipe, per_background=16)
 print(f"held-out backgrounds, before training: {start_score:.0%} right; after: {score:.0%} right")
 wrong = [(bg, read) for _, bg, read in results if read != ("yellow", "circle", bg)]
 print("misread:", wrong)
@@ -156,3 +157,11 @@ for i, sims in enumerate(similarity):
 #
 # To use the word elsewhere: `minisd generate "a <sun> on a purple background" --embedding
 # DIR/learned_embeds.safetensors`, or put `sun.safetensors` in an A1111 embeddings folder and write "sun".
+
+# %% [markdown]
+# ## Where the time went
+# Each phase of this page, timed as it ran, on the machine named below (wall time, and this process's CPU time,
+# which a busy machine does not inflate):
+
+# %%
+clock.summary()

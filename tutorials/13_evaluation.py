@@ -31,18 +31,19 @@ import io
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from _clock import Clock
 from minisd.metrics import fid
 from minisd.metrics.tiny_features import load_tiny_features
 from minisd.tiny import shapes
 
 torch.set_num_threads(1)            # the tiny networks' tensors are too small for threads to pay
+clock = Clock()                     # the machine, and each phase's time (a summary at the end)
 net = load_tiny_features()          # the shipped classifier, beside the tiny model in minisd/assets
 
 
@@ -56,10 +57,11 @@ def moments(images):
     return fid.moments(fid.activations(images, net, batch_size=250))      # mu (128,), S (128, 128)
 
 
-reference = moments(real(1, 1000))
-real_fids = {n: fid.fid_from_stats(moments(real(2, n)), reference) for n in (32, 128, 1000)}
-noise = torch.randint(0, 256, (1000, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-noise_fid = fid.fid_from_stats(moments(noise), reference)
+with clock("FID of real and noise images"):
+    reference = moments(real(1, 1000))
+    real_fids = {n: fid.fid_from_stats(moments(real(2, n)), reference) for n in (32, 128, 1000)}
+    noise = torch.randint(0, 256, (1000, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    noise_fid = fid.fid_from_stats(moments(noise), reference)
 for n, value in real_fids.items():
     print(f"real images (n = {n:4}) against 1000 other real images: FID {value:6.2f}")
 print(f"noise       (n = 1000) against the same 1000 real images: FID {noise_fid:6.2f}")
@@ -102,7 +104,8 @@ def minisd(*argv):
 
 
 subject.write_instance_folder(work / "reference", subject.HELD_OUT_COMBOS * 50, seed=1)   # 400 real diamonds
-print(minisd("fid", str(work / "reference"), "--features", "tiny", "--save-stats", str(work / "diamonds.npz")))
+with clock("FID statistics of the real diamonds"):
+    print(minisd("fid", str(work / "reference"), "--features", "tiny", "--save-stats", str(work / "diamonds.npz")))
 prompts = [subject.instance_prompt(c, b) for c, b in subject.HELD_OUT_COMBOS]
 (work / "prompts.txt").write_text("\n".join(prompts) + "\n")
 print(prompts[:2], "...")
@@ -110,7 +113,8 @@ print(prompts[:2], "...")
 NUM_IMAGES = 48         # 6 per prompt: enough to rank runs, few enough for a CPU
 evaluate = ["eval", "--prompts", str(work / "prompts.txt"), "--num-images", str(NUM_IMAGES), "--features", "tiny",
             "--ref", str(work / "diamonds.npz"), "--no-prepack", "--threads", "1"]
-printed = minisd(*evaluate, "--out", str(work / "eval-base"))             # no --model: the tiny built-in one
+with clock("evaluate, base"):
+    printed = minisd(*evaluate, "--out", str(work / "eval-base"))         # no --model: the tiny built-in one
 print(printed.splitlines()[-1])                                         # eval prints its metrics last
 base_fid = json.loads((work / "eval-base" / "metrics.json").read_text())["fid"]
 
@@ -134,11 +138,11 @@ base_fid = json.loads((work / "eval-base" / "metrics.json").read_text())["fid"]
 from minisd.pipeline import Pipeline
 
 subject.write_instance_folder(work / "instance")                          # tutorial 10's eight diamonds
-t0 = time.time()
-n_class = subject.write_class_folder(Pipeline.load(None, log=lambda *_: None), work / "class")
-print(f"{n_class} class images in {time.time() - t0:.0f} s")
+with clock("class images"):
+    n_class = subject.write_class_folder(Pipeline.load(None, log=lambda *_: None), work / "class")
+print(f"{n_class} class images")
 
-trials = int(os.environ.get("MINISD_TUTORIAL_SWEEP_TRIALS", "6"))
+trials = int(os.environ.get("MINISD_TUTORIAL_SWEEP_TRIALS", "3"))
 train = ["python", "-m", "minisd", "train", "dreambooth", "--instance-dir", str(work / "instance"),
          "--instance-prompt", subject.instance_prompt("red", "white"),          # each image has its own caption
          "--class-prompt", subject.class_prompt("red", "white"), "--class-dir", str(work / "class"),
@@ -165,9 +169,9 @@ lr_cycles = {{ type = "int", low = 1, high = 5 }}
 """
 (work / "sweep.toml").write_text(spec)
 print(spec[spec.index("[params]"):])
-t0 = time.time()
-print(minisd("sweep", str(work / "sweep.toml")))
-print(f"{trials} trials in {time.time() - t0:.0f} s")
+with clock(f"sweep, {trials} trials"):           # each trial: a train process, then an eval process
+    print(minisd("sweep", str(work / "sweep.toml")))
+print(f"{trials} trials done")
 
 # %% [markdown]
 # The sweep wrote its report into its folder (`sweep.toml` -> `sweep/`): the table of every trial (trials.md,
@@ -233,3 +237,11 @@ save(grid([real_row] + [[image for image, _, _ in images[:8]] for _, images in m
 # The same spec runs on real models: `--model sd15` in the train command, `--features inception --ref coco.npz
 # --metrics fid,clip` in the eval command, `--storage` for several GPUs, and `minisd sweep spec.toml --trials 40`
 # to extend a finished study.
+
+# %% [markdown]
+# ## Where the time went
+# Each phase of this page, timed as it ran, on the machine named below (wall time, and this process's CPU time,
+# which a busy machine does not inflate; the sweep's CPU time includes its trials' processes):
+
+# %%
+clock.summary()
