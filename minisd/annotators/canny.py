@@ -52,17 +52,25 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 
 
 def gaussian_blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian, G(x) = exp(-x^2 / 2 sigma^2) normalised, over 2*round(3 sigma)+1 taps (OpenCV's size for
-    8-bit images), border mirrored without repeating the edge pixel (OpenCV's default BORDER_REFLECT_101)."""
-    radius = max(1, round(3 * sigma))
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    kernel = np.exp(-x**2 / (2 * sigma**2))
-    kernel /= kernel.sum()
-    out = np.pad(rgb.astype(np.float64), ((radius, radius), (radius, radius), (0, 0)), mode="reflect")
+    """Separable Gaussian, G(x) = exp(-x^2 / 2 sigma^2) normalised, in cv2.GaussianBlur's 8-bit arithmetic so that the
+    optional blur equals `cv2.GaussianBlur(image, (0, 0), sigma)`: round(6 sigma + 1) taps made odd, weights in
+    8-bit fixed point (each rounded with the previous one's rounding error carried over, the centre taking what is
+    left so they sum to exactly 256), both passes in exact integers, the result rounded once; the border mirrored
+    without repeating the edge pixel (OpenCV's default BORDER_REFLECT_101)."""
+    radius = (int(np.rint(6 * sigma + 1)) | 1) // 2
+    x = np.arange(-radius, 0, dtype=np.float64)
+    g = np.exp(-x**2 / (2 * sigma**2))
+    g /= 2 * g.sum() + 1                                                    # the centre's weight is exp(0) = 1
+    side, carried = [], 0.0
+    for v in g * 256:                                                       # error diffusion, outside in
+        side.append(int(np.rint(v + carried)))
+        carried = v + carried - side[-1]
+    kernel = np.array(side + [256 - 2 * sum(side)] + side[::-1], dtype=np.int64)
     h, w = rgb.shape[:2]
-    out = sum(k * out[i:i + h] for i, k in enumerate(kernel))                    # vertical pass
-    out = sum(k * out[:, i:i + w] for i, k in enumerate(kernel))                 # horizontal pass
-    return np.round(out).clip(0, 255).astype(np.uint8)
+    p = np.pad(rgb.astype(np.int64), ((radius, radius), (radius, radius), (0, 0)), mode="reflect")
+    p = sum(k * p[:, i:i + w] for i, k in enumerate(kernel))              # horizontal pass, scale 2^8
+    p = sum(k * p[i:i + h] for i, k in enumerate(kernel))                 # vertical pass, scale 2^16
+    return ((p + (1 << 15)) >> 16).astype(np.uint8)                       # round half up, as OpenCV
 
 
 def sobel(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
