@@ -89,6 +89,14 @@ def test_ties_on_few_level_colour_noise(low, high):
         _assert_same(_edges(Image.fromarray(smooth), low, high), cv2.Canny(smooth, low, high), f"blocks {levels}")
 
 
+@pytest.mark.parametrize("height, width", [(1, 1), (1, 6), (6, 1), (2, 2), (3, 7)])
+def test_images_smaller_than_the_stencils(height, width):
+    # every pixel is a border pixel: replicated for Sobel, zero magnitude beyond for the suppression
+    rng = np.random.default_rng(height * 10 + width)
+    image = (rng.integers(0, 2, (height, width, 3)) * 255).astype(np.uint8)
+    _assert_same(_edges(Image.fromarray(image), 20, 80), cv2.Canny(image, 20, 80), f"{height}x{width}")
+
+
 def test_hysteresis_grows_through_corners_only_from_strong_pixels():
     # canny.cpp grows each edge into all 8 neighbours: a weak chain touching corner to corner is followed to its
     # end; a weak chain touching nothing strong is dropped. Drawn by hand (S strong, w weak, . neither).
@@ -177,12 +185,18 @@ def test_output_is_rgb_white_on_black_at_the_input_size():
     (dict(low=200, high=100), "low <= high"),
     (dict(low=-1, high=100), "0 <= low"),
     (dict(low=math.nan, high=100), "0 <= low"),
+    (dict(low=100, high=math.inf), "0 <= low"),
     (dict(blur=-1.0), "blur"),
 ])
 def test_bad_arguments_are_one_line_value_errors(kw, message):
     with pytest.raises(ValueError, match=message) as error:
         canny(Image.new("RGB", (8, 8)), **kw)
     assert "\n" not in str(error.value)
+
+
+def test_empty_image_is_a_value_error():
+    with pytest.raises(ValueError, match="empty"):
+        canny(Image.new("RGB", (0, 4)))
 
 
 def test_not_an_image_is_a_value_error():

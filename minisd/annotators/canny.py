@@ -4,7 +4,7 @@ ControlNet's annotator (lllyasviel/ControlNet `annotator/canny`, A1111's extensi
 is one call, `cv2.Canny(rgb_uint8, low, high)`, drawn as white edges on black in three channels. This module is that
 call written out, stage by stage, in numpy, equal to OpenCV's `canny.cpp` pixel for pixel:
 
-    image (H, W, 3) uint8  -> sobel          dx, dy          (H, W, 3) int    3x3, border replicated
+    image (H, W, 3) uint8  -> sobel          dx, dy          (H, W, C) int16  3x3, border replicated
                            -> gradient       |dx|+|dy|       (H, W)          per pixel the strongest channel
                            -> non_maximum_suppression         (H, W) bool     thin ridges, OpenCV's 4 directions
                            -> double threshold + hysteresis   (H, W) bool     strong edges and what touches them
@@ -25,7 +25,9 @@ def canny(image: Image.Image, low: float = 100, high: float = 200, blur: float =
     optional Gaussian smoothing first (0: none, as cv2.Canny and ControlNet's annotator)."""
     if not isinstance(image, Image.Image):
         raise ValueError(f"canny: expected a PIL.Image, got {type(image).__name__}")
-    if not (0 <= low <= high):                   # also catches NaN
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"canny: the image is empty ({image.width}x{image.height})")
+    if not (0 <= low <= high < math.inf):                   # also catches NaN
         raise ValueError(f"canny: thresholds must satisfy 0 <= low <= high, got low={low}, high={high}")
     if not (0 <= blur < 100):
         raise ValueError(f"canny: blur is a Gaussian sigma in pixels (0 = off), got {blur}")
