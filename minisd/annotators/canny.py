@@ -142,8 +142,10 @@ def hysteresis(strong: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """The candidates 8-connected, through candidates, to a strong pixel (canny.cpp grows edges from every strong
     pixel into its 8 neighbours). Found as connected components of the candidate pixels, then kept whole if they hold
     a strong pixel: union-find over the pairs of neighbouring candidates, all pairs at once (hook each root to the
-    smaller root of a neighbour, then pointer jumping), so the number of numpy passes grows with the log of an edge's
-    length, not with its length as repeated dilation would. (H, W) bool -> (H, W) bool."""
+    smaller root of a neighbour, then pointer jumping), a handful of numpy passes where repeated dilation would need
+    one per pixel of the longest edge. (canny.cpp seeds only some strong pixels, skipping one whose left or upper
+    neighbour is already seeded; the skipped ones are reached by the growth, so the result is the same.)
+    (H, W) bool -> (H, W) bool."""
     h, w = candidates.shape
     index = np.full((h + 1, w + 2), -1, dtype=np.int64)             # -1: not a candidate, also one row/col beyond
     index[:h, 1:w + 1][candidates] = np.arange(candidates.sum())
