@@ -246,3 +246,78 @@ def test_masked_content_and_seed_lists(sd1_plain):
     assert all(not torch.equal(runs["original"].latents, r.latents) for c, r in runs.items() if c != "original")
     both = ours.inpaint(PROMPT, image, mask, 0.5, steps=4, seed=[3, 4], mask_blur=0)
     assert torch.equal(both.latents[:1], runs["original"].latents) and both.seeds == [3, 4]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9-channel files in every layout, and the command line
+
+
+def test_nine_channel_files_are_detected_in_every_layout(sd1_nine, sd2_nine, tmp_path):
+    """sd-v1-5-inpainting.ckpt, 512-inpainting-ema.safetensors and their diffusers folders: the input conv's 9
+    channels make the config, and every U-Net tensor is the file's (the folder: written by diffusers itself)."""
+    from safetensors.torch import load_file
+    from weights_convert import detect
+    for (ours, ref, d), name in ((sd1_nine, "sd1"), (sd2_nine, "sd2")):
+        single = d / "model.safetensors"
+        ckpt = tmp_path / f"{name}-inpainting.ckpt"
+        torch.save({"state_dict": load_file(single), "global_step": 0}, ckpt)
+        (tmp_path / f"{name}-inpainting.yaml").write_text((d / "model.yaml").read_text())    # eps or v: its yaml
+        folder = tmp_path / f"{name}-diffusers"
+        ref.save_pretrained(folder)
+        expected = ours.model.unet.state_dict()
+        for path in (single, ckpt, folder):
+            found = detect.read(str(path), verbose=False)
+            assert found.config.unet.in_channels == 9 and found.config.unet == ours.model.config.unet, path
+            assert found.config.prediction == ours.model.config.prediction
+            for key, value in expected.items():
+                assert torch.equal(found.state["unet." + key], value), (path, key)
+        assert expected["input_blocks.0.0.weight"].shape[1] == 9
+
+
+def test_cli_inpaint_writes_the_library_image_with_the_mask_settings(sd1_nine, tmp_path):
+    from minisd.cli import main
+    from minisd.images import parse_a1111_parameters, read_png_parameters
+    ours, _, d = sd1_nine
+    _image().save(tmp_path / "in.png")
+    _mask().convert("RGB").save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert main(["inpaint", PROMPT, "--init-image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--model", str(d / "model.safetensors"), "--steps", "3", "--seed", "5", "--strength", "0.75",
+                 "--only-masked", "--padding", "4", "--width", "24", "--height", "24", "--device", "cpu",
+                 "--no-prepack", "--out", str(out)]) == 0
+    params = parse_a1111_parameters(read_png_parameters(out))
+    assert params["Mask blur"] == "4" and params["Inpaint area"] == "Only masked"
+    assert params["Masked area padding"] == "4" and params["Denoising strength"] == "0.75"
+    assert params["Size"] == "40x32" and params["Seed"] == "5" and "Mask mode" not in params
+    lib = ours.inpaint(PROMPT, _image(), _mask(), 0.75, steps=3, seed=5, only_masked=True, padding=4, width=24,
+                       height=24).images[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(lib))
+
+
+def test_cli_outpaint_extends_the_canvas_and_keeps_the_picture(sd1_plain, tmp_path, capsys):
+    from minisd.cli import main
+    _, _, d = sd1_plain
+    _image().save(tmp_path / "in.png")
+    out = tmp_path / "wide.png"
+    common = ["--init-image", str(tmp_path / "in.png"), "--model", str(d / "model.safetensors"), "--steps", "2",
+              "--seed", "1", "--device", "cpu", "--no-prepack"]
+    assert main(["outpaint", PROMPT, *common, "--extend", "left=8,bottom=8", "--mask-blur", "1",
+                 "--out", str(out)]) == 0
+    wide = np.asarray(Image.open(out).convert("RGB"))
+    assert wide.shape == (40, 48, 3)
+    # the original, outside the seam's blur (3 px for a blur of 1), is untouched; the new strip is painted
+    assert np.array_equal(wide[:29, 11:], np.asarray(_image())[:29, 3:])
+    assert params_of(out)["Masked content"] == "fill"
+    Image.new("L", (40, 32), 255).save(tmp_path / "small-mask.png")
+    for extra, message in ((["--extend", "left=8", "--mask", str(tmp_path / "small-mask.png")], "after --extend"),
+                           (["--extend", "left=12"], "multiple of 8"),
+                           (["--extend", "left=8", "--strength", "0"], "--strength")):
+        capsys.readouterr()
+        assert main(["outpaint", PROMPT, *common, *extra, "--out", str(tmp_path / "e.png")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def params_of(path):
+    from minisd.images import parse_a1111_parameters, read_png_parameters
+    return parse_a1111_parameters(read_png_parameters(path))
