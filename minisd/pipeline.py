@@ -189,8 +189,12 @@ class Pipeline:
 
     # -- the loop -----------------------------------------------------------------------------------------
 
-    def _check(self, cfg, width, height, batch):
+    def _check(self, cfg, width, height, batch, inpainting=False):
         """The arguments samplers.check does not see (it checks steps, sampler, schedule, eta and churn)."""
+        channels = self.model.config.unet.in_channels
+        if channels != 4 and not inpainting:
+            raise ValueError(f"{self.name} is an inpainting model (a U-Net with {channels} input channels): it "
+                             f"needs a mask; use inpaint (minisd inpaint / outpaint)")
         if cfg < 0:
             raise ValueError(f"cfg must be >= 0, got {cfg}")
         f = self.factor
@@ -387,7 +391,7 @@ class Pipeline:
             size = (width or self.model.config.image_size, height or self.model.config.image_size)
         else:
             size = (width or original.width, height or original.height)
-        self._check(cfg, *size, batch)
+        self._check(cfg, *size, batch, inpainting=True)
         plan = self.plan(sampler, schedule, steps, eta, churn).last(run)
         if not only_masked and size != original.size:
             original = original.resize(size, Image.LANCZOS)

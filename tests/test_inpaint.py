@@ -272,6 +272,11 @@ def test_nine_channel_files_are_detected_in_every_layout(sd1_nine, sd2_nine, tmp
             for key, value in expected.items():
                 assert torch.equal(found.state["unet." + key], value), (path, key)
         assert expected["input_blocks.0.0.weight"].shape[1] == 9
+        logs = []
+        detect.read(str(single), log=logs.append)
+        assert "inpainting (9 input channels)" in logs[-1]
+        with pytest.raises(ValueError, match="is an inpainting model"):      # txt2img needs a 4-channel U-Net
+            ours.generate(PROMPT, steps=1, seed=1, width=16, height=16)
 
 
 def test_cli_inpaint_writes_the_library_image_with_the_mask_settings(sd1_nine, tmp_path):
