@@ -179,12 +179,14 @@ def conditioned_unet(unet, mask, masked_latents):
     return call
 
 
-def blended_unet(unet, mask, x0, noise, sigmas_train, interpolation):
+def blended_unet(unet, mask, x0, noise, sigma_start, sigmas_train, interpolation):
     """Any other U-Net: where the mask is 0, its input is the original latent x0 noised to the current level with
     the run's own starting noise, x0 + sigma * noise (diffusers re-noises the kept region with `add_noise` after
     every step). The U-Net gets x scaled by c_in = 1 / sqrt(sigma^2 + 1), so the kept part is scaled the same; sigma
     is read back from the timestep t the denoiser computed from it (exact for every sampler, also between the
-    plan's sigmas). The sampler's own x keeps its values in the kept region, which nothing reads but this blend;
+    plan's sigmas). The first step, at sigma_start, is left as it is, as diffusers does: below strength 1 the kept
+    region starts as x0 + sigma_start * noise anyway, and at strength 1 diffusers starts from pure noise
+    everywhere. The sampler's own x keeps its values in the kept region, which nothing reads but this blend;
     Pipeline.inpaint puts x0 there after the last step.
 
     mask: (1, 1, h, w), 1 = repaint; x0, noise: (1 or B, 4, h, w)."""
@@ -193,6 +195,8 @@ def blended_unet(unet, mask, x0, noise, sigmas_train, interpolation):
 
     def call(x, t, context):
         sigma = t_to_sigma(t[:1].cpu(), sigmas_train, interpolation).item()
+        if sigma >= sigma_start * (1 - 1e-5):       # t is float32: sigma comes back within ~1e-7 of itself
+            return unet(x, t, context)
         kept = (x0 + sigma * noise) * scalings(sigma, "eps")[2]                 # (B, 4, h, w)
         kept = kept.repeat(x.shape[0] // kept.shape[0], 1, 1, 1)               # the CFG batch: [x, x]
         return unet(mask * x + (1 - mask) * kept, t, context)

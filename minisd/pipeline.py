@@ -433,7 +433,8 @@ class Pipeline:
         if nine_channels:
             unet_call = inpaint.conditioned_unet(self.unet_call, small, masked)
         else:
-            unet_call = inpaint.blended_unet(self.unet_call, small, x0, noise, self.sigmas_train, plan.interpolation)
+            unet_call = inpaint.blended_unet(self.unet_call, small, x0, noise, plan.sigmas[0].item(),
+                                             self.sigmas_train, plan.interpolation)
         latents = self._sample(x, plan, cond, uncond, cfg, self._noise(plan, [seed], [generator], shape), callback,
                                rescale, unet_call=unet_call)
         # diffusers' blend after the last step, at sigma 0: the kept region is the original latent itself

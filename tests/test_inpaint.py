@@ -95,7 +95,8 @@ def _check_parity(mine, theirs, wrong):
 CASES = [("sd1_nine", 1.0, "euler", "EulerDiscreteScheduler"),
          ("sd1_nine", 0.75, "euler_a", "EulerAncestralDiscreteScheduler"),
          ("sd2_nine", 1.0, "euler", "EulerDiscreteScheduler"),
-         ("sd1_plain", 0.8, "euler_a", "EulerAncestralDiscreteScheduler")]
+         ("sd1_plain", 0.8, "euler_a", "EulerAncestralDiscreteScheduler"),
+         ("sd1_plain", 1.0, "euler", "EulerDiscreteScheduler")]
 
 
 @pytest.mark.parametrize("model,strength,sampler,scheduler", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
