@@ -19,7 +19,6 @@ the blurred edge every pixel is the original's, and the seam fades over a few pi
 """
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 from .diffusion import scalings, t_to_sigma

@@ -14,10 +14,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from checkpoints import (SMALL_SD1, SMALL_SD2, diffusers_from_single_file, write_diffusers_config,
-                         write_ldm_checkpoint)
+from checkpoints import SMALL_SD1, SMALL_SD2, build_pair
 from minisd import inpaint
-from minisd.pipeline import Pipeline
 
 TOL = 2 / 255
 PROMPT = "a red circle on a blue background"
@@ -31,14 +29,11 @@ def _nine(cfg):
 
 
 def _build(tmp_path_factory, cfg, seed):
-    d = tmp_path_factory.mktemp(cfg.name)
-    ckpt = d / "model.safetensors"
-    write_ldm_checkpoint(ckpt, cfg, seed=seed, parameterization=cfg.prediction)
-    write_diffusers_config(d / "config", cfg)
-    ours = Pipeline.load(str(ckpt), device="cpu", dtype="fp32", log=lambda *_: None, prepack=False)
-    base = diffusers_from_single_file(ckpt, d / "config")
+    """(ours, diffusers' StableDiffusionInpaintPipeline, the folder) of one random official-layout file."""
+    ours, base, d = build_pair(tmp_path_factory, cfg, seed)
     ref = diffusers.StableDiffusionInpaintPipeline(**base.components)
     ref.set_progress_bar_config(disable=True)
+    ref.sd_scheduler_config = base.sd_scheduler_config
     return ours, ref, d
 
 
@@ -76,7 +71,7 @@ def _np(images):
 
 
 def _diffusers(ref, image, mask, strength, sampler_cls, steps, seed, **kw):
-    ref.scheduler = sampler_cls.from_config(ref.scheduler.config, timestep_spacing="leading")
+    ref.scheduler = sampler_cls.from_config(ref.sd_scheduler_config, timestep_spacing="leading")
     return ref(PROMPT, image=image, mask_image=mask, strength=strength, negative_prompt=NEG,
                num_inference_steps=steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(seed),
                output_type="pil", **kw).images
@@ -223,7 +218,8 @@ def test_composite_keeps_every_pixel_outside_the_blurred_mask_and_any_mask_mode_
     assert np.array_equal(np.asarray(out)[m == 0], np.asarray(image)[m == 0])
     assert np.abs(np.asarray(out, dtype=int)[m == 255] - np.asarray(image, dtype=int)[m == 255]).max() > 30
     inverted = ours.inpaint(PROMPT, image, _mask(), 0.8, steps=3, seed=1, mask_blur=0, invert_mask=True).images[0]
-    assert np.array_equal(np.asarray(inverted)[np.asarray(_mask()) == 255], np.asarray(image)[np.asarray(_mask()) == 255])
+    white = np.asarray(_mask()) == 255          # inverted: the white part is kept
+    assert np.array_equal(np.asarray(inverted)[white], np.asarray(image)[white])
 
 
 def test_bad_inputs_are_one_line_errors(sd1_plain):
