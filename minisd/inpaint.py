@@ -43,7 +43,8 @@ def prepare_mask(mask, size, invert=False, blur_radius=0):
     if invert:
         mask = ImageOps.invert(mask)
     if mask.getextrema()[1] < 128:
-        raise ValueError("the mask is all black (after --invert-mask, if given): nothing to repaint; white is repaint")
+        raise ValueError("the mask is all black (no pixel >= 128, after --invert-mask if given): nothing to "
+                         "repaint; white is repaint")
     return blur(mask, blur_radius)
 
 

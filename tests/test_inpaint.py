@@ -222,6 +222,18 @@ def test_composite_keeps_every_pixel_outside_the_blurred_mask_and_any_mask_mode_
     assert np.array_equal(np.asarray(inverted)[white], np.asarray(image)[white])
 
 
+def test_only_masked_changes_nothing_outside_its_box(sd1_plain):
+    ours, _, _ = sd1_plain
+    image, mask = _image(), _mask()
+    out = np.asarray(ours.inpaint(PROMPT, image, mask, 0.8, steps=2, seed=1, only_masked=True, padding=2, width=16,
+                                  height=16, composite=False).images[0], dtype=int)
+    x1, y1, x2, y2 = inpaint.crop_region(inpaint.blur(mask, 4), 16, 16, 2)
+    outside = np.ones(out.shape[:2], bool)
+    outside[y1:y2, x1:x2] = False
+    assert np.array_equal(out[outside], np.asarray(image, dtype=int)[outside])
+    assert np.abs(out[~outside] - np.asarray(image, dtype=int)[~outside]).max() > 30
+
+
 def test_bad_inputs_are_one_line_errors(sd1_plain):
     ours, _, _ = sd1_plain
     image = _image()
