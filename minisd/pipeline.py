@@ -1,19 +1,21 @@
-"""txt2img and img2img: the whole of Stable Diffusion in two short functions.
+"""txt2img, img2img and inpainting: the whole of Stable Diffusion in a few short functions.
 
     pipe = Pipeline.load("v1-5-pruned-emaonly.safetensors")            # or a diffusers folder, "sd15", None = tiny
     images = pipe.generate("a red circle on a blue background", seed=1)
     images = pipe.generate(["a red circle on a blue background", "a cat"], seed=[1, 2])   # one image per pair
     images = pipe.img2img("a watercolour of a fox", init_image=Image.open("fox.png"), strength=0.6, seed=1)
+    images = pipe.inpaint("a red hat", init_image=Image.open("me.png"), mask=Image.open("hat.png"), seed=1)
 
 The steps, each in the module that explains it:
   prompt -> tokens -> context            prompts.py (chunks, emphasis), tokenizer.py, clip.py
   seed -> initial latents (CPU randn)    samplers.noise_from: the same numbers on every device, and as diffusers
   latents -> denoised latents            samplers.py over diffusion.make_denoiser + diffusion.cfg_denoiser
   latents -> pixels                      vae.py
+  a mask around the loop (inpainting)    inpaint.py
 
 Noise convention (shared with samplers.py): one CPU torch.Generator seeded with `seed` draws, in this order,
-the VAE posterior sample (img2img only), the initial noise randn(B, 4, H/8, W/8), then every fresh-noise draw of
-an ancestral sampler. That is diffusers' order, so the same seed gives the same image as diffusers. The SDE
+the VAE posterior sample (img2img and inpainting), the initial noise randn(B, 4, H/8, W/8), the masked image's
+posterior sample (inpainting), then every fresh-noise draw of an ancestral sampler. That is diffusers' order, so the same seed gives the same image as diffusers. The SDE
 samplers (dpmpp_sde, dpmpp_2m_sde) instead read their noise off a Brownian tree seeded with `seed`
 (brownian.py), as k-diffusion and diffusers' DPMSolverSDEScheduler(noise_sampler_seed=seed) do.
 

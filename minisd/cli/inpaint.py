@@ -23,7 +23,9 @@ A1111_MASKED_CONTENT = {"fill": "fill", "original": "original", "latent-noise": 
 
 
 def _add_mask_flags(p, masked_content):
-    g = p.add_argument_group("mask")
+    g = p.add_argument_group("mask", "--width/--height: the size the --only-masked box is inpainted at (default: "
+                                     "the model's); without --only-masked, the size the picture is resized to "
+                                     "(default: its own)")
     g.add_argument("--init-image", required=True, help="the picture to repaint (any mode; sides cut to multiples "
                                                        "of 8 by resizing)")
     g.add_argument("--strength", type=float, default=1.0,
