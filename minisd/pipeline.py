@@ -421,8 +421,8 @@ class Pipeline:
         # diffusers' draws, in its order: the image's posterior sample (not needed when a 9-channel model starts
         # from pure noise), the initial noise, then the masked image's posterior sample
         x0 = self._encode(pixels, generator) if strength < 1 or not nine_channels else None
-        shape = (batch, self.model.config.unet.out_channels, *pixels.shape[-2:])
-        shape = shape[:2] + (shape[2] // self.factor, shape[3] // self.factor)
+        height, width = pixels.shape[-2:]
+        shape = (batch, self.model.config.unet.out_channels, height // self.factor, width // self.factor)
         noise = torch.randn(shape, generator=generator).to(self.device, self.dtype)    # (B, 4, H/8, W/8)
         masked = self._encode(pixels * (repaint < 0.5), generator)        # the masked pixels grey (0)
         small = F.interpolate(repaint, size=shape[-2:]).to(self.device, self.dtype)    # nearest, as diffusers
