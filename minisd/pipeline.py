@@ -1,19 +1,21 @@
-"""txt2img and img2img: the whole of Stable Diffusion in two short functions.
+"""txt2img, img2img and inpainting: the whole of Stable Diffusion in a few short functions.
 
     pipe = Pipeline.load("v1-5-pruned-emaonly.safetensors")            # or a diffusers folder, "sd15", None = tiny
     images = pipe.generate("a red circle on a blue background", seed=1)
     images = pipe.generate(["a red circle on a blue background", "a cat"], seed=[1, 2])   # one image per pair
     images = pipe.img2img("a watercolour of a fox", init_image=Image.open("fox.png"), strength=0.6, seed=1)
+    images = pipe.inpaint("a red hat", init_image=Image.open("me.png"), mask=Image.open("hat.png"), seed=1)
 
 The steps, each in the module that explains it:
   prompt -> tokens -> context            prompts.py (chunks, emphasis), tokenizer.py, clip.py
   seed -> initial latents (CPU randn)    samplers.noise_from: the same numbers on every device, and as diffusers
   latents -> denoised latents            samplers.py over diffusion.make_denoiser + diffusion.cfg_denoiser
   latents -> pixels                      vae.py
+  a mask around the loop (inpainting)    inpaint.py
 
 Noise convention (shared with samplers.py): one CPU torch.Generator seeded with `seed` draws, in this order,
-the VAE posterior sample (img2img only), the initial noise randn(B, 4, H/8, W/8), then every fresh-noise draw of
-an ancestral sampler. That is diffusers' order, so the same seed gives the same image as diffusers. The SDE
+the VAE posterior sample (img2img and inpainting), the initial noise randn(B, 4, H/8, W/8), the masked image's
+posterior sample (inpainting), then every fresh-noise draw of an ancestral sampler. That is diffusers' order, so the same seed gives the same image as diffusers. The SDE
 samplers (dpmpp_sde, dpmpp_2m_sde) instead read their noise off a Brownian tree seeded with `seed`
 (brownian.py), as k-diffusion and diffusers' DPMSolverSDEScheduler(noise_sampler_seed=seed) do.
 
@@ -29,9 +31,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from . import diffusion, embeddings, fast, lora, samplers
+import torch.nn.functional as F
+from PIL import Image
+
+from . import diffusion, embeddings, fast, inpaint, lora, samplers
 from .devices import pick_device, pick_dtype
-from .images import from_pil, to_pil
+from .images import from_pil, to_pil, to_tensor
 from .model import load_model, locate
 from .prompts import apply_emphasis, parse_lora_tags, prompt_pair_tokens
 
@@ -186,8 +191,12 @@ class Pipeline:
 
     # -- the loop -----------------------------------------------------------------------------------------
 
-    def _check(self, cfg, width, height, batch):
+    def _check(self, cfg, width, height, batch, inpainting=False):
         """The arguments samplers.check does not see (it checks steps, sampler, schedule, eta and churn)."""
+        channels = self.model.config.unet.in_channels
+        if channels != 4 and not inpainting:
+            raise ValueError(f"{self.name} is an inpainting model (a U-Net with {channels} input channels): it "
+                             f"needs a mask; use inpaint (minisd inpaint / outpaint)")
         if cfg < 0:
             raise ValueError(f"cfg must be >= 0, got {cfg}")
         f = self.factor
@@ -211,12 +220,13 @@ class Pipeline:
         return lambda sigma=None, sigma_next=None: torch.cat([source(sigma, sigma_next) for source in sources])
 
     @torch.no_grad()
-    def _sample(self, x, plan, cond, uncond, cfg, noise, callback, rescale):
+    def _sample(self, x, plan, cond, uncond, cfg, noise, callback, rescale, unet_call=None):
         """Run the plan from x at plan.sigmas[0]: the guided denoiser and a progress bar. cond and uncond: one
         context for the batch (1, L, C) or one per image (B, L, C)."""
         # the per-step constants go to the device here, before the loop (see diffusion.make_denoiser), and the
         # samplers get the sigmas as Python floats: no step reads anything back from a tensor
-        denoise = diffusion.make_denoiser(self.unet_call, self.alphas_cumprod, self.model.config.prediction,
+        unet_call = self.unet_call if unet_call is None else unet_call
+        denoise = diffusion.make_denoiser(unet_call, self.alphas_cumprod, self.model.config.prediction,
                                           plan.interpolation, sigmas=plan.sigmas, device=self.device,
                                           dtype=self.dtype)
         batch = x.shape[0]
@@ -231,6 +241,14 @@ class Pipeline:
                 callback(i, x, denoised, sigma)
         with bar:
             return samplers.sample(plan, denoise, x, noise=noise, callback=counted)
+
+    def _encode(self, pixels, generator):
+        """The scaled latent of pixels (B, 3, H, W): a sample of the VAE posterior, its N(0, I) draw taken from
+        `generator` on the CPU (diffusers' `latent_dist.sample(generator)`)."""
+        vae = self.model.vae
+        mean, logvar = vae.posterior(pixels.to(self.device, self.vae_dtype))
+        eps = torch.randn(mean.shape, generator=generator)
+        return ((mean + torch.exp(0.5 * logvar) * eps.to(mean)) * vae.cfg.scale_factor).to(self.dtype)
 
     def set_memory_options(self, attention_slice=None, vae_tile=None):
         """Trade speed for memory: attention computed `attention_slice` queries at a time (exactly the same
@@ -326,13 +344,100 @@ class Pipeline:
         prompt = self._prompt_loras(prompt)
         cond, uncond = self.encode_prompts(prompt, negative_prompt, emphasis)
         plan = plan.last(run)
-        vae = self.model.vae
-        mean, logvar = vae.posterior(image.to(self.device, self.vae_dtype))
-        eps = torch.randn(mean.shape, generator=generator)           # the posterior sample's draw, then ...
-        x0 = (mean + torch.exp(0.5 * logvar) * eps.to(mean)) * vae.cfg.scale_factor
+        x0 = self._encode(image, generator)                          # the posterior sample's draw, then ...
         x0 = x0.expand(batch, -1, -1, -1)                            # one encoding serves the batch (diffusers)
         noise = torch.randn(x0.shape, generator=generator)           # ... the forward-process noise
         x = diffusion.add_noise(x0.to(self.dtype), noise.to(self.device, self.dtype), plan.sigmas[0].item())
         latents = self._sample(x, plan, cond, uncond, cfg, self._noise(plan, [seed], [generator], tuple(x.shape)),
                                callback, rescale)
         return Result(to_pil(self.decode(latents)), latents, [seed], plan.sampler, plan.schedule)
+
+    @torch.no_grad()
+    def inpaint(self, prompt, init_image, mask, strength=1.0, negative_prompt="", steps=DEFAULT_STEPS,
+                cfg=DEFAULT_CFG, sampler=DEFAULT_SAMPLER, schedule=None, eta=None, seed=None, batch=1,
+                emphasis=False, callback=None, rescale=0.0, churn=None, mask_blur=4, invert_mask=False,
+                masked_content="original", only_masked=False, padding=32, composite=True, width=None,
+                height=None) -> Result:
+        """Repaint the white part of `mask`; the steps are in inpaint.py (outpainting: inpaint.extend, then this).
+
+        mask: any mode, resized to the image, white = repaint (invert_mask: black = repaint), blurred by mask_blur
+        px for the composite. masked_content: what the masked area starts as: "original", "fill" (the colours
+        around it, A1111's), "latent-noise" (fresh noise in its latent). strength: as img2img's, int(steps *
+        strength) steps run; 1.0 starts from pure noise (diffusers' `is_strength_max`), so the masked area owes
+        nothing to what was there.
+        only_masked: inpaint the mask's bounding box plus `padding` px at width x height (default: the model's
+        size) and paste it back (A1111's "Inpaint area: Only masked"; diffusers' padding_mask_crop). Otherwise
+        width and height resize the image (default: its own size).
+        composite: paste the original back outside the blurred mask (A1111); False returns the decoded image as
+        diffusers does. With composite=False and mask_blur=0 the same seed gives diffusers'
+        StableDiffusionInpaintPipeline's image (with padding_mask_crop: composite=True, which diffusers does then).
+        seed: as img2img's (a list: one run per seed).
+        """
+        if isinstance(seed, (list, tuple)):
+            _, seeds, _ = _pairs(prompt, seed, batch)
+            runs = [self.inpaint(prompt, init_image, mask, strength, negative_prompt, steps, cfg, sampler, schedule,
+                                 eta, s, 1, emphasis, callback, rescale, churn, mask_blur, invert_mask,
+                                 masked_content, only_masked, padding, composite, width, height) for s in seeds]
+            return Result([r.images[0] for r in runs], torch.cat([r.latents for r in runs]), seeds,
+                          runs[0].sampler, runs[0].schedule)
+        if masked_content not in inpaint.MASKED_CONTENT:
+            raise ValueError(f"masked_content must be one of {', '.join(inpaint.MASKED_CONTENT)}, "
+                             f"got {masked_content!r}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        run = min(int(steps * strength), steps)
+        if run == 0:
+            raise ValueError(f"strength {strength} x {steps} steps rounds to 0 steps: nothing would be repainted")
+        original = to_pil(from_pil(init_image, self.factor, log=self.log))[0]   # RGB, sides a multiple of 8
+        if only_masked:
+            size = (width or self.model.config.image_size, height or self.model.config.image_size)
+        else:
+            size = (width or original.width, height or original.height)
+        self._check(cfg, *size, batch, inpainting=True)
+        plan = self.plan(sampler, schedule, steps, eta, churn).last(run)
+        if not only_masked and size != original.size:
+            original = original.resize(size, Image.LANCZOS)
+        mask = inpaint.prepare_mask(mask, original.size, invert_mask, mask_blur)
+        image, region_mask, region = original, mask, None
+        if only_masked:
+            region = inpaint.crop_region(mask, *size, padding)
+            image, region_mask = (im.crop(region).resize(size, Image.LANCZOS) for im in (original, mask))
+        if masked_content == "fill":
+            image = inpaint.fill(image, region_mask)
+        seed = random.randrange(2 ** 32) if seed is None else int(seed)
+        cond, uncond = self.encode_prompts(self._prompt_loras(prompt), negative_prompt, emphasis)
+        latents = self._inpaint_latents(image, region_mask, strength, plan, cond, uncond, cfg, seed, batch,
+                                        masked_content, callback, rescale)
+        images = [inpaint.paste_back(im, original, mask, region, composite) for im in to_pil(self.decode(latents))]
+        return Result(images, latents, [seed], plan.sampler, plan.schedule)
+
+    def _inpaint_latents(self, image, mask, strength, plan, cond, uncond, cfg, seed, batch, masked_content,
+                         callback, rescale):
+        """The sampling of inpaint(), on `image` (PIL) with `mask` (PIL "L"), both at the size inpainted."""
+        nine_channels = self.model.config.unet.in_channels == 9
+        generator = torch.Generator().manual_seed(seed)
+        pixels = to_tensor([image])                                       # (1, 3, H, W)
+        repaint = inpaint.binarize(mask)                                  # (1, 1, H, W), 1 = repaint
+        # diffusers' draws, in its order: the image's posterior sample (not needed when a 9-channel model starts
+        # from pure noise), the initial noise, then the masked image's posterior sample
+        x0 = self._encode(pixels, generator) if strength < 1 or not nine_channels else None
+        height, width = pixels.shape[-2:]
+        shape = (batch, self.model.config.unet.out_channels, height // self.factor, width // self.factor)
+        noise = torch.randn(shape, generator=generator).to(self.device, self.dtype)    # (B, 4, H/8, W/8)
+        masked = self._encode(pixels * (repaint < 0.5), generator)        # the masked pixels grey (0)
+        small = F.interpolate(repaint, size=shape[-2:]).to(self.device, self.dtype)    # nearest, as diffusers
+        if masked_content == "latent-noise" and x0 is not None:          # A1111: after all of diffusers' draws
+            x0 = x0 * (1 - small) + torch.randn(x0.shape, generator=generator).to(x0) * small
+        if strength == 1:
+            x = noise * plan.init_sigma
+        else:
+            x = diffusion.add_noise(x0, noise, plan.sigmas[0].item())
+        if nine_channels:
+            unet_call = inpaint.conditioned_unet(self.unet_call, small, masked)
+        else:
+            unet_call = inpaint.blended_unet(self.unet_call, small, x0, noise, plan.sigmas[0].item(),
+                                             self.sigmas_train, plan.interpolation)
+        latents = self._sample(x, plan, cond, uncond, cfg, self._noise(plan, [seed], [generator], shape), callback,
+                               rescale, unet_call=unet_call)
+        # diffusers' blend after the last step, at sigma 0: the kept region is the original latent itself
+        return latents if nine_channels else small * latents + (1 - small) * x0

@@ -134,5 +134,7 @@ def read(path, prediction=None, ema=False, config=None, verbose=True, log=print)
         family = "SD2 (OpenCLIP-H text encoder)" if t.activation == "gelu" else "SD1 (OpenAI CLIP text encoder)"
         log(f"minisd: {path}: {desc}; {family}, text width {t.width}, context {ckpt.config.unet.context_dim}; "
               f"{ckpt.config.prediction}-prediction ({how}); U-Net weights: "
-              f"{'EMA (model_ema.*)' if ckpt.used_ema else 'as stored'}; config {ckpt.config.name!r}")
+              f"{'EMA (model_ema.*)' if ckpt.used_ema else 'as stored'}"
+              f"{'; inpainting (9 input channels)' if ckpt.config.unet.in_channels == 9 else ''}; "
+              f"config {ckpt.config.name!r}")
     return ckpt

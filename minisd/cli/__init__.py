@@ -2,6 +2,7 @@
 the parsing of every command lives in this package:
 
   generate.py   generate, img2img, eval: the flags every generating command shares, and the Pipeline they load
+  inpaint.py    inpaint, outpaint
   train.py      train (finetune | dreambooth | textual-inversion | lora), train-tiny, train-tiny-features,
                 train-tiny-captioner, sweep
   tools.py      convert, merge-lora, fid
@@ -18,12 +19,15 @@ from weights_convert.io import CheckpointError
 
 from .. import distributed
 from ..download import DownloadError
-from . import caption, generate, tools, train
+from . import caption, generate, inpaint, tools, train
 
 # name: (what it does, adds its flags to its parser, runs it: returns an exit status, or None for 0)
 COMMANDS = {
     "generate": ("text to image", generate.add_generate, generate.run_generate),
     "img2img": ("image + text to image", generate.add_img2img, generate.run_generate),
+    "inpaint": ("repaint the white part of a mask (9-channel inpainting models or any other)", inpaint.add_inpaint,
+                inpaint.run_inpaint),
+    "outpaint": ("extend the canvas and paint the new area", inpaint.add_outpaint, inpaint.run_inpaint),
     "eval": ("generate images for a prompt list and score them; writes OUT/metrics.json and prints name=value "
              "lines last", generate.add_eval, generate.run_eval),
     "train": ("fine-tune: finetune | dreambooth | textual-inversion | lora", train.add_train, train.run_train),

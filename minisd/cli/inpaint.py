@@ -1,0 +1,120 @@
+"""`minisd inpaint` and `minisd outpaint`: Pipeline.inpaint from the command line (minisd/inpaint.py has the steps).
+
+    minisd inpaint "a red hat" --init-image photo.png --mask mask.png --model sd-v1-5-inpainting.ckpt
+    minisd inpaint "a red hat" --init-image photo.png --mask mask.png --only-masked --padding 32 --strength 0.75
+    minisd outpaint "a beach at dusk" --init-image photo.png --extend left=128,right=128 --model sd15
+
+Both take the flags every generating command takes (cli/generate.py). --width/--height are the size the
+only-masked crop is inpainted at (default: the model's), or else the size the picture is resized to (default:
+its own). The PNG's `parameters` hold the mask settings under A1111's labels ("Mask blur", "Inpaint area",
+"Masked area padding", "Mask mode", "Masked content", "Denoising strength").
+"""
+import random
+import time
+
+from PIL import Image, ImageChops
+
+from .. import inpaint, samplers
+from ..images import a1111_parameters, output_paths, save_png
+from .generate import _add_output, _step_saver, add_generation_flags, generation_kwargs, load_pipeline
+
+# A1111's words for the masked content modes in its infotext
+A1111_MASKED_CONTENT = {"fill": "fill", "original": "original", "latent-noise": "latent noise"}
+
+
+def _add_mask_flags(p, masked_content):
+    g = p.add_argument_group("mask", "--width/--height: the size the --only-masked box is inpainted at (default: "
+                                     "the model's); without --only-masked, the size the picture is resized to "
+                                     "(default: its own)")
+    g.add_argument("--init-image", required=True, help="the picture to repaint (any mode; sides cut to multiples "
+                                                       "of 8 by resizing)")
+    g.add_argument("--strength", type=float, default=1.0,
+                   help="0..1, as img2img's, over the masked area; 1 starts it from pure noise (default %(default)s)")
+    g.add_argument("--mask-blur", type=int, default=4, metavar="PX",
+                   help="blur of the mask's edge for the final composite, in pixels (default %(default)s)")
+    g.add_argument("--invert-mask", action="store_true", help="repaint the black part instead of the white")
+    g.add_argument("--masked-content", choices=inpaint.MASKED_CONTENT, default=masked_content,
+                   help="what the masked area starts as: its original pixels, fill (the colours around it) or "
+                        "latent-noise (default %(default)s)")
+    g.add_argument("--only-masked", action="store_true",
+                   help="inpaint only the box around the mask (plus --padding) at --width x --height, then paste it "
+                        "back (A1111's 'Inpaint area: Only masked'): more detail in small areas")
+    g.add_argument("--padding", type=int, default=32, metavar="PX",
+                   help="pixels around the mask's box with --only-masked (default %(default)s)")
+    g.add_argument("--no-composite", action="store_true",
+                   help="keep the decoded picture as it is (diffusers' output) instead of pasting the original back "
+                        "outside the mask (A1111's)")
+
+
+def add_inpaint(p):
+    _add_output(p)
+    add_generation_flags(p)
+    _add_mask_flags(p, "original")
+    p.add_argument("--mask", required=True, help="white = repaint; any mode and size (resized to the picture)")
+
+
+def add_outpaint(p):
+    _add_output(p)
+    add_generation_flags(p)
+    _add_mask_flags(p, "fill")
+    p.add_argument("--extend", required=True, metavar="SIDE=PX,...",
+                   help="pixels to add, multiples of 8: e.g. left=128,right=128 (sides: left, right, top, bottom)")
+    p.add_argument("--mask", default=None,
+                   help="optional: more to repaint, white, at the size of the extended canvas")
+
+
+def _picture_and_mask(args):
+    """The picture and mask Pipeline.inpaint gets: as given (inpaint), or the extended canvas and its new area
+    (outpaint; with --mask, that mask's white too)."""
+    image = Image.open(args.init_image)
+    mask = Image.open(args.mask) if args.mask else None
+    if args.command == "inpaint":
+        return image, mask
+    canvas, new_area = inpaint.extend(image, **inpaint.parse_extend(args.extend))
+    if mask is not None:
+        if mask.size != canvas.size:
+            raise ValueError(f"--mask is {mask.width}x{mask.height}, but the canvas after --extend is "
+                             f"{canvas.width}x{canvas.height}: give the mask at the extended size")
+        new_area = ImageChops.lighter(new_area, mask.convert("L"))
+    return canvas, new_area
+
+
+def _mask_parameters(args):
+    """The mask settings in A1111's infotext fields (None: left out, as A1111 does)."""
+    return dict(denoising_strength=args.strength, mask_blur=args.mask_blur,
+                mask_mode="Inpaint not masked" if args.invert_mask else None,
+                masked_content=A1111_MASKED_CONTENT[args.masked_content],
+                inpaint_area="Only masked" if args.only_masked else None,
+                masked_area_padding=args.padding if args.only_masked else None)
+
+
+def run_inpaint(args):
+    """minisd inpaint / outpaint."""
+    kwargs = generation_kwargs(args)            # a bad sampler, schedule, eta or churn fails before the model loads
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 0.0 < args.strength <= 1.0:
+        raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.mask_blur < 0 or args.padding < 0:
+        raise ValueError(f"--mask-blur and --padding must be >= 0, got {args.mask_blur} and {args.padding}")
+    image, mask = _picture_and_mask(args)
+    pipe = load_pipeline(args, progress=True)
+    seed = random.randrange(2 ** 32) if args.seed is None else args.seed
+    print(f"seed {seed}")
+    seeds = [seed + b for b in range(args.batch_size)]      # A1111's batch: image b is seed + b's image alone
+    paths = output_paths(args.out, seeds, overwrite=args.overwrite)
+    t0 = time.time()
+    result = pipe.inpaint(args.prompt, image, mask, args.strength, seed=seeds,
+                          callback=_step_saver(pipe, args.save_steps) if args.save_steps else None,
+                          mask_blur=args.mask_blur, invert_mask=args.invert_mask, masked_content=args.masked_content,
+                          only_masked=args.only_masked, padding=args.padding, composite=not args.no_composite,
+                          **kwargs)
+    width, height = result.images[0].size
+    for b, (image, path, image_seed) in enumerate(zip(result.images, paths, result.seeds)):
+        params = a1111_parameters(args.prompt, args.negative_prompt, kwargs["steps"],
+                                  samplers.display_name(result.sampler), kwargs["cfg"], image_seed, width, height,
+                                  pipe.name, schedule_type=result.schedule.capitalize(),
+                                  batch_pos=b if len(seeds) > 1 else None, **_mask_parameters(args))
+        save_png(image, path, params, overwrite=args.overwrite)
+        print(f"wrote {path}")
+    print(f"{len(result.images)} image(s) in {time.time() - t0:.1f} s on {pipe.device} ({pipe.dtype})")
