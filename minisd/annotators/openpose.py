@@ -159,7 +159,7 @@ def body_maps(net, bgr: np.ndarray):
     pad_h, pad_w = -small_h % STRIDE, -small_w % STRIDE
     padded = np.pad(small, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=PAD_VALUE)
     x = torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)[None]).astype(np.float32)) / 256 - 0.5
-    device = next(net.parameters()).device if isinstance(net, nn.Module) else "cpu"
+    device = next((p.device for p in net.parameters()), "cpu") if isinstance(net, nn.Module) else "cpu"
     pafs, heatmaps = net(x.to(device))
 
     def to_image(maps):                                      # (1, C, h, w) -> (H, W, C)
@@ -217,22 +217,28 @@ def find_peaks(heatmaps: np.ndarray, threshold: float = PEAK_THRESHOLD):
 # limbs: pairs of parts the PAFs agree with (Cao et al. Sec. 2.3-2.4)
 # ----------------------------------------------------------------------------------------------------------------
 
-def limb_score(paf_x: np.ndarray, paf_y: np.ndarray, a, b, image_height: int):
-    """The PAF line integral from part a to part b, sampled at PAF_SAMPLES points (rounded to pixels): the mean
-    of PAF . unit(b - a), plus a penalty for limbs longer than half the image height. None unless more than 80%
-    of the samples exceed PAF_THRESHOLD and the score is positive (controlnet_aux's criteria)."""
-    dx, dy = b[0] - a[0], b[1] - a[1]
-    norm = max(0.001, math.sqrt(dx * dx + dy * dy))
-    ux, uy = dx / norm, dy / norm
-    xs = np.linspace(a[0], b[0], num=PAF_SAMPLES)
-    ys = np.linspace(a[1], b[1], num=PAF_SAMPLES)
-    rows = [int(round(y)) for y in ys]                      # round half to even, as Python's round
-    cols = [int(round(x)) for x in xs]
-    along = paf_x[rows, cols] * ux + paf_y[rows, cols] * uy
-    score = sum(along) / len(along) + min(0.5 * image_height / norm - 1, 0)
-    if np.count_nonzero(along > PAF_THRESHOLD) > 0.8 * len(along) and score > 0:
-        return score
-    return None
+def limb_scores(paf_x: np.ndarray, paf_y: np.ndarray, cand_a, cand_b, image_height: int) -> np.ndarray:
+    """For every pair (i, j) of candidates of parts A and B, the PAF line integral from a to b, sampled at
+    PAF_SAMPLES points rounded to pixels: the mean of PAF . unit(b - a), plus a penalty for limbs longer than half
+    the image height. NaN where it is no limb: unless more than 80% of the samples exceed PAF_THRESHOLD and the
+    score is positive (controlnet_aux's criteria). Returns (len(cand_a), len(cand_b))."""
+    a = np.array([c[:2] for c in cand_a], np.int64)[:, None]               # (nA, 1, 2)
+    b = np.array([c[:2] for c in cand_b], np.int64)[None]                  # (1, nB, 2)
+    d = (b - a).astype(np.float64)                                         # (nA, nB, 2)
+    norm = np.maximum(0.001, np.sqrt((b - a)[..., 0] * (b - a)[..., 0] + (b - a)[..., 1] * (b - a)[..., 1]))
+    ux, uy = d[..., 0] / norm, d[..., 1] / norm
+    shape = np.broadcast_shapes(a.shape, b.shape)
+    a, b = np.broadcast_to(a, shape), np.broadcast_to(b, shape)
+    xs = np.linspace(a[..., 0], b[..., 0], num=PAF_SAMPLES, axis=-1)      # (nA, nB, PAF_SAMPLES)
+    ys = np.linspace(a[..., 1], b[..., 1], num=PAF_SAMPLES, axis=-1)
+    rows, cols = np.rint(ys).astype(int), np.rint(xs).astype(int)          # half to even, as Python's round
+    along = paf_x[rows, cols] * ux[..., None] + paf_y[rows, cols] * uy[..., None]
+    total = np.zeros(along.shape[:2])
+    for t in range(PAF_SAMPLES):                                           # summed in order, as Python's sum
+        total = total + along[..., t]
+    score = total / PAF_SAMPLES + np.minimum(0.5 * image_height / norm - 1, 0)
+    aligned = np.count_nonzero(along > PAF_THRESHOLD, axis=-1) > 0.8 * PAF_SAMPLES
+    return np.where(aligned & (score > 0), score, np.nan)
 
 
 def connect_limbs(peaks, pafs: np.ndarray, image_height: int):
@@ -244,12 +250,8 @@ def connect_limbs(peaks, pafs: np.ndarray, image_height: int):
         if not cand_a or not cand_b:
             connections.append(None)
             continue
-        scored = []
-        for i, a in enumerate(cand_a):
-            for j, b in enumerate(cand_b):
-                score = limb_score(pafs[:, :, cx], pafs[:, :, cy], a, b, image_height)
-                if score is not None:
-                    scored.append((i, j, score))
+        scores = limb_scores(pafs[:, :, cx], pafs[:, :, cy], cand_a, cand_b, image_height)
+        scored = [(i, j, float(scores[i, j])) for i, j in zip(*np.nonzero(~np.isnan(scores)))]  # (i, j) order
         scored.sort(key=lambda c: c[2], reverse=True)       # stable: ties keep the (i, j) order
         chosen, used_a, used_b = [], set(), set()
         for i, j, score in scored:
