@@ -222,13 +222,12 @@ def limb_scores(paf_x: np.ndarray, paf_y: np.ndarray, cand_a, cand_b, image_heig
     PAF_SAMPLES points rounded to pixels: the mean of PAF . unit(b - a), plus a penalty for limbs longer than half
     the image height. NaN where it is no limb: unless more than 80% of the samples exceed PAF_THRESHOLD and the
     score is positive (controlnet_aux's criteria). Returns (len(cand_a), len(cand_b))."""
-    a = np.array([c[:2] for c in cand_a], np.int64)[:, None]               # (nA, 1, 2)
-    b = np.array([c[:2] for c in cand_b], np.int64)[None]                  # (1, nB, 2)
-    d = (b - a).astype(np.float64)                                         # (nA, nB, 2)
-    norm = np.maximum(0.001, np.sqrt((b - a)[..., 0] * (b - a)[..., 0] + (b - a)[..., 1] * (b - a)[..., 1]))
-    ux, uy = d[..., 0] / norm, d[..., 1] / norm
-    shape = np.broadcast_shapes(a.shape, b.shape)
-    a, b = np.broadcast_to(a, shape), np.broadcast_to(b, shape)
+    shape = (len(cand_a), len(cand_b), 2)
+    a = np.broadcast_to(np.array([c[:2] for c in cand_a], np.int64)[:, None], shape)     # (nA, nB, 2) pixels
+    b = np.broadcast_to(np.array([c[:2] for c in cand_b], np.int64)[None], shape)
+    d = b - a
+    norm = np.maximum(0.001, np.sqrt(d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1]))  # integer squares, as the
+    ux, uy = d[..., 0] / norm, d[..., 1] / norm                                       # reference's
     xs = np.linspace(a[..., 0], b[..., 0], num=PAF_SAMPLES, axis=-1)      # (nA, nB, PAF_SAMPLES)
     ys = np.linspace(a[..., 1], b[..., 1], num=PAF_SAMPLES, axis=-1)
     rows, cols = np.rint(ys).astype(int), np.rint(xs).astype(int)          # half to even, as Python's round
