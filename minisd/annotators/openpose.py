@@ -28,6 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from weights_convert.io import check_shapes, read_checkpoint   # the project's safe reader (weights-only unpickler)
+
+from ..download import fetch_file
 from .opencv import ellipse2poly, fill_circle, fill_convex_poly, resize
 
 # The 18 parts, in the COCO order of the OpenPose body model (0-based indices used below)
@@ -120,15 +123,13 @@ class BodyPoseNet(nn.Module):
 def load_body_pose_model(weights=None) -> BodyPoseNet:
     """The network with the weights of `body_pose_model.pth` (a path; None fetches lllyasviel/Annotators' file
     by name into the cache). The file is read with torch's weights-only unpickler: it can run no code."""
-    from weights_convert.io import check_shapes, read_checkpoint   # the project's safe reader
     if weights is None:
-        from ..download import fetch_file
         weights = fetch_file("openpose-body")
     net = BodyPoseNet()
     tensors = read_checkpoint(weights)
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     try:
-        check_shapes(tensors, shapes, "OpenPose body model", "the body model")
+        check_shapes(tensors, shapes, "checkpoint", "the body model")
     except ValueError as e:
         raise ValueError(f"{weights}: not the OpenPose body model (body_pose_model.pth): {e}") from None
     net.load_state_dict({k: tensors[k] for k in shapes})
