@@ -276,6 +276,15 @@ def test_ellipses_and_discs_equal_cv2():
         np.testing.assert_array_equal(ours, expected)
 
 
+@pytest.mark.parametrize("mode", ["L", "RGBA", "RGB"])
+def test_grey_and_transparent_images_become_rgb_as_hwc3_does(mode):
+    rng = np.random.default_rng(8)
+    array = rng.integers(0, 256, (6, 5, len(mode)), dtype=np.uint8).squeeze(2) if mode == "L" else \
+        rng.integers(0, 256, (6, 5, len(mode)), dtype=np.uint8)
+    from controlnet_aux.util import HWC3
+    np.testing.assert_array_equal(op.hwc3(Image.fromarray(array, mode)), HWC3(array))
+
+
 def test_gaussian_filter_equals_scipy():
     image = np.random.default_rng(7).random((40, 30))
     np.testing.assert_array_equal(op.gaussian_filter(image, 3), scipy_gaussian_filter(image, sigma=3))

@@ -114,7 +114,7 @@ class BodyPoseNet(nn.Module):
         for t, (paf_layers, heatmap_layers) in enumerate(STAGES, start=1):
             pafs = self.run(paf_layers, inputs)
             # The reference lists Mconv7_stage6_L1 twice among its layers without ReLU and never
-            # Mconv7_stage6_L2, so the final heatmaps pass through a ReLU; the trained weights expect it.
+            # Mconv7_stage6_L2, so the final heatmaps pass through a ReLU (kept: it decides which pixels are 0).
             heatmaps = self.run(heatmap_layers, inputs, relu_last=t == 6)
             inputs = torch.cat([pafs, heatmaps, features], 1)
         return pafs, heatmaps
