@@ -1,5 +1,6 @@
-"""Fetching the official files by name: `--model sd15`, `sd21`, `sd21-base` (one checkpoint file each, MODELS)
-and the captioners `blip-base`, `blip-large`, `blip2-opt-2.7b` (a transformers folder each, FOLDERS).
+"""Fetching the official files by name: `--model sd15`, `sd21`, `sd21-base` (one checkpoint file each, MODELS),
+the captioners `blip-base`, `blip-large`, `blip2-opt-2.7b` (a transformers folder each, FOLDERS) and the
+annotators' weights, e.g. `openpose-body` (one file each, FILES).
 
 Each file is fetched from its official Hugging Face repository over plain HTTPS,
 https://huggingface.co/{repo}/resolve/main/{file}, with urllib (no hub library, no token):
@@ -85,6 +86,22 @@ FOLDERS = {
                                   weights=("model.safetensors.index.json", "pytorch_model.bin.index.json"),
                                   optional=("special_tokens_map.json", "generation_config.json", "tokenizer.json",
                                             "added_tokens.json", "processor_config.json")),
+}
+
+
+@dataclass(frozen=True)
+class NamedFile:
+    """A single weights file that is not a Stable Diffusion checkpoint (an annotator's network)."""
+    repo: str
+    filename: str
+    sha256: str | None = None  # pinned checksum where it is known from independent sources
+
+
+FILES = {
+    # The OpenPose body model (CMU's Caffe weights as converted by Hzzone/pytorch-openpose), the file ControlNet's
+    # annotator and controlnet_aux load. Its SHA-256 could not be established from an independent source offline,
+    # so none is pinned: the download is checked against the SHA-256 the hub announces for it (X-Linked-Etag).
+    "openpose-body": NamedFile("lllyasviel/Annotators", "body_pose_model.pth"),
 }
 
 
@@ -349,6 +366,25 @@ def _is_offline(error: BaseException) -> bool:
         isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH))
 
 
+def file_path(name: str, cache: Path | None = None) -> Path:
+    """The path a named single file (FILES) is (or will be) cached at."""
+    spec = _named_file(name)
+    return Path(cache or cache_dir()) / spec.repo.replace("/", "--") / spec.filename
+
+
+def fetch_file(name: str, cache=None, endpoint: str | None = None, sha256: str | None = None,
+               progress: bool = True, timeout: float = 30.0, retries: int = 5, retry_wait: float = 2.0) -> Path:
+    """The local path of named file `name` (FILES), downloading it into the cache first if it is not there."""
+    spec = _named_file(name)
+    path = file_path(name, cache)
+    if path.exists():
+        return path
+    endpoint = (endpoint or os.environ.get("MINISD_HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    _fetch_file(f"file '{name}'", f"{endpoint}/{spec.repo}/resolve/main/{spec.filename}", path, sha256, progress,
+                timeout, retries, retry_wait, pinned=spec.sha256)
+    return path
+
+
 def _check_hex(sha256: str) -> str:
     value = sha256.strip().lower()
     if not re.fullmatch(r"[0-9a-f]{64}", value):
@@ -360,6 +396,12 @@ def _named_folder(name: str) -> NamedFolder:
     if name not in FOLDERS:
         raise ValueError(f"unknown model name {name!r}; known names: {', '.join(FOLDERS)}")
     return FOLDERS[name]
+
+
+def _named_file(name: str) -> NamedFile:
+    if name not in FILES:
+        raise ValueError(f"unknown file name {name!r}; known names: {', '.join(FILES)}")
+    return FILES[name]
 
 
 def _named(name: str) -> NamedModel:
