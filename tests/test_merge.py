@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import SMALL_SD1, SMALL_SD2, write_diffusers_folder, write_ldm_checkpoint
+from checkpoints import SMALL_SD1, SMALL_SD2, write_ldm_checkpoint
 from minisd.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,17 +48,30 @@ def assert_bit_equal(path, expected):
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
 
 
+def _fine_tuned(sd, seed):
+    """Another model of the same architecture: every weight moved by noise (schedule buffers and ids kept)."""
+    g = torch.Generator().manual_seed(seed)
+    moved = lambda t: (t.float() + 0.05 * torch.randn(t.shape, generator=g)).to(t.dtype)
+    return {k: moved(t) if "model" in k and t.is_floating_point() else t for k, t in sd.items()}
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    """A, B, C: SD1 fp32; a9: A with a 9-channel input conv (inpainting); a2, b2: SD2 fp16; b_folder: B's
+    weights converted by diffusers (from_single_file + save_pretrained)."""
+    from checkpoints import diffusers_from_single_file, write_diffusers_config
     d = tmp_path_factory.mktemp("merge")
-    inpaint = dataclasses.replace(SMALL_SD1, unet=dataclasses.replace(SMALL_SD1.unet, in_channels=9))
-    f = {}
-    for name, cfg, seed, dtype in (("a", SMALL_SD1, 0, torch.float32), ("b", SMALL_SD1, 1, torch.float32),
-                                   ("c", SMALL_SD1, 2, torch.float32), ("a9", inpaint, 3, torch.float32),
-                                   ("a2", SMALL_SD2, 4, torch.float16), ("b2", SMALL_SD2, 5, torch.float16)):
-        write_ldm_checkpoint(d / f"{name}.safetensors", cfg, seed=seed, dtype=dtype)
-        f[name] = d / f"{name}.safetensors"
-    f["b_folder"] = write_diffusers_folder(d / "b_diffusers", SMALL_SD1, seed=1)     # B's weights, diffusers layout
+    f = {name: d / f"{name}.safetensors" for name in ("a", "b", "c", "a9", "a2", "b2")}
+    a = write_ldm_checkpoint(f["a"], SMALL_SD1, seed=0)
+    write_ldm_checkpoint(f["b"], SMALL_SD1, seed=1)
+    save_file(_fine_tuned(a, 2), str(f["c"]))
+    conv = a[INPUT_CONV]
+    extra = torch.randn((conv.shape[0], 5, *conv.shape[2:]), generator=torch.Generator().manual_seed(3)) * conv.std()
+    save_file({**a, INPUT_CONV: torch.cat([conv, extra], dim=1)}, str(f["a9"]))
+    a2 = write_ldm_checkpoint(f["a2"], SMALL_SD2, seed=4, dtype=torch.float16)
+    save_file(_fine_tuned(a2, 5), str(f["b2"]))
+    f["b_folder"] = write_diffusers_config(d / "b_diffusers", SMALL_SD1)
+    diffusers_from_single_file(f["b"], f["b_folder"]).save_pretrained(str(f["b_folder"]), safe_serialization=True)
     return f
 
 
