@@ -189,6 +189,19 @@ def image(pipe, ctx, side, seed=1, prompt=common.PROMPT):
     return np.asarray(r.images[0]).astype(np.int16)
 
 
+class exact_fp32:
+    """TF32 off for the CUDA-vs-CPU comparisons: cuDNN convolutions default to TF32 (10-bit mantissa), which is a
+    setting, not the arithmetic under test (its effect is recorded beside them)."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+        return False
+
+
 def max_diff_255(a, b):
     return int(abs(a - b).max())
 
@@ -208,10 +221,14 @@ def cuda_vs_cpu(which):
         model = ctx.model(which)
         side = ctx.size.side
         cpu = image(pipeline(ctx, model, "cpu", torch.float32), ctx, side)
-        dev = image(pipeline(ctx, model, ctx.device, torch.float32), ctx, side)
+        with exact_fp32():
+            dev = image(pipeline(ctx, model, ctx.device, torch.float32), ctx, side)
+        values = {"max diff /255": max_diff_255(cpu, dev), "side": side}
+        if ctx.cuda:
+            values["with the default cuDNN TF32"] = max_diff_255(cpu, image(pipeline(ctx, model, ctx.device,
+                                                                                     torch.float32), ctx, side))
         model.to("cpu")
-        d = max_diff_255(cpu, dev)
-        return dict(ok=d <= 2, values={"max diff /255": d, "side": side}, bound="<= 2/255")
+        return dict(ok=values["max diff /255"] <= 2, values=values, bound="<= 2/255, TF32 off")
     return check
 
 
@@ -221,6 +238,7 @@ def low_precision(ctx):
     bounds = {"fp16": 1e-2, "bf16": 5e-2}          # bf16 keeps 8 mantissa bits against fp16's 11
     for which in ("sd15", "sd21v"):
         model = ctx.model(which)
+        fp32 = {k: v.clone() for k, v in model.unet.state_dict().items()}     # casts round: restored after
         with torch.no_grad():
             model.unet.to(ctx.device, torch.float32)
             x, t, c = unet_inputs(ctx, model, ctx.size.side, torch.float32, ctx.device)
@@ -233,7 +251,7 @@ def low_precision(ctx):
                 err = ((out - ref).norm() / ref.norm()).item()
                 values[f"{which} {name}"] = err
                 ok &= math.isfinite(err) and err <= bounds[name]
-                model.unet.float()
+                model.unet.load_state_dict(fp32)
         model.to("cpu")
     return dict(ok=ok, values=values, bound="relative L2 error of one U-Net call: fp16 <= 1e-2, bf16 <= 5e-2")
 
@@ -358,12 +376,13 @@ def dreambooth_cuda_vs_cpu(ctx):
     path = ctx.sd15_file()
     flags = ["--train-text-encoder", "--resolution", str(ctx.size.train_side), "--train-batch-size", "1"]
     cpu, cpu_loss = train(ctx, "db_cpu", dreambooth(ctx), "cpu", path, 1, flags)
-    dev, dev_loss = train(ctx, "db_cuda", dreambooth(ctx), ctx.device, path, 1, flags)
+    with exact_fp32():
+        dev, dev_loss = train(ctx, "db_cuda", dreambooth(ctx), ctx.device, path, 1, flags)
     err, n = update_error(weights(dev), weights(cpu), start_weights(path))
     loss_err = abs(dev_loss[0] - cpu_loss[0]) / abs(cpu_loss[0])
     return dict(ok=loss_err <= 1e-3 and err <= 5e-2, values={"loss rel err": loss_err, "update rel err": err,
                                                              "tensors moved": n},
-                bound="loss within 1e-3; update within 5e-2 (Adam's first step is about lr*sign(g): gradients at "
+                bound="TF32 off; loss within 1e-3; update within 5e-2 (Adam's first step is about lr*sign(g): gradients at "
                       "the noise level flip)")
 
 
@@ -455,7 +474,7 @@ def torchrun_one_process(ctx):
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            **({"device_id": ctx.device} if ctx.cuda else {}))
+                            **({"device_id": torch.device("cuda", torch.cuda.current_device())} if ctx.cuda else {}))
     try:
         x = torch.arange(4.0, device=ctx.device)
         dist.all_reduce(x)
@@ -507,6 +526,8 @@ def unet_step(ctx):
             seconds = gpu.event_time(lambda: unet(x, t, encoder_hidden_states=c).sample,
                                      reps=20 if ctx.cuda else 1, warmup=3 if ctx.cuda else 1)
             values["diffusers eager ms"] = seconds * 1e3
+            if ctx.cuda:
+                values["diffusers eager share of bf16 peak"] = UNET_TFLOP / seconds / peak
             del unet
         except Skip as e:
             values["diffusers"] = str(e)
@@ -643,6 +664,10 @@ def main(argv=None):
         p.error("--out is required (or $OUT)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("no CUDA device here; use --device cpu --dry-run")
+    try:
+        import minisd.pipeline  # noqa: F401  (ftfy, einops, ...: every check needs them)
+    except ImportError as e:
+        p.error(f"{e}: install minisd's dependencies, or carry their wheels (README.md, 'Checking every CUDA path')")
     start = time.perf_counter()
     ctx = Context(args)
     report = Report(args.out, dict(machine=common.machine(), device=str(ctx.device), dry_run=args.dry_run,

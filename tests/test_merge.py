@@ -130,6 +130,8 @@ def test_inpainting_a_keeps_its_extra_input_channels(files, tmp_path):
     conv = load_file(str(out))[INPUT_CONV]
     assert conv.shape[1] == 9 and torch.equal(conv[:, 4:], a[INPUT_CONV][:, 4:])
     assert not torch.equal(conv[:, :4], a[INPUT_CONV][:, :4])
+    from weights_convert import detect
+    assert detect.read(str(out), verbose=False).config.unet.in_channels == 9       # minisd reads it back
 
 
 def _error(capsys, *args):
