@@ -104,6 +104,7 @@ class Report:
                  "| check | status | result | bound | seconds |", "|---|---|---|---|---|"]
         for e in self.entries:
             result = "; ".join(f"{k} {_fmt(v)}" for k, v in e.get("values", {}).items()) or e.get("message", "")
+            result = " ".join(result.replace("|", "/").split())           # one table cell: no pipes, no newlines
             lines.append(f"| {e['name']} | {e['status']} | {result} | {e.get('bound', '')} | {e['seconds']:.1f} |")
         return "\n".join(lines) + "\n"
 
