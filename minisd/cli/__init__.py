@@ -5,7 +5,7 @@ the parsing of every command lives in this package:
   inpaint.py    inpaint, outpaint
   train.py      train (finetune | dreambooth | textual-inversion | lora), train-tiny, train-tiny-features,
                 train-tiny-captioner, sweep
-  tools.py      convert, merge-lora, fid
+  tools.py      convert, merge, merge-lora, fid
   caption.py    caption
 
 An error minisd raises on purpose (a ValueError, a missing file, a bad checkpoint, a failed download) carries a
@@ -40,6 +40,8 @@ COMMANDS = {
               "its own folder", train.add_sweep, train.run_sweep),
     "convert": ("convert a checkpoint between layouts (original LDM, diffusers, minisd)", tools.add_convert,
                 tools.run_convert),
+    "merge": ("merge two or three checkpoints into one (A1111's Checkpoint Merger): weighted-sum or "
+              "add-difference", tools.add_merge, tools.run_merge),
     "merge-lora": ("merge LoRA files into a checkpoint's weights and write a new one", tools.add_merge_lora,
                    tools.run_merge_lora),
     "caption": ("write a caption beside every image of a folder with BLIP or BLIP-2 (NAME.txt or metadata.jsonl); "

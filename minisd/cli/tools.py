@@ -1,10 +1,10 @@
-"""The commands on files: `minisd convert` (convert.py), `minisd merge-lora` (merge.py) and `minisd fid`
-(metrics/fid.py). Argument parsing only; each module holds the work."""
+"""The commands on files: `minisd convert` (convert.py), `minisd merge` and `minisd merge-lora` (merge.py) and
+`minisd fid` (metrics/fid.py). Argument parsing only; each module holds the work."""
 from pathlib import Path
 
 from .. import lora
 from ..convert import convert
-from ..merge import merge_checkpoint
+from ..merge import DTYPES, METHODS, merge_checkpoint, merge_models
 from ..metrics import fid
 from ..metrics.resize import MODES
 
@@ -20,6 +20,23 @@ def add_convert(p):
 
 def run_convert(args):
     convert(args.src, args.dst, args.to, args.fp16, args.prediction, args.ema)
+
+
+def add_merge(p):
+    p.add_argument("models", nargs="+", metavar="A B [C]",
+                   help="checkpoints (files or diffusers folders): A and B, plus C for add-difference")
+    p.add_argument("--method", choices=tuple(METHODS), default="weighted-sum",
+                   help="weighted-sum: A*(1-alpha) + B*alpha; add-difference: A + (B-C)*alpha (A1111's names)")
+    p.add_argument("--alpha", type=float, required=True, help="the multiplier (A1111's 'Multiplier (M)')")
+    p.add_argument("--out", required=True, help="the merged checkpoint, official layout (.safetensors or .ckpt)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="how to store the weights (default: as A stores them)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def run_merge(args):
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
+    merge_models(args.models, args.method, args.alpha, args.out, args.dtype)
 
 
 def add_merge_lora(p):
