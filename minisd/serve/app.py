@@ -168,6 +168,10 @@ def create_app(models, device="auto", dtype="auto", prepack=True, lora_dir=None,
     async def skip():
         raise UserError("skip is not supported (use /sdapi/v1/interrupt)")
 
+    @app.get("/sdapi/v1/scripts")
+    async def scripts():                    # no scripts or extensions (clients such as webuiapi look for them)
+        return {"txt2img": [], "img2img": []}
+
     @app.get("/sdapi/v1/samplers")
     async def sampler_list():
         return [{"name": name, "aliases": [key], "options": {}} for name, key in samplers.DISPLAY_NAMES.items()]
