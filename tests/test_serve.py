@@ -208,3 +208,40 @@ def test_50_requests_from_10_clients_each_get_their_own_seed(server, pipe):
     for seed, _, body in replies:
         image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
         assert np.array_equal(pixels(image), expected[seed]), seed
+
+
+def test_attention_maps_are_the_unets_cross_attention(server, pipe):
+    """The page's word maps equal the maps computed as tutorials/05_unet.py does: a forward hook (here, in the
+    test) on every cross-attention layer recomputes softmax(Q K^T / sqrt(d)) of the conditional half from the
+    layer's own projections, averaged over heads, scaled to the latent grid, summed over layers and steps."""
+    import torch
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    from minisd.unet import BasicTransformerBlock
+    body = dict(prompt=PROMPT, seed=4, steps=3, sampler_name="Euler", width=64, height=64)
+    reply = requests.post(f"{server}/minisd/v1/attention", json=body, timeout=60).json()
+    total = torch.zeros(77, 8, 8)
+
+    def record(attn, inputs, output):
+        x, text = inputs
+        q = rearrange(attn.to_q(x[-1:]), "b n (h d) -> b h n d", h=attn.heads)
+        k = rearrange(attn.to_k(text[-1:]), "b n (h d) -> b h n d", h=attn.heads)
+        probs = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(-1).mean(1)[0]      # (h*w, 77)
+        side = int(probs.shape[0] ** 0.5)
+        grid = rearrange(probs, "(y x) n -> n y x", y=side)[None]
+        total.add_(F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)[0])
+    hooks = [m.attn2.register_forward_hook(record) for m in pipe.model.unet.modules()
+             if isinstance(m, BasicTransformerBlock)]
+    try:
+        pipe.generate(PROMPT, seed=[4], steps=3, sampler="euler", cfg=7.5, width=64, height=64)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    words = [w["text"] for w in reply["words"]]
+    assert words == PROMPT.split()
+    for j, word in enumerate(reply["words"], start=1):        # token 0 is <|startoftext|>
+        # float32 sums of the same terms in another order: 1e-5 of maps of size ~3 layers x 3 steps
+        torch.testing.assert_close(torch.tensor(word["map"]), total[j], atol=1e-5, rtol=1e-5)
+    red, blue = (torch.tensor(reply["words"][words.index(w)]["map"]) for w in ("red", "blue"))
+    assert (red - blue).abs().max() > 1e-2                    # the maps tell words apart: the check can fail

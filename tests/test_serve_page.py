@@ -83,5 +83,11 @@ def test_learn_tab_compares_cfg_and_maps_a_word(page, tmp_path):
         for (let i = 0; i < data.length; i += 4) seen.add(data[i] << 16 | data[i + 1] << 8 | data[i + 2]);
         return seen.size; }""")
     assert colours > 100
+    page.locator("#words button", has_text="blue").click()         # another word, another map over the same image
+    canvas = "() => document.querySelector('#attention').getContext('2d').getImageData(0, 0, 256, 256).data" \
+             ".reduce((sum, v, i) => (sum + v * (i % 9973 + 1)) % 1000000007, 0)"     # a checksum of the pixels
+    blue = page.evaluate(canvas)
+    page.locator("#words button", has_text="red").click()
+    assert page.evaluate(canvas) != blue
     page.screenshot(path=str(tmp_path / "attention.png"), full_page=True)
     assert page.locator("#learn-error").inner_text() == "" and page.errors == []
