@@ -114,6 +114,8 @@ def test_progress_then_interrupt_stops_after_the_step(api):
     ("txt2img", {"prompt": "x", "width": 4096}, "width=4096 is out of range: 1..2048"),
     ("txt2img", {"prompt": "x", "steps": 1000}, "steps=1000 is out of range: 1..150"),
     ("txt2img", {"prompt": "x", "batch_size": 8, "n_iter": 4}, "batch_size * n_iter=32 is out of range: 1..16"),
+    ("txt2img", {"prompt": "x", "cfg_scale": 1e6}, "cfg_scale=1000000.0 is out of range: 0..100"),
+    ("txt2img", {"prompt": "x", "seed": -5}, "seed=-5 is out of range: -1 (a random seed) or 0.."),
     ("txt2img", {"prompt": "x", "sampler_name": "Euler z"}, "unknown sampler 'Euler z'"),
     ("txt2img", {"prompt": "x", "scheduler": "Beta"}, "unknown scheduler 'Beta'"),
     ("txt2img", {"prompt": "x", "restore_faces": True}, "restore_faces=true is not supported"),

@@ -31,6 +31,8 @@ from .jobs import Interrupted
 MAX_SIDE = 2048         # pixels, width and height
 MAX_STEPS = 150         # A1111's UI slider stops at 150
 MAX_IMAGES = 16         # batch_size * n_iter of one request
+MAX_CFG = 100.0
+MAX_SEED = 2 ** 63 - 1 - MAX_IMAGES     # a torch.Generator seed, with room for seed + k
 
 # A1111's "Schedule type" names (1.9+) -> minisd's schedules; "automatic" is the sampler's own default
 SCHEDULERS = {"automatic": None, "uniform": "discrete", "karras": "karras", "exponential": "exponential"}
@@ -164,6 +166,10 @@ def settings(request, loras=()):
     _bounded("batch_size", request.batch_size, MAX_IMAGES)
     _bounded("n_iter", request.n_iter, MAX_IMAGES)
     _bounded("batch_size * n_iter", request.batch_size * request.n_iter, MAX_IMAGES)
+    if request.cfg_scale is not None and not 0 <= request.cfg_scale <= MAX_CFG:      # NaN too
+        raise ValueError(f"cfg_scale={request.cfg_scale} is out of range: 0..{MAX_CFG:g} on this server")
+    if not (request.seed == -1 or 0 <= request.seed <= MAX_SEED):
+        raise ValueError(f"seed={request.seed} is out of range: -1 (a random seed) or 0..{MAX_SEED}")
     if request.scheduler is not None and request.scheduler.lower() not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {request.scheduler!r}; valid: Automatic, Uniform, Karras, Exponential")
     schedule = SCHEDULERS[request.scheduler.lower()] if request.scheduler else None

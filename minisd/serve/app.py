@@ -139,10 +139,10 @@ def create_app(models, device="auto", dtype="auto", prepack=True, lora_dir=None,
 
     async def generate(request):
         settings = read(request)
-        job = Job(lambda pipe, callback: a1111.generate(settings, pipe, callback), sampling_steps(settings),
-                  name="img2img" if settings.init_image is not None else "txt2img")
-        images, infotexts, interrupted = await run(job)
-        return a1111.reply(request, settings, images, infotexts, worker.pipe.name, interrupted)
+        job = Job(lambda pipe, callback: (*a1111.generate(settings, pipe, callback), pipe.name),
+                  sampling_steps(settings), name="img2img" if settings.init_image is not None else "txt2img")
+        images, infotexts, interrupted, model = await run(job)
+        return a1111.reply(request, settings, images, infotexts, model, interrupted)
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: a1111.Txt2Img):
@@ -188,7 +188,7 @@ def create_app(models, device="auto", dtype="auto", prepack=True, lora_dir=None,
 
     @app.get("/sdapi/v1/options")
     async def get_options():
-        return {"sd_model_checkpoint": worker.pipe.name, "samples_format": "png"}
+        return {"sd_model_checkpoint": worker.model_name, "samples_format": "png"}
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):
@@ -206,7 +206,7 @@ def create_app(models, device="auto", dtype="auto", prepack=True, lora_dir=None,
             if name not in models:
                 raise UserError(f"sd_model_checkpoint: no model named {name!r} (GET /sdapi/v1/sd-models lists "
                                 f"them: {', '.join(models)})")
-            if name != worker.pipe.name:
+            if name != worker.model_name:
                 await run(worker.switch(name))
         return None
 
@@ -216,7 +216,8 @@ def create_app(models, device="auto", dtype="auto", prepack=True, lora_dir=None,
 
     @app.get("/sdapi/v1/embeddings")
     async def embeddings():
-        loaded = worker.pipe.embeddings.vectors
+        pipe = worker.pipe                              # None while a switch loads the next model
+        loaded = pipe.embeddings.vectors if pipe is not None else {}
         return {"loaded": {word: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                   "shape": v.shape[-1], "vectors": v.shape[0]} for word, v in loaded.items()},
                 "skipped": {}}
@@ -233,13 +234,13 @@ def create_app(models, device="auto", dtype="auto", prepack=True, lora_dir=None,
         def on_step(i, sigma, image):
             line = {"step": i + 1, "steps": job.steps, "sigma": sigma, "preview": a1111.png_base64(image)}
             loop.call_soon_threadsafe(lines.put_nowait, line)
-        job = Job(lambda pipe, callback: a1111.generate(settings, pipe, callback), sampling_steps(settings),
-                  on_step=on_step, name="txt2img")
+        job = Job(lambda pipe, callback: (*a1111.generate(settings, pipe, callback), pipe.name),
+                  sampling_steps(settings), on_step=on_step, name="txt2img")
 
         async def finish():
             try:
-                images, infotexts, interrupted = await run(job)
-                body = a1111.reply(request, settings, images, infotexts, worker.pipe.name, interrupted)
+                images, infotexts, interrupted, model = await run(job)
+                body = a1111.reply(request, settings, images, infotexts, model, interrupted)
                 await lines.put(body | {"infotexts": infotexts})
             except UserError as e:
                 await lines.put({"detail": _one_line(e)})

@@ -70,6 +70,7 @@ class Worker:
 
     def __init__(self, pipe, load, max_queued=256):
         self.pipe = pipe
+        self.model_name = pipe.name     # kept while a switch has no pipeline loaded
         self.load = load
         self.jobs = queue.Queue(maxsize=max_queued)
         self.current = None
@@ -126,7 +127,8 @@ class Worker:
             except BaseException:
                 self.pipe = self.load(pipe.name)     # the old model back: the server keeps serving
                 raise
-            return self.pipe.name
+            self.model_name = name
+            return name
         return Job(work, name=f"load {name}")
 
     def interrupt(self):

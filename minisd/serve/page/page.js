@@ -174,10 +174,16 @@ async function init() {
   $("run").onclick = generate;
   $("cfg-run").onclick = compareCfg;
   $("attention-run").onclick = runAttention;
+  $("key").onchange = loadSamplers;
+  await loadSamplers();
+}
+
+// the sampler list is the server's (a server with an API key answers once the key is typed)
+async function loadSamplers() {
   try {
     const response = await fetch("/sdapi/v1/samplers", { headers: headers() });
     const list = response.ok ? await response.json() : [{ name: "DPM++ 2M" }];
-    for (const s of list) $("sampler").append(new Option(s.name, s.name, false, s.name === "DPM++ 2M"));
+    $("sampler").replaceChildren(...list.map((s) => new Option(s.name, s.name, false, s.name === "DPM++ 2M")));
   } catch (e) {
     $("error").textContent = e.message;
   }
