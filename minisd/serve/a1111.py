@@ -87,6 +87,7 @@ NEUTRAL = {
     "script_args": ((None, []), "scripts"),
     "alwayson_scripts": ((None, {}), "extensions (ControlNet: not supported yet)"),
     "disable_extra_networks": ((False,), "disable_extra_networks"),
+    "s_min_uncond": ((None, 0), "skipping the negative prompt below a sigma"),
     "comments": (ANY, "comments"),
     "force_task_id": (ANY, "task ids (one queue, answered in order)"),
     "infotext": ((None, ""), "infotext"),
@@ -99,7 +100,7 @@ TXT2IMG_NEUTRAL = NEUTRAL | {
     **{k: (ANY, "acts only with enable_hr") for k in (
         "denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
         "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
-        "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules")},
+        "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "firstpass_image")},
 }
 IMG2IMG_NEUTRAL = NEUTRAL | {
     "image_cfg_scale": (ANY, "acts only on instruct-pix2pix models"),
