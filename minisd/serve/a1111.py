@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 from pydantic import BaseModel, ConfigDict
 
 from .. import samplers
@@ -250,7 +251,6 @@ def generate(read, pipe, callback):
 
 def png_base64(image, parameters=None):
     """A PIL image as base64 PNG text, with `parameters` in the PNG's "parameters" chunk (as save_png writes)."""
-    from PIL.PngImagePlugin import PngInfo
     info = PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)

@@ -16,6 +16,7 @@ Safety, in one place each:
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import os
@@ -80,7 +81,13 @@ def create_app(models, device="auto", dtype="auto", prepack=True, lora_dir=None,
         return pipe
 
     worker = Worker(load(next(iter(models))), load)
-    app = FastAPI(title="minisd", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        worker.stop()                               # the server stopped: the worker thread ends too
+
+    app = FastAPI(title="minisd", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.worker = worker
 
     # -- the rules every request passes -------------------------------------------------------------------
