@@ -122,7 +122,7 @@ def test_progress_then_interrupt_stops_after_the_step(api):
     ("txt2img", {"prompt": "x", "enable_hr": True}, "enable_hr=true is not supported by minisd serve (hires fix)"),
     ("txt2img", {"prompt": "x", "colour": "red"}, "unknown field 'colour'"),
     ("txt2img", {"prompt": "x", "steps": "many"}, "steps: Input should be a valid integer"),
-    ("txt2img", {"prompt": "x", "sampler_name": "DPM++ 2M", "eta": 0.5}, "takes no eta"),
+    ("txt2img", {"prompt": "x", "sampler_name": "DPM++ 2M", "s_churn": 0.5}, "takes no churn"),
     ("txt2img", {"prompt": "x <lora:../../etc/passwd:1>"}, "no LoRA of that name"),
     ("txt2img", {"prompt": "x", "alwayson_scripts": {"controlnet": {"args": []}}}, "ControlNet is not supported yet"),
     ("txt2img", {"prompt": "x", "width": 60, "steps": 1}, "width must be a positive multiple of 8"),

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .. import samplers
 from ..images import a1111_parameters, to_pil
+from ..pipeline import DEFAULT_CFG, DEFAULT_STEPS
 from ..prompts import parse_lora_tags
 from .jobs import Interrupted
 
@@ -177,22 +178,21 @@ def settings(request, loras=()):
     schedule = SCHEDULERS[request.scheduler.lower()] if request.scheduler else None
     sampler = request.sampler_name or request.sampler_index or samplers.DEFAULT
     key, _ = samplers.parse_sampler(sampler)
-    # eta and churn as A1111 applies them: eta to the samplers that take it (webuiapi always sends eta=1, A1111's
-    # default), churn only when s_churn > 0 (the other three only shape it)
+    # eta as A1111 applies it: to the samplers that take it; clients send one eta for every sampler (webuiapi 1,
+    # others 0) and A1111 ignores it elsewhere. Churn only when s_churn > 0 (the other three only shape it), and
+    # then a sampler without churn is an error (samplers.check)
     eta = request.eta if key in samplers.ANCESTRAL else None
-    if key not in samplers.ANCESTRAL and request.eta not in (None, 1.0):
-        raise ValueError(f"sampler {sampler!r} takes no eta; ancestral samplers: "
-                         f"{', '.join(sorted(samplers.ANCESTRAL))}")
     churn = None
     if request.s_churn:
         churn = dict(s_churn=request.s_churn, s_tmin=request.s_tmin, s_tmax=request.s_tmax or float("inf"),
                      s_noise=request.s_noise)
-    s = samplers.check(sampler, schedule, 20 if request.steps is None else request.steps, eta, churn)
+    s = samplers.check(sampler, schedule, DEFAULT_STEPS if request.steps is None else request.steps, eta, churn)
     for name, *_ in parse_lora_tags(request.prompt)[1]:
         if name not in loras:
             raise ValueError(f"<lora:{name}>: no LoRA of that name on this server (GET /sdapi/v1/loras lists them)")
-    kwargs = dict(steps=s.steps, cfg=7.5 if request.cfg_scale is None else request.cfg_scale, sampler=s.sampler,
-                  schedule=s.schedule, eta=s.eta, churn=s.churn, emphasis=True)
+    cfg = DEFAULT_CFG if request.cfg_scale is None else request.cfg_scale
+    kwargs = dict(steps=s.steps, cfg=cfg, sampler=s.sampler, schedule=s.schedule, eta=s.eta, churn=s.churn,
+                  emphasis=True)
     seed = random.randrange(2 ** 32) if request.seed == -1 else request.seed
     read = Settings(request.prompt, request.negative_prompt,
                     [seed + k for k in range(request.batch_size * request.n_iter)], request.batch_size, kwargs,
