@@ -11,12 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 
 webuiapi = pytest.importorskip("webuiapi")
 pytest.importorskip("fastapi")
 
+from minisd import lora  # noqa: E402
 from minisd.cli import main  # noqa: E402
+from minisd.config import TINY  # noqa: E402
 from minisd.images import read_png_parameters  # noqa: E402
 from minisd.model import tiny_model_path  # noqa: E402
 from minisd.pipeline import Pipeline  # noqa: E402
@@ -28,14 +31,28 @@ PROMPT = "a red circle on a blue background"
 
 
 @pytest.fixture(scope="module")
-def server(one_thread, tmp_path_factory):
-    """The tiny model served on a free loopback port; a second listed model (the same weights under another file
-    name) for the model switch; plain layers (--no-prepack) so that bytes compare."""
+def folder(tmp_path_factory):
+    """A second model file (the tiny weights under another name) and a LoRA folder with one LoRA, "shapes"."""
     folder = tmp_path_factory.mktemp("serve")
     copy = folder / "tiny-copy.safetensors"
     shutil.copy(tiny_model_path(), copy)
     (folder / "loras").mkdir()
-    app = create_app({"minisd-tiny": None, "tiny-copy": str(copy)}, prepack=False,
+    # a LoRA for the tiny model, random factors on its default targets: large enough to show in the image
+    g = torch.Generator().manual_seed(0)
+    factors = {}
+    for name, layer in lora.targets(TINY).items():
+        out_f, in_f, *k = layer.shape
+        down = torch.randn(4, in_f, *k, generator=g) / (in_f * int(np.prod(k or [1]))) ** 0.5
+        factors[name] = lora.Factors(down, torch.randn(out_f, 4, *[1] * len(k), generator=g) * 0.15, 4.0)
+    lora.save_kohya(folder / "loras" / "shapes.safetensors", factors)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(one_thread, folder):
+    """The tiny model served on a free loopback port; a second listed model for the model switch; plain layers
+    (--no-prepack) so that bytes compare."""
+    app = create_app({"minisd-tiny": None, "tiny-copy": str(folder / "tiny-copy.safetensors")}, prepack=False,
                      lora_dir=str(folder / "loras"), log=lambda *_: None)
     srv, url = start_in_thread(app)
     yield url
@@ -85,6 +102,18 @@ def test_img2img_equals_minisd_img2img_bit_for_bit(api, pipe, tmp_path, capsys):
     assert np.array_equal(pixels(reply.images[0]), pixels(expected))
     assert reply.images[0].info["parameters"] == expected.info["parameters"]
     assert not np.array_equal(pixels(reply.images[0]), pixels(init))
+
+
+def test_a_listed_lora_in_the_prompt_equals_minisd_generate_with_lora_dir(api, server, folder, tmp_path, capsys):
+    prompt = PROMPT + " <lora:shapes:0.7>"
+    reply = api.txt2img(prompt=prompt, seed=9, steps=4, sampler_name="Euler", width=64, height=64)
+    assert requests.get(f"{server}/sdapi/v1/loras", timeout=30).json()[0]["path"] == "shapes"   # no server path
+    assert main(["generate", prompt, "--seed", "9", "--steps", "4", "--sampler", "Euler", "--cfg", "7", "--lora-dir",
+                 str(folder / "loras"),
+                 "--emphasis", "--no-prepack", "--out", str(tmp_path / "lora.png")]) == 0
+    assert np.array_equal(pixels(reply.images[0]), pixels(Image.open(tmp_path / "lora.png")))
+    plain = api.txt2img(prompt=PROMPT, seed=9, steps=4, sampler_name="Euler", width=64, height=64)
+    assert not np.array_equal(pixels(reply.images[0]), pixels(plain.images[0]))     # the LoRA shows
 
 
 def test_progress_then_interrupt_stops_after_the_step(api):
@@ -151,7 +180,8 @@ def test_malformed_body_is_422_and_the_server_keeps_serving(server, api):
 def test_listings_and_the_model_switch(api, server):
     assert {"Euler a", "DPM++ 2M", "DDIM"} <= {s["name"] for s in api.get_samplers()}
     assert [m["title"] for m in api.get_sd_models()] == ["minisd-tiny", "tiny-copy"]
-    assert api.get_loras() == [] and api.get_embeddings() == {"loaded": {}, "skipped": {}}
+    assert [entry["name"] for entry in api.get_loras()] == ["shapes"]
+    assert api.get_embeddings() == {"loaded": {}, "skipped": {}}
     assert api.get_options()["sd_model_checkpoint"] == "minisd-tiny"
     api.set_options({"sd_model_checkpoint": "tiny-copy"})
     try:
