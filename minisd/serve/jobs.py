@@ -75,7 +75,6 @@ class Worker:
         self.jobs = queue.Queue(maxsize=max_queued)
         self.current = None
         self.want_preview = False       # a /progress poll asked for current_image: render it at the next step
-        self.jobs_done = 0
         self.thread = threading.Thread(target=self._loop, name="minisd-worker", daemon=True)
         self.thread.start()
 
@@ -96,15 +95,14 @@ class Worker:
     def _loop(self):
         while (job := self.jobs.get()) is not None:
             self.current, job.started = job, time.time()
+            result = error = None
             try:
                 result = job.work(self.pipe, self._callback(job))
             except BaseException as e:      # reported to the waiting request; the worker keeps serving
-                job.finish(error=e)
-            else:
-                job.finish(result)
-            finally:
-                self.current = None
-                self.jobs_done += 1
+                error = e
+            # idle (for /progress) before the request hears of its result
+            self.current = None
+            job.finish(result, error)
 
     def _callback(self, job):
         def callback(i, x, denoised, sigma):
