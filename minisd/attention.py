@@ -59,6 +59,14 @@ def attention_math(q, k, v, causal=False):
     return weights @ v
 
 
+def attention_probs(q, k, heads):
+    """softmax(Q K^T / sqrt(d)) averaged over the heads: q (B, Nq, heads*d), k (B, Nk, heads*d) -> (B, Nq, Nk),
+    in fp32. Row i says where query i looks; in cross-attention, which text tokens each image token reads, the
+    word maps of Hertz et al. 2022 ("Prompt-to-Prompt"). Only recorded on request (unet.UNet.record_cross_attention)."""
+    q, k = (rearrange(t, "b n (h d) -> b h n d", h=heads).float() for t in (q, k))
+    return (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(dim=-1).mean(dim=1)
+
+
 def attention(q, k, v, heads, causal=False, fast=True, slice_size=None, upcast=False):
     """Multi-head attention on already-projected tokens.
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from minisd.attention import AttentionLayer, AttentionSettings, attention
+from minisd.attention import AttentionLayer, AttentionSettings, attention, attention_probs
 from minisd.config import UNetConfig
 
 
@@ -111,11 +111,14 @@ class CrossAttention(AttentionLayer):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])   # LDM: Sequential(Linear, Dropout) -> key `to_out.0`
+        self.recorded = None    # a list: every call appends its attention probabilities (off: None; see UNet)
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, fast=self.fast,
-                        slice_size=self.slice_size, upcast=self.upcast)
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if self.recorded is not None:
+            self.recorded.append(attention_probs(q, k, self.heads))            # (B, H*W, tokens)
+        out = attention(q, k, v, self.heads, fast=self.fast, slice_size=self.slice_size, upcast=self.upcast)
         return self.to_out[0](out)
 
 
@@ -298,6 +301,13 @@ class UNet(AttentionSettings, nn.Module):
         # training only: recompute each block's activations in the backward pass instead of storing them
         # (Chen et al. 2016), memory for ~30% more compute; minisd.train turns it on with --gradient-checkpointing
         self.gradient_checkpointing = False
+
+    def record_cross_attention(self, store):
+        """From now on every cross-attention layer appends its probabilities (B, H*W, text tokens), averaged over
+        heads, to the list `store` at each call; None stops. Off by default: `minisd serve`'s word maps use it."""
+        for block in self.modules():
+            if isinstance(block, BasicTransformerBlock):
+                block.attn2.recorded = store
 
     def _run(self, block, *args, **kwargs):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

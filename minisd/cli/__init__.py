@@ -19,7 +19,7 @@ from weights_convert.io import CheckpointError
 
 from .. import distributed
 from ..download import DownloadError
-from . import caption, generate, inpaint, tools, train
+from . import caption, generate, inpaint, serve, tools, train
 
 # name: (what it does, adds its flags to its parser, runs it: returns an exit status, or None for 0)
 COMMANDS = {
@@ -46,6 +46,8 @@ COMMANDS = {
                    tools.run_merge_lora),
     "caption": ("write a caption beside every image of a folder with BLIP or BLIP-2 (NAME.txt or metadata.jsonl); "
                 "prints 'captioned N, skipped M' last", caption.add_caption, caption.run_caption),
+    "serve": ("AUTOMATIC1111's web API (/sdapi/v1) and a page that shows diffusion happening, on "
+              "http://127.0.0.1:7860", serve.add_serve, serve.run_serve),
     "fid": ("Frechet Inception Distance between two image folders or pytorch-fid .npz statistics files; prints "
             "fid=VALUE last", tools.add_fid, tools.run_fid),
 }
