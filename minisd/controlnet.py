@@ -30,35 +30,18 @@ import torch.nn as nn
 from PIL import Image
 
 from minisd.attention import AttentionSettings
-from minisd.config import ModelConfig, UNetConfig
+from minisd.config import ControlNetConfig, ModelConfig
 from minisd.unet import embed_time, encoder, time_embedding
-
-# the hint encoder's widths at SD's config: three stride-2 convs bring a 512px condition image to 64x64 latents
-HINT_CHANNELS = (16, 32, 96, 256)
-
-
-@dataclass(frozen=True)
-class ControlNetConfig:
-    """The ControlNet of a model: its U-Net's encoder (the U-Net's own config) and the hint encoder's widths.
-
-    hint_channels: one width per resolution of the hint encoder; len - 1 stride-2 convs, so the hint reaches the
-    latent size: 4 widths for SD's factor-8 VAE (cldm's fixed stack), fewer for a VAE that downsamples less."""
-    unet: UNetConfig
-    hint_channels: tuple = HINT_CHANNELS
-    conditioning_channels: int = 3       # RGB condition images
-
-    @classmethod
-    def for_model(cls, cfg: ModelConfig):
-        downsamplings = len(cfg.vae.ch_mult) - 1                         # the VAE's factor is 2 ** downsamplings
-        return cls(cfg.unet, HINT_CHANNELS[:downsamplings + 1])
-
+from weights_convert import controlnet as files
+from weights_convert.io import CheckpointError, check_shapes
 
 def hint_encoder(cfg: ControlNetConfig):
     """cldm's `input_hint_block`: conv, then per width a conv and a stride-2 conv to the next width, then a conv to
     model_channels; SiLU between them (diffusers' ControlNetConditioningEmbedding)."""
     widths, layers = cfg.hint_channels, [nn.Conv2d(cfg.conditioning_channels, cfg.hint_channels[0], 3, padding=1)]
     for c_in, c_out in zip(widths[:-1], widths[1:]):
-        layers += [nn.SiLU(), nn.Conv2d(c_in, c_in, 3, padding=1), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1, stride=2)]
+        layers += [nn.SiLU(), nn.Conv2d(c_in, c_in, 3, padding=1),
+                   nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1, stride=2)]
     layers += [nn.SiLU(), nn.Conv2d(widths[-1], cfg.unet.model_channels, 3, padding=1)]
     return nn.Sequential(*layers)
 
@@ -141,23 +124,7 @@ class Control:
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ValueError(f"control start and end must satisfy 0 <= start < end <= 1, got {self.start}, "
                              f"{self.end}")
-        check_fits(self.net.cfg, model_cfg)
-
-
-def check_fits(cfg: ControlNetConfig, model_cfg: ModelConfig, what="ControlNet"):
-    """A one-line ValueError when a ControlNet cannot be added to this model's U-Net."""
-    u, m = cfg.unet, model_cfg.unet
-    if u.context_dim != m.context_dim:
-        raise ValueError(f"{what} reads {u.context_dim}-wide text (SD{'2' if u.context_dim == 1024 else '1'}), the "
-                         f"model's text encoder gives {m.context_dim}: it is for another model family")
-    if (u.model_channels, u.channel_mult, u.num_res_blocks) != (m.model_channels, m.channel_mult, m.num_res_blocks):
-        raise ValueError(f"{what}'s encoder ({u.model_channels} channels x {u.channel_mult}, {u.num_res_blocks} "
-                         f"blocks a level) does not fit the model's U-Net ({m.model_channels} x {m.channel_mult}, "
-                         f"{m.num_res_blocks})")
-    factor = 2 ** (len(cfg.hint_channels) - 1)
-    if factor != 2 ** (len(model_cfg.vae.ch_mult) - 1):
-        raise ValueError(f"{what}'s hint encoder downsamples by {factor}, the model's VAE by "
-                         f"{2 ** (len(model_cfg.vae.ch_mult) - 1)}")
+        files.check_fits(self.net.cfg, model_cfg)
 
 
 def control_image(image, width, height):
@@ -203,3 +170,25 @@ def controlled_unet(unet, controls, hints, timesteps, batch):
         return unet(x, t, context, down_residuals=down, mid_residual=mid)
 
     return call
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files (the layouts and their key maps: weights_convert/controlnet.py)
+
+def load_controlnet(path, model_config: ModelConfig, dtype=torch.float32):
+    """The ControlNet in a 1.0 / 1.1 file or a diffusers folder, for the model of `model_config`, in `dtype` on the
+    CPU. One that does not fit the model (another text width, U-Net or VAE factor) is a ValueError naming why."""
+    cfg, state = files.read(path, model_config)
+    with torch.device("meta"):
+        net = ControlNet(cfg)
+    try:
+        check_shapes(state, {k: tuple(v.shape) for k, v in net.state_dict().items()}, "ControlNet", "the model")
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    net.load_state_dict({k: state[k].to(dtype) for k in state}, assign=True)
+    return net.eval()
+
+
+def save_controlnet(net: ControlNet, path, layout="1.1"):
+    """Write `net` as a ControlNet 1.1 (or 1.0) `.safetensors` file, or a diffusers folder (layout="diffusers")."""
+    files.write({k: v.detach().contiguous() for k, v in net.state_dict().items()}, net.cfg, path, layout)

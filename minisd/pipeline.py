@@ -217,7 +217,8 @@ class Pipeline:
         sample with; None: self.unet_call."""
         # the per-step constants go to the device here, before the loop (see diffusion.make_denoiser), and the
         # samplers get the sigmas as Python floats: no step reads anything back from a tensor
-        denoise = diffusion.make_denoiser(self.unet_call if unet_call is None else unet_call, self.alphas_cumprod, self.model.config.prediction,
+        unet_call = self.unet_call if unet_call is None else unet_call
+        denoise = diffusion.make_denoiser(unet_call, self.alphas_cumprod, self.model.config.prediction,
                                           plan.interpolation, sigmas=plan.sigmas, device=self.device,
                                           dtype=self.dtype)
         batch = x.shape[0]
@@ -250,7 +251,8 @@ class Pipeline:
         for c in controls:
             c.net.to(self.device, self.dtype).eval()
         hints = [controlnet.control_image(c.image, width, height).to(self.device, self.dtype) for c in controls]
-        sigmas_train = diffusion.sigmas_from_alphas_cumprod(self.alphas_cumprod.to(torch.float64).cpu())  # as make_denoiser
+        # the step of a U-Net call is found by its t, computed as make_denoiser computes it
+        sigmas_train = diffusion.sigmas_from_alphas_cumprod(self.alphas_cumprod.to(torch.float64).cpu())
         timesteps = diffusion.sigma_to_t(plan.sigmas[:-1], sigmas_train, plan.interpolation)
         return controlnet.controlled_unet(self.model.unet, controls, hints, timesteps, batch)
 

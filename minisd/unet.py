@@ -284,7 +284,8 @@ def encoder(cfg: UNetConfig):
             input_blocks.append(UNetBlock(Downsample(ch)))
             skips.append(ch)
             ds *= 2
-    middle_block = UNetBlock(ResBlock(ch, ch, emb_dim, groups), _transformer(cfg, ch), ResBlock(ch, ch, emb_dim, groups))
+    middle_block = UNetBlock(ResBlock(ch, ch, emb_dim, groups), _transformer(cfg, ch),
+                             ResBlock(ch, ch, emb_dim, groups))
     return input_blocks, middle_block, skips
 
 

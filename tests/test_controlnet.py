@@ -17,8 +17,8 @@ from PIL import Image
 
 from checkpoints import SMALL_SD1, SMALL_SD2, _Draw, build_pair
 from minisd.cli import main
-from minisd.config import SD15, SD21_V, VAEConfig
-from minisd.controlnet import Control, ControlNet, ControlNetConfig
+from minisd.config import SD15, SD21_V, ControlNetConfig, VAEConfig
+from minisd.controlnet import Control, ControlNet, load_controlnet, save_controlnet
 from minisd.images import parse_a1111_parameters, read_png_parameters
 from weights_convert import controlnet as wc
 
@@ -73,9 +73,9 @@ def _setup(tmp_path_factory, cfg, seed, n_controlnets):
     files, nets, refs = [], [], []
     for i in range(n_controlnets):
         path = d / f"control_v11p_{i}.safetensors"
-        wc.save_controlnet(_random(ControlNet(ccfg), seed + 10 + i), path, "1.1")
+        save_controlnet(_random(ControlNet(ccfg), seed + 10 + i), path, "1.1")
         files.append(path)
-        nets.append(wc.load_controlnet(path, ours.model.config))
+        nets.append(load_controlnet(path, ours.model.config))
         refs.append(_diffusers_controlnet(path, ccfg, d / f"cn_config_{i}"))
     return ours, ref, files, nets, refs
 
@@ -124,12 +124,12 @@ def test_every_layout_loads_the_same_controlnet(sd1, tmp_path):
     fp16 = tmp_path / "control_v11p_sd15_test_fp16.safetensors"
     half = ControlNet(net.cfg)
     half.load_state_dict(state)
-    wc.save_controlnet(half.half(), fp16, "1.1")
+    save_controlnet(half.half(), fp16, "1.1")
     folder = tmp_path / "diffusers_cn"
-    wc.save_controlnet(net, folder, "diffusers")
+    save_controlnet(net, folder, "diffusers")
     cfg = ours.model.config
     for path, tol in ((pth, 0), (folder, 0), (fp16, 1e-3)):
-        other = wc.load_controlnet(path, cfg).state_dict()
+        other = load_controlnet(path, cfg).state_dict()
         assert other.keys() == state.keys()
         assert all(torch.allclose(other[k], state[k], atol=tol, rtol=tol) for k in state), path
     with pytest.raises(ValueError, match="unexpected ControlNet key"):
@@ -139,7 +139,7 @@ def test_every_layout_loads_the_same_controlnet(sd1, tmp_path):
 def test_a_controlnet_that_does_not_fit_the_model_is_a_one_line_error(sd1, sd2):
     sd1_model, sd2_files = sd1[0].model.config, sd2[2]
     with pytest.raises(ValueError, match=r"reads 64-wide text .*another model family|encoder .* does not fit") as e:
-        wc.load_controlnet(sd2_files[0], sd1_model)
+        load_controlnet(sd2_files[0], sd1_model)
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="does not fit"):
         Control(sd2[3][0], _control_image(0)).check(sd1_model)

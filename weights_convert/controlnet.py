@@ -15,12 +15,9 @@ import dataclasses
 import json
 import os
 
-import torch
-
-from minisd.config import ModelConfig
-from minisd.controlnet import ControlNet, ControlNetConfig, check_fits
+from minisd.config import ControlNetConfig, ModelConfig
 from . import diffusers
-from .io import CheckpointError, check_shapes, read_checkpoint, write_safetensors
+from .io import CheckpointError, read_checkpoint, write_safetensors
 
 PREFIX_1_0 = "control_model."
 CONFIG = "config.json"
@@ -87,6 +84,22 @@ def config_json(cfg: ControlNetConfig):
             "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False}
 
 
+def check_fits(cfg: ControlNetConfig, model_cfg: ModelConfig, what="ControlNet"):
+    """A one-line ValueError when a ControlNet cannot be added to this model's U-Net."""
+    u, m = cfg.unet, model_cfg.unet
+    if u.context_dim != m.context_dim:
+        raise ValueError(f"{what} reads {u.context_dim}-wide text (SD{'2' if u.context_dim == 1024 else '1'}), the "
+                         f"model's text encoder gives {m.context_dim}: it is for another model family")
+    if (u.model_channels, u.channel_mult, u.num_res_blocks) != (m.model_channels, m.channel_mult, m.num_res_blocks):
+        raise ValueError(f"{what}'s encoder ({u.model_channels} channels x {u.channel_mult}, {u.num_res_blocks} "
+                         f"blocks a level) does not fit the model's U-Net ({m.model_channels} x {m.channel_mult}, "
+                         f"{m.num_res_blocks})")
+    factor = 2 ** (len(cfg.hint_channels) - 1)
+    if factor != 2 ** (len(model_cfg.vae.ch_mult) - 1):
+        raise ValueError(f"{what}'s hint encoder downsamples by {factor}, the model's VAE by "
+                         f"{2 ** (len(model_cfg.vae.ch_mult) - 1)}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # reading a file or folder
 
@@ -118,7 +131,7 @@ def _infer(shapes, model_cfg: ModelConfig, source):
 
 def read(path, model_cfg: ModelConfig):
     """(ControlNetConfig, state in minisd names) of a ControlNet file or folder, checked to fit `model_cfg` (a
-    one-line ValueError otherwise), tensors as stored."""
+    one-line ValueError otherwise), tensors as stored; minisd.controlnet.load_controlnet checks every shape."""
     path = str(path)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, CONFIG)):
@@ -137,36 +150,18 @@ def read(path, model_cfg: ModelConfig):
             state = from_ldm(sd)
     cfg = _infer({k: tuple(v.shape) for k, v in state.items()}, model_cfg, path)
     check_fits(cfg, model_cfg, f"ControlNet {path}")
-    cfg = dataclasses.replace(cfg, unet=model_cfg.unet)
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in ControlNet(cfg).state_dict().items()}
-    try:
-        check_shapes(state, shapes, "ControlNet", "the loaded model")
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    return cfg, state
+    return dataclasses.replace(cfg, unet=model_cfg.unet), state
 
 
-def load_controlnet(path, model_config: ModelConfig, dtype=torch.float32):
-    """The ControlNet in a 1.0 / 1.1 file or diffusers folder, for the model of `model_config`, in `dtype` on
-    the CPU. A ControlNet that does not fit the model (another text width or U-Net) is a ValueError naming why."""
-    cfg, state = read(path, model_config)
-    with torch.device("meta"):
-        net = ControlNet(cfg)
-    net.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
-    net.source = os.path.basename(os.path.normpath(str(path)))
-    return net.eval()
-
-
-def save_controlnet(net: ControlNet, path, layout="1.1"):
-    """Write `net` as a 1.1 / 1.0 `.safetensors` file or a diffusers folder (layout="diffusers"), atomically."""
-    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+def write(state, cfg: ControlNetConfig, path, layout="1.1"):
+    """Write a ControlNet's state (minisd names) as a 1.1 / 1.0 `.safetensors` file or a diffusers folder
+    (layout="diffusers": config.json + diffusion_pytorch_model.safetensors), each file atomically."""
     path = str(path)
     if layout == "diffusers":
         os.makedirs(path, exist_ok=True)
         _atomic(os.path.join(path, WEIGHT_FILES[0]),
-                lambda tmp: write_safetensors(tmp, to_diffusers(state, net.cfg), {"format": "pt"}))
-        text = json.dumps(config_json(net.cfg), indent=2) + "\n"
+                lambda tmp: write_safetensors(tmp, to_diffusers(state, cfg), {"format": "pt"}))
+        text = json.dumps(config_json(cfg), indent=2) + "\n"
         _atomic(os.path.join(path, CONFIG), lambda tmp: open(tmp, "w").write(text))
     else:
         _atomic(path, lambda tmp: write_safetensors(tmp, to_ldm(state, layout)))

@@ -225,10 +225,9 @@ def legacy_hash(path):
 
 def load_controls(args, settings, pipe):
     """(controls for the Pipeline, their A1111 infotext fields {"ControlNet i": "Module: ..., Model: ..."})."""
-    from weights_convert.controlnet import load_controlnet
     controls, fields = [], {}
     for i, (file, image, pre, scale, start, end) in enumerate(settings):
-        net = load_controlnet(file, pipe.model.config)
+        net = controlnet.load_controlnet(file, pipe.model.config)
         controls.append(controlnet.Control(net, preprocess_control(image, pre, args), scale, start, end,
                                            args.guess_mode))
         name = os.path.splitext(os.path.basename(os.path.normpath(file)))[0]
