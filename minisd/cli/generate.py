@@ -152,8 +152,8 @@ def add_control_flags(p):
                         "more (A1111's 'ControlNet is more important')")
     c.add_argument("--control-preprocess", action="append", default=[], choices=CONTROL_PREPROCESS,
                    help="make the condition from the image first: canny edges or an openpose skeleton (default none)")
-    c.add_argument("--canny-low", type=int, default=100, help="canny's lower threshold (default %(default)s)")
-    c.add_argument("--canny-high", type=int, default=200, help="canny's upper threshold (default %(default)s)")
+    c.add_argument("--canny-low", type=int, default=100, metavar="N", help="canny's lower threshold (default %(default)s)")
+    c.add_argument("--canny-high", type=int, default=200, metavar="N", help="canny's upper threshold (default %(default)s)")
     c.add_argument("--openpose-weights", default=None, metavar="FILE",
                    help="body_pose_model.pth for --control-preprocess openpose (default: fetched by name)")
 
@@ -203,12 +203,15 @@ def control_settings(args):
 def preprocess_control(image, how, args):
     """The condition image the ControlNet reads: the image itself, or its canny edges / openpose skeleton
     (minisd/annotators, imported only when asked for)."""
-    if how == "canny":
-        from ..annotators.canny import canny
-        return canny(image, low=args.canny_low, high=args.canny_high)
-    if how == "openpose":
-        from ..annotators.openpose import openpose
-        return openpose(image, weights=args.openpose_weights)
+    try:
+        if how == "canny":
+            from ..annotators.canny import canny
+            return canny(image, low=args.canny_low, high=args.canny_high)
+        if how == "openpose":
+            from ..annotators.openpose import openpose
+            return openpose(image, weights=args.openpose_weights)
+    except ImportError as e:
+        raise ValueError(f"--control-preprocess {how}: this minisd has no minisd/annotators/{how}.py ({e})") from None
     return image
 
 
