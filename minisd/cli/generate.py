@@ -203,16 +203,18 @@ def control_settings(args):
 def preprocess_control(image, how, args):
     """The condition image the ControlNet reads: the image itself, or its canny edges / openpose skeleton
     (minisd/annotators, imported only when asked for)."""
+    if how == "none":
+        return image
     try:
         if how == "canny":
-            from ..annotators.canny import canny
-            return canny(image, low=args.canny_low, high=args.canny_high)
-        if how == "openpose":
-            from ..annotators.openpose import openpose
-            return openpose(image, weights=args.openpose_weights)
+            from ..annotators.canny import canny as annotate
+        else:
+            from ..annotators.openpose import openpose as annotate
     except ImportError as e:
         raise ValueError(f"--control-preprocess {how}: this minisd has no minisd/annotators/{how}.py ({e})") from None
-    return image
+    if how == "canny":
+        return annotate(image, low=args.canny_low, high=args.canny_high)
+    return annotate(image, weights=args.openpose_weights)
 
 
 def legacy_hash(path):
