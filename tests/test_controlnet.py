@@ -115,8 +115,10 @@ def test_key_maps_equal_diffusers_conversion_at_the_real_configs(cfg):
 
 
 def test_every_layout_loads_the_same_controlnet(sd1, tmp_path):
-    """1.0 (.pth, beside the SD model's keys), 1.1 fp16 (.safetensors) and the diffusers folder give one network."""
-    ours, _, files, nets, _ = sd1
+    """1.0 (.pth, beside the SD model's keys), 1.1 fp16 (.safetensors), the diffusers folder diffusers writes and
+    the one minisd writes (which diffusers reads back) give one network."""
+    from diffusers import ControlNetModel
+    ours, _, files, nets, refs = sd1
     net = nets[0]
     state = net.state_dict()
     pth = tmp_path / "control_sd15_test.pth"
@@ -127,8 +129,12 @@ def test_every_layout_loads_the_same_controlnet(sd1, tmp_path):
     save_controlnet(half.half(), fp16, "1.1")
     folder = tmp_path / "diffusers_cn"
     save_controlnet(net, folder, "diffusers")
+    theirs = ControlNetModel.from_pretrained(str(folder)).state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in wc.to_diffusers(state, net.cfg).items())
+    saved_by_diffusers = tmp_path / "saved_by_diffusers"
+    refs[0].save_pretrained(str(saved_by_diffusers))
     cfg = ours.model.config
-    for path, tol in ((pth, 0), (folder, 0), (fp16, 1e-3)):
+    for path, tol in ((pth, 0), (folder, 0), (saved_by_diffusers, 0), (fp16, 1e-3)):
         other = load_controlnet(path, cfg).state_dict()
         assert other.keys() == state.keys()
         assert all(torch.allclose(other[k], state[k], atol=tol, rtol=tol) for k in state), path
