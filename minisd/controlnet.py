@@ -35,6 +35,7 @@ from minisd.unet import embed_time, encoder, time_embedding
 from weights_convert import controlnet as files
 from weights_convert.io import CheckpointError, check_shapes
 
+
 def hint_encoder(cfg: ControlNetConfig):
     """cldm's `input_hint_block`: conv, then per width a conv and a stride-2 conv to the next width, then a conv to
     model_channels; SiLU between them (diffusers' ControlNetConditioningEmbedding)."""
