@@ -144,11 +144,14 @@ def test_every_layout_loads_the_same_controlnet(sd1, tmp_path):
 
 def test_a_controlnet_that_does_not_fit_the_model_is_a_one_line_error(sd1, sd2):
     sd1_model, sd2_files = sd1[0].model.config, sd2[2]
-    with pytest.raises(ValueError, match=r"reads 64-wide text .*another model family|encoder .* does not fit") as e:
+    with pytest.raises(ValueError, match=r"encoder .* does not fit the model's U-Net") as e:
         load_controlnet(sd2_files[0], sd1_model)
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="does not fit"):
         Control(sd2[3][0], _control_image(0)).check(sd1_model)
+    # an SD 2.1 ControlNet on SD 1.5: told by the text width, before any weight is read
+    with pytest.raises(ValueError, match="1024-wide text encoder, this model's is 768-wide"):
+        wc.check_fits(ControlNetConfig.for_model(SD21_V), SD15)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -88,8 +88,8 @@ def check_fits(cfg: ControlNetConfig, model_cfg: ModelConfig, what="ControlNet")
     """A one-line ValueError when a ControlNet cannot be added to this model's U-Net."""
     u, m = cfg.unet, model_cfg.unet
     if u.context_dim != m.context_dim:
-        raise ValueError(f"{what} reads {u.context_dim}-wide text (SD{'2' if u.context_dim == 1024 else '1'}), the "
-                         f"model's text encoder gives {m.context_dim}: it is for another model family")
+        raise ValueError(f"{what} is for a {u.context_dim}-wide text encoder, this model's is {m.context_dim}-wide "
+                         "(768: SD 1.x, 1024: SD 2.x): it was made for another model family")
     if (u.model_channels, u.channel_mult, u.num_res_blocks) != (m.model_channels, m.channel_mult, m.num_res_blocks):
         raise ValueError(f"{what}'s encoder ({u.model_channels} channels x {u.channel_mult}, {u.num_res_blocks} "
                          f"blocks a level) does not fit the model's U-Net ({m.model_channels} x {m.channel_mult}, "
