@@ -96,3 +96,23 @@ TINY = ModelConfig(
 )
 
 PRESETS = {c.name: c for c in (SD15, SD21_BASE, SD21_V, TINY)}
+
+
+# the hint encoder's widths at SD's config: three stride-2 convs bring a 512px condition image to 64x64 latents
+HINT_CHANNELS = (16, 32, 96, 256)
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """The ControlNet of a model: its U-Net's encoder (the U-Net's own config) and the hint encoder's widths.
+
+    hint_channels: one width per resolution of the hint encoder; len - 1 stride-2 convs, so the hint reaches the
+    latent size: 4 widths for SD's factor-8 VAE (cldm's fixed stack), fewer for a VAE that downsamples less."""
+    unet: UNetConfig
+    hint_channels: tuple = HINT_CHANNELS
+    conditioning_channels: int = 3       # RGB condition images
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig):
+        downsamplings = len(cfg.vae.ch_mult) - 1                         # the VAE's factor is 2 ** downsamplings
+        return cls(cfg.unet, HINT_CHANNELS[:downsamplings + 1])

@@ -92,7 +92,8 @@ def a1111_parameters(prompt, negative_prompt, steps, sampler, cfg, seed, width, 
     known = [key for key in A1111_LABELS if key in fields]
     others = [key for key in fields if key not in A1111_LABELS]
     labelled = [(A1111_LABELS[key], fields[key]) for key in known]
-    labelled += [(key.replace("_", " ").capitalize(), fields[key]) for key in others]
+    # a keyword that is already a label ("ControlNet 0", as sd-webui-controlnet writes it) is kept as it is
+    labelled += [(key if " " in key else key.replace("_", " ").capitalize(), fields[key]) for key in others]
     labelled.append(("Version", version))
     # A1111 writes a field whose value equals its label as the bare label
     params = ", ".join(label if label == value else f"{label}: {_quote(value)}"

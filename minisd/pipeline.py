@@ -29,12 +29,11 @@ import random
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
-
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
-from . import diffusion, embeddings, fast, inpaint, lora, samplers
+from . import controlnet, diffusion, embeddings, fast, inpaint, lora, samplers
 from .devices import pick_device, pick_dtype
 from .images import from_pil, to_pil, to_tensor
 from .model import load_model, locate
@@ -222,7 +221,8 @@ class Pipeline:
     @torch.no_grad()
     def _sample(self, x, plan, cond, uncond, cfg, noise, callback, rescale, unet_call=None):
         """Run the plan from x at plan.sigmas[0]: the guided denoiser and a progress bar. cond and uncond: one
-        context for the batch (1, L, C) or one per image (B, L, C)."""
+        context for the batch (1, L, C) or one per image (B, L, C). unet_call: the U-Net call (x, t, context) to
+        sample with; None: self.unet_call."""
         # the per-step constants go to the device here, before the loop (see diffusion.make_denoiser), and the
         # samplers get the sigmas as Python floats: no step reads anything back from a tensor
         unet_call = self.unet_call if unet_call is None else unet_call
@@ -250,6 +250,28 @@ class Pipeline:
         eps = torch.randn(mean.shape, generator=generator)
         return ((mean + torch.exp(0.5 * logvar) * eps.to(mean)) * vae.cfg.scale_factor).to(self.dtype)
 
+    # -- ControlNet ---------------------------------------------------------------------------------------
+
+    def _check_controls(self, controls):
+        for c in controls:
+            if not isinstance(c, controlnet.Control):
+                raise ValueError(f"controls must be a list of controlnet.Control, got {type(c).__name__}")
+            c.check(self.model.config)
+
+    def _controlled(self, controls, plan, width, height, batch):
+        """The U-Net call with `controls` added (controlnet.controlled_unet), or None without controls. It calls
+        the U-Net module itself: the compiled / CUDA-graph call is bypassed while a ControlNet is in use (a
+        oneDNN-prepared U-Net stays prepared), and each step reads its t back to the host to find its step."""
+        if not controls:
+            return None
+        for c in controls:
+            c.net.to(self.device, self.dtype).eval()
+        hints = [controlnet.control_image(c.image, width, height).to(self.device, self.dtype) for c in controls]
+        # the step of a U-Net call is found by its t, computed as make_denoiser computes it
+        sigmas_train = diffusion.sigmas_from_alphas_cumprod(self.alphas_cumprod.to(torch.float64).cpu())
+        timesteps = diffusion.sigma_to_t(plan.sigmas[:-1], sigmas_train, plan.interpolation)
+        return controlnet.controlled_unet(self.model.unet, controls, hints, timesteps, batch)
+
     def set_memory_options(self, attention_slice=None, vae_tile=None):
         """Trade speed for memory: attention computed `attention_slice` queries at a time (exactly the same
         result), and the VAE decoding `vae_tile` x `vae_tile` latent tiles with blended seams (approximately)."""
@@ -269,7 +291,7 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, prompt, negative_prompt="", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, sampler=DEFAULT_SAMPLER,
                  schedule=None, eta=None, seed=None, width=None, height=None, batch=1, emphasis=False,
-                 callback=None, rescale=0.0, churn=None) -> Result:
+                 callback=None, rescale=0.0, churn=None, controls=()) -> Result:
         """txt2img.
 
         prompt and seed: one prompt and one seed (None draws a random one, returned in the Result and printed by
@@ -279,16 +301,19 @@ class Pipeline:
         <lora:NAME:MULT> tags (other weights) or encode to different lengths (over 75 tokens) are then run one at
         a time, and `callback` is called once per step of each run.
         churn: {"s_churn": ..., "s_tmin": ..., "s_tmax": ..., "s_noise": ...} for euler, heun and dpm2
-        (Karras et al. 2022, Alg. 2; A1111's sampler settings), None for none."""
+        (Karras et al. 2022, Alg. 2; A1111's sampler settings), None for none.
+        controls: [controlnet.Control(net, image, scale, start, end, guess_mode)], each ControlNet's residuals
+        added to the U-Net's (summed when there are several); see _controlled."""
         size = self.model.config.image_size
         width, height = width or size, height or size
         plan = self.plan(sampler, schedule, steps, eta, churn)
         self._check(cfg, width, height, batch)
         prompts, seeds, per_seed = _pairs(prompt, seed, batch)
+        self._check_controls(controls)
 
         def one_at_a_time():
             runs = [self.generate(p, negative_prompt, steps, cfg, sampler, schedule, eta, s, width, height, 1,
-                                  emphasis, callback, rescale, churn) for p, s in zip(prompts, seeds)]
+                                  emphasis, callback, rescale, churn, controls) for p, s in zip(prompts, seeds)]
             return Result([image for r in runs for image in r.images], torch.cat([r.latents for r in runs]), seeds,
                           plan.sampler, plan.schedule)
         if len({tuple(parse_lora_tags(p)[1]) for p in prompts}) > 1:
@@ -302,13 +327,14 @@ class Pipeline:
         # drawn on the CPU: device-independent
         x = torch.cat([torch.randn(shape, generator=g) for g in generators]) * plan.init_sigma   # (B, 4, H/8, W/8)
         latents = self._sample(x.to(self.device, self.dtype), plan, cond, uncond, cfg,
-                               self._noise(plan, seeds, generators, shape), callback, rescale)
+                               self._noise(plan, seeds, generators, shape), callback, rescale,
+                               self._controlled(controls, plan, width, height, x.shape[0]))
         return Result(to_pil(self.decode(latents)), latents, seeds, plan.sampler, plan.schedule)
 
     @torch.no_grad()
     def img2img(self, prompt, init_image, strength=0.75, negative_prompt="", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
                 sampler=DEFAULT_SAMPLER, schedule=None, eta=None, seed=None, batch=1, emphasis=False,
-                callback=None, rescale=0.0, churn=None) -> Result:
+                callback=None, rescale=0.0, churn=None, controls=()) -> Result:
         """img2img (SDEdit, Meng et al. 2022): encode the image, noise it to the level `strength` selects with the
         forward process, and run only the remaining steps.
 
@@ -321,19 +347,21 @@ class Pipeline:
 
         seed: one seed (None: a random one) draws all `batch` images from one generator, as diffusers does; a list
         of seeds makes one image per seed, each generated alone (one run per seed), as A1111's batch.
+        controls: as generate's; the control images are resized to the init image's size.
         """
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         if isinstance(seed, (list, tuple)):
             _, seeds, _ = _pairs(prompt, seed, batch)
             runs = [self.img2img(prompt, init_image, strength, negative_prompt, steps, cfg, sampler, schedule, eta,
-                                 s, 1, emphasis, callback, rescale, churn) for s in seeds]
+                                 s, 1, emphasis, callback, rescale, churn, controls) for s in seeds]
             latents = None if runs[0].latents is None else torch.cat([r.latents for r in runs])
             return Result([r.images[0] for r in runs], latents, seeds, runs[0].sampler, runs[0].schedule)
         image = from_pil(init_image, self.factor, log=self.log)     # (1, 3, H, W)
         height, width = image.shape[-2:]
         plan = self.plan(sampler, schedule, steps, eta, churn)
         self._check(cfg, width, height, batch)
+        self._check_controls(controls)
         seed = random.randrange(2 ** 32) if seed is None else int(seed)
         run = min(int(steps * strength), steps)
         if run == 0:
@@ -349,7 +377,7 @@ class Pipeline:
         noise = torch.randn(x0.shape, generator=generator)           # ... the forward-process noise
         x = diffusion.add_noise(x0.to(self.dtype), noise.to(self.device, self.dtype), plan.sigmas[0].item())
         latents = self._sample(x, plan, cond, uncond, cfg, self._noise(plan, [seed], [generator], tuple(x.shape)),
-                               callback, rescale)
+                               callback, rescale, self._controlled(controls, plan, width, height, batch))
         return Result(to_pil(self.decode(latents)), latents, [seed], plan.sampler, plan.schedule)
 
     @torch.no_grad()

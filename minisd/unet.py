@@ -244,6 +244,54 @@ class UNetBlock(nn.ModuleList):
         return x
 
 
+def embed_time(time_embed, t, batch, model_channels):
+    """t (B,) or a scalar -> the timestep embedding (B, 4 * model_channels) in time_embed's dtype: the sinusoidal
+    features are made in float32 and then cast (LDM)."""
+    t = torch.as_tensor(t, device=time_embed[0].weight.device)
+    t = t.expand(batch) if t.ndim == 0 else t
+    if t.shape != (batch,):
+        raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+    return time_embed(timestep_embedding(t, model_channels).to(time_embed[0].weight.dtype))
+
+
+def _transformer(cfg: UNetConfig, channels):
+    # SD1: fixed number of heads; SD2: fixed head width (num_head_channels=64)
+    heads = channels // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
+    return SpatialTransformer(channels, heads, cfg.transformer_depth, cfg.context_dim, cfg.use_linear_in_transformer,
+                              cfg.norm_groups)
+
+
+def time_embedding(cfg: UNetConfig):
+    """t's sinusoidal features (model_channels) -> MLP -> emb (4 * model_channels), shared by every ResBlock."""
+    mc = cfg.model_channels
+    return nn.Sequential(nn.Linear(mc, 4 * mc), nn.SiLU(), nn.Linear(4 * mc, 4 * mc))
+
+
+def encoder(cfg: UNetConfig):
+    """The down path and the middle block: (input_blocks, middle_block, skips), where skips[i] is the number of
+    channels of input block i's output (the up path concatenates them). A ControlNet (controlnet.py) builds its
+    trainable copy of the encoder with this same function."""
+    mc, groups, emb_dim = cfg.model_channels, cfg.norm_groups, 4 * cfg.model_channels
+    input_blocks = nn.ModuleList([UNetBlock(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    skips, ch, ds = [mc], mc, 1
+    last_level = len(cfg.channel_mult) - 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers = [ResBlock(ch, mult * mc, emb_dim, groups)]
+            ch = mult * mc
+            if ds in cfg.attention_resolutions:
+                layers.append(_transformer(cfg, ch))
+            input_blocks.append(UNetBlock(*layers))
+            skips.append(ch)
+        if level != last_level:
+            input_blocks.append(UNetBlock(Downsample(ch)))
+            skips.append(ch)
+            ds *= 2
+    middle_block = UNetBlock(ResBlock(ch, ch, emb_dim, groups), _transformer(cfg, ch),
+                             ResBlock(ch, ch, emb_dim, groups))
+    return input_blocks, middle_block, skips
+
+
 class UNet(AttentionSettings, nn.Module):
     """The LDM U-Net; state_dict keys equal the official `model.diffusion_model.*` keys minus that prefix."""
 
@@ -252,35 +300,9 @@ class UNet(AttentionSettings, nn.Module):
         self.cfg = cfg
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = 4 * mc                                             # 1280 at SD's config
-
-        def transformer(channels):
-            # SD1: fixed number of heads; SD2: fixed head width (num_head_channels=64)
-            heads = channels // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
-            return SpatialTransformer(channels, heads, cfg.transformer_depth, cfg.context_dim,
-                                      cfg.use_linear_in_transformer, groups)
-
-        # t -> sinusoidal features (mc) -> MLP -> emb (4*mc), shared by every ResBlock
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-
-        # Down path. `skips` records the channels of each input block's output: the up path concatenates them.
-        self.input_blocks = nn.ModuleList([UNetBlock(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skips, ch, ds = [mc], mc, 1
-        last_level = len(cfg.channel_mult) - 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, mult * mc, emb_dim, groups)]
-                ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
-                self.input_blocks.append(UNetBlock(*layers))
-                skips.append(ch)
-            if level != last_level:
-                self.input_blocks.append(UNetBlock(Downsample(ch)))
-                skips.append(ch)
-                ds *= 2
-
-        self.middle_block = UNetBlock(ResBlock(ch, ch, emb_dim, groups), transformer(ch),
-                                      ResBlock(ch, ch, emb_dim, groups))
+        self.time_embed = time_embedding(cfg)
+        self.input_blocks, self.middle_block, skips = encoder(cfg)
+        ch, ds = skips[-1], 2 ** (len(cfg.channel_mult) - 1)
 
         # Up path: one more ResBlock per level than the down path, so every skip is consumed exactly once
         self.output_blocks = nn.ModuleList()
@@ -289,7 +311,7 @@ class UNet(AttentionSettings, nn.Module):
                 layers = [ResBlock(ch + skips.pop(), mult * mc, emb_dim, groups)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(_transformer(cfg, ch))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -314,20 +336,18 @@ class UNet(AttentionSettings, nn.Module):
             return checkpoint(block, *args, use_reentrant=False, **kwargs)
         return block(*args, **kwargs)
 
-    def forward(self, x, t, context):
+    def forward(self, x, t, context, down_residuals=None, mid_residual=None):
         """x (B, 4, h, w), t (B,) or a scalar, context (B, N, context_dim) -> (B, 4, h, w) in x's dtype.
 
         Runs in the dtype of the weights (`unet.to(torch.float16)`); the timestep features are made in float32
-        and then cast, and the GroupNorms of the ResBlocks compute in float32, as in LDM."""
-        self._check_inputs(x, context)
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(B) if t.ndim == 0 else t
-        if t.shape != (B,):
-            raise ValueError(f"t must be a scalar or have shape ({B},), got {tuple(t.shape)}")
+        and then cast, and the GroupNorms of the ResBlocks compute in float32, as in LDM.
 
+        down_residuals (one per input block) and mid_residual: a ControlNet's outputs (controlnet.py), added to
+        the skip connections and to the middle block's output (Zhang et al. 2023, Fig. 3; cldm's
+        ControlledUnetModel, diffusers' down_block_additional_residuals / mid_block_additional_residual)."""
+        self._check_inputs(x, context)
         dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))   # (B, 4*mc)
+        emb = embed_time(self.time_embed, t, x.shape[0], self.cfg.model_channels)      # (B, 4*mc)
         h, context = x.to(dtype), context.to(dtype)
 
         skips = []
@@ -335,6 +355,10 @@ class UNet(AttentionSettings, nn.Module):
             h = self._run(block, h, emb, context)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
+        if mid_residual is not None:
+            h = h + mid_residual.to(dtype)
+        if down_residuals is not None:
+            skips = [s + r.to(dtype) for s, r in zip(skips, down_residuals, strict=True)]
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)                        # skip connection: concat channels
             h = self._run(block, h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None)

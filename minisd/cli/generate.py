@@ -18,7 +18,7 @@ import time
 from PIL import Image
 
 from .. import eval as evaluation
-from .. import lora, samplers, schedules
+from .. import controlnet, lora, samplers, schedules
 from ..images import a1111_parameters, from_pil, output_paths, save_png
 from ..metrics import fid
 from ..pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
@@ -132,9 +132,122 @@ def _add_eval(p):
                    help="torch CPU threads (default: torch's; 1 is fastest for the tiny model on a busy machine)")
 
 
+def add_control_flags(p):
+    """ControlNet (controlnet.py): one --control-image per --controlnet; the settings given once apply to every
+    ControlNet, or are given once per --controlnet in the same order."""
+    c = p.add_argument_group("ControlNet")
+    c.add_argument("--controlnet", action="append", default=[], metavar="FILE",
+                   help="a ControlNet: 1.0 (control_sd15_*.pth), 1.1 (control_v11p_sd15_*.pth/.safetensors) or a "
+                        "diffusers folder; repeat for several (their residuals add up)")
+    c.add_argument("--control-image", action="append", default=[], metavar="IMG",
+                   help="the condition image of each --controlnet, in order (resized to the output size)")
+    c.add_argument("--control-scale", action="append", type=float, default=[], metavar="W",
+                   help="how strongly each ControlNet acts (default 1.0)")
+    c.add_argument("--control-start", action="append", type=float, default=[], metavar="F",
+                   help="fraction of the steps after which it starts acting (default 0.0)")
+    c.add_argument("--control-end", action="append", type=float, default=[], metavar="F",
+                   help="fraction of the steps after which it stops acting (default 1.0)")
+    c.add_argument("--guess-mode", action="store_true",
+                   help="diffusers' guess mode: the control alone on CFG's conditional half, deep blocks weighted "
+                        "more (A1111's 'ControlNet is more important')")
+    c.add_argument("--control-preprocess", action="append", default=[], choices=CONTROL_PREPROCESS,
+                   help="make the condition from the image first: canny edges or an openpose skeleton (default none)")
+    c.add_argument("--canny-low", type=int, default=100, metavar="N", help="canny's lower threshold (default %(default)s)")
+    c.add_argument("--canny-high", type=int, default=200, metavar="N", help="canny's upper threshold (default %(default)s)")
+    c.add_argument("--openpose-weights", default=None, metavar="FILE",
+                   help="body_pose_model.pth for --control-preprocess openpose (default: fetched by name)")
+
+
+CONTROL_PREPROCESS = ("none", "canny", "openpose")
+
+
+def _per_control(args, flag, default):
+    """A ControlNet setting per --controlnet: given once it applies to all, else one per --controlnet."""
+    values = getattr(args, flag.replace("-", "_"))
+    n = len(args.controlnet)
+    if not values:
+        return [default] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"--{flag} is given {len(values)} times for {n} --controlnet: give it once or once per "
+                         "--controlnet")
+    return values
+
+
+def control_settings(args):
+    """The ControlNet settings of the flags, checked (and the images read) before any model loads:
+    [(file, image, preprocess, scale, start, end)]."""
+    files, images = args.controlnet, args.control_image
+    if len(images) != len(files):
+        raise ValueError(f"{len(files)} --controlnet and {len(images)} --control-image: give one control image "
+                         "per ControlNet")
+    settings = []
+    for file, path, pre, scale, start, end in zip(files, images, _per_control(args, "control-preprocess", "none"),
+                                                   _per_control(args, "control-scale", 1.0),
+                                                   _per_control(args, "control-start", 0.0),
+                                                   _per_control(args, "control-end", 1.0)):
+        if not os.path.exists(file):
+            raise ValueError(f"--controlnet {file}: no such file or folder")
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"--control-start {start} and --control-end {end}: need 0 <= start < end <= 1")
+        try:
+            image = Image.open(path)
+            image.load()
+        except (OSError, Image.DecompressionBombError) as e:
+            raise ValueError(f"--control-image {path}: cannot read it as an image ({e.__class__.__name__})") from None
+        settings.append((file, image, pre, scale, start, end))
+    return settings
+
+
+def preprocess_control(image, how, args):
+    """The condition image the ControlNet reads: the image itself, or its canny edges / openpose skeleton
+    (minisd/annotators, imported only when asked for)."""
+    if how == "none":
+        return image
+    try:
+        if how == "canny":
+            from ..annotators.canny import canny as annotate
+        else:
+            from ..annotators.openpose import openpose as annotate
+    except ImportError as e:
+        raise ValueError(f"--control-preprocess {how}: this minisd has no minisd/annotators/{how}.py ({e})") from None
+    if how == "canny":
+        return annotate(image, low=args.canny_low, high=args.canny_high)
+    return annotate(image, weights=args.openpose_weights)
+
+
+def legacy_hash(path):
+    """A1111's short model hash, which sd-webui-controlnet writes beside a ControlNet's name: the first 8 hex
+    digits of sha256 over the 64 KiB at offset 1 MiB of the file (a diffusers folder: of its weights file)."""
+    import hashlib
+    if os.path.isdir(path):
+        path = next(os.path.join(path, n) for n in os.listdir(path) if n.startswith("diffusion_pytorch_model"))
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def load_controls(args, settings, pipe):
+    """(controls for the Pipeline, their A1111 infotext fields {"ControlNet i": "Module: ..., Model: ..."})."""
+    controls, fields = [], {}
+    for i, (file, image, pre, scale, start, end) in enumerate(settings):
+        net = controlnet.load_controlnet(file, pipe.model.config)
+        controls.append(controlnet.Control(net, preprocess_control(image, pre, args), scale, start, end,
+                                           args.guess_mode))
+        name = os.path.splitext(os.path.basename(os.path.normpath(file)))[0]
+        thresholds = f"Threshold A: {args.canny_low}, Threshold B: {args.canny_high}, " if pre == "canny" else ""
+        mode = "ControlNet is more important" if args.guess_mode else "Balanced"
+        fields[f"ControlNet {i}"] = (f"Module: {pre}, Model: {name} [{legacy_hash(file)}], Weight: {scale:g}, "
+                                     f"Resize Mode: Just Resize, {thresholds}Guidance Start: {start:g}, "
+                                     f"Guidance End: {end:g}, Control Mode: {mode}")
+    return controls, fields
+
+
 def add_generate(p):
     _add_output(p)
     add_generation_flags(p)
+    add_control_flags(p)
 
 
 def add_img2img(p):
@@ -143,6 +256,7 @@ def add_img2img(p):
     p.add_argument("--init-image", required=True, help="the starting image (any mode; resized to a multiple of 8)")
     p.add_argument("--strength", type=float, required=True,
                    help="0..1: how much noise is added, i.e. how many of the steps run (int(steps * strength))")
+    add_control_flags(p)
 
 
 def add_eval(p):
@@ -171,7 +285,9 @@ def run_generate(args):
             raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
         init = Image.open(args.init_image)
         from_pil(init, log=lambda *_: None)
+    settings = control_settings(args)       # the control images are read before the model loads
     pipe = load_pipeline(args, progress=True)
+    controls, control_fields = load_controls(args, settings, pipe)
     seed = random.randrange(2 ** 32) if args.seed is None else args.seed
     print(f"seed {seed}")
     seeds = [seed + b for b in range(args.batch_size)]      # A1111's batch: image b is seed + b's image alone
@@ -179,11 +295,12 @@ def run_generate(args):
     callback = _step_saver(pipe, args.save_steps) if args.save_steps else None
     t0 = time.time()
     if args.command == "generate":
-        result = pipe.generate(args.prompt, seed=seeds, callback=callback, **kwargs)
+        result = pipe.generate(args.prompt, seed=seeds, callback=callback, controls=controls, **kwargs)
     else:
-        result = pipe.img2img(args.prompt, init, args.strength, seed=seeds, callback=callback, **kwargs)
+        result = pipe.img2img(args.prompt, init, args.strength, seed=seeds, callback=callback, controls=controls,
+                              **kwargs)
     width, height = result.images[0].size
-    extra = {}
+    extra = dict(control_fields)
     if args.command == "img2img":
         extra["denoising_strength"] = args.strength
     for b, (image, path, image_seed) in enumerate(zip(result.images, paths, result.seeds)):
