@@ -47,7 +47,6 @@ from common import median, torch
 import gpu  # bench/gpu.py: matmul_tflops, event_time, unet_flops
 
 UNET_TFLOP = 1.61        # one guided SD 1.5 U-Net step at 512 px (batch 2), FlopCounterMode's count (RESULTS.md)
-NOT_YET = "not yet built"
 
 
 @dataclasses.dataclass
@@ -118,7 +117,7 @@ def _fmt(v):
 
 
 class Skip(Exception):
-    """A check that cannot run here (no CUDA, a package missing, not built yet): recorded as skipped."""
+    """A check that cannot run here (no CUDA, a package missing): recorded as skipped."""
 
 
 class Context:
@@ -334,8 +333,78 @@ def embeddings_run(ctx):
                 bound="the embedding changes the image (> 2/255)")
 
 
-def not_built(ctx):
-    return dict(status="not built", message=NOT_YET + " (another issue); add the check when it lands")
+def _random_controlnet(model, seed=5):
+    """A ControlNet for `model` with random weights at a sane scale (its zero convolutions too: else it adds 0)."""
+    from minisd.config import ControlNetConfig
+    from minisd.controlnet import ControlNet
+    net = ControlNet(ControlNetConfig.for_model(model.config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(max(1, p[0].numel())))
+    return net
+
+
+def _pattern(side, seed):
+    """A blocky random RGB picture, side x side."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    blocks = (torch.rand(side // 8, side // 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(blocks).resize((side, side), Image.NEAREST)
+
+
+def controlnet_cuda_vs_cpu(ctx):
+    """One ControlNet (scale 0.7 over every step: a dry run has too few steps for a start and end) on SD 1.5: CUDA
+    fp32 equals the CPU, and the ControlNet changes the image."""
+    import numpy as np
+    from minisd.controlnet import Control
+    model, side = ctx.model("sd15"), ctx.size.side
+    net = _random_controlnet(model)
+    control = Control(net, _pattern(side, 6), 0.7)
+
+    def run(device):
+        pipe = pipeline(ctx, model, device, torch.float32)
+        with torch.no_grad():
+            r = pipe.generate(common.PROMPT, common.NEGATIVE, ctx.size.steps, 7.5, "euler", seed=1, width=side,
+                              height=side, controls=[control])
+        return np.asarray(r.images[0]).astype(np.int16)
+    cpu = run("cpu")
+    with exact_fp32():
+        dev = run(ctx.device)
+    plain = image(pipeline(ctx, model, "cpu", torch.float32), ctx, side)
+    model.to("cpu")
+    net.to("cpu")
+    values = {"max diff /255": max_diff_255(cpu, dev), "made by the ControlNet /255": max_diff_255(cpu, plain)}
+    return dict(ok=values["max diff /255"] <= 2 and values["made by the ControlNet /255"] > 2, values=values,
+                bound="<= 2/255, TF32 off; the ControlNet changes the image (> 2/255)")
+
+
+def inpainting_cuda_vs_cpu(ctx):
+    """Inpainting on SD 1.5 (the blend of an ordinary model) at strength 0.8: CUDA fp32 equals the CPU, and the
+    kept region outside the blurred mask is the original's, pixel for pixel."""
+    import numpy as np
+    from PIL import Image
+    model, side = ctx.model("sd15"), ctx.size.side
+    picture = _pattern(side, 7)
+    mask = Image.new("L", (side, side), 0)
+    mask.paste(255, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
+
+    def run(device):
+        pipe = pipeline(ctx, model, device, torch.float32)
+        with torch.no_grad():
+            r = pipe.inpaint(common.PROMPT, picture, mask, 0.8, common.NEGATIVE, ctx.size.steps, 7.5, "euler",
+                             seed=1, mask_blur=2)
+        return np.asarray(r.images[0]).astype(np.int16)
+    cpu = run("cpu")
+    with exact_fp32():
+        dev = run(ctx.device)
+    model.to("cpu")
+    from minisd.inpaint import prepare_mask
+    far = np.asarray(prepare_mask(mask, (side, side), blur_radius=2)) == 0      # beyond the blurred edge
+    kept = bool(far.any() and (dev[far] == np.asarray(picture).astype(np.int16)[far]).all())
+    values = {"max diff /255": max_diff_255(cpu, dev), "kept region equal to the original": kept}
+    return dict(ok=values["max diff /255"] <= 2 and kept, values=values,
+                bound="<= 2/255, TF32 off; outside the blurred mask the original's pixels")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -624,8 +693,8 @@ CHECKS = {
     "inference: --cuda-graph = eager": (cuda_graph_image, 15),
     "inference: LoRA": (lora_runs, 10),
     "inference: embeddings": (embeddings_run, 10),
-    "inference: ControlNet": (not_built, 0),
-    "inference: inpainting": (not_built, 0),
+    "inference: ControlNet": (controlnet_cuda_vs_cpu, 20),
+    "inference: inpainting": (inpainting_cuda_vs_cpu, 20),
     "training: DreamBooth + text encoder SD 1.5 step CUDA = CPU": (dreambooth_cuda_vs_cpu, 80),
     "training: bf16 / fp16, tiny model": (mixed_precision("tiny"), 20),
     "training: bf16 / fp16, SD 1.5": (mixed_precision("sd15"), 40),

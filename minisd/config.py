@@ -115,4 +115,6 @@ class ControlNetConfig:
     @classmethod
     def for_model(cls, cfg: ModelConfig):
         downsamplings = len(cfg.vae.ch_mult) - 1                         # the VAE's factor is 2 ** downsamplings
-        return cls(cfg.unet, HINT_CHANNELS[:downsamplings + 1])
+        # an inpainting U-Net's 5 extra input channels (mask, masked latent) are its own: a ControlNet reads the
+        # latent alone, as diffusers' ControlNet inpainting pipeline gives it
+        return cls(replace(cfg.unet, in_channels=cfg.unet.out_channels), HINT_CHANNELS[:downsamplings + 1])

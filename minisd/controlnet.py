@@ -162,7 +162,8 @@ def controlled_unet(unet, controls, hints, timesteps, batch):
                 continue              # adds exactly nothing: skip the network
             cfg_batch = c.guess_mode and x.shape[0] == 2 * batch
             part = slice(batch, None) if cfg_batch else slice(None)       # guess mode: the conditional half only
-            d, m = c.net(x[part], t[part], context[part], hint.expand(x[part].shape[0], -1, -1, -1), scale,
+            latent = x[part, :c.net.cfg.unet.in_channels]       # a 9-channel inpainting input: its latent part
+            d, m = c.net(latent, t[part], context[part], hint.expand(latent.shape[0], -1, -1, -1), scale,
                          c.guess_mode)
             if cfg_batch:
                 d, m = [torch.cat([torch.zeros_like(r), r]) for r in d], torch.cat([torch.zeros_like(m), m])

@@ -385,7 +385,7 @@ class Pipeline:
                 cfg=DEFAULT_CFG, sampler=DEFAULT_SAMPLER, schedule=None, eta=None, seed=None, batch=1,
                 emphasis=False, callback=None, rescale=0.0, churn=None, mask_blur=4, invert_mask=False,
                 masked_content="original", only_masked=False, padding=32, composite=True, width=None,
-                height=None) -> Result:
+                height=None, controls=()) -> Result:
         """Repaint the white part of `mask`; the steps are in inpaint.py (outpainting: inpaint.extend, then this).
 
         mask: any mode, resized to the image, white = repaint (invert_mask: black = repaint), blurred by mask_blur
@@ -400,12 +400,14 @@ class Pipeline:
         diffusers does. With composite=False and mask_blur=0 the same seed gives diffusers'
         StableDiffusionInpaintPipeline's image (with padding_mask_crop: composite=True, which diffusers does then).
         seed: as img2img's (a list: one run per seed).
+        controls: as generate's; each control image is resized to the size inpainted (the box, with only_masked).
         """
         if isinstance(seed, (list, tuple)):
             _, seeds, _ = _pairs(prompt, seed, batch)
             runs = [self.inpaint(prompt, init_image, mask, strength, negative_prompt, steps, cfg, sampler, schedule,
                                  eta, s, 1, emphasis, callback, rescale, churn, mask_blur, invert_mask,
-                                 masked_content, only_masked, padding, composite, width, height) for s in seeds]
+                                 masked_content, only_masked, padding, composite, width, height, controls)
+                    for s in seeds]
             return Result([r.images[0] for r in runs], torch.cat([r.latents for r in runs]), seeds,
                           runs[0].sampler, runs[0].schedule)
         if masked_content not in inpaint.MASKED_CONTENT:
@@ -422,6 +424,7 @@ class Pipeline:
         else:
             size = (width or original.width, height or original.height)
         self._check(cfg, *size, batch, inpainting=True)
+        self._check_controls(controls)
         plan = self.plan(sampler, schedule, steps, eta, churn).last(run)
         if not only_masked and size != original.size:
             original = original.resize(size, Image.LANCZOS)
@@ -435,12 +438,12 @@ class Pipeline:
         seed = random.randrange(2 ** 32) if seed is None else int(seed)
         cond, uncond = self.encode_prompts(self._prompt_loras(prompt), negative_prompt, emphasis)
         latents = self._inpaint_latents(image, region_mask, strength, plan, cond, uncond, cfg, seed, batch,
-                                        masked_content, callback, rescale)
+                                        masked_content, callback, rescale, controls)
         images = [inpaint.paste_back(im, original, mask, region, composite) for im in to_pil(self.decode(latents))]
         return Result(images, latents, [seed], plan.sampler, plan.schedule)
 
     def _inpaint_latents(self, image, mask, strength, plan, cond, uncond, cfg, seed, batch, masked_content,
-                         callback, rescale):
+                         callback, rescale, controls=()):
         """The sampling of inpaint(), on `image` (PIL) with `mask` (PIL "L"), both at the size inpainted."""
         nine_channels = self.model.config.unet.in_channels == 9
         generator = torch.Generator().manual_seed(seed)
@@ -460,10 +463,12 @@ class Pipeline:
             x = noise * plan.init_sigma
         else:
             x = diffusion.add_noise(x0, noise, plan.sigmas[0].item())
+        # the ControlNets (if any) read the latent the U-Net's input is built from, so they go innermost
+        unet_call = self._controlled(controls, plan, width, height, batch) or self.unet_call
         if nine_channels:
-            unet_call = inpaint.conditioned_unet(self.unet_call, small, masked)
+            unet_call = inpaint.conditioned_unet(unet_call, small, masked)
         else:
-            unet_call = inpaint.blended_unet(self.unet_call, small, x0, noise, plan.sigmas[0].item(),
+            unet_call = inpaint.blended_unet(unet_call, small, x0, noise, plan.sigmas[0].item(),
                                              self.sigmas_train, plan.interpolation)
         latents = self._sample(x, plan, cond, uncond, cfg, self._noise(plan, [seed], [generator], shape), callback,
                                rescale, unet_call=unet_call)

@@ -337,3 +337,31 @@ def test_cli_controlnet_of_another_family_is_a_one_line_error(sd1, sd2, tmp_path
     assert _cli(sd1, tmp_path, "--controlnet", str(sd2[2][0]), "--control-image", str(tmp_path / "img.png")) == 2
     err = capsys.readouterr().err
     assert err.startswith("minisd: error:") and "ControlNet" in err and err.count("\n") == 1
+
+
+def test_inpainting_with_a_controlnet_equals_diffusers(sd1):
+    """ControlNet in inpainting, on an ordinary (4-channel) model: the ControlNet reads the blended latent the U-Net
+    reads, as diffusers' StableDiffusionControlNetInpaintPipeline does (minisd without its composite and blur)."""
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+    from PIL import ImageOps
+    ours, ref, _, nets, refs = sd1
+    init, control = _control_image(3, (SIZE, SIZE)), _control_image(5)
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (16, 8, 48, 40))
+    mine = _np(ours.inpaint(PROMPT, init, mask, 0.8, NEG, 5, 7.5, "euler", "linspace", seed=9, mask_blur=0,
+                            composite=False, controls=[Control(nets[0], control, 0.9)]).images)
+    parts = {k: v for k, v in ref.components.items() if k not in ("safety_checker", "feature_extractor")}
+    pipe = StableDiffusionControlNetInpaintPipeline(**parts, controlnet=refs[0], safety_checker=None,
+                                                    feature_extractor=None, requires_safety_checker=False)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.sd_scheduler_config,
+                                                                  timestep_spacing="linspace")
+    pipe.set_progress_bar_config(disable=True)
+
+    def theirs(mask_image, scale):
+        return pipe(PROMPT, init, mask_image, control, strength=0.8, negative_prompt=NEG, num_inference_steps=5,
+                    guidance_scale=7.5, generator=torch.Generator().manual_seed(9), width=SIZE, height=SIZE,
+                    output_type="np", controlnet_conditioning_scale=scale).images
+    _assert_close(mine, theirs(mask, 0.9))
+    # the check could fail: another ControlNet scale, or the mask inverted, is another image
+    assert np.abs(mine - theirs(mask, 0.3)).max() > 10 * TOL
+    assert np.abs(mine - theirs(ImageOps.invert(mask), 0.9)).max() > 10 * TOL

@@ -16,7 +16,8 @@ from PIL import Image, ImageChops
 
 from .. import inpaint, samplers
 from ..images import a1111_parameters, output_paths, save_png
-from .generate import _add_output, _step_saver, add_generation_flags, generation_kwargs, load_pipeline
+from .generate import (_add_output, _step_saver, add_control_flags, add_generation_flags, control_settings,
+                       generation_kwargs, load_controls, load_pipeline)
 
 # A1111's words for the masked content modes in its infotext
 A1111_MASKED_CONTENT = {"fill": "fill", "original": "original", "latent-noise": "latent noise"}
@@ -50,6 +51,7 @@ def add_inpaint(p):
     _add_output(p)
     add_generation_flags(p)
     _add_mask_flags(p, "original")
+    add_control_flags(p)
     p.add_argument("--mask", required=True, help="white = repaint; any mode and size (resized to the picture)")
 
 
@@ -57,6 +59,7 @@ def add_outpaint(p):
     _add_output(p)
     add_generation_flags(p)
     _add_mask_flags(p, "fill")
+    add_control_flags(p)
     p.add_argument("--extend", required=True, metavar="SIDE=PX,...",
                    help="pixels to add, multiples of 8: e.g. left=128,right=128 (sides: left, right, top, bottom)")
     p.add_argument("--mask", default=None,
@@ -98,7 +101,9 @@ def run_inpaint(args):
     if args.mask_blur < 0 or args.padding < 0:
         raise ValueError(f"--mask-blur and --padding must be >= 0, got {args.mask_blur} and {args.padding}")
     image, mask = _picture_and_mask(args)
+    settings = control_settings(args)       # the control images are read before the model loads
     pipe = load_pipeline(args, progress=True)
+    controls, control_fields = load_controls(args, settings, pipe)
     seed = random.randrange(2 ** 32) if args.seed is None else args.seed
     print(f"seed {seed}")
     seeds = [seed + b for b in range(args.batch_size)]      # A1111's batch: image b is seed + b's image alone
@@ -108,13 +113,14 @@ def run_inpaint(args):
                           callback=_step_saver(pipe, args.save_steps) if args.save_steps else None,
                           mask_blur=args.mask_blur, invert_mask=args.invert_mask, masked_content=args.masked_content,
                           only_masked=args.only_masked, padding=args.padding, composite=not args.no_composite,
-                          **kwargs)
+                          controls=controls, **kwargs)
     width, height = result.images[0].size
     for b, (image, path, image_seed) in enumerate(zip(result.images, paths, result.seeds)):
         params = a1111_parameters(args.prompt, args.negative_prompt, kwargs["steps"],
                                   samplers.display_name(result.sampler), kwargs["cfg"], image_seed, width, height,
                                   pipe.name, schedule_type=result.schedule.capitalize(),
-                                  batch_pos=b if len(seeds) > 1 else None, **_mask_parameters(args))
+                                  batch_pos=b if len(seeds) > 1 else None, **_mask_parameters(args),
+                                  **control_fields)
         save_png(image, path, params, overwrite=args.overwrite)
         print(f"wrote {path}")
     print(f"{len(result.images)} image(s) in {time.time() - t0:.1f} s on {pipe.device} ({pipe.dtype})")
