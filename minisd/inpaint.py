@@ -24,6 +24,16 @@ from PIL import Image, ImageFilter, ImageOps
 from .diffusion import scalings, t_to_sigma
 
 MASKED_CONTENT = ("original", "fill", "latent-noise")
+A1111_MASKED_CONTENT = {"fill": "fill", "original": "original", "latent-noise": "latent noise"}
+
+
+def mask_parameters(strength, mask_blur, invert_mask, masked_content, only_masked, padding):
+    """The mask settings as A1111's infotext fields (images.a1111_parameters; None: left out, as A1111 does)."""
+    return dict(denoising_strength=strength, mask_blur=mask_blur,
+                mask_mode="Inpaint not masked" if invert_mask else None,
+                masked_content=A1111_MASKED_CONTENT[masked_content],
+                inpaint_area="Only masked" if only_masked else None,
+                masked_area_padding=padding if only_masked else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

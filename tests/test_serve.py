@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 webuiapi = pytest.importorskip("webuiapi")
 pytest.importorskip("fastapi")
@@ -70,6 +70,15 @@ def pipe(one_thread):
     return Pipeline.load(None, prepack=False, log=lambda *_: None)
 
 
+def _png64(size=(64, 64)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 40)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+PNG64 = _png64()
+
+
 def pixels(image):
     return np.asarray(image.convert("RGB"))
 
@@ -102,6 +111,28 @@ def test_img2img_equals_minisd_img2img_bit_for_bit(api, pipe, tmp_path, capsys):
     assert np.array_equal(pixels(reply.images[0]), pixels(expected))
     assert reply.images[0].info["parameters"] == expected.info["parameters"]
     assert not np.array_equal(pixels(reply.images[0]), pixels(init))
+
+
+def test_img2img_with_a_mask_equals_minisd_inpaint_bit_for_bit(api, pipe, tmp_path, capsys):
+    """A1111's inpainting through its API (webuiapi's defaults: "Only masked", masked content "fill", blur 4) is
+    `minisd inpaint` with the same settings; the PNG parameters carry the mask settings."""
+    init = pipe.generate("a yellow triangle on a black background", seed=3, steps=4).images[0]
+    init.save(tmp_path / "init.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    reply = api.img2img(images=[init], mask_image=mask, prompt=PROMPT, seed=11, steps=8, denoising_strength=0.9,
+                        sampler_name="Euler", cfg_scale=5, width=64, height=64, inpaint_full_res_padding=8)
+    assert main(["inpaint", PROMPT, "--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--strength", "0.9", "--seed", "11", "--steps", "8", "--sampler", "Euler", "--cfg", "5",
+                 "--masked-content", "fill", "--only-masked", "--padding", "8", "--width", "64", "--height", "64",
+                 "--emphasis", "--no-prepack", "--out", str(tmp_path / "out.png")]) == 0
+    expected = Image.open(tmp_path / "out.png")
+    assert np.array_equal(pixels(reply.images[0]), pixels(expected))
+    assert reply.images[0].info["parameters"] == expected.info["parameters"]
+    assert "Inpaint area: Only masked" in expected.info["parameters"]
+    inside, outside = pixels(reply.images[0]) != pixels(init), np.asarray(mask) == 0
+    assert inside.any() and not inside[outside & (np.asarray(mask.filter(ImageFilter.MaxFilter(25))) == 0)].any()
 
 
 def test_a_listed_lora_in_the_prompt_equals_minisd_generate_with_lora_dir(api, server, folder, tmp_path, capsys):
@@ -157,7 +188,8 @@ def test_progress_then_interrupt_stops_after_the_step(api):
     ("txt2img", {"prompt": "x", "width": 60, "steps": 1}, "width must be a positive multiple of 8"),
     ("img2img", {"prompt": "x", "init_images": ["not an image!"]}, "init_images[0]: not a base64-encoded image"),
     ("img2img", {"prompt": "x", "init_images": [base64.b64encode(b"GIF89a-no").decode()]}, "not a base64-encoded"),
-    ("img2img", {"prompt": "x", "init_images": ["AAAA"], "mask": "AAAA"}, "inpainting is not supported yet"),
+    ("img2img", {"prompt": "x", "init_images": [PNG64], "mask": "AAAA"}, "mask: not a base64-encoded image"),
+    ("img2img", {"prompt": "x", "init_images": [PNG64], "mask": PNG64, "inpainting_fill": 3}, "inpainting_fill=3"),
     ("options", {"sd_model_checkpoint": "../tiny-copy.safetensors"}, "no model named"),
     ("options", {"sd_model_checkpoint": "/etc/passwd"}, "no model named"),
     ("options", {"sd_vae": "x"}, "option 'sd_vae' is not supported"),

@@ -20,9 +20,6 @@ from .generate import (_add_output, _step_saver, add_control_flags, add_generati
                        generation_kwargs, load_controls, load_pipeline)
 
 # A1111's words for the masked content modes in its infotext
-A1111_MASKED_CONTENT = {"fill": "fill", "original": "original", "latent-noise": "latent noise"}
-
-
 def _add_mask_flags(p, masked_content):
     g = p.add_argument_group("mask", "--width/--height: the size the --only-masked box is inpainted at (default: "
                                      "the model's); without --only-masked, the size the picture is resized to "
@@ -82,15 +79,6 @@ def _picture_and_mask(args):
     return canvas, new_area
 
 
-def _mask_parameters(args):
-    """The mask settings in A1111's infotext fields (None: left out, as A1111 does)."""
-    return dict(denoising_strength=args.strength, mask_blur=args.mask_blur,
-                mask_mode="Inpaint not masked" if args.invert_mask else None,
-                masked_content=A1111_MASKED_CONTENT[args.masked_content],
-                inpaint_area="Only masked" if args.only_masked else None,
-                masked_area_padding=args.padding if args.only_masked else None)
-
-
 def run_inpaint(args):
     """minisd inpaint / outpaint."""
     kwargs = generation_kwargs(args)            # a bad sampler, schedule, eta or churn fails before the model loads
@@ -115,12 +103,13 @@ def run_inpaint(args):
                           only_masked=args.only_masked, padding=args.padding, composite=not args.no_composite,
                           controls=controls, **kwargs)
     width, height = result.images[0].size
+    mask_fields = inpaint.mask_parameters(args.strength, args.mask_blur, args.invert_mask, args.masked_content,
+                                          args.only_masked, args.padding)
     for b, (image, path, image_seed) in enumerate(zip(result.images, paths, result.seeds)):
         params = a1111_parameters(args.prompt, args.negative_prompt, kwargs["steps"],
                                   samplers.display_name(result.sampler), kwargs["cfg"], image_seed, width, height,
                                   pipe.name, schedule_type=result.schedule.capitalize(),
-                                  batch_pos=b if len(seeds) > 1 else None, **_mask_parameters(args),
-                                  **control_fields)
+                                  batch_pos=b if len(seeds) > 1 else None, **mask_fields, **control_fields)
         save_png(image, path, params, overwrite=args.overwrite)
         print(f"wrote {path}")
     print(f"{len(result.images)} image(s) in {time.time() - t0:.1f} s on {pipe.device} ({pipe.dtype})")

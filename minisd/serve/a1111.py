@@ -25,6 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 from pydantic import BaseModel, ConfigDict
 
 from .. import samplers
+from ..inpaint import mask_parameters
 from ..images import a1111_parameters, to_pil
 from ..pipeline import DEFAULT_CFG, DEFAULT_STEPS
 from ..prompts import parse_lora_tags
@@ -67,7 +68,13 @@ class Img2Img(Txt2Img):
     init_images: list[str]              # base64 PNG/JPEG (a data: URL prefix is allowed); one image
     denoising_strength: float = 0.75
     resize_mode: int = 0                # 0: "Just resize" to width x height, the only mode here
-    mask: str | None = None             # inpainting: not supported yet
+    # inpainting (Pipeline.inpaint), A1111's fields and API defaults; they act only with a mask
+    mask: str | None = None             # base64; white = repaint
+    mask_blur: int = 4
+    inpainting_fill: int = 0            # masked content: 0 fill, 1 original, 2 latent noise (3 latent nothing: no)
+    inpaint_full_res: bool = True       # "Inpaint area: Only masked", inpainted at width x height
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0     # 1: black = repaint
 
 
 ANY = object()          # any value changes nothing here
@@ -108,11 +115,9 @@ IMG2IMG_NEUTRAL = NEUTRAL | {
     "image_cfg_scale": (ANY, "acts only on instruct-pix2pix models"),
     "initial_noise_multiplier": ((None, 1), "initial_noise_multiplier"),
     "include_init_images": ((False,), "include_init_images"),
-    "latent_mask": ((None,), "inpainting (not supported yet)"),
-    # inpainting's settings: they act only with a mask
-    **{k: (ANY, "acts only with a mask") for k in (
-        "mask_blur", "mask_blur_x", "mask_blur_y", "mask_round", "inpainting_fill", "inpaint_full_res",
-        "inpaint_full_res_padding", "inpainting_mask_invert")},
+    "latent_mask": ((None,), "a separate latent mask"),
+    # A1111 derives these from mask_blur, and rounds the mask's latent as minisd does
+    **{k: (ANY, "follows mask_blur") for k in ("mask_blur_x", "mask_blur_y", "mask_round")},
 }
 
 
@@ -141,6 +146,9 @@ class Settings:
     send_images: bool = True
     init_image: Image.Image | None = None
     strength: float | None = None
+    mask: Image.Image | None = None
+    inpaint: dict | None = None     # Pipeline.inpaint's mask settings
+    inpaint_fields: dict | None = None      # and their A1111 infotext fields
 
 
 def _bounded(name, value, limit):
@@ -200,8 +208,6 @@ def settings(request, loras=()):
     if not img2img:
         read.kwargs.update(width=request.width, height=request.height)
         return read
-    if request.mask is not None:
-        raise ValueError("mask: inpainting is not supported yet by minisd serve")
     if request.resize_mode != 0:
         raise ValueError(f"resize_mode={request.resize_mode} is not supported (0: just resize)")
     if len(request.init_images) != 1:
@@ -213,7 +219,37 @@ def settings(request, loras=()):
     if size != image.size:          # A1111's "Just resize" (LANCZOS, as its images.resize_image)
         image = image.resize(size, Image.LANCZOS)
     read.init_image, read.strength = image, request.denoising_strength
+    if request.mask is not None:
+        _inpaint_settings(request, read)
     return read
+
+
+MASKED_CONTENT = {0: "fill", 1: "original", 2: "latent-noise"}      # A1111's inpainting_fill
+
+
+def _inpaint_settings(request, read):
+    """img2img with a mask is A1111's inpainting: Pipeline.inpaint's settings from its fields, as `minisd
+    inpaint` takes them (the "Only masked" box inpainted at width x height)."""
+    if request.inpainting_fill not in MASKED_CONTENT:
+        raise ValueError(f"inpainting_fill={request.inpainting_fill} is not supported (0 fill, 1 original, "
+                         "2 latent noise)")
+    if not 0 <= request.mask_blur <= 64 or not 0 <= request.inpaint_full_res_padding <= MAX_SIDE:
+        raise ValueError(f"mask_blur={request.mask_blur} or inpaint_full_res_padding="
+                         f"{request.inpaint_full_res_padding} is out of range: 0..64 and 0..{MAX_SIDE}")
+    if request.inpainting_mask_invert not in (0, 1):
+        raise ValueError(f"inpainting_mask_invert={request.inpainting_mask_invert}: 0 or 1")
+    if read.strength == 0:
+        raise ValueError("denoising_strength=0 with a mask repaints nothing: send more than 0")
+    masked_content = MASKED_CONTENT[request.inpainting_fill]
+    only_masked = bool(request.inpaint_full_res)
+    read.mask = decode_image(request.mask, "mask").convert("L")
+    read.inpaint = dict(mask_blur=request.mask_blur, invert_mask=bool(request.inpainting_mask_invert),
+                        masked_content=masked_content, only_masked=only_masked,
+                        padding=request.inpaint_full_res_padding)
+    if only_masked:         # the box is inpainted at width x height; the picture keeps its size
+        read.inpaint.update(width=read.init_image.width, height=read.init_image.height)
+    read.inpaint_fields = mask_parameters(read.strength, request.mask_blur, bool(request.inpainting_mask_invert),
+                                          masked_content, only_masked, request.inpaint_full_res_padding)
 
 
 # -- running one request on the worker ------------------------------------------------------------------------
@@ -224,7 +260,7 @@ def generate(read, pipe, callback):
     seeds). Returns (PIL images, their A1111 parameter lines, whether /interrupt stopped it): an interrupted run
     ends after its current step, with that step's x0 estimate as its images, as A1111 returns what it has."""
     images, infotexts = [], []
-    extra = {} if read.init_image is None else {"denoising_strength": read.strength}
+    extra = {} if read.init_image is None else read.inpaint_fields or {"denoising_strength": read.strength}
     for start in range(0, len(read.seeds), read.batch_size):
         seeds = read.seeds[start:start + read.batch_size]
         interrupted = False
@@ -232,6 +268,10 @@ def generate(read, pipe, callback):
             if read.init_image is None:
                 result = pipe.generate(read.prompt, seed=seeds, callback=callback,
                                        negative_prompt=read.negative_prompt, **read.kwargs)
+            elif read.mask is not None:
+                result = pipe.inpaint(read.prompt, read.init_image, read.mask, read.strength, seed=seeds,
+                                      callback=callback, negative_prompt=read.negative_prompt, **read.inpaint,
+                                      **read.kwargs)
             else:
                 result = pipe.img2img(read.prompt, read.init_image, read.strength, seed=seeds, callback=callback,
                                       negative_prompt=read.negative_prompt, **read.kwargs)
