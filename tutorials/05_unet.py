@@ -14,7 +14,7 @@ import torch
 
 from minisd.model import load_model, tiny_model_path
 from minisd.pipeline import Pipeline
-from minisd.unet import BasicTransformerBlock, ResBlock, SpatialTransformer, timestep_embedding
+from minisd.unet import ResBlock, SpatialTransformer, timestep_embedding
 
 pipe = Pipeline(load_model(tiny_model_path(), verbose=False))     # the tiny built-in model, on the CPU in fp32
 unet = pipe.model.unet
@@ -83,33 +83,27 @@ for name, module in unet.named_modules():
 # ## The cross-attention map of one word
 # Each cross-attention layer computes softmax(Q K^T / sqrt(d)): for every latent pixel, a distribution over the
 # 77 text tokens. Reading one token's column and reshaping it to h x w shows *where* the image looks at that
-# word (Hertz et al. 2022, "Prompt-to-Prompt"; Tang et al. 2022, "DAAM"). The package has no hooks; here a forward
-# hook only *observes* each `attn2` input during one generation, and recomputes the attention probabilities from
-# the layer's own projections. We average over heads, layers (each upsampled to 64 x 64) and the 20 steps, and
-# keep the conditional half of the classifier-free-guidance batch.
+# word (Hertz et al. 2022, "Prompt-to-Prompt"; Tang et al. 2022, "DAAM"). `unet.record_cross_attention(store)`
+# makes every cross-attention layer append those probabilities (averaged over its heads) to a list at each call, and
+# `None` turns it off again: an explicit switch, off by default, that `minisd serve`'s word maps use too. We average
+# over layers (each upsampled to 64 x 64) and the 20 steps, and keep the conditional half of the
+# classifier-free-guidance batch.
 
 # %%
 import torch.nn.functional as F
 from einops import rearrange
 
 prompt = "a red circle on a blue background"
-maps = torch.zeros(77, 64, 64)
-
-
-def record(attn, inputs, output):
-    x, text = inputs                                                   # attn2(norm2(x), context)
-    q = rearrange(attn.to_q(x[-1:]), "b n (h d) -> b h n d", h=attn.heads)       # the conditional half
-    k = rearrange(attn.to_k(text[-1:]), "b n (h d) -> b h n d", h=attn.heads)
-    probs = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(-1).mean(1)[0]  # (h*w, 77)
-    side = int(probs.shape[0] ** 0.5)
-    per_token = rearrange(probs, "(y x) n -> n y x", y=side)[None]                 # (1, 77, side, side)
-    maps.add_(F.interpolate(per_token, size=(64, 64), mode="bilinear", align_corners=False)[0])
-
-
-handles = [m.attn2.register_forward_hook(record) for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+store = []
+unet.record_cross_attention(store)
 result = pipe.generate(prompt, seed=0, steps=20)
-for handle in handles:
-    handle.remove()
+unet.record_cross_attention(None)
+maps = torch.zeros(77, 64, 64)
+for probs in store:                                                    # (2, h*w, 77): CFG's [uncond, cond]
+    side = int(probs.shape[1] ** 0.5)
+    per_token = rearrange(probs[-1:], "b (y x) n -> b n y x", y=side)               # (1, 77, side, side)
+    maps.add_(F.interpolate(per_token.float(), size=(64, 64), mode="bilinear", align_corners=False)[0])
+print(f"{len(store)} maps recorded: {len(store) // 20} cross-attention layers x 20 steps")
 maps /= maps.sum(0, keepdim=True)                                      # per pixel: a distribution over tokens
 
 tokens = pipe.model.tokenizer(prompt)[0].tolist()
