@@ -50,7 +50,8 @@ from .. import lora
 from . import dreambooth
 from .batches import Stream
 from .hf_dataset import DatasetSettings, check_source, training_examples
-from .run import Training, fit
+from .loop import atomic_write
+from .run import Training, fit, snapshot_path
 from .settings import DTYPES, check
 
 SAVE_FORMATS = ("kohya", "diffusers")
@@ -132,34 +133,41 @@ def run(cfg: LoRAConfig, draws=None, log=print):
         log(f"LoRA rank {cfg.rank}, alpha {cfg.alpha:g} on {len(factors)} layers ({cfg.lora_targets} targets): "
             f"{sum(p.numel() for p in params.values()):,} trainable numbers")
 
-        def save(model, weights):
-            with torch.no_grad():        # the final values (EMA ones with --use-ema) into the factors
-                for name, p in params.items():
-                    p.copy_(weights[name])
-            final = {name: lora.Factors(f.down.detach().cpu(), f.up.detach().cpu(), f.alpha)
-                     for name, f in factors.items()}
-            return write(final, model.config, cfg)
+        def save(model, weights, step=None):
+            """The LoRA file; a snapshot (step given) is written from `weights` alone, the final one also puts
+            them into the factors (the final validation images use them: EMA values with --use-ema)."""
+            if step is None:
+                with torch.no_grad():
+                    for name, p in params.items():
+                        p.copy_(weights[name])
+            final = {name: lora.Factors(weights[f"{name}.down"].detach().cpu(), weights[f"{name}.up"].detach().cpu(),
+                                        f.alpha) for name, f in factors.items()}
+            return write(final, model.config, cfg, step)
 
         return Training(streams, trainable=params, save=save, substitute=lambda: merged_weights(model, factors),
-                        prior_loss_weight=cfg.prior_loss_weight)
+                        prior_loss_weight=cfg.prior_loss_weight, text_encoder_prefix="lora_te_")
 
     return fit(cfg, "lora", prepare, draws, log)
 
 
-def write(factors, config, cfg: LoRAConfig):
-    """The LoRA file of the run (module docstring), written beside its name and renamed into place."""
+def write(factors, config, cfg: LoRAConfig, step=None):
+    """The LoRA file of the run (module docstring), written to a temporary name and renamed into place; a
+    snapshot's name ends in -step000400 (step given)."""
     if cfg.save_format == "diffusers":
         path = os.path.join(cfg.out, "pytorch_lora_weights.safetensors")
     else:
         path = os.path.join(cfg.out, (os.path.basename(os.path.normpath(cfg.out)) or "lora") + ".safetensors")
-    tmp = path + ".tmp"
+    if step is not None:
+        path = snapshot_path(path, step)
     if cfg.save_format == "diffusers":
-        lora.save_diffusers(tmp, factors, config)
+        atomic_write(path, lambda tmp: lora.save_diffusers(tmp, factors, config))
     else:                                # kohya's ss_ metadata: what A1111's and ComfyUI's LoRA browsers show
-        lora.save_kohya(tmp, factors, {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
-                                       "ss_network_alpha": f"{cfg.alpha:g}", "ss_max_train_steps":
-                                       str(cfg.max_train_steps), "ss_learning_rate": f"{cfg.learning_rate:g}",
-                                       "ss_training_comment": f"minisd train lora ({cfg.lora_targets} targets)"})
-    os.replace(tmp, path)
+        metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
+                    "ss_network_alpha": f"{cfg.alpha:g}", "ss_max_train_steps": str(cfg.max_train_steps),
+                    "ss_learning_rate": f"{cfg.learning_rate:g}",
+                    "ss_training_comment": f"minisd train lora ({cfg.lora_targets} targets)"}
+        if step is not None:
+            metadata["ss_steps"] = str(step)
+        atomic_write(path, lambda tmp: lora.save_kohya(tmp, factors, metadata))
     return path
 
