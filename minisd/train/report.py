@@ -16,6 +16,7 @@ elsewhere), so a torchrun job is one run in the tracker.
 """
 import importlib.util
 import os
+import uuid
 
 import numpy as np
 from PIL import Image
@@ -63,7 +64,7 @@ class WandB:
         import wandb
         self.wandb = wandb
         id_file = os.path.join(out, "logs", "wandb-run-id")
-        run_id = open(id_file).read().strip() if resume_step and os.path.exists(id_file) else wandb.util.generate_id()
+        run_id = open(id_file).read().strip() if resume_step and os.path.exists(id_file) else uuid.uuid4().hex[:8]
         os.makedirs(os.path.dirname(id_file), exist_ok=True)
         with open(id_file, "w") as f:
             f.write(run_id)

@@ -1,0 +1,341 @@
+"""Training runs as users manage them (issue 31): live curves (--report-to), snapshots and checkpoints kept, two
+learning rates and the optimizer flags, --num-train-epochs, and what a run does when it is stopped (SIGTERM,
+SIGUSR1), diverges (a non-finite loss) or cannot write (disk full).
+
+The command-line runs are on the tiny built-in model at 32 px, 3 steps, one thread; the loop's own behaviour is
+shown on a toy problem (tests/test_train.py's) in milliseconds. The two-group parity against diffusers is in
+test_finetune.py (it shares that file's model).
+"""
+import errno
+import json
+import os
+import signal
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _train_refs import image_folder
+from minisd.cli import main
+from minisd.train import loop, run as run_mod
+from minisd.train.loop import NonFiniteLoss, Stopped, TrainConfig, WriteFailed, train
+from weights_convert import detect
+
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
+
+
+def _lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _messages(capsys):
+    """The lines minisd printed to stderr (not the progress bar's)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("minisd:")]
+
+
+def _state(path):
+    return detect.read(str(path), verbose=False).state
+
+
+def _command(data, out, *extra):
+    """The run every command-line test here makes (or continues): finetune with the text encoder at its own rate,
+    a snapshot every step (the newest 2 kept), a checkpoint every step (the newest 2 kept), validation images at
+    steps 2 and 3, TensorBoard."""
+    return ["train", "finetune", "--data", str(data), "--out", str(out), "--resolution", "32", "--max-train-steps",
+            "3", "--learning-rate", "1e-4", "--train-text-encoder", "--text-encoder-lr", "2e-5", "--device", "cpu",
+            "--report-to", "tensorboard", "--save-model-steps", "1", "--save-last-n", "2", "--checkpointing-steps",
+            "1", "--checkpoints-total-limit", "2", "--validation-prompt", "a red circle", "--validation-steps", "2",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return image_folder(tmp_path_factory.mktemp("data"), 2, seed=2, captions=["a red circle", "a blue square"])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data):
+    """One uninterrupted run of _command: its folder."""
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    assert main(_command(data, out)) == 0
+    return out
+
+
+# --- 1. live curves -----------------------------------------------------------------------------------------------
+
+def _tensorboard(out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "logs" / "finetune"), size_guidance={"scalars": 0, "images": 0})
+    return events.Reload()
+
+
+def test_tensorboard_reads_back_every_logged_loss_and_rate_of_train_log(straight):
+    log = [e for e in _lines(straight / "train_log.jsonl") if "loss" in e]
+    events = _tensorboard(straight)
+    assert {"loss", "lr", "lr/text_encoder", "seconds"} <= set(events.Tags()["scalars"])
+    for tag in ("loss", "lr", "lr/text_encoder", "seconds"):
+        read = [(s.step, s.value) for s in events.Scalars(tag)]
+        # event files hold float32: each value is the log's, rounded once to float32
+        assert read == [(e["step"], float(np.float32(e[tag]))) for e in log], tag
+    assert [e["lr/text_encoder"] for e in log] == [2e-5] * 3 and [e["lr"] for e in log] == [1e-4] * 3
+    assert len({e["loss"] for e in log}) == 3
+
+
+def test_tensorboard_shows_the_validation_images_of_each_validation_step(straight):
+    from PIL import Image
+    images = _tensorboard(straight).Images("validation/0")
+    assert [i.step for i in images] == [2, 3]
+    for i in images:
+        with Image.open(straight / "samples" / f"step-{i.step:06d}-0.png") as png:
+            assert (i.width, i.height) == png.size
+
+
+def _wandb_history(run_folder):
+    """The history rows ({key: value}) of an offline wandb run: its .wandb file is a LevelDB-style log (7-byte
+    file header; 32 KiB blocks of records with a 7-byte header: crc32, length, type 1 full / 2 first / 3 middle /
+    4 last) of wandb_internal_pb2.Record messages, read here with the client's own protobuf classes."""
+    from wandb.proto import wandb_internal_pb2
+    (path,) = Path(run_folder).glob("run-*.wandb")
+    data, pos, part, rows = path.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        part += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            part = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_a_wandb_run_offline_holds_the_losses_of_train_log(tmp_path, data, monkeypatch):
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                        "WANDB_CONFIG_DIR": tmp_path / "cfg", "WANDB_CACHE_DIR": tmp_path / "cache",
+                        "WANDB_DATA_DIR": tmp_path / "data"}.items():
+        monkeypatch.setenv(name, str(value))
+    out = tmp_path / "run"
+    assert main(["train", "finetune", "--data", str(data), "--out", str(out), "--resolution", "32",
+                 "--max-train-steps", "2", "--device", "cpu", "--report-to", "wandb",
+                 "--tracker-project-name", "runs-test"]) == 0
+    (folder,) = (out / "wandb").glob("offline-run-*")
+    history = [row for row in _wandb_history(folder) if "loss" in row]
+    log = [e for e in _lines(out / "train_log.jsonl") if "loss" in e]
+    assert [(row["_step"], row["loss"], row["lr"]) for row in history] == [(e["step"], e["loss"], e["lr"])
+                                                                           for e in log]
+
+
+def test_a_missing_tracker_is_one_line_naming_the_pip_command(tmp_path, data, monkeypatch, capsys):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    assert main(["train", "finetune", "--data", str(data), "--out", str(tmp_path / "o"), "--report-to", "wandb"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'pip install "minisd[wandb]"' in err[0], err
+
+
+# --- 2. snapshots and checkpoints kept --------------------------------------------------------------------------------
+
+def test_snapshots_hold_the_weights_of_their_step_and_only_the_newest_are_kept(straight):
+    assert sorted(p.name for p in straight.glob("model-step*")) == ["model-step000002.safetensors",
+                                                                    "model-step000003.safetensors"]
+    snapshots = [e for e in _lines(straight / "train_log.jsonl") if "snapshot" in e]
+    assert [e["step"] for e in snapshots] == [1, 2, 3]        # listed as written; step 1's deleted since
+    # the snapshot of step 2 holds the weights the (kept) checkpoint of step 2 holds, in the official layout
+    params = torch.load(straight / "checkpoints" / "finetune-step000002.ckpt.pt", weights_only=True)["params"]
+    snapshot = _state(straight / "model-step000002.safetensors")
+    assert any(k.startswith("text_encoder.") for k in params)
+    assert all(torch.equal(snapshot[k], v) for k, v in params.items())
+    final = _state(straight / "model.safetensors")
+    assert all(torch.equal(final[k], v) for k, v in _state(straight / "model-step000003.safetensors").items())
+    assert not torch.equal(final["unet.out.2.weight"], snapshot["unet.out.2.weight"])
+
+
+def test_checkpoints_total_limit_keeps_the_newest_resumable_checkpoints(straight):
+    folder = straight / "checkpoints"
+    assert sorted(os.listdir(folder)) == ["finetune-step000002.ckpt.pt", "finetune.ckpt.pt"]
+    assert torch.load(folder / "finetune.ckpt.pt", weights_only=True)["step"] == 3
+    assert torch.load(folder / "finetune-step000002.ckpt.pt", weights_only=True)["step"] == 2
+
+
+# --- 3. optimizer flags and epochs ----------------------------------------------------------------------------------
+
+def test_the_optimizer_flags_fill_the_loops_settings():
+    from minisd.cli import build_parser
+    from minisd.cli.train import config_from_args
+    from minisd.train.settings import train_config
+    args = build_parser().parse_args(["train", "lora", "--data", "d", "--out", "o", "--adam-beta1", "0.8",
+                                      "--adam-beta2", "0.95", "--adam-weight-decay", "0.1", "--adam-epsilon", "1e-6",
+                                      "--max-grad-norm", "0", "--use-ema", "--ema-decay", "0.99",
+                                      "--lr-scheduler", "polynomial", "--lr-power", "2", "--unet-lr", "3e-4",
+                                      "--text-encoder-lr", "1e-5", "--train-text-encoder"])
+    cfg = config_from_args(args)
+    t = train_config(cfg, "lora_te_")
+    assert (t.betas, t.weight_decay, t.adam_eps, t.grad_clip, t.ema_decay, t.lr_power, t.lr) == (
+        (0.8, 0.95), 0.1, 1e-6, 0.0, 0.99, 2.0, 3e-4)
+    assert t.lr_scales == (("lora_te_", 1e-5 / 3e-4, "text_encoder"),)
+    assert cfg.max_train_steps == 400                         # the method's default when neither is given
+
+
+def test_num_train_epochs_gives_the_steps_diffusers_computes(capsys):
+    from minisd.cli import build_parser
+    from minisd.cli.train import config_from_args
+    from minisd.train.batches import Stream
+    from minisd.train.dreambooth import DreamBoothConfig
+    lines = []
+    cfg = DreamBoothConfig(out="o", num_train_epochs=3, train_batch_size=2, gradient_accumulation_steps=2)
+    streams = [Stream(list(range(5)), 0), Stream(list(range(9)), 1)]     # entries() only counts the examples
+    for s in streams:
+        s.examples = [type("E", (), {"repeats": 1})() for _ in s.examples]
+    steps = run_mod.epochs_to_steps(cfg, streams, lines.append).max_train_steps
+    # diffusers: len(dataset) = max(instances, class images) with prior preservation; len(dataloader) =
+    # ceil(len / batch); num_update_steps_per_epoch = ceil(len(dataloader) / accumulation); x epochs
+    assert steps == 3 * -(-(-(-9 // 2)) // 2) == 9
+    assert "9 steps" in lines[0]
+    args = build_parser().parse_args(["train", "finetune", "--data", "d", "--out", "o", "--num-train-epochs", "2",
+                                      "--max-train-steps", "7"])
+    cfg = config_from_args(args)
+    assert (cfg.max_train_steps, cfg.num_train_epochs) == (7, None)     # as diffusers: the steps win, and it says so
+    assert "wins over --num-train-epochs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--text-encoder-lr", "1e-5"], "--text-encoder-lr is the rate of the text encoder"),
+    (["--save-last-n", "2"], "give that too"),
+    (["--adam-beta1", "1"], "--adam-beta1 must be in [0, 1)"),
+    (["--lr-power", "2"], "does not use lr_power"),
+    (["--checkpoints-total-limit", "0"], "--checkpoints-total-limit must be >= 1"),
+])
+def test_bad_settings_are_one_line_before_training(tmp_path, data, capsys, args, message):
+    assert main(["train", "finetune", "--data", str(data), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+# --- 5. stopped, diverged, disk full -----------------------------------------------------------------------------
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resumed_run_ends_bit_identical(
+        tmp_path, data, straight, monkeypatch, capsys):
+    """SIGTERM arrives during step 2 (sent from inside its loss): the step finishes, the checkpoint of step 2 is
+    written, one line names --resume, the status is 128 + 15; resumed, the run ends with the straight run's bits,
+    and TensorBoard's curves hold each step once."""
+    calls = []
+    step_loss = run_mod.step_loss
+
+    def loss_sending_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_loss(*args, **kwargs)
+    monkeypatch.setattr(run_mod, "step_loss", loss_sending_sigterm)
+    out = tmp_path / "stopped"
+    assert main(_command(data, out)) == 128 + signal.SIGTERM
+    err = _messages(capsys)
+    assert len(err) == 1 and "SIGTERM after step 2" in err[0] and "--resume" in err[0], err
+    assert torch.load(out / "checkpoints" / "finetune.ckpt.pt", weights_only=True)["step"] == 2
+    assert not (out / "model.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL          # the handler is put back
+
+    monkeypatch.setattr(run_mod, "step_loss", step_loss)
+    assert main(_command(data, out, "--resume")) == 0
+    a, b = _state(straight / "model.safetensors"), _state(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["step"] for e in _lines(out / "train_log.jsonl") if "loss" in e] == [1, 2, 3]
+    assert [s.step for s in _tensorboard(out).Scalars("loss")] == [1, 2, 3]
+
+    # then a write that fails (disk full) is one line, and the model file there stays whole
+    def full_disk(path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(run_mod, "write_safetensors", full_disk)
+    before = (out / "model.safetensors").read_bytes()
+    assert main(["train", "finetune", "--data", str(data), "--out", str(out), "--resolution", "32",
+                 "--max-train-steps", "4", "--learning-rate", "1e-4", "--train-text-encoder", "--device", "cpu",
+                 "--text-encoder-lr", "2e-5", "--resume"]) == 2
+    err = _messages(capsys)
+    assert len(err) == 1 and "No space left on device" in err[0] and "model.safetensors" in err[0], err
+    assert (out / "model.safetensors").read_bytes() == before
+    assert not list(out.glob("*.tmp"))
+
+
+def _toy():
+    from test_train import _toy_problem
+    return _toy_problem()
+
+
+def test_sigusr1_in_the_loop_stops_with_a_checkpoint_and_resumes_exactly(tmp_path):
+    cfg = TrainConfig(steps=12, lr=1e-2, checkpoint_every=5)
+    net, loss_fn = _toy()
+    straight = train(net, dict(net.named_parameters()), loss_fn, cfg, tmp_path / "a", "toy", log=lambda *_: None)
+    net, loss_fn = _toy()
+
+    def signalled(k, generator):
+        if k == 6:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return loss_fn(k, generator)
+    with pytest.raises(Stopped) as stopped:
+        train(net, dict(net.named_parameters()), signalled, cfg, tmp_path / "b", "toy", log=lambda *_: None)
+    assert stopped.value.step == 7 and stopped.value.signum == signal.SIGUSR1
+    assert torch.load(tmp_path / "b" / "toy.ckpt.pt", weights_only=True)["step"] == 7
+    net, loss_fn = _toy()
+    resumed = train(net, dict(net.named_parameters()), loss_fn, cfg, tmp_path / "b", "toy", log=lambda *_: None)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+    cfg = TrainConfig(steps=6, lr=1e-2, checkpoint_every=2)
+    net, loss_fn = _toy()
+
+    def diverging(k, generator):
+        loss = loss_fn(k, generator)
+        return loss * float("nan") if k == 4 else loss
+    with pytest.raises(NonFiniteLoss, match=r"the loss of step 5 is nan.*toy\.ckpt\.pt, is of step 4"):
+        train(net, dict(net.named_parameters()), diverging, cfg, tmp_path, "toy", log=lambda *_: None)
+    params = torch.load(tmp_path / "toy.ckpt.pt", weights_only=True)["params"]
+    assert all(torch.isfinite(p).all() for p in params.values())
+    assert all(torch.isfinite(p).all() for p in net.parameters())      # the optimizer never used it
+
+
+def test_fp16_steps_the_loss_scaler_skips_are_logged_not_fatal(tmp_path):
+    cfg = TrainConfig(steps=4, lr=1e-2, checkpoint_every=10, mixed_precision="fp16", ema_decay=0)
+    net, loss_fn = _toy()
+
+    def overflowing(k, generator):
+        loss = loss_fn(k, generator)
+        return loss * float("inf") if k == 1 else loss
+    train(net, dict(net.named_parameters()), overflowing, cfg, tmp_path, "toy", log=lambda *_: None,
+          log_path=tmp_path / "log.jsonl")
+    # (the first step may overflow too: the scaler starts at 2^16, which it halves until the gradients fit fp16)
+    assert [e.get("skipped", False) for e in _lines(tmp_path / "log.jsonl")][1:] == [True, False, False]
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one_whole(tmp_path, monkeypatch):
+    cfg = TrainConfig(steps=4, lr=1e-2, checkpoint_every=2)
+    net, loss_fn = _toy()
+    save = torch.save
+    calls = []
+
+    def full_disk(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            save(obj, f)                  # most of it, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        save(obj, f)
+    monkeypatch.setattr(loop.torch, "save", full_disk)
+    with pytest.raises(WriteFailed, match=r"could not write .*toy\.ckpt\.pt: No space left on device"):
+        train(net, dict(net.named_parameters()), loss_fn, cfg, tmp_path, "toy", log=lambda *_: None)
+    assert os.listdir(tmp_path) == ["toy.ckpt.pt"]
+    assert torch.load(tmp_path / "toy.ckpt.pt", weights_only=True)["step"] == 2
