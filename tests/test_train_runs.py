@@ -339,3 +339,35 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one_whole(tmp_pa
         train(net, dict(net.named_parameters()), loss_fn, cfg, tmp_path, "toy", log=lambda *_: None)
     assert os.listdir(tmp_path) == ["toy.ckpt.pt"]
     assert torch.load(tmp_path / "toy.ckpt.pt", weights_only=True)["step"] == 2
+
+
+# --- 2. choosing a snapshot: minisd eval over several models ----------------------------------------------------------
+
+def test_eval_scores_every_snapshot_in_a_row_of_its_own_and_names_the_best(tmp_path, straight, capsys):
+    from minisd.tiny import shapes
+    (tmp_path / "prompts.txt").write_text("a red circle on a blue background\na green square on a yellow background\n")
+    shapes.write_image_folder(tmp_path / "real", 8, seed=1)
+    common = ["eval", "--prompts", str(tmp_path / "prompts.txt"), "--num-images", "2", "--steps", "2",
+              "--features", "tiny", "--ref", str(tmp_path / "real"), "--metrics", "fid,adherence", "--device", "cpu"]
+    pattern = str(straight / "model-step*.safetensors")
+    assert main([*common, "--model", pattern, "--out", str(tmp_path / "all")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    snapshots = [str(straight / f"model-step{s:06d}.safetensors") for s in (2, 3)]
+    table = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert [row["model"] for row in table["candidates"]] == snapshots and table["metric"] == "fid"
+    assert [line.split()[0] for line in lines[-3:-1]] == snapshots                     # one row each, in order
+    for line, row in zip(lines[-3:-1], table["candidates"]):
+        assert line.split()[1:] == [f"fid={row['fid']:.6f}", f"adherence={row['adherence']:.6f}"]
+    best = min(table["candidates"], key=lambda row: row["fid"])["model"]
+    assert lines[-1] == f"best={best}" and table["best"] == best
+
+    # each snapshot's images are its own, and its row is what evaluating it alone gives
+    assert main([*common, "--model", snapshots[1], "--out", str(tmp_path / "alone")]) == 0
+    alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())
+    assert (alone["fid"], alone["adherence"]) == (table["candidates"][1]["fid"], table["candidates"][1]["adherence"])
+    names = sorted(p.name for p in (tmp_path / "alone" / "images").iterdir())
+    for name in names:
+        assert ((tmp_path / "all" / "model-step000003" / "images" / name).read_bytes()
+                == (tmp_path / "alone" / "images" / name).read_bytes())
+    assert any((tmp_path / "all" / "model-step000002" / "images" / name).read_bytes()
+               != (tmp_path / "alone" / "images" / name).read_bytes() for name in names)
