@@ -42,11 +42,11 @@ def _state(path):
 
 def _command(data, out, *extra):
     """The run every command-line test here makes (or continues): finetune with the text encoder at its own rate,
-    a snapshot every step (the newest 2 kept), a checkpoint every step (the newest 2 kept), validation images at
-    steps 2 and 3, TensorBoard."""
+    an EMA of the weights, a snapshot every step (the newest 2 kept), a checkpoint every step (the newest 2 kept),
+    validation images at steps 2 and 3, TensorBoard."""
     return ["train", "finetune", "--data", str(data), "--out", str(out), "--resolution", "32", "--max-train-steps",
             "3", "--learning-rate", "1e-4", "--train-text-encoder", "--text-encoder-lr", "2e-5", "--device", "cpu",
-            "--report-to", "tensorboard", "--save-model-steps", "1", "--save-last-n", "2", "--checkpointing-steps",
+            "--use-ema", "--report-to", "tensorboard", "--save-model-steps", "1", "--save-last-n", "2", "--checkpointing-steps",
             "1", "--checkpoints-total-limit", "2", "--validation-prompt", "a red circle", "--validation-steps", "2",
             *extra]
 
@@ -151,11 +151,12 @@ def test_snapshots_hold_the_weights_of_their_step_and_only_the_newest_are_kept(s
                                                                     "model-step000003.safetensors"]
     snapshots = [e for e in _lines(straight / "train_log.jsonl") if "snapshot" in e]
     assert [e["step"] for e in snapshots] == [1, 2, 3]        # listed as written; step 1's deleted since
-    # the snapshot of step 2 holds the weights the (kept) checkpoint of step 2 holds, in the official layout
-    params = torch.load(straight / "checkpoints" / "finetune-step000002.ckpt.pt", weights_only=True)["params"]
+    # the snapshot of step 2 holds the EMA weights the (kept) checkpoint of step 2 holds, in the official layout
+    ckpt = torch.load(straight / "checkpoints" / "finetune-step000002.ckpt.pt", weights_only=True)
     snapshot = _state(straight / "model-step000002.safetensors")
-    assert any(k.startswith("text_encoder.") for k in params)
-    assert all(torch.equal(snapshot[k], v) for k, v in params.items())
+    assert any(k.startswith("text_encoder.") for k in ckpt["ema"])
+    assert all(torch.equal(snapshot[k], v) for k, v in ckpt["ema"].items())
+    assert not torch.equal(ckpt["ema"]["unet.out.2.weight"], ckpt["params"]["unet.out.2.weight"])
     final = _state(straight / "model.safetensors")
     assert all(torch.equal(final[k], v) for k, v in _state(straight / "model-step000003.safetensors").items())
     assert not torch.equal(final["unet.out.2.weight"], snapshot["unet.out.2.weight"])
