@@ -372,3 +372,41 @@ def test_eval_scores_every_snapshot_in_a_row_of_its_own_and_names_the_best(tmp_p
                 == (tmp_path / "alone" / "images" / name).read_bytes())
     assert any((tmp_path / "all" / "model-step000002" / "images" / name).read_bytes()
                != (tmp_path / "alone" / "images" / name).read_bytes() for name in names)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_of_a_torchrun_job_stops_every_process_after_the_same_step(tmp_path, data):
+    """Two processes under torchrun; SIGTERM to one of them once the first checkpoint is written: both stop after
+    the same step (one checkpoint, one line naming --resume, a non-zero status), and the job resumed with torchrun
+    ends bit-identical to an uninterrupted two-process job."""
+    import subprocess
+    import sys
+    import time
+    from test_distributed import ENV, ROOT
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "minisd",
+                "train", "finetune", "--data", str(data), "--out", str(out), "--resolution", "32",
+                "--max-train-steps", "12", "--learning-rate", "1e-4", "--checkpointing-steps", "1", "--device", "cpu",
+                *extra]
+    subprocess.run(command(tmp_path / "straight"), env=ENV, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    out = tmp_path / "stopped"
+    ckpt = out / "checkpoints" / "finetune.ckpt.pt"
+    job = subprocess.Popen(command(out), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ckpt.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    workers = [int(p) for t in Path(f"/proc/{job.pid}/task").iterdir()
+               for p in (t / "children").read_text().split()]
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGTERM)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("minisd: stopped by SIGTERM")]
+    assert len(lines) == 1 and "--resume" in lines[0], err[-2000:]
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert f"after step {step};" in lines[0] and 1 <= step < 12, (step, lines)
+    subprocess.run(command(out, "--resume"), env=ENV, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    a, b = _state(tmp_path / "straight" / "model.safetensors"), _state(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    print(f"[sigterm] one of two processes signalled; both stopped after step {step}; resumed bit-identical")
