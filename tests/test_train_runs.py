@@ -410,3 +410,73 @@ def test_sigterm_to_one_process_of_a_torchrun_job_stops_every_process_after_the_
     a, b = _state(tmp_path / "straight" / "model.safetensors"), _state(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     print(f"[sigterm] one of two processes signalled; both stopped after step {step}; resumed bit-identical")
+
+
+# --- 4. LoRA with gradient checkpointing --------------------------------------------------------------------------------
+
+def test_lora_with_gradient_checkpointing_has_the_gradients_of_the_step_without_it():
+    """U-Net and text encoder, both checkpointed: the factors' gradients with W' installed (what `minisd train lora
+    --gradient-checkpointing` does) equal those without checkpointing within 1e-6 relative; checkpointing through
+    functional_call, which puts W back before the recomputation, does not (the comparison can fail)."""
+    from minisd import lora
+    from minisd.diffusion import alphas_cumprod_from_betas, scaled_linear_betas
+    from minisd.model import load_model, tiny_model_path
+    from minisd.train import lora as lora_train
+    from minisd.train.step import draw, install, step_loss, uninstall
+    model = load_model(tiny_model_path(), verbose=False).requires_grad_(False)
+    n_params = len(list(model.parameters()))
+    mc = model.config
+    alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas(mc.beta_start, mc.beta_end, mc.num_timesteps))
+    cfg = lora_train.LoRAConfig(out="x", train_text_encoder=True, rank=2, alpha=4.0)
+    g = torch.Generator().manual_seed(1)
+    params = {}
+    for name, f in lora_train.initial_factors(mc, cfg, torch.Generator().manual_seed(0)).items():
+        params[f"{name}.down"] = torch.nn.Parameter(f.down)
+        params[f"{name}.up"] = torch.nn.Parameter(0.01 * torch.randn(f.up.shape, generator=g))   # both get gradients
+    factors = {n[:-5]: lora.Factors(params[n], params[n[:-5] + ".up"], cfg.alpha) for n in params if n.endswith(".down")}
+    assert any(n.startswith("lora_te_") for n in factors)
+    moments = (torch.randn(2, 4, 8, 8, generator=g), torch.full((2, 4, 8, 8), -3.0))
+    tokens = model.tokenizer(["a red circle on a blue background", "two green squares"])
+    d = draw(g, (2, 4, 8, 8), mc.num_timesteps)
+
+    def gradients(checkpointing, installed_w):
+        model.train()
+        model.unet.gradient_checkpointing = model.text_encoder.gradient_checkpointing = checkpointing
+        for p in params.values():
+            p.grad = None
+        merged, installed = lora_train.merged_weights(model, factors), {}
+        if installed_w:
+            install(model, merged, installed)
+        step_loss(model, None, moments, tokens, d, alphas_cumprod, cfg, None,
+                  replaced=None if installed_w else merged).backward()
+        uninstall(model, installed)
+        return {k: p.grad.clone() for k, p in params.items()}
+
+    def error(a, b):
+        return max(((a[k] - b[k]).norm() / a[k].norm()).item() for k in a)
+    plain = gradients(False, False)
+    assert error(plain, gradients(True, True)) <= 1e-6
+    try:                          # recomputed with W: torch's checkpoint notices other values, or other gradients
+        wrong = error(plain, gradients(True, False))
+    except torch.utils.checkpoint.CheckpointError:
+        wrong = float("inf")
+    assert wrong > 1e-3
+    assert all(isinstance(p, torch.nn.Parameter) for _, p in model.named_parameters())
+    assert len(list(model.parameters())) == n_params                   # every W back in place
+
+
+def test_train_lora_with_gradient_checkpointing_writes_the_lora_of_the_run_without_it(tmp_path, data):
+    """Two steps with the text encoder and a validation image between them (W' taken out and put back)."""
+    from safetensors.torch import load_file
+
+    def lora_file(out, *extra):
+        assert main(["train", "lora", "--data", str(data), "--out", str(tmp_path / out), "--resolution", "32",
+                     "--max-train-steps", "2", "--train-text-encoder", "--device", "cpu", "--validation-prompt",
+                     "a red circle", "--validation-steps", "1", *extra]) == 0
+        return load_file(str(tmp_path / out / f"{out}.safetensors"))
+    plain, checkpointed = lora_file("plain"), lora_file("checkpointed", "--gradient-checkpointing")
+    assert plain.keys() == checkpointed.keys()
+    ups = [k for k in plain if k.endswith("lora_up.weight")]
+    assert all(plain[k].any() for k in ups)                       # it trained (up starts at zero)
+    err = max(((plain[k] - checkpointed[k]).norm() / plain[k].norm().clamp_min(1e-30)).item() for k in plain)
+    assert err <= 1e-6, err

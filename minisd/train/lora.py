@@ -28,9 +28,11 @@ layer table, as at inference. The cost, against the branch kohya and peft add to
 (y = W x + (alpha / r) up (down x)): W' and dL/dW' exist at full size for the targeted layers during a step
 (SD1.5, default targets: 267M U-Net weights, ~1 GB each in fp32) where the branch keeps only r-wide activations,
 and one (out x r)(r x in) product per layer per step (cheap next to the convolutions). What LoRA saves over full
-fine-tuning is still there: no AdamW moments for the base weights, and a file of megabytes. Gradient
-checkpointing is not offered: its recomputation runs in backward, after functional_call has put W back, and would
-recompute with W instead of W'. Under --mixed-precision the base weights stay float32 (autocast computes in the
+fine-tuning is still there: no AdamW moments for the base weights, and a file of megabytes. With
+--gradient-checkpointing, functional_call cannot be used: the blocks recompute their forward in the backward pass,
+after functional_call has put W back, and would recompute with W; so W' is put into the model itself for the
+micro-batch (train/step.py's install), where the recomputation reads it too, and taken out after training (and for
+the validation images). The gradients are those of the run without checkpointing (tests/test_train_runs.py). Under --mixed-precision the base weights stay float32 (autocast computes in the
 low precision); the factors are float32 always (float64 in a float64 run, cfg.dtype: the parity tests).
 
 The output: OUT/<name of OUT>.safetensors in kohya's / A1111's layout (lora_unet_..._to_q.lora_down.weight,
@@ -104,9 +106,6 @@ def check_lora(cfg: LoRAConfig):
         raise ValueError(f"--alpha must be > 0, got {cfg.alpha}")
     if cfg.lora_targets not in ("default", "attention"):
         raise ValueError(f"unknown --lora-targets {cfg.lora_targets!r}; choose default or attention")
-    if cfg.gradient_checkpointing:
-        raise ValueError("--gradient-checkpointing is not supported by train lora (its recomputation would see "
-                         "the base weights, not W + (alpha / r) up down)")
     check_source(cfg, "train lora", others=[("--instance-dir", cfg.instance_dir)])
     if cfg.instance_dir:
         dreambooth.check_instances(cfg)

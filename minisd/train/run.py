@@ -44,7 +44,7 @@ from .batches import cache_moments, micro_batches_per_epoch, take
 from .loop import atomic_write, train
 from .lr import check_schedule
 from .settings import DTYPES, TrainSettings, train_config
-from .step import concat_draws, draw, example_generator, step_loss, text_in_backward
+from .step import concat_draws, draw, example_generator, install, step_loss, text_in_backward, uninstall
 
 
 @dataclass
@@ -132,7 +132,14 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
     # places of this process's examples in micro-batch k: its share of each stream's part (instances, class)
     places = [[part * whole + rank * b + i for i in range(b)] for part in range(len(streams))]
 
+    # LoRA with gradient checkpointing: W' = W + (alpha / r) up down stays in the model from one micro-batch's forward
+    # to the next, so that the backward's recomputation sees it too (step.install); taken out for the validation
+    # images and at the end
+    installed = {}
+
     def loss_fn(k, _generator):                 # the loop's (seed, k) generator: each example has its own here
+        if substitute is not None and cfg.gradient_checkpointing:
+            install(model, substitute(), installed)
         generators = {j: example_generator(cfg.seed, k, j) for js in places for j in js}
         parts = [take(s, k, cfg, resolution, [generators[j] for j in js], world, rank)
                  for s, js in zip(streams, places)]                             # instances first, then class
@@ -163,8 +170,9 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
             d = concat_draws([draw(generators[j], (1, *shape[1:]), mc.num_timesteps, cfg.noise_offset)
                               for j in mine])
         encode = (lambda text: embeddings.tokenize(text, model.tokenizer.encode)) if embeddings else None
+        replaced = substitute() if substitute is not None and not installed else None
         return step_loss(model, pixels, moments, model.tokenizer(captions, encode), d, alphas_cumprod, cfg,
-                         n_instance, job.prior_loss_weight, embeddings, substitute() if substitute else None)
+                         n_instance, job.prior_loss_weight, embeddings, replaced)
 
     tracker = report.Tracker(cfg.report_to if main else "none", cfg.out, cfg.tracker_project_name or method,
                              {"method": method, "processes": world, **dataclasses.asdict(cfg)})
@@ -172,6 +180,7 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
 
     def validate(step):
         if cfg.validation_prompts and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
+            uninstall(model, installed)
             paths = validation_images(model, cfg, resolution, step, cfg.out, device, embeddings, substitute)
             model.train()
             log_entry(log_path, {"step": step, "validation": paths})
@@ -186,9 +195,12 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
     progress = Progress(cfg.max_train_steps, validate, disable=not main)
     t0 = time.time()
     try:
-        weights = train(model, trainable, loss_fn, train_config(cfg, job.text_encoder_prefix), ckpt_dir, method,
-                        on_step=progress, log=progress.bar.write, log_path=log_path, data_parallel=True,
-                        report=tracker.log, snapshot=snapshot)
+        try:
+            weights = train(model, trainable, loss_fn, train_config(cfg, job.text_encoder_prefix), ckpt_dir, method,
+                            on_step=progress, log=progress.bar.write, log_path=log_path, data_parallel=True,
+                            report=tracker.log, snapshot=snapshot)
+        finally:
+            uninstall(model, installed)
         model.requires_grad_(False).eval()
         path = None
         if main:
