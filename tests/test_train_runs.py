@@ -480,3 +480,118 @@ def test_train_lora_with_gradient_checkpointing_writes_the_lora_of_the_run_witho
     assert all(plain[k].any() for k in ups)                       # it trained (up starts at zero)
     err = max(((plain[k] - checkpointed[k]).norm() / plain[k].norm().clamp_min(1e-30)).item() for k in plain)
     assert err <= 1e-6, err
+
+
+# --- 6. command lines pasted from diffusers' READMEs ---------------------------------------------------------------
+
+# diffusers' READMEs' example command lines (examples/dreambooth, text_to_image, textual_inversion), as users paste
+# them after `minisd train METHOD` in place of `accelerate launch SCRIPT.py`, the paths swapped for $-variables
+PASTED = {
+    "dreambooth": """
+  --pretrained_model_name_or_path=$MODEL_NAME  \\
+  --instance_data_dir=$INSTANCE_DIR \\
+  --class_data_dir=$CLASS_DIR \\
+  --output_dir=$OUTPUT_DIR \\
+  --with_prior_preservation --prior_loss_weight=1.0 \\
+  --instance_prompt="a photo of sks dog" \\
+  --class_prompt="a photo of dog" \\
+  --resolution=512 \\
+  --train_batch_size=1 \\
+  --gradient_accumulation_steps=1 \\
+  --learning_rate=5e-6 \\
+  --lr_scheduler="constant" \\
+  --lr_warmup_steps=0 \\
+  --num_class_images=200 \\
+  --max_train_steps=800 \\
+  --push_to_hub""",
+    "finetune": """
+  --pretrained_model_name_or_path=$MODEL_NAME \\
+  --train_data_dir=$TRAIN_DIR \\
+  --use_ema \\
+  --resolution=512 --center_crop --random_flip \\
+  --train_batch_size=1 \\
+  --gradient_accumulation_steps=4 \\
+  --gradient_checkpointing \\
+  --max_train_steps=15000 \\
+  --learning_rate=1e-05 \\
+  --max_grad_norm=1 \\
+  --lr_scheduler="constant" --lr_warmup_steps=0 \\
+  --output_dir="sd-pokemon-model" \\
+  --push_to_hub""",
+    "textual-inversion": """
+  --pretrained_model_name_or_path=$MODEL_NAME \\
+  --train_data_dir=$DATA_DIR \\
+  --learnable_property="object" \\
+  --placeholder_token="<cat-toy>" \\
+  --initializer_token="toy" \\
+  --resolution=512 \\
+  --train_batch_size=1 \\
+  --gradient_accumulation_steps=4 \\
+  --max_train_steps=3000 \\
+  --learning_rate=5.0e-04 \\
+  --scale_lr \\
+  --lr_scheduler="constant" \\
+  --lr_warmup_steps=0 \\
+  --push_to_hub \\
+  --output_dir="textual_inversion_cat\"""",
+    "lora": """
+  --pretrained_model_name_or_path=$MODEL_NAME  \\
+  --instance_data_dir=$INSTANCE_DIR \\
+  --output_dir=$OUTPUT_DIR \\
+  --instance_prompt="a photo of sks dog" \\
+  --resolution=512 \\
+  --train_batch_size=1 \\
+  --gradient_accumulation_steps=1 \\
+  --checkpointing_steps=100 \\
+  --learning_rate=1e-4 \\
+  --report_to="wandb" \\
+  --lr_scheduler="constant" \\
+  --lr_warmup_steps=0 \\
+  --max_train_steps=500 \\
+  --validation_prompt="A photo of sks dog in a bucket" \\
+  --num_validation_images=4 \\
+  --seed="0" \\
+  --push_to_hub""",
+}
+OURS = {
+    "dreambooth": "--model m.safetensors --instance-dir inst --class-dir cls --out out --with-prior-preservation "
+                  "--class-prompt 'a photo of dog' "
+                  "--prior-loss-weight 1.0 --instance-prompt 'a photo of sks dog' --resolution 512 "
+                  "--train-batch-size 1 --gradient-accumulation-steps 1 --learning-rate 5e-6 --lr-scheduler constant "
+                  "--lr-warmup-steps 0 --num-class-images 200 --max-train-steps 800",
+    "finetune": "--model m.safetensors --data train --use-ema --resolution 512 --center-crop --random-flip "
+                "--train-batch-size 1 --gradient-accumulation-steps 4 --gradient-checkpointing --max-train-steps "
+                "15000 --learning-rate 1e-05 --max-grad-norm 1 --lr-scheduler constant --lr-warmup-steps 0 "
+                "--out sd-pokemon-model",
+    "textual-inversion": "--model m.safetensors --data data --learnable-property object --token '<cat-toy>' "
+                         "--init-token toy --resolution 512 --train-batch-size 1 --gradient-accumulation-steps 4 "
+                         "--max-train-steps 3000 --learning-rate 5.0e-04 --lr-scheduler constant "
+                         "--lr-warmup-steps 0 --out textual_inversion_cat",
+    "lora": "--model m.safetensors --instance-dir inst --out out --instance-prompt 'a photo of sks dog' --resolution "
+            "512 --train-batch-size 1 --gradient-accumulation-steps 1 --checkpointing-steps 100 --learning-rate 1e-4 "
+            "--report-to wandb --lr-scheduler constant --lr-warmup-steps 0 --max-train-steps 500 --validation-prompt "
+            "'A photo of sks dog in a bucket' --num-validation-images 4 --seed 0",
+}
+
+
+@pytest.mark.parametrize("method", list(PASTED))
+def test_a_command_line_pasted_from_diffusers_readme_gives_the_config_of_ours(method, capsys):
+    import shlex
+    from minisd.cli import build_parser
+    from minisd.cli.train import config_from_args
+    paths = {"$MODEL_NAME": "m.safetensors", "$INSTANCE_DIR": "inst", "$CLASS_DIR": "cls", "$OUTPUT_DIR": "out",
+             "$TRAIN_DIR": "train", "$DATA_DIR": "data"}
+    text = PASTED[method]
+    for variable, path in paths.items():
+        text = text.replace(variable, path)
+    pasted = ["train", method, *shlex.split(text.replace("\\\n", " "))]      # the shell's line continuations
+    with pytest.raises(SystemExit) as refused:                    # a flag of diffusers' that minisd does not have
+        build_parser().parse_args(pasted)
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == ("minisd: error: --push_to_hub is not supported: minisd does not upload; the run "
+                                       "folder holds the files to upload\n")
+    theirs = config_from_args(build_parser().parse_args([a for a in pasted if a != "--push_to_hub"]))
+    mine = config_from_args(build_parser().parse_args(["train", method, *shlex.split(OURS[method])]))
+    assert theirs == mine
+    assert mine != config_from_args(build_parser().parse_args(["train", method, *shlex.split(OURS[method]),
+                                                               "--seed", "7"]))

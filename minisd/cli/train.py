@@ -2,6 +2,7 @@
 `minisd train-tiny-features`, `minisd train-tiny-captioner` and `minisd sweep`. Argument parsing only (diffusers' flag names, with dashes): each
 `minisd train` flag fills the field of the same name of the method's config (a train.settings.TrainSettings with
 the method's own fields), whose defaults are the flags' defaults; the methods do the rest."""
+import argparse
 import dataclasses
 import signal
 import sys
@@ -14,6 +15,55 @@ from ..train import dreambooth, finetune, lora, loop, report, textual_inversion,
 from ..train.settings import SAVE_FORMATS, SCHEDULERS
 
 METHODS = {"finetune": finetune, "dreambooth": dreambooth, "textual-inversion": textual_inversion, "lora": lora}
+
+# Command lines pasted from diffusers' READMEs (train_dreambooth.py, train_text_to_image.py, textual_inversion.py,
+# train_dreambooth_lora.py): every flag also answers to its underscore spelling (--train_batch_size), and these of
+# diffusers' names are ours under another name
+DIFFUSERS_NAMES = {
+    "--pretrained-model-name-or-path": "--model", "--output-dir": "--out", "--instance-data-dir": "--instance-dir",
+    "--class-data-dir": "--class-dir", "--train-data-dir": "--data", "--lr-num-cycles": "--lr-cycles",
+    "--placeholder-token": "--token", "--initializer-token": "--init-token",
+}
+# diffusers' flags that minisd does not have: refused with a line saying why, never ignored
+NOT_SUPPORTED = {
+    "--push-to-hub": "minisd does not upload; the run folder holds the files to upload",
+    "--hub-token": "minisd does not upload", "--hub-model-id": "minisd does not upload",
+    "--validation-epochs": "use --validation-steps", "--logging-dir": "the logs go to OUT/logs (--report-to)",
+    "--enable-xformers-memory-efficient-attention": "minisd's attention is torch's SDPA already",
+    "--allow-tf32": "not a training flag in minisd", "--dataloader-num-workers": "minisd's batches are read in turn",
+    "--revision": "--model takes a file or folder", "--variant": "--model takes a file or folder",
+    "--tokenizer-name": "the tokenizer is the model's own", "--local-rank": "torchrun sets LOCAL_RANK",
+    "--resume-from-checkpoint": "use --resume (the latest checkpoint in OUT/checkpoints/)",
+}
+
+
+class TrainParser(argparse.ArgumentParser):
+    """The parser of `minisd train METHOD`: diffusers' spellings are read as ours (DIFFUSERS_NAMES, underscores),
+    and a flag it does not know is one line naming it (with why, for NOT_SUPPORTED), not the usage text."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        given = sys.argv[1:] if args is None else args
+        converted = [ours(a) for a in given]
+        spelled = dict(zip(converted, given))               # to name a flag as the user wrote it
+        namespace, rest = super().parse_known_args(converted, namespace)
+        for a in rest:
+            if a.startswith("--"):
+                flag = a.split("=", 1)[0]
+                why = NOT_SUPPORTED.get(flag, "minisd train has no such flag (minisd train METHOD --help lists them)")
+                self.exit(2, f"minisd: error: {spelled[a].split('=', 1)[0]} is not supported: {why}\n")
+        return namespace, rest
+
+    def error(self, message):
+        self.exit(2, f"minisd: error: {message}\n")
+
+
+def ours(arg):
+    """--output_dir=x -> --out=x: a flag in minisd's spelling; anything else as it is."""
+    if not arg.startswith("--"):
+        return arg
+    flag, eq, value = arg.partition("=")
+    flag = "--" + flag[2:].replace("_", "-")
+    return DIFFUSERS_NAMES.get(flag, flag) + eq + value
 
 
 def _common(p, d, save_formats=SAVE_FORMATS):
@@ -72,6 +122,8 @@ def _common(p, d, save_formats=SAVE_FORMATS):
     p.add_argument("--validation-prompt", action="append", default=[], dest="validation_prompts",
                    help="repeatable; images go to OUT/samples/")
     p.add_argument("--validation-steps", type=int, default=d.validation_steps)
+    p.add_argument("--num-validation-images", type=int, default=d.num_validation_images,
+                   help="images per validation prompt, seeds --seed, --seed + 1, ...")
     p.add_argument("--device", default=d.device, choices=("auto", "cuda", "cpu", "mps"))
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is fastest for the tiny model on a busy machine)")
@@ -102,7 +154,7 @@ def _common(p, d, save_formats=SAVE_FORMATS):
 
 
 def add_train(parser):
-    sub = parser.add_subparsers(dest="method", required=True)
+    sub = parser.add_subparsers(dest="method", required=True, parser_class=TrainParser)
     f = sub.add_parser("finetune", help="full fine-tuning on a folder of captioned images")
     f.add_argument("--data", default=None, help="images with NAME.txt captions or a metadata.jsonl, or kohya's "
                                                 "N_prompt subfolders of them")
@@ -158,6 +210,8 @@ def _dataset_flags(p, d, caption_default="(default: %(default)s)"):
 def _class_flags(p, d):
     """DreamBooth's prior preservation (dreambooth and lora)."""
     p.add_argument("--class-prompt", default=None, help="turns on prior preservation")
+    p.add_argument("--with-prior-preservation", action="store_true",
+                   help="(diffusers' flag: prior preservation is on with --class-prompt; this checks that it is)")
     p.add_argument("--class-dir", default=None, help="class images, generated there until --num-class-images")
     p.add_argument("--reg-data-dir", default=None,
                    help="kohya's name: existing class images (none generated), a folder or N_prompt subfolders")

@@ -109,8 +109,10 @@ def check_lora(cfg: LoRAConfig):
     check_source(cfg, "train lora", others=[("--instance-dir", cfg.instance_dir)])
     if cfg.instance_dir:
         dreambooth.check_instances(cfg)
-    elif cfg.instance_prompt or cfg.class_prompt or cfg.class_dir or cfg.reg_data_dir:
-        raise ValueError("--instance-prompt, --class-prompt, --class-dir and --reg-data-dir go with --instance-dir")
+    elif (cfg.instance_prompt or cfg.class_prompt or cfg.class_dir or cfg.reg_data_dir
+          or cfg.with_prior_preservation):
+        raise ValueError("--instance-prompt, --class-prompt, --class-dir, --reg-data-dir and "
+                         "--with-prior-preservation go with --instance-dir")
 
 
 def run(cfg: LoRAConfig, draws=None, log=print):

@@ -176,6 +176,7 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
 
     tracker = report.Tracker(cfg.report_to if main else "none", cfg.out, cfg.tracker_project_name or method,
                              {"method": method, "processes": world, **dataclasses.asdict(cfg)})
+    captions = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]    # of the images
     save = job.save or (lambda model, weights, step=None: save_model(model, weights, cfg, source, step))
 
     def validate(step):
@@ -184,7 +185,7 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
             paths = validation_images(model, cfg, resolution, step, cfg.out, device, embeddings, substitute)
             model.train()
             log_entry(log_path, {"step": step, "validation": paths})
-            tracker.images(step, cfg.validation_prompts, paths)
+            tracker.images(step, captions, paths)
 
     def snapshot(step, weights):
         paths = save(model, weights, step)
@@ -210,7 +211,7 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
             if cfg.validation_prompts:
                 result["validation"] = validation_images(model, cfg, resolution, cfg.max_train_steps, cfg.out,
                                                          device, embeddings, substitute)
-                tracker.images(cfg.max_train_steps, cfg.validation_prompts, result["validation"])
+                tracker.images(cfg.max_train_steps, captions, result["validation"])
             with open(os.path.join(cfg.out, "result.json"), "w") as f:
                 json.dump(result, f, indent=1)
             log(f"wrote {path}")
@@ -307,9 +308,9 @@ class Progress:
 
 
 def validation_images(model, cfg: TrainSettings, resolution, step, out, device, embeddings=None, substitute=None):
-    """One image per --validation-prompt into out/samples/ (seed = --seed), with the textual-inversion words of
-    `embeddings`; returns their paths. substitute(): {param name: tensor} to draw them with in place of the model's
-    own parameters (put back after)."""
+    """--num-validation-images images per --validation-prompt into out/samples/ (seeds --seed, --seed + 1, ...),
+    with the textual-inversion words of `embeddings`; returns their paths. substitute(): {param name: tensor} to
+    draw them with in place of the model's own parameters (put back after)."""
     folder = os.path.join(out, "samples")
     os.makedirs(folder, exist_ok=True)
     with torch.no_grad():
@@ -319,10 +320,13 @@ def validation_images(model, cfg: TrainSettings, resolution, step, out, device, 
         if embeddings is not None:
             pipe.embeddings = embeddings
         paths = []
+        n = cfg.num_validation_images
         for i, prompt in enumerate(cfg.validation_prompts):
-            image = pipe.generate(prompt, seed=cfg.seed, width=resolution, height=resolution).images[0]
-            paths.append(os.path.join(folder, f"step-{step:06d}-{i}.png"))
-            image.save(paths[-1])
+            images = pipe.generate(prompt, seed=[cfg.seed + j for j in range(n)], width=resolution,
+                                   height=resolution).images
+            for j, image in enumerate(images):
+                paths.append(os.path.join(folder, f"step-{step:06d}-{i}" + (f"-{j}" if n > 1 else "") + ".png"))
+                image.save(paths[-1])
     finally:
         lora.restore(model, originals)
     model.unet.to(memory_format=torch.contiguous_format)      # the pipeline may have changed the layouts

@@ -46,6 +46,7 @@ class TrainSettings:
     checkpointing_steps: int = 500
     validation_prompts: tuple = ()
     validation_steps: int = 100
+    num_validation_images: int = 1           # per prompt, seeds seed, seed + 1, ... (diffusers' flag)
     device: str = "auto"
     resume: bool = False
     save_format: str = "single_file"
@@ -85,7 +86,7 @@ def check(cfg: TrainSettings, save_formats=SAVE_FORMATS):
     if cfg.resolution is not None:
         check_resolution(cfg.resolution)
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
-                 "validation_steps", "num_train_epochs", "save_model_steps", "save_last_n",
+                 "validation_steps", "num_validation_images", "num_train_epochs", "save_model_steps", "save_last_n",
                  "checkpoints_total_limit"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
