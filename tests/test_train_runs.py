@@ -46,8 +46,8 @@ def _command(data, out, *extra):
     validation images at steps 2 and 3, TensorBoard."""
     return ["train", "finetune", "--data", str(data), "--out", str(out), "--resolution", "32", "--max-train-steps",
             "3", "--learning-rate", "1e-4", "--train-text-encoder", "--text-encoder-lr", "2e-5", "--device", "cpu",
-            "--use-ema", "--report-to", "tensorboard", "--save-model-steps", "1", "--save-last-n", "2", "--checkpointing-steps",
-            "1", "--checkpoints-total-limit", "2", "--validation-prompt", "a red circle", "--validation-steps", "2",
+            "--use-ema", "--report-to", "tensorboard", "--save-model-steps", "1", "--save-last-n", "2",
+            "--checkpointing-steps", "1", "--checkpoints-total-limit", "2", "--validation-prompt", "a red circle", "--validation-steps", "2",
             *extra]
 
 
@@ -64,7 +64,7 @@ def straight(tmp_path_factory, data):
     return out
 
 
-# --- 1. live curves -----------------------------------------------------------------------------------------------
+# --- 1. live curves ------------------------------------------------------------------------------------------------
 
 def _tensorboard(out):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -144,7 +144,7 @@ def test_a_missing_tracker_is_one_line_naming_the_pip_command(tmp_path, data, mo
     assert len(err) == 1 and 'pip install "minisd[wandb]"' in err[0], err
 
 
-# --- 2. snapshots and checkpoints kept --------------------------------------------------------------------------------
+# --- 2. snapshots and checkpoints kept -----------------------------------------------------------------------------
 
 def test_snapshots_hold_the_weights_of_their_step_and_only_the_newest_are_kept(straight):
     assert sorted(p.name for p in straight.glob("model-step*")) == ["model-step000002.safetensors",
@@ -169,7 +169,7 @@ def test_checkpoints_total_limit_keeps_the_newest_resumable_checkpoints(straight
     assert torch.load(folder / "finetune-step000002.ckpt.pt", weights_only=True)["step"] == 2
 
 
-# --- 3. optimizer flags and epochs ----------------------------------------------------------------------------------
+# --- 3. optimizer flags and epochs ---------------------------------------------------------------------------------
 
 def test_the_optimizer_flags_fill_the_loops_settings():
     from minisd.cli import build_parser
@@ -224,7 +224,7 @@ def test_bad_settings_are_one_line_before_training(tmp_path, data, capsys, args,
     assert not (tmp_path / "out").exists()
 
 
-# --- 5. stopped, diverged, disk full -----------------------------------------------------------------------------
+# --- 5. stopped, diverged, disk full -------------------------------------------------------------------------------
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resumed_run_ends_bit_identical(
         tmp_path, data, straight, monkeypatch, capsys):
@@ -342,7 +342,7 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one_whole(tmp_pa
     assert torch.load(tmp_path / "toy.ckpt.pt", weights_only=True)["step"] == 2
 
 
-# --- 2. choosing a snapshot: minisd eval over several models ----------------------------------------------------------
+# --- 2. choosing a snapshot: minisd eval over several models -------------------------------------------------------
 
 def test_eval_scores_every_snapshot_in_a_row_of_its_own_and_names_the_best(tmp_path, straight, capsys):
     from minisd.tiny import shapes
@@ -412,7 +412,7 @@ def test_sigterm_to_one_process_of_a_torchrun_job_stops_every_process_after_the_
     print(f"[sigterm] one of two processes signalled; both stopped after step {step}; resumed bit-identical")
 
 
-# --- 4. LoRA with gradient checkpointing --------------------------------------------------------------------------------
+# --- 4. LoRA with gradient checkpointing ---------------------------------------------------------------------------
 
 def test_lora_with_gradient_checkpointing_has_the_gradients_of_the_step_without_it():
     """U-Net and text encoder, both checkpointed: the factors' gradients with W' installed (what `minisd train lora
@@ -433,7 +433,8 @@ def test_lora_with_gradient_checkpointing_has_the_gradients_of_the_step_without_
     for name, f in lora_train.initial_factors(mc, cfg, torch.Generator().manual_seed(0)).items():
         params[f"{name}.down"] = torch.nn.Parameter(f.down)
         params[f"{name}.up"] = torch.nn.Parameter(0.01 * torch.randn(f.up.shape, generator=g))   # both get gradients
-    factors = {n[:-5]: lora.Factors(params[n], params[n[:-5] + ".up"], cfg.alpha) for n in params if n.endswith(".down")}
+    factors = {n[:-5]: lora.Factors(params[n], params[n[:-5] + ".up"], cfg.alpha)
+               for n in params if n.endswith(".down")}
     assert any(n.startswith("lora_te_") for n in factors)
     moments = (torch.randn(2, 4, 8, 8, generator=g), torch.full((2, 4, 8, 8), -3.0))
     tokens = model.tokenizer(["a red circle on a blue background", "two green squares"])

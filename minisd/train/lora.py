@@ -32,8 +32,9 @@ fine-tuning is still there: no AdamW moments for the base weights, and a file of
 --gradient-checkpointing, functional_call cannot be used: the blocks recompute their forward in the backward pass,
 after functional_call has put W back, and would recompute with W; so W' is put into the model itself for the
 micro-batch (train/step.py's install), where the recomputation reads it too, and taken out after training (and for
-the validation images). The gradients are those of the run without checkpointing (tests/test_train_runs.py). Under --mixed-precision the base weights stay float32 (autocast computes in the
-low precision); the factors are float32 always (float64 in a float64 run, cfg.dtype: the parity tests).
+the validation images). The gradients are those of the run without checkpointing (tests/test_train_runs.py).
+Under --mixed-precision the base weights stay float32 (autocast computes in the low precision); the factors are
+float32 always (float64 in a float64 run, cfg.dtype: the parity tests).
 
 The output: OUT/<name of OUT>.safetensors in kohya's / A1111's layout (lora_unet_..._to_q.lora_down.weight,
 .lora_up.weight, .alpha; lora_te_... for the text encoder), what A1111's <lora:NAME:0.8>, ComfyUI, diffusers'

@@ -368,7 +368,8 @@ def write_model(model, source, cfg: TrainSettings, path, weights=None):
         diffusers.write_diffusers(model_tensors, model.config, path, vocab_files(model.tokenizer))
         return
     out = ldm.to_ldm(tensors, model.config)
-    atomic_write(str(path), lambda tmp: write_safetensors(tmp, out, {"minisd_config": native.config_to_json(model.config)}))
+    metadata = {"minisd_config": native.config_to_json(model.config)}
+    atomic_write(str(path), lambda tmp: write_safetensors(tmp, out, metadata))
 
 
 def _last_loss(log_path):
