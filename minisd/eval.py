@@ -19,6 +19,14 @@ processes exit without printing any. On the CPU in fp32 each process measures fo
 U-Net layers are faster (minisd.fast.MeasuredChoice), and the two kernels round differently in the last bits (images
 within 1/255); --no-prepack keeps the plain layers everywhere, for images equal byte for byte across runs.
 
+Several models in one command (the snapshots of a training run, `minisd train --save-model-steps`): a --model
+or one --lora given as a pattern ('OUT/model-step*.safetensors', quoted so the shell leaves it alone) stands for
+every file it matches, each scored alone with the same prompts, seeds and settings (any other --lora applies to
+all of them). Each gets its own folder OUT/<file name without extension>/ (images/, settings.json, metrics.json,
+as one model's run), then one table row per file is printed, `model-step000400.safetensors fid=... ...`, and a
+last line `best=PATH`: the best by the first of --metrics (the lowest fid; the highest is, clip or adherence;
+the first file on a tie). OUT/metrics.json holds the table ({"candidates": [...], "metric", "best"}).
+
 Then metrics.json, and one `name=value` line per metric printed last (what SageMaker-style metric regexes read):
   fid         Fréchet distance to --ref (a folder of images, a statistics .npz from `minisd fid --save-stats`, or
               `shapes`: 5000 real images of the tiny world, only with --features tiny); fid.py
@@ -27,6 +35,7 @@ Then metrics.json, and one `name=value` line per metric printed last (what SageM
   adherence   for prompts of the tiny world ("a red circle on a blue background"): the fraction of images that
               shapes.judge, a fixed rule, reads back as exactly their prompt
 """
+import glob
 import hashlib
 import json
 import os
@@ -37,7 +46,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import distributed, samplers
+from . import distributed, lora, samplers
 from .images import a1111_parameters, save_png
 from .metrics import fid as fid_mod
 from .metrics.clip_score import clip_scores, load_clip
@@ -153,15 +162,20 @@ def reference_statistics(ref, model, features, batch_size, device, log=print):
     return fid_mod.statistics(ref, model, batch_size, device=device)
 
 
-def compute_metrics(files, captions, args, log=print):
-    """{name: value} for the metrics asked for, over the image files (captions: each image's prompt)."""
+def compute_metrics(files, captions, args, log=print, cache=None):
+    """{name: value} for the metrics asked for, over the image files (captions: each image's prompt). cache: a
+    dict that keeps FID's network and reference statistics for the next call (several models, one reference)."""
     wanted = args.metrics
+    cache = {} if cache is None else cache
     out = {}
     if "fid" in wanted:
         if not args.ref:
             raise ValueError("the fid metric needs --ref DIR_OR_NPZ (or --ref shapes with --features tiny)")
-        model = fid_mod.load_network(args.features, args.inception_weights, args.metrics_device)
-        ref = reference_statistics(args.ref, model, args.features, args.metrics_batch, args.metrics_device, log)
+        if "fid" not in cache:
+            model = fid_mod.load_network(args.features, args.inception_weights, args.metrics_device)
+            cache["fid"] = model, reference_statistics(args.ref, model, args.features, args.metrics_batch,
+                                                       args.metrics_device, log)
+        model, ref = cache["fid"]
         stats = fid_mod.moments(fid_mod.activations(files, model, args.metrics_batch, device=args.metrics_device))
         out["fid"] = fid_mod.fid_from_stats(stats, ref)
     if "is" in wanted:
@@ -192,13 +206,76 @@ def compute_metrics(files, captions, args, log=print):
 
 # ---- the command (cli.py parses it) -------------------------------------------------------------------------------
 
+def candidates(args):
+    """[(flag, path)]: the files a --model or --lora pattern matches (module docstring), sorted; [] when no flag is
+    a pattern."""
+    patterns = [("model", args.model)] if args.model and glob.has_magic(args.model) else []
+    patterns += [("lora", spec) for spec in args.lora if glob.has_magic(spec)]
+    if not patterns:
+        return []
+    if len(patterns) > 1:
+        raise ValueError(f"one pattern at a time: --{patterns[0][0]} {patterns[0][1]!r} and --{patterns[1][0]} "
+                         f"{patterns[1][1]!r} both are")
+    flag, pattern = patterns[0]
+    path, scale = lora.parse_spec(pattern) if flag == "lora" else (pattern, None)
+    found = sorted(glob.glob(path))
+    if not found:
+        raise ValueError(f"--{flag} {pattern!r} matches no file")
+    names = [Path(f).stem for f in found]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice:
+        raise ValueError(f"--{flag} {pattern!r} matches two files named {twice}: their image folders would mix")
+    return [(flag, f if scale is None else f"{f}:{scale:g}") for f in found]
+
+
+def better(metric, a, b):
+    """Whether value a of `metric` beats b: lower FID, higher everything else."""
+    return a < b if metric == "fid" else a > b
+
+
 def run(args, generate, load_pipeline, log=print):
     """minisd eval. args: its flags (cli.py); generate: the keyword arguments of Pipeline.generate but the prompts
-    and seeds, already checked (cli.generation_kwargs); load_pipeline(device, log) -> the Pipeline, called only if
-    some image is missing."""
+    and seeds, already checked (cli.generation_kwargs); load_pipeline(device, log) -> the Pipeline of args' model
+    and LoRAs, called only if some image is missing. With a pattern, one run per file it matches (module
+    docstring), args.model or args.lora set to each in turn."""
+    found = candidates(args)
+    if not found:
+        return run_one(args, generate, load_pipeline, log)
+    out, model, loras, cache, rows = args.out, args.model, list(args.lora), {}, []
+    try:
+        for flag, path in found:
+            args.out = str(Path(out) / Path(lora.parse_spec(path)[0] if flag == "lora" else path).stem)
+            if flag == "model":
+                args.model = path
+            else:
+                args.lora = [path if glob.has_magic(spec) else spec for spec in loras]
+            log(f"--- {path}")
+            values = run_one(args, generate, load_pipeline, log, cache, quiet=True)
+            rows.append({flag: path, "folder": args.out, **(values or {})})
+    finally:
+        args.out, args.model, args.lora = out, model, loras
+    if not distributed.is_main():
+        return
+    metric, flag = args.metrics[0], found[0][0]
+    best = rows[0]
+    for row in rows[1:]:
+        if better(metric, row[metric], best[metric]):
+            best = row
+    tmp = Path(out) / "metrics.json.tmp"
+    tmp.write_text(json.dumps({"candidates": rows, "metric": metric, "best": best[flag]}, indent=1) + "\n")
+    os.replace(tmp, Path(out) / "metrics.json")
+    for row in rows:
+        print(row[flag] + "  " + "  ".join(f"{name}={row[name]:.6f}" for name in args.metrics))
+    print(f"best={best[flag]}")
+
+
+def run_one(args, generate, load_pipeline, log=print, cache=None, quiet=False):
+    """One model's images and metrics into args.out; returns {metric: value} on rank 0 (prints them unless
+    quiet)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if isinstance(args.metrics, str):
+        args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in args.metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric {unknown[0]!r}; valid: {', '.join(METRICS)}")
@@ -228,11 +305,13 @@ def run(args, generate, load_pipeline, log=print):
         return
     seconds = time.time() - t0
     files = [folder / name for *_, name in plan]
-    values = compute_metrics(files, [prompts[p] for _, p, _, _ in plan], args, log)
+    values = compute_metrics(files, [prompts[p] for _, p, _, _ in plan], args, log, cache)
     report = {**values, "num_images": len(files), "features": args.features, "ref": args.ref,
               "generation_seconds": round(seconds, 1), "settings": settings}
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, out / "metrics.json")
-    for name, value in values.items():                 # last, one a line: what metric regexes read
-        print(f"{name}={value:.6f}")
+    if not quiet:
+        for name, value in values.items():             # last, one a line: what metric regexes read
+            print(f"{name}={value:.6f}")
+    return values

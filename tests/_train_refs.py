@@ -50,12 +50,15 @@ def _weighted_mse(pred, target, weights):
 
 def reference_training(pipe, batches, draws, steps, lr=1e-3, accumulation=1, train_text_encoder=False,
                        snr_gamma=None, noise_offset=0.0, prior_loss_weight=None, n_instance=None,
-                       lr_scheduler="constant", warmup=0, max_grad_norm=1.0, weight_decay=1e-2, lora=False):
+                       lr_scheduler="constant", warmup=0, max_grad_norm=1.0, weight_decay=1e-2, lora=False,
+                       text_encoder_lr=None, betas=(0.9, 0.999), eps=1e-8, power=1.0):
     """Train pipe.unet (and pipe.text_encoder) for `steps` optimizer steps; returns the loss of each step (the
     mean over its micro-batches). batches[k] = (pixels (B, 3, H, W) in [-1, 1], captions), draws[k] = minisd's
     Draws for micro-batch k. prior_loss_weight not None: DreamBooth with the first n_instance examples
     instances. lora: the networks carry peft adapters (add_lora) and only those train, as in diffusers'
-    train_dreambooth_lora.py (the parameters with requires_grad after add_adapter). The networks' dtype (float32,
+    train_dreambooth_lora.py (the parameters with requires_grad after add_adapter). text_encoder_lr: the text
+    encoder's parameters in a second group at that rate, as train_dreambooth_lora_sdxl.py builds it (the U-Net's
+    at lr, the optimizer's default); LambdaLR scales each group's own rate. The networks' dtype (float32,
     or float64 for the float64 parity tests) is the step's: pixels and draws are cast to it."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -80,10 +83,14 @@ def reference_training(pipe, batches, draws, steps, lr=1e-3, accumulation=1, tra
     unet.train()
     if train_text_encoder:
         text_encoder.train()
-    params = [p for p in list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
-              if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8)
-    lr_sched = get_scheduler(lr_scheduler, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    unet_params = [p for p in unet.parameters() if p.requires_grad]
+    text_params = [p for p in text_encoder.parameters() if p.requires_grad] if train_text_encoder else []
+    params = unet_params + text_params
+    groups = ([{"params": unet_params, "lr": lr}, {"params": text_params, "lr": text_encoder_lr}]
+              if text_encoder_lr is not None else params)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+    lr_sched = get_scheduler(lr_scheduler, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=steps,
+                             power=power)
     prediction = scheduler.config.prediction_type
     losses = []
     for step in range(steps):
@@ -242,10 +249,12 @@ def run_pair(tmp_path, model, method, accumulation=1, reference_overrides=None, 
 
     batches = reference_batches(cfg, streams, n_micro)
     pipe = diffusers_from_single_file(ckpt, config, torch_dtype=DTYPES[cfg.dtype])
-    reference = dict(lr=LR, accumulation=accumulation, train_text_encoder=cfg.train_text_encoder,
+    reference = dict(lr=cfg.unet_lr or LR, accumulation=accumulation, train_text_encoder=cfg.train_text_encoder,
                      snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset,
                      prior_loss_weight=cfg.prior_loss_weight if prior else None, n_instance=BATCH,
-                     lr_scheduler=cfg.lr_scheduler, warmup=cfg.lr_warmup_steps)
+                     lr_scheduler=cfg.lr_scheduler, warmup=cfg.lr_warmup_steps, text_encoder_lr=cfg.text_encoder_lr,
+                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, power=cfg.lr_power,
+                     weight_decay=cfg.adam_weight_decay, max_grad_norm=cfg.max_grad_norm)
     theirs_losses = reference_training(pipe, batches, draws, STEPS, **{**reference, **(reference_overrides or {})})
     theirs = {k: comparable(k, v) for k, v in minisd_named(pipe, tmp_path / "reference").items()}
     start = {k: comparable(k, v) for k, v in detect.read(str(ckpt), verbose=False).state.items()}

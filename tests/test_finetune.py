@@ -67,6 +67,21 @@ def test_v_prediction_finetune_with_the_text_encoder_in_float64_equals_diffusers
     assert_equal_in_float64(errors)
 
 
+def test_two_learning_rates_and_the_optimizer_flags_equal_diffusers_with_two_groups_to_1e_9(tmp_path, sd2):
+    """--unet-lr and --text-encoder-lr (kohya's) as two AdamW groups, each following the schedule from its own rate
+    (polynomial with --lr-power 2 after a warmup step), with every Adam setting and the clipping norm away from
+    its default: equal in float64 to the reference's two groups (train_dreambooth_lora_sdxl.py's layout)."""
+    import json
+    errors = run_pair(tmp_path, sd2, finetune, train_text_encoder=True, dtype="float64", unet_lr=3e-4,
+                      text_encoder_lr=5e-5, lr_scheduler="polynomial", lr_power=2.0, lr_warmup_steps=1,
+                      adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-6, adam_weight_decay=0.05, max_grad_norm=0.5)
+    assert_equal_in_float64(errors)
+    with open(tmp_path / "out" / "train_log.jsonl") as f:
+        log = [e for e in map(json.loads, f) if "loss" in e]
+    assert [e["lr/text_encoder"] / e["lr"] for e in log[1:]] == pytest.approx([5e-5 / 3e-4] * 2, rel=1e-12)
+    assert log[0]["lr"] == 0 and log[1]["lr"] > 0        # the warmup step, then the decay
+
+
 def test_gradient_accumulation_equals_diffusers(tmp_path, sd1):
     # with a warmup schedule: the rate must follow optimizer steps, not micro-batches
     assert_equal(run_pair(tmp_path, sd1, finetune, accumulation=2, lr_scheduler="constant_with_warmup",

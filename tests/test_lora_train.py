@@ -293,7 +293,6 @@ def test_cli_dreambooth_lora_then_generate_and_merge_on_the_tiny_model(tmp_path,
     (["--rank", "0"], "--rank must be >= 1, got 0"),
     (["--alpha", "0"], "--alpha must be > 0"),
     (["--lora-targets", "mlp"], "unknown --lora-targets 'mlp'; choose default or attention"),
-    (["--gradient-checkpointing"], "--gradient-checkpointing is not supported by train lora"),
     (["--data", "x"], "--data and --instance-dir are different sources of images; give one"),
     (["--class-prompt", "a circle"], "--class-prompt needs --class-dir"),
 ])

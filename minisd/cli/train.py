@@ -2,6 +2,7 @@
 `minisd train-tiny-features`, `minisd train-tiny-captioner` and `minisd sweep`. Argument parsing only (diffusers' flag names, with dashes): each
 `minisd train` flag fills the field of the same name of the method's config (a train.settings.TrainSettings with
 the method's own fields), whose defaults are the flags' defaults; the methods do the rest."""
+import argparse
 import dataclasses
 import signal
 import sys
@@ -9,11 +10,60 @@ from dataclasses import replace
 
 import torch
 
-from .. import sweep
-from ..train import dreambooth, finetune, lora, textual_inversion, tiny, tiny_captioner, tiny_features
+from .. import distributed, sweep
+from ..train import dreambooth, finetune, lora, loop, report, textual_inversion, tiny, tiny_captioner, tiny_features
 from ..train.settings import SAVE_FORMATS, SCHEDULERS
 
 METHODS = {"finetune": finetune, "dreambooth": dreambooth, "textual-inversion": textual_inversion, "lora": lora}
+
+# Command lines pasted from diffusers' READMEs (train_dreambooth.py, train_text_to_image.py, textual_inversion.py,
+# train_dreambooth_lora.py): every flag also answers to its underscore spelling (--train_batch_size), and these of
+# diffusers' names are ours under another name
+DIFFUSERS_NAMES = {
+    "--pretrained-model-name-or-path": "--model", "--output-dir": "--out", "--instance-data-dir": "--instance-dir",
+    "--class-data-dir": "--class-dir", "--train-data-dir": "--data", "--lr-num-cycles": "--lr-cycles",
+    "--placeholder-token": "--token", "--initializer-token": "--init-token",
+}
+# diffusers' flags that minisd does not have: refused with a line saying why, never ignored
+NOT_SUPPORTED = {
+    "--push-to-hub": "minisd does not upload; the run folder holds the files to upload",
+    "--hub-token": "minisd does not upload", "--hub-model-id": "minisd does not upload",
+    "--validation-epochs": "use --validation-steps", "--logging-dir": "the logs go to OUT/logs (--report-to)",
+    "--enable-xformers-memory-efficient-attention": "minisd's attention is torch's SDPA already",
+    "--allow-tf32": "not a training flag in minisd", "--dataloader-num-workers": "minisd's batches are read in turn",
+    "--revision": "--model takes a file or folder", "--variant": "--model takes a file or folder",
+    "--tokenizer-name": "the tokenizer is the model's own", "--local-rank": "torchrun sets LOCAL_RANK",
+    "--resume-from-checkpoint": "use --resume (the latest checkpoint in OUT/checkpoints/)",
+}
+
+
+class TrainParser(argparse.ArgumentParser):
+    """The parser of `minisd train METHOD`: diffusers' spellings are read as ours (DIFFUSERS_NAMES, underscores),
+    and a flag it does not know is one line naming it (with why, for NOT_SUPPORTED), not the usage text."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        given = sys.argv[1:] if args is None else args
+        converted = [ours(a) for a in given]
+        spelled = dict(zip(converted, given))               # to name a flag as the user wrote it
+        namespace, rest = super().parse_known_args(converted, namespace)
+        for a in rest:
+            if a.startswith("--"):
+                flag = a.split("=", 1)[0]
+                why = NOT_SUPPORTED.get(flag, "minisd train has no such flag (minisd train METHOD --help lists them)")
+                self.exit(2, f"minisd: error: {spelled[a].split('=', 1)[0]} is not supported: {why}\n")
+        return namespace, rest
+
+    def error(self, message):
+        self.exit(2, f"minisd: error: {message}\n")
+
+
+def ours(arg):
+    """--output_dir=x -> --out=x: a flag in minisd's spelling; anything else as it is."""
+    if not arg.startswith("--"):
+        return arg
+    flag, eq, value = arg.partition("=")
+    flag = "--" + flag[2:].replace("_", "-")
+    return DIFFUSERS_NAMES.get(flag, flag) + eq + value
 
 
 def _common(p, d, save_formats=SAVE_FORMATS):
@@ -24,8 +74,17 @@ def _common(p, d, save_formats=SAVE_FORMATS):
     p.add_argument("--resolution", type=int, default=None, help="training side in pixels (default: the model's)")
     p.add_argument("--train-batch-size", type=int, default=d.train_batch_size)
     p.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
-    p.add_argument("--max-train-steps", type=int, default=d.max_train_steps, help="optimizer steps")
+    p.add_argument("--max-train-steps", type=int, default=None,
+                   help=f"optimizer steps (default {d.max_train_steps}; wins over --num-train-epochs, as in diffusers)")
+    p.add_argument("--num-train-epochs", type=int, default=None,
+                   help="instead of --max-train-steps: steps from the data's size (the log says how many)")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    if not isinstance(d, textual_inversion.TextualInversionConfig):
+        p.add_argument("--unet-lr", type=float, default=None,
+                       help="the U-Net's rate (or its LoRA's; default --learning-rate)")
+        p.add_argument("--text-encoder-lr", type=float, default=None,
+                       help="the text encoder's rate with --train-text-encoder, its own parameter group "
+                            "(default: the U-Net's)")
     p.add_argument("--scale-lr", action="store_true", default=d.scale_lr, help="learning rate x train batch size "
                    "(per process) x gradient accumulation steps x processes, as diffusers' --scale_lr")
     p.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=SCHEDULERS)
@@ -33,11 +92,18 @@ def _common(p, d, save_formats=SAVE_FORMATS):
     p.add_argument("--lr-cycles", type=float, default=None,
                    help="cosine: periods (default 0.5); cosine_with_restarts: restarts (default 1)")
     p.add_argument("--lr-min-ratio", type=float, default=d.lr_min_ratio, help="floor of the decay, fraction of lr")
+    p.add_argument("--lr-power", type=float, default=d.lr_power, help="the polynomial schedule's exponent")
+    p.add_argument("--adam-beta1", type=float, default=d.adam_beta1)
+    p.add_argument("--adam-beta2", type=float, default=d.adam_beta2)
+    p.add_argument("--adam-weight-decay", type=float, default=d.adam_weight_decay)
+    p.add_argument("--adam-epsilon", type=float, default=d.adam_epsilon)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: none)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--train-text-encoder", action="store_true")
     p.add_argument("--mixed-precision", default=d.mixed_precision, choices=("no", "fp16", "bf16"))
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
-    p.add_argument("--use-ema", action="store_true", help=f"save an EMA of the weights (decay {d.ema_decay})")
+    p.add_argument("--use-ema", action="store_true", help="save an EMA of the weights")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="the EMA's decay (default %(default)s)")
     p.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes' AdamW8bit (CUDA only)")
     p.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR weighting (Hang et al. 2023); 5 is usual")
     p.add_argument("--noise-offset", type=float, default=d.noise_offset)
@@ -45,9 +111,19 @@ def _common(p, d, save_formats=SAVE_FORMATS):
     p.add_argument("--random-flip", action="store_true", default=d.random_flip)
     p.add_argument("--cache-latents", action="store_true", help="encode each image once (needs --center-crop)")
     p.add_argument("--checkpointing-steps", type=int, default=d.checkpointing_steps)
+    p.add_argument("--checkpoints-total-limit", type=int, default=None,
+                   help="resumable checkpoints kept in OUT/checkpoints/ (default: the latest only)")
+    p.add_argument("--save-model-steps", type=int, default=None, metavar="N",
+                   help="a snapshot of the output every N steps (OUT/model-step000400.safetensors, ...)")
+    p.add_argument("--save-last-n", type=int, default=None, metavar="K", help="keep the newest K snapshots")
+    p.add_argument("--report-to", default=d.report_to, choices=report.TRACKERS,
+                   help="live curves and validation images: tensorboard (OUT/logs/) or wandb (optional extras)")
+    p.add_argument("--tracker-project-name", default=None, help="the tracker's project (default: the method)")
     p.add_argument("--validation-prompt", action="append", default=[], dest="validation_prompts",
                    help="repeatable; images go to OUT/samples/")
     p.add_argument("--validation-steps", type=int, default=d.validation_steps)
+    p.add_argument("--num-validation-images", type=int, default=d.num_validation_images,
+                   help="images per validation prompt, seeds --seed, --seed + 1, ...")
     p.add_argument("--device", default=d.device, choices=("auto", "cuda", "cpu", "mps"))
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is fastest for the tiny model on a busy machine)")
@@ -78,7 +154,7 @@ def _common(p, d, save_formats=SAVE_FORMATS):
 
 
 def add_train(parser):
-    sub = parser.add_subparsers(dest="method", required=True)
+    sub = parser.add_subparsers(dest="method", required=True, parser_class=TrainParser)
     f = sub.add_parser("finetune", help="full fine-tuning on a folder of captioned images")
     f.add_argument("--data", default=None, help="images with NAME.txt captions or a metadata.jsonl, or kohya's "
                                                 "N_prompt subfolders of them")
@@ -134,6 +210,8 @@ def _dataset_flags(p, d, caption_default="(default: %(default)s)"):
 def _class_flags(p, d):
     """DreamBooth's prior preservation (dreambooth and lora)."""
     p.add_argument("--class-prompt", default=None, help="turns on prior preservation")
+    p.add_argument("--with-prior-preservation", action="store_true",
+                   help="(diffusers' flag: prior preservation is on with --class-prompt; this checks that it is)")
     p.add_argument("--class-dir", default=None, help="class images, generated there until --num-class-images")
     p.add_argument("--reg-data-dir", default=None,
                    help="kohya's name: existing class images (none generated), a folder or N_prompt subfolders")
@@ -143,18 +221,29 @@ def _class_flags(p, d):
     p.add_argument("--prior-loss-weight", type=float, default=d.prior_loss_weight)
 
 
-def config_from_args(args):
+def config_from_args(args, log=print):
     method = METHODS[args.method]
     fields = {f.name for f in dataclasses.fields(method.config)}              # the method's config class
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["validation_prompts"] = tuple(values.get("validation_prompts", ()))
+    if values.get("max_train_steps") is None:
+        del values["max_train_steps"]       # the method's default, or the steps of --num-train-epochs
+    elif values.get("num_train_epochs") is not None:
+        log(f"--max-train-steps {values['max_train_steps']} wins over --num-train-epochs "
+            f"{values['num_train_epochs']} (as in diffusers)")
+        values["num_train_epochs"] = None
     return method.config(**values)          # with the method's defaults for what has no flag
 
 
 def run_train(args):
     if args.threads:                # not a config field: it is how the run is computed, not what it trains
         torch.set_num_threads(args.threads)
-    METHODS[args.method].run(config_from_args(args))
+    try:
+        METHODS[args.method].run(config_from_args(args))
+    except loop.Stopped as e:       # SIGTERM / SIGUSR1 (SLURM): a checkpoint is written; the conventional status
+        if distributed.is_main():
+            print(f"minisd: {e}", file=sys.stderr)
+        return 128 + e.signum
 
 
 def add_train_tiny(p):

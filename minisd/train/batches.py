@@ -89,6 +89,14 @@ class Stream:
         return [out[b] for b in sorted(out)]
 
 
+def micro_batches_per_epoch(source: Stream, size):
+    """Micro-batches of `size` examples in one epoch of `source`: ceil(entries / size), or with buckets the sum over
+    buckets of ceil(n_b / size) (module docstring)."""
+    if source.buckets is None:
+        return -(-len(source.entries()) // size)
+    return sum(-(-len(g) // size) for g in source.groups())
+
+
 def micro_batch(source: Stream, size, k, seed):
     """The example indices of the whole micro-batch k (all processes' shares) of `size` examples."""
     entries = source.entries()

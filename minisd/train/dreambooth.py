@@ -42,6 +42,8 @@ class DreamBoothConfig(TrainSettings):
     num_class_images: int = 100
     sample_batch_size: int = 4               # class images per generate call (diffusers' --sample_batch_size)
     prior_loss_weight: float = 1.0           # w of mse(instance) + w mse(class)
+    with_prior_preservation: bool = False    # diffusers' flag: prior preservation is on with class_prompt (or
+                                             # reg_data_dir) anyway; set, it must be
     learning_rate: float = 5e-6              # diffusers' train_dreambooth.py default
 
 
@@ -102,6 +104,8 @@ def check_instances(cfg: DreamBoothConfig):
     if not cfg.instance_prompt and not is_kohya_layout(cfg.instance_dir):
         raise ValueError("dreambooth needs --instance-prompt (e.g. \"a photo of sks dog\"), unless --instance-dir "
                          "is kohya's layout of N_prompt subfolders")
+    if cfg.with_prior_preservation and cfg.class_prompt is None and not cfg.reg_data_dir:
+        raise ValueError("--with-prior-preservation needs --class-prompt and --class-dir (or --reg-data-dir)")
     if cfg.reg_data_dir:
         if cfg.class_dir:
             raise ValueError("--reg-data-dir (kohya's name: existing class images) and --class-dir (class images "

@@ -27,12 +27,30 @@ bench/ddp_scaling.py measures it), paid once per A micro-batches with gradient a
 module is not wrapped, so state-dict names, checkpoints and the EMA are those of one process, and LoRA or Textual
 Inversion synchronise their few tensors and nothing else. Rank 0 alone writes the checkpoint and the log; every
 process resumes from the same checkpoint file (so --out must be on a file system every machine sees).
+
+What a run does when something goes wrong (a cluster's run is stopped, a step diverges, the disk fills):
+  - SIGTERM or SIGUSR1 (what SLURM sends before a time limit or a preemption; torchrun passes SIGTERM on to its
+    workers): the step under way finishes, a checkpoint is written, and `Stopped` is raised, which the command
+    line turns into one line naming --resume and an exit status of 128 + the signal's number. Under torchrun the
+    processes agree on the stop once per step (one small all-reduce), so all of them stop after the same step,
+    whichever got the signal. Resumed, the run continues as if never stopped (the module's first paragraph).
+  - A loss that is not finite stops the run before the optimizer uses it (`NonFiniteLoss`, naming the step and
+    the last checkpoint, which is whole); under fp16 the loss scaler's own skipped steps (an overflow in the
+    scaled gradients) are normal, and only logged ("skipped": true).
+  - A checkpoint that cannot be written (disk full) is one line (`WriteFailed`); the temporary file is removed
+    and the previous checkpoint is untouched (atomic_write).
 """
+import glob
 import json
+import math
 import os
+import re
+import shutil
+import signal
 import tempfile
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -67,9 +85,12 @@ class TrainConfig:
     # at a time); "adamw_8bit": bitsandbytes' AdamW8bit (CUDA only, optional)
     optimizer: str = "adamw_fused"
     mixed_precision: str = "no"        # "no", "fp16" (autocast + a loss scaler) or "bf16" (autocast)
-    lr_scales: tuple = ()              # ((name prefix, factor), ...): parameter groups at lr * factor
+    lr_scales: tuple = ()              # ((name prefix, factor[, label]), ...): parameter groups at lr * factor;
+                                       # a label logs the group's rate as "lr/<label>"
     until: int | None = None           # stop after this many steps of the `steps`-step schedule, with a checkpoint
                                        # there (a run's early checkpoints, e.g. bench/tiny_fid_curve.py); None: all
+    snapshot_every: int = 0            # call train's `snapshot` every this many steps (0: never)
+    keep_checkpoints: int = 1          # checkpoints kept: the latest, NAME.ckpt.pt, and K - 1 older, NAME-stepS.ckpt.pt
 
 
 class EMA:
@@ -105,18 +126,82 @@ class EMA:
             self.shadow[k].lerp_(p.detach().to(self.shadow[k].dtype), 1 - d)
 
 
-def atomic_save(obj, path):
-    """torch.save to a fresh temporary file in the same folder, then rename over `path`: a reader (or a crash)
-    sees the old file or the new one, never half of one, and two writers never share a temporary name."""
+class WriteFailed(ValueError):
+    """A file could not be written (a full disk, no permission); the previous file of that name is untouched."""
+
+
+class NonFiniteLoss(ValueError):
+    """A step's loss was inf or NaN: the run stopped before the optimizer used it."""
+
+
+class Stopped(Exception):
+    """The run stopped on a signal (SIGTERM, SIGUSR1) after a whole step and a checkpoint."""
+
+    def __init__(self, signum, step, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; the checkpoint {checkpoint} "
+                         f"is written: run the same command with --resume to continue")
+
+
+def atomic_write(path, write):
+    """write(tmp) into a fresh temporary file in the same folder, then rename it over `path`: a reader (or a crash)
+    sees the old file or the new one, never half of one, and two writers never share a temporary name. A failed
+    write (OSError: disk full, ...) removes the temporary file and raises WriteFailed: `path` is as it was."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise WriteFailed(f"could not write {path}: {e.strerror or e}; the previous file is unchanged") from None
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+@contextmanager
+def stop_signals(signals=(signal.SIGTERM, signal.SIGUSR1)):
+    """While open, SIGTERM and SIGUSR1 set box[0] to the signal's number instead of ending the process (only in
+    the main thread, where Python can install handlers); the previous handlers are put back after."""
+    box = [0]
+    if threading.current_thread() is not threading.main_thread():
+        yield box
+        return
+
+    def handler(signum, frame):
+        box[0] = signum
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield box
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def keep_newest_checkpoints(ckpt_path, step, keep):
+    """Before `ckpt_path` (the checkpoint of step `step`) is replaced: keep it as NAME-stepSSSSSS.ckpt.pt (a hard
+    link, or a copy where links are not possible) when `keep` > 1, and delete this run's older ones beyond
+    keep - 1 (only files of that name pattern in the checkpoint folder)."""
+    stem = ckpt_path[:-len(".ckpt.pt")]
+    if keep > 1 and os.path.exists(ckpt_path):
+        older = f"{stem}-step{step:06d}.ckpt.pt"
+        if os.path.exists(older):
+            os.remove(older)
+        try:
+            os.link(ckpt_path, older)
+        except OSError:
+            shutil.copyfile(ckpt_path, older)
+    pattern = re.compile(re.escape(os.path.basename(stem)) + r"-step(\d+)\.ckpt\.pt$")
+    found = sorted((int(m.group(1)), f) for f in glob.glob(glob.escape(stem) + "-step*.ckpt.pt")
+                   if (m := pattern.match(os.path.basename(f))))
+    for _, f in found[:max(0, len(found) - (keep - 1))]:
+        os.remove(f)
 
 
 def param_groups(trainable: dict, cfg: TrainConfig):
@@ -124,7 +209,7 @@ def param_groups(trainable: dict, cfg: TrainConfig):
     cfg.lr_scales its name starts with, else 1. Returns [(factor, [params]), ...] in first-seen order."""
     groups = {}
     for name, p in trainable.items():
-        factor = next((f for prefix, f in cfg.lr_scales if name.startswith(prefix)), 1.0)
+        factor = next((f for prefix, f, *_ in cfg.lr_scales if name.startswith(prefix)), 1.0)
         groups.setdefault(factor, []).append(p)
     return list(groups.items())
 
@@ -157,6 +242,8 @@ def check_config(cfg: TrainConfig, device):
         raise ValueError("8-bit AdamW (bitsandbytes) runs on CUDA only")
     if cfg.checkpoint_every < 1:
         raise ValueError(f"checkpointing steps must be >= 1, got {cfg.checkpoint_every}")
+    if cfg.keep_checkpoints < 1:
+        raise ValueError(f"the checkpoints kept must be >= 1, got {cfg.keep_checkpoints}")
 
 
 def _truncate_log(path, steps):
@@ -170,7 +257,7 @@ def _truncate_log(path, steps):
 
 
 def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_step=None, log=print,
-          log_path=None, data_parallel=False):
+          log_path=None, data_parallel=False, report=None, snapshot=None):
     """Minimise loss_fn(k, generator) over the tensors in `trainable` ({name: nn.Parameter}); k counts
     micro-batches (k = step with no gradient accumulation) and the generator is seeded with (seed, k).
 
@@ -178,18 +265,24 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
     out_dir/{name}.ckpt.pt (resumed from automatically when present) and the final weights, EMA ones when enabled,
     are returned as a {name: tensor} dict. `on_step(step, loss, lr)` may draw a progress bar or sample grids;
     `loss` is the mean over the step's micro-batches and `lr` the rate the step used. log_path: a JSON-lines file
-    that gets {"step", "loss", "lr", "seconds"} after each optimizer step (step counts from 1).
+    that gets {"step", "loss", "lr", "seconds"} after each optimizer step (step counts from 1), with "lr/<label>"
+    for each labelled group of cfg.lr_scales and "skipped": true for a step fp16's loss scaler skipped;
+    report(entry) gets the same dict (a tracker: train/report.py). snapshot(step, weights) is called every
+    cfg.snapshot_every steps with the weights a run would end with there (EMA ones when enabled; not to be
+    modified).
 
     data_parallel: loss_fn(k, generator) computes this process's share of micro-batch k (equal shares), gradients
-    and the logged loss are averaged over the processes, and only rank 0 writes files and calls on_step and log
-    (module docstring). With one process it changes nothing.
+    and the logged loss are averaged over the processes, and only rank 0 writes files and calls on_step, log,
+    report and snapshot (module docstring). With one process it changes nothing.
+
+    Raises Stopped after a SIGTERM / SIGUSR1, NonFiniteLoss, WriteFailed (module docstring).
     """
     device = next(iter(trainable.values())).device
     check_config(cfg, device)
     parallel = data_parallel and distributed.world_size() > 1
     main = not parallel or distributed.is_main()
     if not main:
-        on_step, log, log_path = None, lambda *_: None, None
+        on_step, log, log_path, report, snapshot = None, lambda *_: None, None, None, None
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, f"{name}.ckpt.pt")
     params = list(trainable.values())
@@ -201,7 +294,7 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     autocast = PRECISIONS[cfg.mixed_precision]
     ema = EMA(trainable, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
-    start = 0
+    start, saved = 0, None                            # saved: the step of the checkpoint on disk
     if os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         with torch.no_grad():
@@ -213,7 +306,7 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
         if ema is not None:
             ema.shadow = {k: v.to(trainable[k].device) for k, v in state["ema"].items()}
             ema.num_updates = state["ema_updates"]
-        start = state["step"]
+        start = saved = state["step"]
         log(f"resumed {name} from step {start}")
     if parallel:
         first, last = distributed.agree(start, device)
@@ -223,51 +316,80 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
     if log_path is not None:
         _truncate_log(log_path, start)
 
+    def current():
+        return ema.shadow if ema is not None else {k: p.detach() for k, p in trainable.items()}
+
+    def save_checkpoint(step):
+        nonlocal saved
+        if main:
+            state = {"params": {k: p.detach() for k, p in trainable.items()}, "optimizer": opt.state_dict(),
+                     "scaler": scaler.state_dict(), "ema": ema.shadow if ema is not None else {},
+                     "ema_updates": ema.num_updates if ema is not None else 0, "step": step}
+            if saved is not None:
+                keep_newest_checkpoints(ckpt_path, saved, cfg.keep_checkpoints)
+            atomic_save(state, ckpt_path)
+        saved = step
+
     module.train()
     t0 = time.time()
     end = cfg.steps if cfg.until is None else min(cfg.until, cfg.steps)
-    for step in range(start, end):
-        lr = learning_rate(step, cfg)
-        for group, (factor, _) in zip(opt.param_groups, groups):
-            group["lr"] = lr * factor
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            k = step * cfg.grad_accum + micro
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
-            with torch.autocast(device.type, autocast) if autocast else nullcontext():
-                loss = loss_fn(k, generator)
-            scaled = loss / cfg.grad_accum if cfg.grad_accum > 1 else loss
-            scaler.scale(scaled).backward()
-            total += loss.item()
-        if parallel:
-            distributed.average_gradients(params)     # once per optimizer step, before unscaling and clipping
-        if cfg.grad_clip:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        if ema is not None:
-            ema.update(trainable)
-        mean_loss = total / cfg.grad_accum
-        if parallel:
-            mean_loss = distributed.mean(mean_loss, device)
-        if log_path is not None:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step + 1, "loss": mean_loss, "lr": lr,
-                                    "seconds": round(time.time() - t0, 3)}) + "\n")
-        if on_step is not None:
-            on_step(step, mean_loss, lr)
-        if main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end):
-            atomic_save({
-                "params": {k: p.detach() for k, p in trainable.items()},
-                "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict(),
-                "ema": ema.shadow if ema is not None else {},
-                "ema_updates": ema.num_updates if ema is not None else 0,
-                "step": step + 1,
-            }, ckpt_path)
+    with stop_signals() as stop:
+        for step in range(start, end):
+            lr = learning_rate(step, cfg)
+            for group, (factor, _) in zip(opt.param_groups, groups):
+                group["lr"] = lr * factor
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                k = step * cfg.grad_accum + micro
+                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+                with torch.autocast(device.type, autocast) if autocast else nullcontext():
+                    loss = loss_fn(k, generator)
+                scaled = loss / cfg.grad_accum if cfg.grad_accum > 1 else loss
+                scaler.scale(scaled).backward()
+                total += loss.item()
+            mean_loss = total / cfg.grad_accum
+            if parallel:
+                mean_loss = distributed.mean(mean_loss, device)
+                distributed.average_gradients(params)     # once per optimizer step, before unscaling and clipping
+            if not math.isfinite(mean_loss) and not scaler.is_enabled():      # every process has the same mean
+                where = (f"the last checkpoint, {ckpt_path}, is of step {saved}" if saved is not None
+                         else "no checkpoint was written yet")
+                raise NonFiniteLoss(f"the loss of step {step + 1} is {mean_loss}: training stopped before the "
+                                    f"optimizer used it; {where}")
+            if cfg.grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scale = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(opt)
+            scaler.update()
+            # the scaler halves its scale exactly when it skipped the step (inf or NaN in the scaled gradients)
+            skipped = scale is not None and scaler.get_scale() < scale
+            if ema is not None:                           # as diffusers: skipped steps too
+                ema.update(trainable)
+            entry = {"step": step + 1, "loss": mean_loss, "lr": lr}
+            entry.update({f"lr/{label[0]}": lr * factor for _, factor, *label in cfg.lr_scales if label})
+            entry["seconds"] = round(time.time() - t0, 3)
+            if skipped:
+                entry["skipped"] = True
+            if log_path is not None:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+            if report is not None:
+                report(entry)
+            if on_step is not None:
+                on_step(step, mean_loss, lr)
+            if snapshot is not None and cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
+                snapshot(step + 1, current())
+            signum = stop[0]
+            if parallel:                                  # all stop after the same step, whichever got the signal
+                signum = distributed.agree(signum, device)[1]
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end or signum:
+                save_checkpoint(step + 1)
+            if signum and step + 1 < end:
+                if parallel:
+                    distributed.barrier()                 # no process leaves before rank 0 has written the checkpoint
+                raise Stopped(signum, step + 1, ckpt_path)
     module.eval()
     log(f"{name}: {max(end - start, 0)} steps in {time.time() - t0:.0f} s")
-    final = ema.shadow if ema is not None else {k: p.detach() for k, p in trainable.items()}
-    return {k: v.clone() for k, v in final.items()}
+    return {k: v.clone() for k, v in current().items()}

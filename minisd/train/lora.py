@@ -28,10 +28,13 @@ layer table, as at inference. The cost, against the branch kohya and peft add to
 (y = W x + (alpha / r) up (down x)): W' and dL/dW' exist at full size for the targeted layers during a step
 (SD1.5, default targets: 267M U-Net weights, ~1 GB each in fp32) where the branch keeps only r-wide activations,
 and one (out x r)(r x in) product per layer per step (cheap next to the convolutions). What LoRA saves over full
-fine-tuning is still there: no AdamW moments for the base weights, and a file of megabytes. Gradient
-checkpointing is not offered: its recomputation runs in backward, after functional_call has put W back, and would
-recompute with W instead of W'. Under --mixed-precision the base weights stay float32 (autocast computes in the
-low precision); the factors are float32 always (float64 in a float64 run, cfg.dtype: the parity tests).
+fine-tuning is still there: no AdamW moments for the base weights, and a file of megabytes. With
+--gradient-checkpointing, functional_call cannot be used: the blocks recompute their forward in the backward pass,
+after functional_call has put W back, and would recompute with W; so W' is put into the model itself for the
+micro-batch (train/step.py's install), where the recomputation reads it too, and taken out after training (and for
+the validation images). The gradients are those of the run without checkpointing (tests/test_train_runs.py).
+Under --mixed-precision the base weights stay float32 (autocast computes in the low precision); the factors are
+float32 always (float64 in a float64 run, cfg.dtype: the parity tests).
 
 The output: OUT/<name of OUT>.safetensors in kohya's / A1111's layout (lora_unet_..._to_q.lora_down.weight,
 .lora_up.weight, .alpha; lora_te_... for the text encoder), what A1111's <lora:NAME:0.8>, ComfyUI, diffusers'
@@ -50,7 +53,8 @@ from .. import lora
 from . import dreambooth
 from .batches import Stream
 from .hf_dataset import DatasetSettings, check_source, training_examples
-from .run import Training, fit
+from .loop import atomic_write
+from .run import Training, fit, snapshot_path
 from .settings import DTYPES, check
 
 SAVE_FORMATS = ("kohya", "diffusers")
@@ -103,14 +107,13 @@ def check_lora(cfg: LoRAConfig):
         raise ValueError(f"--alpha must be > 0, got {cfg.alpha}")
     if cfg.lora_targets not in ("default", "attention"):
         raise ValueError(f"unknown --lora-targets {cfg.lora_targets!r}; choose default or attention")
-    if cfg.gradient_checkpointing:
-        raise ValueError("--gradient-checkpointing is not supported by train lora (its recomputation would see "
-                         "the base weights, not W + (alpha / r) up down)")
     check_source(cfg, "train lora", others=[("--instance-dir", cfg.instance_dir)])
     if cfg.instance_dir:
         dreambooth.check_instances(cfg)
-    elif cfg.instance_prompt or cfg.class_prompt or cfg.class_dir or cfg.reg_data_dir:
-        raise ValueError("--instance-prompt, --class-prompt, --class-dir and --reg-data-dir go with --instance-dir")
+    elif (cfg.instance_prompt or cfg.class_prompt or cfg.class_dir or cfg.reg_data_dir
+          or cfg.with_prior_preservation):
+        raise ValueError("--instance-prompt, --class-prompt, --class-dir, --reg-data-dir and "
+                         "--with-prior-preservation go with --instance-dir")
 
 
 def run(cfg: LoRAConfig, draws=None, log=print):
@@ -132,34 +135,41 @@ def run(cfg: LoRAConfig, draws=None, log=print):
         log(f"LoRA rank {cfg.rank}, alpha {cfg.alpha:g} on {len(factors)} layers ({cfg.lora_targets} targets): "
             f"{sum(p.numel() for p in params.values()):,} trainable numbers")
 
-        def save(model, weights):
-            with torch.no_grad():        # the final values (EMA ones with --use-ema) into the factors
-                for name, p in params.items():
-                    p.copy_(weights[name])
-            final = {name: lora.Factors(f.down.detach().cpu(), f.up.detach().cpu(), f.alpha)
-                     for name, f in factors.items()}
-            return write(final, model.config, cfg)
+        def save(model, weights, step=None):
+            """The LoRA file; a snapshot (step given) is written from `weights` alone, the final one also puts
+            them into the factors (the final validation images use them: EMA values with --use-ema)."""
+            if step is None:
+                with torch.no_grad():
+                    for name, p in params.items():
+                        p.copy_(weights[name])
+            final = {name: lora.Factors(weights[f"{name}.down"].detach().cpu(), weights[f"{name}.up"].detach().cpu(),
+                                        f.alpha) for name, f in factors.items()}
+            return write(final, model.config, cfg, step)
 
         return Training(streams, trainable=params, save=save, substitute=lambda: merged_weights(model, factors),
-                        prior_loss_weight=cfg.prior_loss_weight)
+                        prior_loss_weight=cfg.prior_loss_weight, text_encoder_prefix="lora_te_")
 
     return fit(cfg, "lora", prepare, draws, log)
 
 
-def write(factors, config, cfg: LoRAConfig):
-    """The LoRA file of the run (module docstring), written beside its name and renamed into place."""
+def write(factors, config, cfg: LoRAConfig, step=None):
+    """The LoRA file of the run (module docstring), written to a temporary name and renamed into place; a
+    snapshot's name ends in -step000400 (step given)."""
     if cfg.save_format == "diffusers":
         path = os.path.join(cfg.out, "pytorch_lora_weights.safetensors")
     else:
         path = os.path.join(cfg.out, (os.path.basename(os.path.normpath(cfg.out)) or "lora") + ".safetensors")
-    tmp = path + ".tmp"
+    if step is not None:
+        path = snapshot_path(path, step)
     if cfg.save_format == "diffusers":
-        lora.save_diffusers(tmp, factors, config)
+        atomic_write(path, lambda tmp: lora.save_diffusers(tmp, factors, config))
     else:                                # kohya's ss_ metadata: what A1111's and ComfyUI's LoRA browsers show
-        lora.save_kohya(tmp, factors, {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
-                                       "ss_network_alpha": f"{cfg.alpha:g}", "ss_max_train_steps":
-                                       str(cfg.max_train_steps), "ss_learning_rate": f"{cfg.learning_rate:g}",
-                                       "ss_training_comment": f"minisd train lora ({cfg.lora_targets} targets)"})
-    os.replace(tmp, path)
+        metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
+                    "ss_network_alpha": f"{cfg.alpha:g}", "ss_max_train_steps": str(cfg.max_train_steps),
+                    "ss_learning_rate": f"{cfg.learning_rate:g}",
+                    "ss_training_comment": f"minisd train lora ({cfg.lora_targets} targets)"}
+        if step is not None:
+            metadata["ss_steps"] = str(step)
+        atomic_write(path, lambda tmp: lora.save_kohya(tmp, factors, metadata))
     return path
 

@@ -1,7 +1,15 @@
 """A training run, the same for every method: join the job (torchrun), load the model, ask the method what it
 trains (`prepare` -> Training), train through the one loop (loop.py) on the step of step.py and the batches of
 batches.py, and write the run folder: the method's output (by default the whole model), train_log.jsonl,
-args.json, result.json, checkpoints/ and samples/.
+args.json, result.json, checkpoints/ and samples/; with --save-model-steps N, snapshots of the output every N
+steps (model-step000400.safetensors; --save-last-n K keeps the newest K), each listed in train_log.jsonl as
+{"step", "snapshot": [paths]}; with --report-to, the same curves and validation images in TensorBoard or wandb
+(report.py).
+
+--num-train-epochs E sets the steps as diffusers does: E x ceil(micro-batches per epoch / accumulation), an epoch
+being every example of the largest stream once (repeats counted; DreamBooth's instance or class images, whichever
+are more, as diffusers' DreamBoothDataset), in micro-batches of the whole batch (train batch size x processes), or
+with --enable-bucket the bucket batches of an epoch (batches.py).
 
 A method (finetune.py, dreambooth.py, textual_inversion.py, lora.py) checks its settings, then calls `fit` with
 a `prepare(model, resolution, device, log)` that says only what differs: where its batches come from, what
@@ -15,6 +23,7 @@ halves go through the networks separately, and the loss is the same mse(instance
 import dataclasses
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -26,15 +35,16 @@ from weights_convert import detect, diffusers, ldm, native
 from weights_convert.io import write_safetensors
 
 from .. import distributed, lora
-from . import buckets
+from . import buckets, report
 from ..convert import vocab_files
 from ..diffusion import alphas_cumprod_from_betas, scaled_linear_betas
 from ..model import load_model, locate
 from ..pipeline import Pipeline
-from .batches import cache_moments, take
-from .loop import train
+from .batches import cache_moments, micro_batches_per_epoch, take
+from .loop import atomic_write, train
+from .lr import check_schedule
 from .settings import DTYPES, TrainSettings, train_config
-from .step import concat_draws, draw, example_generator, step_loss, text_in_backward
+from .step import concat_draws, draw, example_generator, install, step_loss, text_in_backward, uninstall
 
 
 @dataclass
@@ -42,10 +52,12 @@ class Training:
     """What a method trains, once the model is loaded (its `prepare` returns it); `fit` does the rest."""
     streams: list                          # batches.Stream: one, or DreamBooth's instance stream then class stream
     trainable: dict | None = None          # {name: Parameter} to optimise; None: trainable_parameters
-    save: Callable | None = None           # save(model, weights) -> path of what it wrote; None: save_model
+    save: Callable | None = None           # save(model, weights, step) -> path of what it wrote (step: a snapshot's
+                                           # name, None: the final output); None: save_model
     embeddings: object = None              # textual-inversion words (embeddings.Embeddings) captions may use
     substitute: Callable | None = None     # () -> {param name: tensor} computed with in place of the model's own
     prior_loss_weight: float = 1.0         # DreamBooth: the class examples' weight, with a class stream
+    text_encoder_prefix: str = "text_encoder."   # the trainable names of the text encoder's group (--text-encoder-lr)
 
 
 def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
@@ -75,6 +87,8 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
             log(f"buckets of {s.root or s.role} ({len(s.examples)} images):")
             for line in buckets.table(s.examples, s.buckets):
                 log("  " + line)
+    if cfg.num_train_epochs is not None:
+        cfg = epochs_to_steps(cfg, streams, log)
 
     factor = 2 ** (len(model.config.vae.ch_mult) - 1)
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
@@ -118,7 +132,14 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
     # places of this process's examples in micro-batch k: its share of each stream's part (instances, class)
     places = [[part * whole + rank * b + i for i in range(b)] for part in range(len(streams))]
 
+    # LoRA with gradient checkpointing: W' = W + (alpha / r) up down stays in the model from one micro-batch's forward
+    # to the next, so that the backward's recomputation sees it too (step.install); taken out for the validation
+    # images and at the end
+    installed = {}
+
     def loss_fn(k, _generator):                 # the loop's (seed, k) generator: each example has its own here
+        if substitute is not None and cfg.gradient_checkpointing:
+            install(model, substitute(), installed)
         generators = {j: example_generator(cfg.seed, k, j) for js in places for j in js}
         parts = [take(s, k, cfg, resolution, [generators[j] for j in js], world, rank)
                  for s, js in zip(streams, places)]                             # instances first, then class
@@ -149,40 +170,95 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
             d = concat_draws([draw(generators[j], (1, *shape[1:]), mc.num_timesteps, cfg.noise_offset)
                               for j in mine])
         encode = (lambda text: embeddings.tokenize(text, model.tokenizer.encode)) if embeddings else None
+        replaced = substitute() if substitute is not None and not installed else None
         return step_loss(model, pixels, moments, model.tokenizer(captions, encode), d, alphas_cumprod, cfg,
-                         n_instance, job.prior_loss_weight, embeddings, substitute() if substitute else None)
+                         n_instance, job.prior_loss_weight, embeddings, replaced)
+
+    tracker = report.Tracker(cfg.report_to if main else "none", cfg.out, cfg.tracker_project_name or method,
+                             {"method": method, "processes": world, **dataclasses.asdict(cfg)})
+    captions = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]    # of the images
+    save = job.save or (lambda model, weights, step=None: save_model(model, weights, cfg, source, step))
 
     def validate(step):
         if cfg.validation_prompts and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
+            uninstall(model, installed)
             paths = validation_images(model, cfg, resolution, step, cfg.out, device, embeddings, substitute)
             model.train()
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "validation": paths}) + "\n")
+            log_entry(log_path, {"step": step, "validation": paths})
+            tracker.images(step, captions, paths)
+
+    def snapshot(step, weights):
+        paths = save(model, weights, step)
+        log_entry(log_path, {"step": step, "snapshot": paths if isinstance(paths, list) else [paths]})
+        if cfg.save_last_n is not None:
+            remove_old_snapshots(log_path, cfg.save_last_n)
 
     progress = Progress(cfg.max_train_steps, validate, disable=not main)
     t0 = time.time()
     try:
-        weights = train(model, trainable, loss_fn, train_config(cfg), ckpt_dir, method, on_step=progress,
-                        log=progress.bar.write, log_path=log_path, data_parallel=True)
+        try:
+            weights = train(model, trainable, loss_fn, train_config(cfg, job.text_encoder_prefix), ckpt_dir, method,
+                            on_step=progress, log=progress.bar.write, log_path=log_path, data_parallel=True,
+                            report=tracker.log, snapshot=snapshot)
+        finally:
+            uninstall(model, installed)
+        model.requires_grad_(False).eval()
+        path = None
+        if main:
+            path = save(model, weights)
+            result = {"method": method, "steps": cfg.max_train_steps, "seconds": round(time.time() - t0, 1),
+                      "model": path, "last_loss": _last_loss(log_path), "processes": world}
+            if cfg.validation_prompts:
+                result["validation"] = validation_images(model, cfg, resolution, cfg.max_train_steps, cfg.out,
+                                                         device, embeddings, substitute)
+                tracker.images(cfg.max_train_steps, captions, result["validation"])
+            with open(os.path.join(cfg.out, "result.json"), "w") as f:
+                json.dump(result, f, indent=1)
+            log(f"wrote {path}")
     finally:
         progress.close()                        # an error message then starts on a line of its own
-    model.requires_grad_(False).eval()
-    path = None
-    if main:
-        path = job.save(model, weights) if job.save else save_model(model, weights, cfg, source)
-        result = {"method": method, "steps": cfg.max_train_steps, "seconds": round(time.time() - t0, 1),
-                  "model": path, "last_loss": _last_loss(log_path), "processes": world}
-        if cfg.validation_prompts:
-            result["validation"] = validation_images(model, cfg, resolution, cfg.max_train_steps, cfg.out, device,
-                                                     embeddings, substitute)
-        with open(os.path.join(cfg.out, "result.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        log(f"wrote {path}")
+        tracker.close()
     if world > 1:
         box = [path]
         distributed.broadcast_object(box)       # the others wait for the file, and learn its name
         path = box[0]
     return path
+
+
+def epochs_to_steps(cfg: TrainSettings, streams, log=print):
+    """cfg with max_train_steps from --num-train-epochs (module docstring), and a line saying so."""
+    world = distributed.world_size()
+    per_epoch = max(micro_batches_per_epoch(s, cfg.train_batch_size * world) for s in streams)
+    updates = -(-per_epoch // cfg.gradient_accumulation_steps)
+    steps = cfg.num_train_epochs * updates
+    log(f"--num-train-epochs {cfg.num_train_epochs}: {per_epoch} micro-batches of {cfg.train_batch_size * world} "
+        f"per epoch, {updates} optimizer steps each: {steps} steps (--max-train-steps is not used)")
+    cfg = dataclasses.replace(cfg, max_train_steps=steps)
+    check_schedule(train_config(cfg))              # the warmup, now that the steps are known
+    return cfg
+
+
+def log_entry(log_path, entry):
+    with open(log_path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def remove_old_snapshots(log_path, keep):
+    """Delete the snapshots this run wrote (the "snapshot" entries of its log) but the newest `keep`."""
+    with open(log_path) as f:
+        entries = [e for e in map(json.loads, f) if "snapshot" in e]
+    for e in entries[:max(0, len(entries) - keep)]:
+        for path in e["snapshot"]:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+
+
+def snapshot_path(path, step):
+    """OUT/model.safetensors -> OUT/model-step000400.safetensors (a folder: OUT/model-step000400)."""
+    stem, ext = os.path.splitext(path) if path.endswith(".safetensors") else (path, "")
+    return f"{stem}-step{step:06d}{ext}"
 
 
 def load(cfg: TrainSettings, device, log=print):
@@ -232,9 +308,9 @@ class Progress:
 
 
 def validation_images(model, cfg: TrainSettings, resolution, step, out, device, embeddings=None, substitute=None):
-    """One image per --validation-prompt into out/samples/ (seed = --seed), with the textual-inversion words of
-    `embeddings`; returns their paths. substitute(): {param name: tensor} to draw them with in place of the model's
-    own parameters (put back after)."""
+    """--num-validation-images images per --validation-prompt into out/samples/ (seeds --seed, --seed + 1, ...),
+    with the textual-inversion words of `embeddings`; returns their paths. substitute(): {param name: tensor} to
+    draw them with in place of the model's own parameters (put back after)."""
     folder = os.path.join(out, "samples")
     os.makedirs(folder, exist_ok=True)
     with torch.no_grad():
@@ -244,10 +320,13 @@ def validation_images(model, cfg: TrainSettings, resolution, step, out, device, 
         if embeddings is not None:
             pipe.embeddings = embeddings
         paths = []
+        n = cfg.num_validation_images
         for i, prompt in enumerate(cfg.validation_prompts):
-            image = pipe.generate(prompt, seed=cfg.seed, width=resolution, height=resolution).images[0]
-            paths.append(os.path.join(folder, f"step-{step:06d}-{i}.png"))
-            image.save(paths[-1])
+            images = pipe.generate(prompt, seed=[cfg.seed + j for j in range(n)], width=resolution,
+                                   height=resolution).images
+            for j, image in enumerate(images):
+                paths.append(os.path.join(folder, f"step-{step:06d}-{i}" + (f"-{j}" if n > 1 else "") + ".png"))
+                image.save(paths[-1])
     finally:
         lora.restore(model, originals)
     model.unet.to(memory_format=torch.contiguous_format)      # the pipeline may have changed the layouts
@@ -256,21 +335,28 @@ def validation_images(model, cfg: TrainSettings, resolution, step, out, device, 
     return paths
 
 
-def save_model(model, weights, cfg: TrainSettings, source):
+def save_model(model, weights, cfg: TrainSettings, source, step=None):
     """Full fine-tuning's output: the trained weights (EMA ones with --use-ema) put into the model, and the whole
-    model written as OUT/model.safetensors (or the diffusers folder OUT/model)."""
-    model.load_state_dict(weights, strict=False)
+    model written as OUT/model.safetensors (or the diffusers folder OUT/model). A snapshot (step given) writes
+    OUT/model-step000400.safetensors with the weights as they are at that step, and leaves the model alone."""
     path = os.path.join(cfg.out, "model.safetensors" if cfg.save_format == "single_file" else "model")
+    if step is not None:
+        path = snapshot_path(path, step)
+        write_model(model, source, cfg, path, weights)
+        return path
+    model.load_state_dict(weights, strict=False)
     write_model(model, source, cfg, path)
     return path
 
 
-def write_model(model, source, cfg: TrainSettings, path):
+def write_model(model, source, cfg: TrainSettings, path, weights=None):
     """The whole model in the official single-file layout (or a diffusers folder): the source file's tensors,
     those not trained included (and the ones minisd does not use, e.g. schedule buffers), in float32 (float64
-    for a float64 run: cfg.dtype), with the trained ones replaced by `model`'s."""
+    for a float64 run: cfg.dtype), with the trained ones replaced by `model`'s (and those by `weights`, when
+    given: {model's parameter name: tensor}). A failed write (disk full) leaves no partial file and is one line
+    (loop.WriteFailed)."""
     ckpt = detect.read(source, prediction=model.config.prediction, verbose=False)
-    trained = model.state_dict()
+    trained = {**model.state_dict(), **(weights or {})}
     tensors = {}
     for name in list(ckpt.state):
         t = ckpt.state.pop(name)
@@ -282,9 +368,8 @@ def write_model(model, source, cfg: TrainSettings, path):
         diffusers.write_diffusers(model_tensors, model.config, path, vocab_files(model.tokenizer))
         return
     out = ldm.to_ldm(tensors, model.config)
-    tmp = str(path) + ".tmp"
-    write_safetensors(tmp, out, {"minisd_config": native.config_to_json(model.config)})
-    os.replace(tmp, path)
+    metadata = {"minisd_config": native.config_to_json(model.config)}
+    atomic_write(str(path), lambda tmp: write_safetensors(tmp, out, metadata))
 
 
 def _last_loss(log_path):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import distributed
-from . import buckets, captions
+from . import buckets, captions, report
 from .data import check_caption_extension, check_resolution
 from .loop import TrainConfig
 from .lr import check_schedule
@@ -46,13 +46,26 @@ class TrainSettings:
     checkpointing_steps: int = 500
     validation_prompts: tuple = ()
     validation_steps: int = 100
+    num_validation_images: int = 1           # per prompt, seeds seed, seed + 1, ... (diffusers' flag)
     device: str = "auto"
     resume: bool = False
     save_format: str = "single_file"
     scale_lr: bool = False                   # learning rate x batch per process x accumulation x processes
     use_8bit_adam: bool = False
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0              # 0: no clipping
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    lr_power: float = 1.0                    # the polynomial schedule's exponent
+    unet_lr: float | None = None             # kohya's two rates (None: learning_rate): the U-Net's (or its LoRA's) ...
+    text_encoder_lr: float | None = None     # ... and the text encoder's, as a second parameter group
+    num_train_epochs: int | None = None      # instead of max_train_steps: steps from the data's size (diffusers)
+    report_to: str = "none"                  # report.TRACKERS: live curves beside train_log.jsonl
+    tracker_project_name: str | None = None  # None: the method's name
+    save_model_steps: int | None = None      # a snapshot of the output (OUT/model-step000400.safetensors) every N
+    save_last_n: int | None = None           # ... keeping the newest N of them (None: all)
+    checkpoints_total_limit: int | None = None   # resumable checkpoints kept (None: the latest only)
     dtype: str = "float32"                   # DTYPES: "float64" for the parity tests (no --flag)
     # the data folders (data.py) and kohya-ss/sd-scripts' options, with kohya's names and defaults
     caption_extension: str = ".txt"          # NAME.txt beside NAME.png (kohya's default is .caption)
@@ -73,9 +86,29 @@ def check(cfg: TrainSettings, save_formats=SAVE_FORMATS):
     if cfg.resolution is not None:
         check_resolution(cfg.resolution)
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
-                 "validation_steps"):
-        if getattr(cfg, name) < 1:
+                 "validation_steps", "num_validation_images", "num_train_epochs", "save_model_steps", "save_last_n",
+                 "checkpoints_total_limit"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.save_last_n is not None and cfg.save_model_steps is None:
+        raise ValueError("--save-last-n keeps the newest snapshots of --save-model-steps N: give that too")
+    report.check(cfg.report_to)
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+    for name in ("adam_weight_decay", "max_grad_norm"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if not cfg.adam_epsilon > 0:
+        raise ValueError(f"--adam-epsilon must be > 0, got {cfg.adam_epsilon}")
+    if cfg.unet_lr is not None and not cfg.unet_lr > 0:
+        raise ValueError(f"--unet-lr must be > 0, got {cfg.unet_lr}")
+    if cfg.text_encoder_lr is not None:
+        if not cfg.train_text_encoder:
+            raise ValueError("--text-encoder-lr is the rate of the text encoder, which trains only with "
+                             "--train-text-encoder")
+        if not cfg.text_encoder_lr >= 0:
+            raise ValueError(f"--text-encoder-lr must be >= 0, got {cfg.text_encoder_lr}")
     if cfg.lr_scheduler not in SCHEDULERS:
         raise ValueError(f"unknown --lr-scheduler {cfg.lr_scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     check_schedule(train_config(cfg))
@@ -109,16 +142,26 @@ def folder_options(cfg: TrainSettings):
     return dict(caption_extension=cfg.caption_extension, skip_bad_images=cfg.skip_bad_images)
 
 
-def train_config(cfg: TrainSettings):
+def train_config(cfg: TrainSettings, text_encoder_prefix="text_encoder."):
     """The loop's settings for this run; --scale-lr multiplies the rate by the examples of an optimizer step
-    (batch per process x accumulation x processes), as diffusers' --scale_lr does."""
+    (batch per process x accumulation x processes), as diffusers' --scale_lr does.
+
+    Two learning rates (kohya's --unet-lr and --text-encoder-lr, each --learning-rate unless given): the loop's
+    rate is the U-Net's, and the text encoder's parameters (names starting with `text_encoder_prefix`) form a
+    group at lr x text_encoder_lr / unet_lr, so each group follows the schedule from its own rate, as LambdaLR
+    does with two groups; its rate is logged as lr/text_encoder."""
     scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * distributed.world_size() if cfg.scale_lr else 1
+    unet_lr = cfg.learning_rate if cfg.unet_lr is None else cfg.unet_lr
+    text_lr = unet_lr if cfg.text_encoder_lr is None else cfg.text_encoder_lr
     return TrainConfig(
-        steps=cfg.max_train_steps, lr=cfg.learning_rate * scale, weight_decay=cfg.adam_weight_decay,
+        steps=cfg.max_train_steps, lr=unet_lr * scale, weight_decay=cfg.adam_weight_decay,
+        betas=(cfg.adam_beta1, cfg.adam_beta2), adam_eps=cfg.adam_epsilon, lr_power=cfg.lr_power,
         lr_schedule=cfg.lr_scheduler, warmup_steps=cfg.lr_warmup_steps, cycles=cfg.lr_cycles,
         min_lr_ratio=cfg.lr_min_ratio, ema_decay=cfg.ema_decay if cfg.use_ema else 0.0, ema_warmup="diffusers",
         grad_clip=cfg.max_grad_norm, checkpoint_every=cfg.checkpointing_steps, seed=cfg.seed,
         grad_accum=cfg.gradient_accumulation_steps,
+        lr_scales=((text_encoder_prefix, text_lr / unet_lr, "text_encoder"),) if cfg.train_text_encoder else (),
+        snapshot_every=cfg.save_model_steps or 0, keep_checkpoints=cfg.checkpoints_total_limit or 1,
         # torch's AdamW, in its one-kernel ("fused") form: the same update as the for-loop form diffusers' scripts
         # get on the CPU (the parity tests compare the two, 1e-5), in one pass over the weights and Adam's moments
         # instead of about ten; over SD1.5's U-Net on the CPU, 0.7-1.1 s against the for-loop's 4.2-5.4 s (4-8x) with

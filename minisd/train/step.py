@@ -99,3 +99,28 @@ def _with_tensors(net, prefix, tensors):
     """`net` as a function computing with tensors[prefix + name] in place of its parameter `name`, where given."""
     mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     return (lambda *args: torch.func.functional_call(net, mine, args)) if mine else net
+
+
+def install(model, tensors: dict, originals: dict):
+    """Put each {param name: tensor} into `model` in place of that parameter, as a plain tensor attribute whose
+    graph reaches what it was computed from, and leave it there (until the next install or `uninstall`): a
+    gradient-checkpointed block that recomputes its forward in the backward pass then reads the same W' the forward
+    read. (torch.func.functional_call puts W back when the call returns, before backward; LoRA with
+    --gradient-checkpointing, train/lora.py.) originals: {param name: Parameter} filled the first time."""
+    for name, t in tensors.items():
+        module_name, attr = name.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        if name not in originals:
+            originals[name] = getattr(module, attr)
+            delattr(module, attr)                   # no longer a registered parameter of the module ...
+        setattr(module, attr, t)                    # ... but a tensor it computes with
+
+
+def uninstall(model, originals: dict):
+    """The parameters `install` replaced, back in place (and `originals` emptied)."""
+    for name, parameter in originals.items():
+        module_name, attr = name.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        delattr(module, attr)
+        setattr(module, attr, parameter)
+    originals.clear()

@@ -42,7 +42,8 @@ import torch
 from ..embeddings import Embeddings, save_a1111, save_diffusers
 from .batches import Stream
 from .hf_dataset import DatasetSettings, check_source, training_examples
-from .run import Training, fit
+from .loop import atomic_write
+from .run import Training, fit, snapshot_path
 from .settings import DTYPES, TrainSettings, check
 
 PROPERTIES = ("object", "style")
@@ -131,16 +132,16 @@ def file_stem(token):
     return stem if stem != "learned_embeds" else "learned_embeds-a1111"      # never over diffusers' file
 
 
-def save(vectors, token, out):
+def save(vectors, token, out, step=None):
     """learned_embeds.safetensors (diffusers) and <word>.safetensors (A1111) in `out`, each written to a temporary
-    name first; returns the path of the first."""
-    diffusers_path = os.path.join(out, "learned_embeds.safetensors")
-    a1111_path = os.path.join(out, file_stem(token) + ".safetensors")
-    save_diffusers(diffusers_path + ".tmp", token, vectors)
-    os.replace(diffusers_path + ".tmp", diffusers_path)
-    save_a1111(a1111_path + ".tmp", vectors)
-    os.replace(a1111_path + ".tmp", a1111_path)
-    return diffusers_path
+    name first; returns the path of the first. A snapshot (step given): learned_embeds-step000400.safetensors and
+    <word>-step000400.safetensors, and both paths are returned."""
+    paths = [os.path.join(out, "learned_embeds.safetensors"), os.path.join(out, file_stem(token) + ".safetensors")]
+    if step is not None:
+        paths = [snapshot_path(p, step) for p in paths]
+    atomic_write(paths[0], lambda tmp: save_diffusers(tmp, token, vectors))
+    atomic_write(paths[1], lambda tmp: save_a1111(tmp, vectors))
+    return paths[0] if step is None else paths
 
 
 def run(cfg: TextualInversionConfig, draws=None, log=print):
@@ -149,6 +150,9 @@ def run(cfg: TextualInversionConfig, draws=None, log=print):
     check_source(cfg, "textual-inversion")
     if cfg.train_text_encoder:
         raise ValueError("--train-text-encoder does not apply to textual-inversion: only the new vectors train")
+    if cfg.unet_lr is not None:
+        raise ValueError("--unet-lr does not apply to textual-inversion: only the new vectors train "
+                         "(--learning-rate is their rate)")
 
     def prepare(model, resolution, device, log):
         init_id = check_words(cfg, model.tokenizer)
@@ -167,7 +171,9 @@ def run(cfg: TextualInversionConfig, draws=None, log=print):
         words.add(cfg.token, vectors)
         name = f"embeddings.{cfg.token}"
 
-        def write(model, weights):
+        def write(model, weights, step=None):
+            if step is not None:                # a snapshot: the vectors as they are at that step
+                return save(weights[name].detach(), cfg.token, cfg.out, step)
             with torch.no_grad():
                 vectors.copy_(weights[name])    # the EMA values with --use-ema: the final samples use them too
             return save(vectors, cfg.token, cfg.out)
