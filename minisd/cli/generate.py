@@ -274,6 +274,19 @@ def _step_saver(pipe, folder):
     return callback
 
 
+def start_run(args):
+    """What every image command does once its own inputs are read: the control images read, the model and its
+    ControlNets loaded, the seeds chosen (A1111's batch: image b is seed + b's image alone) and the output paths
+    checked. Returns (pipe, controls, their PNG fields, seeds, paths)."""
+    settings = control_settings(args)       # the control images are read before the model loads
+    pipe = load_pipeline(args, progress=True)
+    controls, control_fields = load_controls(args, settings, pipe)
+    seed = random.randrange(2 ** 32) if args.seed is None else args.seed
+    print(f"seed {seed}")
+    seeds = [seed + b for b in range(args.batch_size)]
+    return pipe, controls, control_fields, seeds, output_paths(args.out, seeds, overwrite=args.overwrite)
+
+
 def run_generate(args):
     """minisd generate / img2img."""
     kwargs = generation_kwargs(args)            # a bad sampler, schedule, eta or churn fails before the model loads
@@ -285,13 +298,7 @@ def run_generate(args):
             raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
         init = Image.open(args.init_image)
         from_pil(init, log=lambda *_: None)
-    settings = control_settings(args)       # the control images are read before the model loads
-    pipe = load_pipeline(args, progress=True)
-    controls, control_fields = load_controls(args, settings, pipe)
-    seed = random.randrange(2 ** 32) if args.seed is None else args.seed
-    print(f"seed {seed}")
-    seeds = [seed + b for b in range(args.batch_size)]      # A1111's batch: image b is seed + b's image alone
-    paths = output_paths(args.out, seeds, overwrite=args.overwrite)
+    pipe, controls, control_fields, seeds, paths = start_run(args)
     callback = _step_saver(pipe, args.save_steps) if args.save_steps else None
     t0 = time.time()
     if args.command == "generate":

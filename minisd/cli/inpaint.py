@@ -9,15 +9,13 @@ only-masked crop is inpainted at (default: the model's), or else the size the pi
 its own). The PNG's `parameters` hold the mask settings under A1111's labels ("Mask blur", "Inpaint area",
 "Masked area padding", "Mask mode", "Masked content", "Denoising strength").
 """
-import random
 import time
 
 from PIL import Image, ImageChops
 
 from .. import inpaint, samplers
-from ..images import a1111_parameters, output_paths, save_png
-from .generate import (_add_output, _step_saver, add_control_flags, add_generation_flags, control_settings,
-                       generation_kwargs, load_controls, load_pipeline)
+from ..images import a1111_parameters, save_png
+from .generate import _add_output, _step_saver, add_control_flags, add_generation_flags, generation_kwargs, start_run
 
 # A1111's words for the masked content modes in its infotext
 def _add_mask_flags(p, masked_content):
@@ -89,13 +87,7 @@ def run_inpaint(args):
     if args.mask_blur < 0 or args.padding < 0:
         raise ValueError(f"--mask-blur and --padding must be >= 0, got {args.mask_blur} and {args.padding}")
     image, mask = _picture_and_mask(args)
-    settings = control_settings(args)       # the control images are read before the model loads
-    pipe = load_pipeline(args, progress=True)
-    controls, control_fields = load_controls(args, settings, pipe)
-    seed = random.randrange(2 ** 32) if args.seed is None else args.seed
-    print(f"seed {seed}")
-    seeds = [seed + b for b in range(args.batch_size)]      # A1111's batch: image b is seed + b's image alone
-    paths = output_paths(args.out, seeds, overwrite=args.overwrite)
+    pipe, controls, control_fields, seeds, paths = start_run(args)
     t0 = time.time()
     result = pipe.inpaint(args.prompt, image, mask, args.strength, seed=seeds,
                           callback=_step_saver(pipe, args.save_steps) if args.save_steps else None,
