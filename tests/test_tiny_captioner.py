@@ -109,7 +109,7 @@ def test_bad_recipe_settings_are_one_line_errors(tmp_path):
 
 @pytest.mark.slow
 def test_the_full_recipe_reproduces_the_shipped_accuracy(tmp_path):
-    # `minisd train-tiny-captioner`'s defaults (about 12 CPU-minutes, 2.2 GB): >= 95% of two held-out streams of
+    # `minisd train-tiny-captioner`'s defaults (about 13 CPU-minutes, 2.2 GB): >= 95% of two held-out streams of
     # 300, and >= 90% of each aspect ratio, as the shipped folder is tested above
     folder, report = tc.train_captioner(tmp_path, log=lambda *_: None)
     pictures = held_out(300)
