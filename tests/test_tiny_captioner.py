@@ -54,8 +54,6 @@ def test_held_out_pictures_are_what_training_never_showed():
     assert all(not (a < hi and lo < b) for a, b in tc.TRAIN_SCALES)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped captioner is short of the issue's 95%: 92.0% of these 150 "
-                   "(shapes right in 97% of training-distribution pictures; see TINY_CAPTIONER_CARD.md)")
 def test_minisd_caption_model_tiny_writes_exactly_right_captions_of_held_out_pictures(tmp_path, captioner):
     # >= 95% of 150 pictures (50 per aspect ratio), greedy, through `minisd caption --model tiny` with its
     # defaults; the card's number is on 300 pictures of another stream
@@ -63,7 +61,8 @@ def test_minisd_caption_model_tiny_writes_exactly_right_captions_of_held_out_pic
     for i, (image, _) in enumerate(pictures):
         image.save(tmp_path / f"{i:03d}.png")
     assert cli.main(["caption", str(tmp_path), "--model", "tiny"]) == 0
-    captions = [(tmp_path / f"{i:03d}.txt").read_text() for i in range(len(pictures))]
+    # one caption a file, ended by a newline as kohya's make_captions writes it
+    captions = [(tmp_path / f"{i:03d}.txt").read_text().removesuffix("\n") for i in range(len(pictures))]
     right = [shapes.parse_caption(text) == truth and text == shapes.caption(*truth)
              for text, (_, truth) in zip(captions, pictures)]
     wrong = [(text, truth, image.size) for ok, text, (image, truth) in zip(right, captions, pictures) if not ok]
@@ -110,6 +109,11 @@ def test_bad_recipe_settings_are_one_line_errors(tmp_path):
 
 @pytest.mark.slow
 def test_the_full_recipe_reproduces_the_shipped_accuracy(tmp_path):
+    # `minisd train-tiny-captioner`'s defaults (about 13 CPU-minutes, 2.2 GB): >= 95% of two held-out streams of
+    # 300, and >= 90% of each aspect ratio, as the shipped folder is tested above
     folder, report = tc.train_captioner(tmp_path, log=lambda *_: None)
-    acc, _ = tc.accuracy(load_blip(folder), held_out(300))
+    pictures = held_out(300)
+    acc, captions = tc.accuracy(load_blip(folder), pictures)
     assert acc >= 0.95 and report["held_out_accuracy"] >= 0.95, (acc, report["held_out_accuracy"])
+    right = [text == shapes.caption(*truth) for text, (_, truth) in zip(captions, pictures)]
+    assert all(sum(right[ratio::3]) >= 0.9 * len(right[ratio::3]) for ratio in range(3)), right

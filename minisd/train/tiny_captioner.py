@@ -74,14 +74,18 @@ ASPECTS = ((1, 1), (3, 2), (2, 3))   # the held-out pictures: square, landscape,
 class Recipe:
     """Every number of the training run; the shipped folder is Recipe() (seed 0) at --threads 1."""
     seed: int = 0
-    steps: int = 3500
+    steps: int = 5000
     batch: int = 64
     lr: float = 3e-3
     # BLIP's captioning loss smooths labels by 0.1 (Li et al. 2022, sec. 3.2); the tiny world's captions have one
     # right answer; without smoothing (and with 3500 steps, not 2500) held-out accuracy rose from 58-63% to 88-92%
     label_smoothing: float = 0.0
     warmup_steps: int = 100
-    bank_size: int = 8192           # training pictures drawn and processed once, then sampled with replacement
+    # training pictures drawn and processed once, then sampled with replacement. 8192 were seen 27 times each and
+    # partly memorised, colour pair by colour pair: a held-out pair's missing shape was guessed from the pair
+    # (green circles on purple: 72% wrong). 65536 pictures (about 5 sightings each) and 5000 steps, not 3500,
+    # took held-out pictures from 88-89% to 99-100% (TINY_CAPTIONER_CARD.md)
+    bank_size: int = 65536
     eval_samples: int = 300         # held-out pictures measured at the end (stream seed + 1)
 
 
