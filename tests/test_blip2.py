@@ -264,7 +264,8 @@ def test_key_map_is_lossless_and_names_bad_keys(small):
         with pytest.raises(ValueError, match="missing key"):
             blip2_map.from_transformers({k: v for k, v in theirs.items() if k != key}, cfg)
     with pytest.raises(ValueError, match="shape"):
-        blip2_map.from_transformers({**theirs, "language_projection.bias": torch.zeros(3)}, cfg)
+        blip2_map.from_transformers({**theirs, "language_projection.bias": torch.zeros(3)}, cfg,
+                                    {k: tuple(v.shape) for k, v in ours.items()})
     # what captioning ignores: the tied output matrix, the Q-Former's text-path MLP of older files
     extra = {"language_model.lm_head.weight": ref.language_model.lm_head.weight,
              "qformer.encoder.layer.0.intermediate.dense.weight": torch.zeros(128, 64),

@@ -10,8 +10,6 @@ transformers ties to the token embedding and to `cls.predictions.bias` (older fi
 `position_ids` buffers older transformers saved. An unknown, missing or mis-shaped key raises ValueError naming
 the first one.
 """
-import torch
-
 from .io import check_shapes
 
 VISION = {    # ours (under vision.): transformers (under the vision model's prefix)
@@ -106,8 +104,9 @@ def _batch(ours_name, tensor):
     return tensor if dims is None else tensor.reshape(*dims, *tensor.shape)
 
 
-def from_transformers(sd, cfg):
-    """transformers BlipForConditionalGeneration state dict -> ours, checked against `cfg`."""
+def from_transformers(sd, cfg, shapes=None):
+    """transformers BlipForConditionalGeneration state dict -> ours: every key known and present for `cfg`, and
+    each tensor of the shape in `shapes` ({our name: shape}) when given."""
     by_theirs = {t: o for o, t in table(cfg)}
     for key in sd:
         if key not in by_theirs and key not in UNUSED:
@@ -117,21 +116,12 @@ def from_transformers(sd, cfg):
         if t not in sd:
             raise ValueError(f"missing key {t!r} in a BLIP captioner file")
         ours[o] = _unbatch(o, sd[t])
-    check(ours, cfg)
+    if shapes is not None:      # the network's own {name: shape}, built by the loader (this layer names no network)
+        check_shapes(ours, shapes, "BLIP", cfg)
     return ours
 
 
 def to_transformers(ours, cfg):
     """Ours -> transformers BlipForConditionalGeneration names and shapes (the tied copies left out, as
     transformers 5's save_pretrained leaves them out)."""
-    check(ours, cfg)
     return {t: _batch(o, ours[o]) for o, t in table(cfg)}
-
-
-def check(ours, cfg):
-    """Raise ValueError naming the first unknown, missing or mis-shaped key of our state dict for `cfg`."""
-    from minisd.caption.blip import Blip
-
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Blip(cfg).state_dict().items()}
-    check_shapes(ours, shapes, "BLIP", cfg)

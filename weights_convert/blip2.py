@@ -105,7 +105,7 @@ def _unbatch_queries(ours_name, tensor):
     return _unbatch(ours_name, tensor)
 
 
-def from_transformers(sd, cfg):
+def from_transformers(sd, cfg, shapes=None):
     """transformers Blip2ForConditionalGeneration state dict (hub or transformers-5 layout) -> ours, checked
     against `cfg`."""
     rows = table(cfg)
@@ -127,7 +127,8 @@ def from_transformers(sd, cfg):
             ours[o] = torch.cat([q, torch.zeros_like(q), v])
         else:
             raise ValueError(f"missing key {q_key!r} (or {packed!r}) in a BLIP-2 file")
-    check(ours, cfg)
+    if shapes is not None:      # the network's own {name: shape}, built by the loader (this layer names no network)
+        check_shapes(ours, shapes, "BLIP-2", cfg)
     return ours
 
 
@@ -135,7 +136,6 @@ def to_transformers(ours, cfg, split_qkv_bias=False):
     """Ours -> transformers Blip2ForConditionalGeneration names and shapes (the tied lm_head left out, as
     transformers 5's save_pretrained leaves it out). split_qkv_bias: the hub's q_bias/v_bias instead of the packed
     bias; the key part must then be zero (it has no effect, but dropping it would not be lossless)."""
-    check(ours, cfg)
     sd = {t: _batch(o, ours[o]) for o, t in table(cfg) if o != "qformer.queries"}
     sd["query_tokens"] = ours["qformer.queries"][None]
     for o, packed, (q_key, v_key) in _qkv_bias_keys(cfg):
@@ -147,12 +147,3 @@ def to_transformers(ours, cfg, split_qkv_bias=False):
             raise ValueError(f"{o}: the key bias is not zero, so it cannot be written as q_bias/v_bias")
         sd[q_key], sd[v_key] = q, v
     return sd
-
-
-def check(ours, cfg):
-    """Raise ValueError naming the first unknown, missing or mis-shaped key of our state dict for `cfg`."""
-    from minisd.caption.blip2 import Blip2
-
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Blip2(cfg).state_dict().items()}
-    check_shapes(ours, shapes, "BLIP-2", cfg)

@@ -233,7 +233,8 @@ def load_blip(folder, device="cpu", dtype=torch.float32):
     cfg = config_from_json(read_config(folder))
     with torch.device("meta"):
         model = Blip(cfg)
-    model.load_state_dict(from_transformers(read_weights(folder), cfg), assign=True)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model.load_state_dict(from_transformers(read_weights(folder), cfg, shapes), assign=True)
     model = model.to(device=device, dtype=dtype).eval()
     processor = ImageProcessor.from_json(read_config(folder, "preprocessor_config.json"))
     return BlipCaptioner(model, BertTokenizer.from_folder(folder), processor)
