@@ -120,7 +120,9 @@ save(grid([[picture, mask.convert("RGB"), Image.fromarray(soft).convert("RGB"), 
 # What the denoiser predicted at a few of the steps (`denoised`), blended with the original latent as
 # `Pipeline.inpaint` blends after the last step, and decoded. Only the masked part of `denoised` means anything:
 # outside the mask the sampler's own x is never shown to the U-Net (the blend replaces it), so its estimate there
-# drifts, and the final blend throws it away. The colour is decided within the first few steps.
+# drifts, and the final blend throws it away. At high noise the estimate is a blurred average of what could be
+# there, and it wanders; the red settles only in the last steps, at low noise. The kept ring, one latent wide
+# here, is the original's at every step.
 
 # %%
 latent_mask = F.interpolate(inpaint.binarize(inpaint.prepare_mask(mask, picture.size, blur_radius=BLUR)),
@@ -177,15 +179,15 @@ save(grid([images[i:i + 12] for i in range(0, 48, 12)], scale=1), "16_held_out.p
 
 # %% [markdown]
 # Each row holds three cases, four images each, in the order of `shapes.HELD_OUT`. Where the judge reads wrong,
-# it is usually the shape: the model draws a blob between a triangle and a circle, as it does in plain
-# text-to-image on these prompts (tutorial 7). While writing this page, the margin around the old shape was
+# it is mostly the shape (a blob between a triangle and a circle), not the colour. While writing this page, the margin around the old shape was
 # measured too (at blur 4, 48 images each): 4 px gave 41/48 exactly right, 8 px 43/48, 12 px 46/48, and the colour
 # 47/48 each time; at 4 px the misses were new shapes cut off by the mask's edge, which the bigger margins avoid.
 #
 # ## Strength
 # As in img2img (tutorial 8), strength < 1 starts the masked region from the original picture noised to a lower
 # level, and runs only the last `int(steps * strength)` steps. Low strength keeps the old colour: the blend does
-# not care, it only keeps the outside. The first two images of each case at three lower strengths (24 each):
+# not care, it only keeps the outside. The first two images of each case at two lower strengths (24 each), then
+# the same 24 at strength 1, read off the run above:
 
 # %%
 first_two = [r for i, r in enumerate(readings) if i % 4 < 2]
@@ -200,7 +202,8 @@ report("strength 1", first_two)
 assert rows[0.4][0] < rows[0.7][0]
 
 # %% [markdown]
-# Strength 1 is right for changing a colour; lower strengths are for changing a picture's details while keeping
+# At 0.4 only int(20 * 0.4) = 8 steps run, from a noise level where the old colour is still most of the signal,
+# and half the images keep it. Strength 1 is right for changing a colour; lower strengths are for changing a picture's details while keeping
 # its colours and layout (a face's expression, a texture).
 #
 # ## Mask blur
@@ -218,6 +221,14 @@ with clock("blur 0, 8"):
 report(f"blur {BLUR}", first_two)
 save(grid([[first_image[b] for b in sorted(first_image)]], labels=[f"blur {b}" for b in sorted(first_image)],
           scale=3), "16_blur.png")
+
+# %% [markdown]
+# The judge reads the shape and its colour, not the seam, so blur 0 and 2 score about the same; the difference is
+# at the edge of the mask, hard at 0 and faded at 2 (the figure: the same case, first image). At 8 px the blur is
+# as wide as the margin: the blurred mask is grey over the old shape's edge, the old colour shows through there (the
+# darker band), and more readings go wrong. So the blur must stay well inside the margin between the mask's edge
+# and what it replaces. (A blur also rounds the mask's corners, which can flip a corner of the latent mask, so the
+# images at 8 px are not the same draws as those at 0 and 2.)
 
 # %% [markdown]
 # ## Only masked
@@ -251,31 +262,46 @@ save(grid([[big, big_mask.convert("RGB"), only, whole]], labels=["picture", "mas
           scale=2), "16_only_masked.png")
 
 # %% [markdown]
+# Inpainted in its 64 px crop, the square comes out as asked; the whole picture at 128 px gives the tiny model a
+# square of a few latents at a size it was not trained at, and it does worse. Outside the crop box, only-masked
+# leaves every pixel as it was (asserted above), before the composite even runs.
+
+# %% [markdown]
 # ## Outpainting
 # Outpainting is inpainting on a bigger canvas: `inpaint.extend` adds pixels on the chosen sides (a multiple of
 # 8, so they are whole latents), and the new area is the mask. What the new area starts as matters little at
 # strength 1 here, since it starts from pure noise; with `masked_content="fill"` (what `minisd outpaint` does) it
 # is painted with the blurred colours around it, which is what it starts from at lower strengths. The 64 px
 # picture becomes 128 x 64 (`minisd outpaint PROMPT --init-image in.png --extend left=32,right=32`). First row: the
-# canvas and its fill; then three seeds.
+# canvas and its fill; then three seeds with the picture's own caption as the prompt, and three with a prompt
+# that says only what the new area should show.
 
 # %%
 small = shapes.draw("yellow", "circle", "blue", scale=0.6)
 canvas, new_area = inpaint.extend(small, left=32, right=32)
 centre = np.asarray(inpaint.prepare_mask(new_area, canvas.size, blur_radius=BLUR)) == 0
 blue = np.array(shapes.COLOURS["blue"])
+rows = [[canvas, inpaint.fill(canvas, new_area)]]
 with clock("outpaint"):
-    wide = pipe.inpaint(shapes.caption("yellow", "circle", "blue"), canvas, new_area, steps=STEPS, cfg=CFG,
-                        seed=[0, 1, 2], mask_blur=BLUR, masked_content="fill").images
-for seed, image in enumerate(wide):
-    a = np.asarray(image, dtype=np.float64)
-    assert np.array_equal(a[centre], np.asarray(canvas)[centre])   # the original picture, untouched
-    extra = (np.linalg.norm(a - blue, axis=-1) > shapes.MIN_COLOUR_DISTANCE / 2)[np.asarray(new_area) > 0]
-    print(f"seed {seed}: {small.size} -> {image.size}; judge reads {shapes.judge(image)}; "
-          f"{extra.mean():.0%} of the new area is not background")
-save(grid([[canvas, inpaint.fill(canvas, new_area)], wide[:2], wide[2:]], scale=2), "16_outpaint.png")
+    for prompt in (shapes.caption("yellow", "circle", "blue"), "a blue background"):
+        wide = pipe.inpaint(prompt, canvas, new_area, steps=STEPS, cfg=CFG, seed=[0, 1, 2], mask_blur=BLUR,
+                            masked_content="fill").images
+        rows.append(wide)
+        for seed, image in enumerate(wide):
+            a = np.asarray(image, dtype=np.float64)
+            assert np.array_equal(a[centre], np.asarray(canvas)[centre])   # the original picture, untouched
+            extra = (np.linalg.norm(a - blue, axis=-1) > shapes.MIN_COLOUR_DISTANCE / 2)[np.asarray(new_area) > 0]
+            print(f"{prompt!r:40} seed {seed}: {small.size} -> {image.size}, judge reads {shapes.judge(image)}, "
+                  f"{extra.mean():3.0%} of the new area not background")
+save(grid(rows, row_labels=["canvas, fill", "the caption", "background"], label_width=84, scale=2),
+     "16_outpaint.png")
 
 # %% [markdown]
+# With the picture's caption, the model also draws a shape in the new area: guidance pulls every masked latent
+# toward "a yellow circle", and nothing tells the model that the circle is already there. A prompt that describes only what the new area should show keeps
+# it background (mostly: the model is small). The same advice holds for SD: an outpainting prompt describes the
+# scenery to add, not the subject that is already there.
+#
 # ## Where the time went
 # Each phase, timed as it ran (wall time, and this process's CPU time, which a busy machine does not inflate).
 # Every inpainted image costs what a text-to-image one does (the blend is one extra multiply-add per step), plus
