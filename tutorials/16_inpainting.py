@@ -102,6 +102,11 @@ a, out, raw = (np.asarray(im, dtype=np.int16) for im in (picture, result, decode
 soft = np.asarray(inpaint.prepare_mask(mask, picture.size, blur_radius=BLUR))     # the blurred mask, 0..255
 kept = soft == 0
 assert np.array_equal(out[kept], a[kept])                          # outside the blurred mask: the original, exactly
+reach = int(2.5 * BLUR + 0.5)                                      # the blur kernel's half width (inpaint.blur)
+near = Image.new("L", picture.size, 0)
+ImageDraw.Draw(near).rectangle((12.8 - MARGIN - reach, 19.2 - MARGIN - reach, 44.8 + MARGIN + reach,
+                                51.2 + MARGIN + reach), 255)
+assert kept[np.asarray(near) == 0].all()                           # which is all of the picture farther than that
 assert np.abs(out - a)[np.asarray(mask) > 0].max() > 100           # and inside it, something new
 print(f"{kept.mean():.0%} of the pixels are outside the blurred mask: all equal to the original's, bit for bit")
 print(f"without the composite, the decoded picture differs there by up to {np.abs(raw - a)[kept].max()} / 255")
