@@ -3,9 +3,9 @@
 # Inpainting repaints the white part of a mask and keeps the rest of the picture. Two kinds of model do it.
 #
 # - **A 9-channel inpainting U-Net** (`sd-v1-5-inpainting.ckpt`, SD 2's `512-inpainting-ema`) was trained for the
-#   job (as the inpainting LDM of Rombach et al. 2022, Sec. 4.5): its first convolution takes 9 channels instead of 4, the noisy latent and
-#   two more inputs, the mask at latent size and the VAE latent of the picture with the masked pixels set to grey.
-#   At every step it *sees* what it must keep and where, and paints something that fits.
+#   job (as the inpainting LDM of Rombach et al. 2022, Sec. 4.5): its first convolution takes 9 channels instead
+#   of 4, the noisy latent and two more inputs, the mask at latent size and the VAE latent of the picture with the
+#   masked pixels set to grey. At every step it *sees* what it must keep and where, and paints something that fits.
 # - **Any other model** (an ordinary SD 1.5 file, your fine-tune, the tiny model here) knows nothing of masks.
 #   It can still inpaint by the blend of Avrahami et al. 2022 ("blended diffusion"): at every step, the kept
 #   region of the U-Net's input is replaced by the original latent noised to the current level,
