@@ -1,4 +1,4 @@
-"""16. Inpainting: repainting a shape and keeping the rest bit for bit; outpainting; what strength and the mask blur do."""
+"""16. Inpainting: a shape repainted, the rest kept bit for bit; outpainting; what strength and the mask blur do."""
 # %% [markdown]
 # Inpainting repaints the white part of a mask and keeps the rest of the picture. Two kinds of model do it.
 #
@@ -183,10 +183,11 @@ assert colour_rate >= 0.8
 save(grid([images[i:i + 12] for i in range(0, 48, 12)], scale=1), "16_held_out.png")
 
 # %% [markdown]
-# Each row holds three cases, four images each, in the order of `shapes.HELD_OUT`. Where the judge reads wrong,
-# it is mostly the shape (a blob between a triangle and a circle), not the colour. While writing this page, the margin around the old shape was
-# measured too (at blur 4, 48 images each): 4 px gave 41/48 exactly right, 8 px 43/48, 12 px 46/48, and the colour
-# 47/48 each time; at 4 px the misses were new shapes cut off by the mask's edge, which the bigger margins avoid.
+# Each row holds three cases, four images each, in the order of `shapes.HELD_OUT`. Where the judge reads wrong, it is
+# mostly the shape (a blob between a triangle and a circle), not the colour. While writing this page, the margin around
+# the old shape was measured too (at blur 4, 48 images each): 4 px gave 41/48 exactly right, 8 px 43/48, 12 px 46/48,
+# and the colour 47/48 each time; at 4 px the misses were new shapes cut off by the mask's edge, which the bigger
+# margins avoid.
 #
 # ## Strength
 # As in img2img (tutorial 8), strength < 1 starts the masked region from the original picture noised to a lower
@@ -207,9 +208,9 @@ report("strength 1", first_two)
 assert rows[0.4][0] < rows[0.7][0]
 
 # %% [markdown]
-# At 0.4 only int(20 * 0.4) = 8 steps run, from a noise level where the old colour is still most of the signal,
-# and half the images keep it. Strength 1 is right for changing a colour; lower strengths are for changing a picture's details while keeping
-# its colours and layout (a face's expression, a texture).
+# At 0.4 only int(20 * 0.4) = 8 steps run, from a noise level where the old colour is still most of the signal, and half
+# the images keep it. Strength 1 is right for changing a colour; lower strengths are for changing a picture's details
+# while keeping its colours and layout (a face's expression, a texture).
 #
 # ## Mask blur
 # The same 24 cases at blur 0 (a hard seam) and at 8 px. The blur fades *both* ways: outside the mask it
@@ -302,10 +303,10 @@ save(grid(rows, row_labels=["canvas, fill", "the caption", "background"], label_
      "16_outpaint.png")
 
 # %% [markdown]
-# With the picture's caption, the model also draws a shape in the new area: guidance pulls every masked latent
-# toward "a yellow circle", and nothing tells the model that the circle is already there. A prompt that describes only what the new area should show keeps
-# it background (mostly: the model is small). The same advice holds for SD: an outpainting prompt describes the
-# scenery to add, not the subject that is already there.
+# With the picture's caption, the model also draws a shape in the new area: guidance pulls every masked latent toward "a
+# yellow circle", and nothing tells the model that the circle is already there. A prompt that describes only what the
+# new area should show keeps it background (mostly: the model is small). The same advice holds for SD: an outpainting
+# prompt describes the scenery to add, not the subject that is already there.
 #
 # ## Where the time went
 # Each phase, timed as it ran (wall time, and this process's CPU time, which a busy machine does not inflate).
