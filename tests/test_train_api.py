@@ -1,11 +1,15 @@
 """Training from Python (issue 31, section 7): `minisd.train.run(config)` with a method's config dataclass trains
 as `minisd train METHOD` with the flags of the same names does, and returns the run's Result (its paths and the
-figures of result.json); settings that cannot run are one-line errors before any model is loaded.
+figures of result.json); settings that cannot run are one-line errors before any model is loaded. And
+`minisd train-tiny --report-to`: the recipe's three phases as one tracker run.
 
-One DreamBooth run each way, on the tiny built-in model at 32 px, 2 steps, one thread.
+One DreamBooth run each way, on the tiny built-in model at 32 px, 2 steps, one thread; the tiny recipe 2 steps a
+phase.
 """
+import argparse
 import json
 
+import numpy as np
 import pytest
 
 from _train_refs import image_folder
@@ -79,7 +83,8 @@ def _no_load(*args, **kwargs):
     (DreamBoothConfig(out="o", instance_dir="d", instance_prompt="p", max_train_steps="10"),
      r"^DreamBoothConfig.max_train_steps must be int, got '10'$"),
     (FinetuneConfig(out="o", data="d", use_ema=1), r"^FinetuneConfig.use_ema must be bool, got 1$"),
-    (FinetuneConfig(out="o", data="d", train_batch_size=True), r"^FinetuneConfig.train_batch_size must be int, got True$"),
+    (FinetuneConfig(out="o", data="d", train_batch_size=True),
+     r"^FinetuneConfig.train_batch_size must be int, got True$"),
     (FinetuneConfig(out="o", data="d", resolution=64.0), r"^FinetuneConfig.resolution must be int or None, got 64.0$"),
     (FinetuneConfig(out="o", data="d", validation_prompts="a cat"),
      r"^FinetuneConfig.validation_prompts must be tuple, got 'a cat'$"),
@@ -99,3 +104,33 @@ def test_run_takes_only_a_methods_config(monkeypatch):
     with pytest.raises(ValueError, match=r"^minisd.train.run takes one of FinetuneConfig, DreamBoothConfig, "
                                          r"TextualInversionConfig, LoRAConfig, got TrainSettings$"):
         run(TrainSettings(out="o"))
+
+
+def test_train_tiny_reports_each_phases_loss_and_lr_at_the_recipes_step(tmp_path, monkeypatch):
+    """TensorBoard gets every step's loss and lr the loop gave the progress bar, as vae/..., decoder/... and
+    unet/..., the phases one after another on the step axis."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from minisd.cli.train import add_train_tiny
+    from minisd.train import tiny
+    seen = []
+    real = tiny._Progress.__call__
+
+    def spy(self, step, loss, lr):
+        seen.append((self.phase, step, loss, lr))
+        return real(self, step, loss, lr)
+    monkeypatch.setattr(tiny._Progress, "__call__", spy)
+    recipe = tiny.Recipe(vae_steps=2, vae_batch=2, decoder_steps=2, bank_size=4, steps=2, batch=2)
+    tiny.train_tiny(str(tmp_path), recipe, log=lambda *_: None, report_to="tensorboard")
+    events = EventAccumulator(str(tmp_path / "logs" / "tiny"), size_guidance={"scalars": 0}).Reload()
+    first = {"vae": 0, "decoder": 2, "unet": 4}
+    for key in ("loss", "lr"):
+        expected = {(f"{phase}/{key}", first[phase] + step + 1): {"loss": loss, "lr": lr}[key]
+                    for phase, step, loss, lr in seen}
+        logged = {(tag, s.step): s.value for tag in events.Tags()["scalars"] if tag.endswith("/" + key)
+                  for s in events.Scalars(tag)}
+        assert logged.keys() == expected.keys() and len(logged) == 6
+        # TensorBoard stores float32: equal to the float32 rounding of the loop's numbers
+        assert all(logged[k] == np.float32(v) for k, v in expected.items())
+    parser = argparse.ArgumentParser()
+    add_train_tiny(parser)
+    assert parser.parse_args(["--out", "o", "--report-to", "wandb"]).report_to == "wandb"

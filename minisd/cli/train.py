@@ -260,13 +260,15 @@ def add_train_tiny(p):
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (use 1 on a busy machine: OpenMP threads that wait for each other lose)")
     p.add_argument("--device", default="cpu", help="cpu (how the shipped weights were made) or cuda")
+    p.add_argument("--report-to", default="none", choices=report.TRACKERS,
+                   help="the three phases' curves as one run: tensorboard (OUT/logs/tiny/) or wandb")
 
 
 def run_train_tiny(args):
     torch.set_num_threads(args.threads)
     recipe = replace(tiny.Recipe(), seed=args.seed, vae_steps=args.vae_steps, steps=args.steps,
                      bank_size=args.bank_size, sample_every=args.sample_every, caption_noise=args.caption_noise)
-    tiny.train_tiny(args.out, recipe, args.device)
+    tiny.train_tiny(args.out, recipe, args.device, report_to=args.report_to)
 
 
 def add_train_tiny_features(p):
