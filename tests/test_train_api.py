@@ -67,7 +67,7 @@ def test_the_result_holds_the_run_folders_paths_and_the_figures_of_result_json(r
         written = json.load(f)
     with open(f"{out}/train_log.jsonl") as f:
         losses = [e["loss"] for e in map(json.loads, f) if "loss" in e]
-    assert isinstance(result, Result)
+    assert isinstance(result, Result) and result.method == "dreambooth"
     assert result.model == f"{out}/model.safetensors" == written["model"]
     assert result.log == f"{out}/train_log.jsonl"
     assert result.steps == 2 == len(losses) and result.last_loss == losses[-1]

@@ -50,13 +50,14 @@ METHODS = {FinetuneConfig: finetune, DreamBoothConfig: dreambooth, TextualInvers
 @dataclass(frozen=True)
 class Result:
     """A finished run: the files in its folder, and the figures of its result.json."""
+    method: str                 # "finetune", "dreambooth", "textual_inversion" or "lora"
     out: str                    # the run folder
     model: str                  # what the method wrote: model.safetensors (or a diffusers folder), the LoRA file,
                                 # learned_embeds.safetensors
     log: str                    # train_log.jsonl: step, loss, lr, seconds of every step
     steps: int                  # optimizer steps in all (a resumed run's included)
     last_loss: float | None     # the loss of the last logged step
-    seconds: float              # this process's time in the loop and the final save
+    seconds: float              # training and writing what the method writes
     validation: tuple = ()      # the final validation images (samples/step-...png), one per prompt and seed
     processes: int = 1          # under torchrun, the job's
 
