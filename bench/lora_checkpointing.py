@@ -4,7 +4,7 @@
     python bench/lora_checkpointing.py --config sd15 --res 512 --device cuda      # what the issue asks for
     python bench/lora_checkpointing.py --config tiny --res 256                    # what ran on the 2-core CPU
 
-The step is what `minisd train lora` runs per micro-batch (train/run.py): the factors at their start (up drawn
+The step is what `minisd train lora` runs per micro-batch (train/fit.py): the factors at their start (up drawn
 small so every factor gets a gradient), W + (alpha / r) up down computed from them, put into the model with
 checkpointing (train/step.py's install) or passed through functional_call without it, step_loss on a batch of
 cached latents (the VAE is not part of the comparison), backward. The networks have random weights at the

@@ -44,7 +44,7 @@ def inputs(res, device):
 def minisd_step(args):
     from minisd.train.dreambooth import DreamBoothConfig
     from minisd.train.loop import make_optimizer
-    from minisd.train.run import load, set_frozen_dtype, trainable_parameters
+    from minisd.train.fit import load, set_frozen_dtype, trainable_parameters
     from minisd.train.settings import train_config
     from minisd.train.step import Draws, step_loss
     cfg = DreamBoothConfig(out="", model=args.ckpt, train_text_encoder=args.te, gradient_checkpointing=args.gc,

@@ -146,17 +146,17 @@ def quiet(*_):
 def test_a_3_by_2_photo_trains_whole_in_a_3_by_2_bucket_and_the_square_crop_cuts_its_edges(tmp_path, monkeypatch):
     """One training step of a 96 x 64 photo at resolution 80 (area 6400: the bucket 96 x 64 is in the list): the
     pixels the VAE encodes are the photo's own, both edge columns included; the square centre crop loses them."""
-    from minisd.train import run
+    from minisd.train import fit
     (tmp_path / "data").mkdir()
     photo = pattern_image(tmp_path / "data" / "photo.png", 96, 64)
     (tmp_path / "data" / "photo.txt").write_text("a photo")
     seen = []
-    real = run.step_loss
+    real = fit.step_loss
 
     def spy(model, pixels, *args, **kwargs):
         seen.append(pixels.clone())
         return real(model, pixels, *args, **kwargs)
-    monkeypatch.setattr(run, "step_loss", spy)
+    monkeypatch.setattr(fit, "step_loss", spy)
 
     def train(out, *flags):
         cfg = finetune.FinetuneConfig(out=str(tmp_path / out), data=str(tmp_path / "data"), resolution=80,
@@ -205,7 +205,7 @@ def _tiny():
 
 
 def test_dreambooth_halves_in_different_buckets_give_the_loss_of_the_stacked_halves(tmp_path):
-    """When the instance and class batches land in different buckets, run.fit computes each half on its own:
+    """When the instance and class batches land in different buckets, fit.fit computes each half on its own:
     mse(inst) + w mse(class) from two calls equals the one call on the stacked batch where both fit (float64,
     1e-12), so the separate path is the loss the parity tests check."""
     from minisd.diffusion import alphas_cumprod_from_betas, scaled_linear_betas
@@ -248,9 +248,9 @@ def test_take_gives_each_bucket_its_size_and_a_table_counts_repeats(tmp_path):
 
 
 def test_halves_in_different_buckets_are_weighted_by_the_prior_loss_weight_in_a_run(tmp_path, monkeypatch):
-    """run.fit's two ways, seen through a stand-in loss: one call on the stacked batch (same bucket: 100) or the
+    """fit.fit's two ways, seen through a stand-in loss: one call on the stacked batch (same bucket: 100) or the
     instance call + w x the class call (1 + 0.25 x 1), the logged loss of each step one or the other, both used."""
-    from minisd.train import dreambooth, run
+    from minisd.train import dreambooth, fit
     for i, (w, h) in enumerate([(48, 32), (32, 32)]):
         (tmp_path / "inst").mkdir(exist_ok=True)
         Image.new("RGB", (w, h)).save(tmp_path / "inst" / f"{i}.png")
@@ -262,7 +262,7 @@ def test_halves_in_different_buckets_are_weighted_by_the_prior_loss_weight_in_a_
     def stand_in(model, pixels, moments, tokens, d, abar, cfg, n_instance, *args):
         sizes.append(tuple(pixels.shape))
         return torch.tensor(1.0 if n_instance is None else 100.0, requires_grad=True)
-    monkeypatch.setattr(run, "step_loss", stand_in)
+    monkeypatch.setattr(fit, "step_loss", stand_in)
     cfg = dreambooth.DreamBoothConfig(out=str(tmp_path / "out"), instance_dir=str(tmp_path / "inst"),
                                       instance_prompt="sks", class_prompt="a thing", reg_data_dir=str(tmp_path / "reg"),
                                       prior_loss_weight=0.25, resolution=32, max_train_steps=8, center_crop=True,

@@ -231,7 +231,7 @@ def test_kohya_folders_buckets_and_caption_tricks_resume_bit_identical_and_leave
     """finetune on kohya's layout with buckets, random crops and flips, and every caption trick: stopped after
     3 of 6 steps and resumed, it ends with the weights of a straight run, bit for bit; buckets.json names each
     image's bucket; nothing in the data folder changed."""
-    from minisd.train import run
+    from minisd.train import fit
     data = tmp_path / "data"
     sizes = [(48, 32), (32, 48), (40, 40), (50, 30)]
     for i, (w, h) in enumerate(sizes):
@@ -246,8 +246,8 @@ def test_kohya_folders_buckets_and_caption_tricks_resume_bit_identical_and_leave
                 "--learning-rate", "1e-4", "--random-flip", "--shuffle-caption", "--keep-tokens", "1",
                 "--caption-tag-dropout-rate", "0.3", "--caption-dropout-rate", "0.2", *extra]
     texts = []
-    real = run.step_loss
-    monkeypatch.setattr(run, "step_loss", lambda *a, **kw: (texts.append(a[3].clone()), real(*a, **kw))[1])
+    real = fit.step_loss
+    monkeypatch.setattr(fit, "step_loss", lambda *a, **kw: (texts.append(a[3].clone()), real(*a, **kw))[1])
     assert main(args(tmp_path / "straight")) == 0
     straight_texts, texts[:] = list(texts), []
 
@@ -258,7 +258,7 @@ def test_kohya_folders_buckets_and_caption_tricks_resume_bit_identical_and_leave
         if step == 3:                          # the 4th step: the checkpoint of step 3 is on disk
             raise Stop
     with monkeypatch.context() as m:
-        m.setattr(run.Progress, "__call__", stop_after_3)
+        m.setattr(fit.Progress, "__call__", stop_after_3)
         with pytest.raises(Stop):
             main(args(tmp_path / "stopped"))
     texts[:] = []
@@ -267,7 +267,7 @@ def test_kohya_folders_buckets_and_caption_tricks_resume_bit_identical_and_leave
     a = detect.read(str(tmp_path / "straight" / "model.safetensors"), verbose=False).state
     b = detect.read(str(tmp_path / "stopped" / "model.safetensors"), verbose=False).state
     assert all(torch.equal(a[k], b[k]) for k in a)
-    start = detect.read(str(run.locate(None, quiet)[0]), verbose=False).state
+    start = detect.read(str(fit.locate(None, quiet)[0]), verbose=False).state
     assert not torch.equal(a["unet.out.2.weight"], start["unet.out.2.weight"].float())
     kohya = BucketManager(False, (32, 32), 16, 64, 8)
     kohya.make_buckets()

@@ -249,10 +249,10 @@ def test_trained_lora_gives_diffusers_image_through_load_lora_weights(request, t
 
 def test_base_weights_are_bit_identical_after_training(tmp_path, monkeypatch):
     from minisd.model import load_model, tiny_model_path
-    from minisd.train import run
+    from minisd.train import fit
     model = load_model(tiny_model_path(), verbose=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(run, "load", lambda cfg, device, log: (model, tiny_model_path()))
+    monkeypatch.setattr(fit, "load", lambda cfg, device, log: (model, tiny_model_path()))
     data = image_folder(tmp_path / "data", 2, seed=1, captions=["a red circle on a white background"])
     cfg = train_lora.LoRAConfig(out=str(tmp_path / "out"), data=str(data), max_train_steps=3, learning_rate=1e-2,
                                 train_text_encoder=True, device="cpu", validation_prompts=("a red circle",),

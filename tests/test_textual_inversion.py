@@ -191,14 +191,14 @@ def test_every_weight_of_the_model_stays_bit_identical(tmp_path, monkeypatch):
     """The loaded model after training against a fresh load of the same file: the token table, the text
     encoder, U-Net and VAE, with weight decay and EMA on."""
     from minisd.model import tiny_model_path
-    from minisd.train import run
+    from minisd.train import fit
     held = {}
-    real_load = run.load
+    real_load = fit.load
 
     def load(cfg, device, log=print):
         held["model"], path = real_load(cfg, device, log)
         return held["model"], path
-    monkeypatch.setattr(run, "load", load)
+    monkeypatch.setattr(fit, "load", load)
     data = image_folder(tmp_path / "data", 2, seed=6)
     cfg = TextualInversionConfig(out=str(tmp_path / "out"), data=str(data), token="<w>", init_token="red",
                                  num_vectors=3, max_train_steps=4, device="cpu", use_ema=True,

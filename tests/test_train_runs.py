@@ -19,7 +19,7 @@ import torch
 
 from _train_refs import image_folder
 from minisd.cli import main
-from minisd.train import loop, run as run_mod
+from minisd.train import fit as fit_mod, loop
 from minisd.train.loop import NonFiniteLoss, Stopped, TrainConfig, WriteFailed, train
 from weights_convert import detect
 
@@ -198,7 +198,7 @@ def test_num_train_epochs_gives_the_steps_diffusers_computes(capsys):
     streams = [Stream(list(range(5)), 0), Stream(list(range(9)), 1)]     # entries() only counts the examples
     for s in streams:
         s.examples = [type("E", (), {"repeats": 1})() for _ in s.examples]
-    steps = run_mod.epochs_to_steps(cfg, streams, lines.append).max_train_steps
+    steps = fit_mod.epochs_to_steps(cfg, streams, lines.append).max_train_steps
     # diffusers: len(dataset) = max(instances, class images) with prior preservation; len(dataloader) =
     # ceil(len / batch); num_update_steps_per_epoch = ceil(len(dataloader) / accumulation); x epochs
     assert steps == 3 * -(-(-(-9 // 2)) // 2) == 9
@@ -232,14 +232,14 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resumed_run_ends
     written, one line names --resume, the status is 128 + 15; resumed, the run ends with the straight run's bits,
     and TensorBoard's curves hold each step once."""
     calls = []
-    step_loss = run_mod.step_loss
+    step_loss = fit_mod.step_loss
 
     def loss_sending_sigterm(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return step_loss(*args, **kwargs)
-    monkeypatch.setattr(run_mod, "step_loss", loss_sending_sigterm)
+    monkeypatch.setattr(fit_mod, "step_loss", loss_sending_sigterm)
     out = tmp_path / "stopped"
     assert main(_command(data, out)) == 128 + signal.SIGTERM
     err = _messages(capsys)
@@ -248,7 +248,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resumed_run_ends
     assert not (out / "model.safetensors").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL          # the handler is put back
 
-    monkeypatch.setattr(run_mod, "step_loss", step_loss)
+    monkeypatch.setattr(fit_mod, "step_loss", step_loss)
     assert main(_command(data, out, "--resume")) == 0
     a, b = _state(straight / "model.safetensors"), _state(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -260,7 +260,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resumed_run_ends
         with open(path, "wb") as f:
             f.write(b"half a file")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(run_mod, "write_safetensors", full_disk)
+    monkeypatch.setattr(fit_mod, "write_safetensors", full_disk)
     before = (out / "model.safetensors").read_bytes()
     assert main(["train", "finetune", "--data", str(data), "--out", str(out), "--resolution", "32",
                  "--max-train-steps", "4", "--learning-rate", "1e-4", "--train-text-encoder", "--device", "cpu",

@@ -71,7 +71,7 @@ save(grid([[Image.open(work / "data" / n) for n in names]]), "11_training_images
 
 # %% [markdown]
 # ## The run
-# `minisd train textual-inversion` is fine-tuning's loop (run.fit) with one trainable tensor. Its defaults are
+# `minisd train textual-inversion` is fine-tuning's loop (fit.fit) with one trainable tensor. Its defaults are
 # diffusers' textual_inversion.py: AdamW at 5e-4 times the batch (--scale-lr), weight decay 1e-2 on the new vectors,
 # no gradient clipping, random flips. Here: batches of 4 for 200 steps, so the rate is 2e-3.
 #

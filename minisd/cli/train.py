@@ -1,7 +1,8 @@
 """The training commands: `minisd train finetune | dreambooth | textual-inversion | lora`, `minisd train-tiny`,
 `minisd train-tiny-features`, `minisd train-tiny-captioner` and `minisd sweep`. Argument parsing only (diffusers' flag names, with dashes): each
 `minisd train` flag fills the field of the same name of the method's config (a train.settings.TrainSettings with
-the method's own fields), whose defaults are the flags' defaults; the methods do the rest."""
+the method's own fields), whose defaults are the flags' defaults; minisd.train.run(config) does the rest, as it does
+from Python."""
 import argparse
 import dataclasses
 import signal
@@ -11,7 +12,8 @@ from dataclasses import replace
 import torch
 
 from .. import distributed, sweep
-from ..train import dreambooth, finetune, lora, loop, report, textual_inversion, tiny, tiny_captioner, tiny_features
+from ..train import (dreambooth, finetune, lora, loop, report, run, textual_inversion, tiny, tiny_captioner,
+                     tiny_features)
 from ..train.settings import SAVE_FORMATS, SCHEDULERS
 
 METHODS = {"finetune": finetune, "dreambooth": dreambooth, "textual-inversion": textual_inversion, "lora": lora}
@@ -239,7 +241,7 @@ def run_train(args):
     if args.threads:                # not a config field: it is how the run is computed, not what it trains
         torch.set_num_threads(args.threads)
     try:
-        METHODS[args.method].run(config_from_args(args))
+        run(config_from_args(args))            # minisd.train.run: the Python API's run
     except loop.Stopped as e:       # SIGTERM / SIGUSR1 (SLURM): a checkpoint is written; the conventional status
         if distributed.is_main():
             print(f"minisd: {e}", file=sys.stderr)
@@ -258,13 +260,15 @@ def add_train_tiny(p):
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (use 1 on a busy machine: OpenMP threads that wait for each other lose)")
     p.add_argument("--device", default="cpu", help="cpu (how the shipped weights were made) or cuda")
+    p.add_argument("--report-to", default="none", choices=report.TRACKERS,
+                   help="the three phases' curves as one run: tensorboard (OUT/logs/tiny/) or wandb")
 
 
 def run_train_tiny(args):
     torch.set_num_threads(args.threads)
     recipe = replace(tiny.Recipe(), seed=args.seed, vae_steps=args.vae_steps, steps=args.steps,
                      bank_size=args.bank_size, sample_every=args.sample_every, caption_noise=args.caption_noise)
-    tiny.train_tiny(args.out, recipe, args.device)
+    tiny.train_tiny(args.out, recipe, args.device, report_to=args.report_to)
 
 
 def add_train_tiny_features(p):

@@ -3,7 +3,7 @@
     minisd train dreambooth --instance-dir dog/ --instance-prompt "a photo of sks dog" --out runs/sks \
         [--class-prompt "a photo of a dog" --class-dir dogs/ --num-class-images 100 --prior-loss-weight 1.0]
 
-It is fine-tuning (run.fit) on the instance images, all captioned with --instance-prompt. With
+It is fine-tuning (fit.fit) on the instance images, all captioned with --instance-prompt. With
 --class-prompt, prior preservation (eq. 2 of the paper) adds a second loss on images the model itself drew for the
 class prompt before training, so it keeps knowing what a dog in general looks like: each batch holds the instance
 examples first, then as many class examples, and the loss is mse(instance) + prior_loss_weight * mse(class), as
@@ -14,7 +14,7 @@ kohya-ss/sd-scripts' layout works too: --instance-dir of `N_prompt` subfolders (
 the caption of its uncaptioned images, so --instance-prompt is optional), and --reg-data-dir, kohya's name for
 class images that already exist (a plain folder or `N_prompt` subfolders; nothing is generated, and --class-prompt
 is only the caption of images that have none). With --enable-bucket the instance and class batches are each drawn
-from one bucket, not always the same one: then each half goes through the networks on its own (run.fit).
+from one bucket, not always the same one: then each half goes through the networks on its own (fit.fit).
 """
 import os
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ from .. import distributed
 from ..pipeline import Pipeline
 from .batches import Stream
 from .data import IMAGE_EXTENSIONS, find_examples, is_kohya_layout
-from .run import Training, fit
+from .fit import Training, fit
 from .settings import DTYPES, TrainSettings, check, folder_options
 
 

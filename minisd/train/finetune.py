@@ -5,14 +5,14 @@
 
 Every U-Net weight trains (and the text encoder's with --train-text-encoder) on the noise-prediction loss of the
 images in --data, each with its caption (NAME.txt or metadata.jsonl; data.py), a plain folder or kohya's N_prompt
-subfolders, or of a Hugging Face dataset's rows (hf_dataset.py). run.fit does the training (with --enable-bucket,
+subfolders, or of a Hugging Face dataset's rows (hf_dataset.py). fit.fit does the training (with --enable-bucket,
 at each image's aspect-ratio bucket: buckets.py); this method only says where the batches come from.
 """
 from dataclasses import dataclass
 
 from .batches import Stream
 from .hf_dataset import DatasetSettings, check_source, training_examples
-from .run import Training, fit
+from .fit import Training, fit
 from .settings import TrainSettings, check
 
 

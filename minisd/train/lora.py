@@ -15,7 +15,7 @@ up (out x r), and computes with
 W itself never changes: only the factors are in the optimizer. They start as kohya's LoRAModule and peft do:
 down ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), up = 0, so W' = W at step 0 (the base model,
 exactly) and the first step's gradient reaches only up (down's, (alpha / r) up^T dL/dW', is still zero). The
-rest is fine-tuning (run.fit: the same loss, batches, schedules, checkpoints, resume, log, validation samples
+rest is fine-tuning (fit.fit: the same loss, batches, schedules, checkpoints, resume, log, validation samples
 drawn with the LoRA merged in); with --instance-dir it is DreamBooth's data, class images and prior preservation
 (dreambooth.py) with LoRA's trainable set.
 
@@ -54,7 +54,7 @@ from . import dreambooth
 from .batches import Stream
 from .hf_dataset import DatasetSettings, check_source, training_examples
 from .loop import atomic_write
-from .run import Training, fit, snapshot_path
+from .fit import Training, fit, snapshot_path
 from .settings import DTYPES, check
 
 SAVE_FORMATS = ("kohya", "diffusers")

@@ -2,7 +2,7 @@
 
 train_log.jsonl is always written; a tracker gets the same entries as it goes: after each optimizer step the
 scalars of the log line (`loss`, `lr`, `lr/text_encoder` when the text encoder has its own group, `seconds`) at
-that step, and the validation images at each validation step. Only rank 0 reports (run.py opens no tracker
+that step, and the validation images at each validation step. Only rank 0 reports (fit.py opens no tracker
 elsewhere), so a torchrun job is one run in the tracker.
 
   tensorboard  event files under OUT/logs/<project>/, through torch.utils.tensorboard's SummaryWriter (the

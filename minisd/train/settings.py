@@ -1,6 +1,8 @@
 """The settings every training method shares (the `minisd train` flags, diffusers' names), their checks, and the
 loop's settings they give. Each method's own config adds its fields to TrainSettings and sets its own defaults:
 finetune.FinetuneConfig, dreambooth.DreamBoothConfig, textual_inversion.TextualInversionConfig, lora.LoRAConfig."""
+import dataclasses
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +85,9 @@ class TrainSettings:
 
 def check(cfg: TrainSettings, save_formats=SAVE_FORMATS):
     """One-line errors for settings that cannot run, before any model is loaded (each method adds its own)."""
+    check_types(cfg)
+    if not cfg.out:
+        raise ValueError("the run needs --out DIR (its folder)")
     if cfg.resolution is not None:
         check_resolution(cfg.resolution)
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
@@ -135,6 +140,18 @@ def check(cfg: TrainSettings, save_formats=SAVE_FORMATS):
     captions.check(cfg)
     if cfg.enable_bucket and cfg.resolution is not None:      # else checked once the model's size is known
         buckets.check(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
+
+
+def check_types(cfg):
+    """Each field of the config of the type it is declared with (an int is a fine float; a bool is not an int): a
+    config built in Python (minisd.train.run) gets the checks argparse's `type=` gives the command line."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        declared = typing.get_args(field.type) or (field.type,)          # `int | None` -> (int, NoneType)
+        allowed = declared + ((int,) if float in declared else ())
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in declared):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in declared)
+            raise ValueError(f"{type(cfg).__name__}.{field.name} must be {names}, got {value!r}")
 
 
 def folder_options(cfg: TrainSettings):

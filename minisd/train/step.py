@@ -12,7 +12,7 @@ Every example of a batch has its own random numbers: the generator of example j 
 then its four draws (e, n, o, t) in that order (`draw`). j is the example's place in the whole micro-batch
 (instances 0 .. G-1, then DreamBooth's class examples G .. 2G-1, for a global batch of G), never a process's rank:
 so a batch split over several processes (torchrun; batches.py) is made of the same examples with the same noise as
-the batch of one process. A test can hand `run.fit` its own `draws` function to put the same numbers into a
+the batch of one process. A test can hand `fit.fit` its own `draws` function to put the same numbers into a
 reference implementation.
 """
 from dataclasses import dataclass

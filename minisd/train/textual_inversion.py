@@ -10,7 +10,7 @@ started at the embedding of --init-token, and only they are optimised (eq. 2 of 
 
 where the captions c name the word and text(c; v) is the text encoder with v looked up for the word's ids
 (TextEncoder.forward's `extra`, the path that loads embedding files at inference). The rest is fine-tuning's step
-(run.fit: the same loss, v targets for SD2, schedules, accumulation, mixed precision, checkpoints, resume).
+(fit.fit: the same loss, v targets for SD2, schedules, accumulation, mixed precision, checkpoints, resume).
 The word stands for n ids past CLIP's vocabulary, so every row of the token table, and every other weight, stays
 bit for bit what it was.
 
@@ -43,7 +43,7 @@ from ..embeddings import Embeddings, save_a1111, save_diffusers
 from .batches import Stream
 from .hf_dataset import DatasetSettings, check_source, training_examples
 from .loop import atomic_write
-from .run import Training, fit, snapshot_path
+from .fit import Training, fit, snapshot_path
 from .settings import DTYPES, TrainSettings, check
 
 PROPERTIES = ("object", "style")

@@ -38,6 +38,7 @@ from ..tiny.evaluate import sample_grid
 from ..vae import sample_posterior
 from .loop import TrainConfig, atomic_save, train
 from .loss import diffusion_loss
+from .report import Tracker
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def latent_bank(vae, seed, n, chunk=256):
     return torch.cat(means), torch.cat(logvars), captions
 
 
-def train_autoencoder(vae, recipe, out_dir, log=print):
+def train_autoencoder(vae, recipe, out_dir, log=print, report=None):
     """Phase 1: the whole VAE on L1 reconstruction of a posterior sample + a small KL term."""
     cfg = TrainConfig(steps=recipe.vae_steps, lr=recipe.vae_lr, lr_schedule="tiny", warmup_steps=50,
                       ema_decay=0.99, checkpoint_every=100, seed=recipe.seed)
@@ -137,11 +138,12 @@ def train_autoencoder(vae, recipe, out_dir, log=print):
         return vae_loss(vae, images.to(device), generator, recipe.kl_weight)
 
     progress = _Progress("vae", cfg.steps, out_dir)
-    vae.load_state_dict(train(vae, dict(vae.named_parameters()), loss_fn, cfg, out_dir, "vae", progress, log))
+    vae.load_state_dict(train(vae, dict(vae.named_parameters()), loss_fn, cfg, out_dir, "vae", progress, log,
+                              report=report))
     progress.close()
 
 
-def train_decoder(vae, recipe, out_dir, log=print):
+def train_decoder(vae, recipe, out_dir, log=print, report=None):
     """Phase 2: the decoder alone, on fresh images, to sharpen edges and colours. The encoder is frozen, so the
     latent space (and anything trained on it) stays valid: how SD's VAE was improved (sd-vae-ft-mse)."""
     vae.encoder.requires_grad_(False)
@@ -161,7 +163,8 @@ def train_decoder(vae, recipe, out_dir, log=print):
         return (recon - images).abs().mean()
 
     progress = _Progress("decoder", cfg.steps, out_dir)
-    vae.load_state_dict(train(vae, trainable, loss_fn, cfg, out_dir, "decoder", progress, log), strict=False)
+    vae.load_state_dict(train(vae, trainable, loss_fn, cfg, out_dir, "decoder", progress, log, report=report),
+                        strict=False)
     progress.close()
     vae.eval().requires_grad_(False)
 
@@ -198,7 +201,7 @@ def make_bank(model, recipe, out_dir):
     return bank
 
 
-def train_text_and_unet(model, bank, recipe, cfg: TrainConfig, out_dir, name="unet", log=print):
+def train_text_and_unet(model, bank, recipe, cfg: TrainConfig, out_dir, name="unet", log=print, report=None):
     """Phase 3: text encoder + U-Net jointly on the noise-prediction loss, with caption dropout. Starts from the
     weights the model holds and leaves the EMA weights in it."""
     config = model.config
@@ -230,34 +233,49 @@ def train_text_and_unet(model, bank, recipe, cfg: TrainConfig, out_dir, name="un
             model.unet.to(memory_format=torch.contiguous_format)
             model.train()
 
-    weights = train(model, trainable, loss_fn, cfg, out_dir, name, on_step=on_step, log=log)
+    weights = train(model, trainable, loss_fn, cfg, out_dir, name, on_step=on_step, log=log, report=report)
     progress.close()
     model.load_state_dict(weights, strict=False)          # the EMA weights of the text encoder and U-Net
     model.eval().requires_grad_(False)
     return grid_scores
 
 
-def train_tiny(out_dir, recipe=Recipe(), device="cpu", log=print):
+def phase_report(tracker, phase, first_step):
+    """A phase's log entries for the recipe's one tracker run: `vae/loss`, `vae/lr`, ... at the recipe's step
+    (the phases one after another: the decoder's step 1 is vae_steps + 1), so a tracker's steps only grow."""
+    def report(entry):
+        tracker.log({"step": first_step + entry["step"],
+                     **{f"{phase}/{k}": v for k, v in entry.items() if k != "step"}})
+    return report
+
+
+def train_tiny(out_dir, recipe=Recipe(), device="cpu", log=print, report_to="none"):
     """Run the three phases into out_dir (resuming whatever is there) and write out_dir/minisd-tiny.safetensors
     (fp16, EMA weights) plus out_dir/report.json. Returns the path of the weights. The shipped weights were trained
-    on the CPU; on a GPU every random draw is the same (they come from CPU generators) but the arithmetic differs."""
+    on the CPU; on a GPU every random draw is the same (they come from CPU generators) but the arithmetic differs.
+    report_to: report.TRACKERS, the phases' curves as one run ("tiny") in TensorBoard (out_dir/logs/) or wandb."""
+    tracker = Tracker(report_to, out_dir, "tiny", {"recipe": asdict(recipe)})
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
     times = {"start": time.time()}
     torch.manual_seed(recipe.seed)                       # the initial weights (overwritten on resume)
     model = StableDiffusion(TINY).to(device)
 
-    train_autoencoder(model.vae, recipe, out_dir, log)
-    times["vae"] = time.time()
-    train_decoder(model.vae, recipe, out_dir, log)
-    times["decoder"] = time.time()
-    bank = make_bank(model, recipe, out_dir)
-    config = replace(TINY, vae=replace(TINY.vae, scale_factor=round(bank["scale_factor"].item(), 5)))
-    model.config, model.vae.cfg = config, config.vae
-    log(f"latent std {1 / bank['scale_factor'].item():.4f} -> scale_factor {config.vae.scale_factor}")
-    times["bank"] = time.time()
-    cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, lr_schedule="tiny", warmup_steps=100,
-                      ema_decay=recipe.ema_decay, checkpoint_every=100, seed=recipe.seed + 1)
-    grid_scores = train_text_and_unet(model, bank, recipe, cfg, out_dir, "unet", log)
+    try:
+        train_autoencoder(model.vae, recipe, out_dir, log, phase_report(tracker, "vae", 0))
+        times["vae"] = time.time()
+        train_decoder(model.vae, recipe, out_dir, log, phase_report(tracker, "decoder", recipe.vae_steps))
+        times["decoder"] = time.time()
+        bank = make_bank(model, recipe, out_dir)
+        config = replace(TINY, vae=replace(TINY.vae, scale_factor=round(bank["scale_factor"].item(), 5)))
+        model.config, model.vae.cfg = config, config.vae
+        log(f"latent std {1 / bank['scale_factor'].item():.4f} -> scale_factor {config.vae.scale_factor}")
+        times["bank"] = time.time()
+        cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, lr_schedule="tiny", warmup_steps=100,
+                          ema_decay=recipe.ema_decay, checkpoint_every=100, seed=recipe.seed + 1)
+        grid_scores = train_text_and_unet(model, bank, recipe, cfg, out_dir, "unet", log,
+                                          phase_report(tracker, "unet", recipe.vae_steps + recipe.decoder_steps))
+    finally:
+        tracker.close()
     times["unet"] = time.time()
 
     path = os.path.join(out_dir, "minisd-tiny.safetensors")
