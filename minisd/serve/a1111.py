@@ -62,7 +62,7 @@ class Txt2Img(BaseModel):
     s_tmax: float = 0.0                 # 0: no upper bound (A1111)
     s_noise: float = 1.0
     send_images: bool = True
-    alwayson_scripts: dict = {}         # extensions: ControlNet's units only (controlnet_units.py)
+    alwayson_scripts: dict | None = None    # extensions: ControlNet's units only (controlnet_units.py)
 
 
 class Img2Img(Txt2Img):

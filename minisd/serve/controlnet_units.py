@@ -111,12 +111,15 @@ class Unit:
 def read_units(scripts, controlnets, only_masked=False):
     """`alwayson_scripts` -> [Unit]; anything minisd cannot do exactly is a ValueError naming the field.
     controlnets: {name: path} of --controlnet-dir; only_masked: an inpainting request's "Only masked"."""
+    scripts = scripts or {}
     for name in scripts:
         if name.lower() != "controlnet":
             raise ValueError(f"alwayson_scripts.{name}: not supported by minisd serve (only controlnet)")
-    script = next(iter(scripts.values()), None)
-    if script is None:
+    if len(scripts) > 1:
+        raise ValueError(f"alwayson_scripts: send controlnet once, got {', '.join(scripts)}")
+    if not scripts:
         return []
+    script = next(iter(scripts.values()))
     args = script.get("args") if isinstance(script, dict) else None
     if not isinstance(args, list):
         raise ValueError("alwayson_scripts.controlnet: send {\"args\": [unit, ...]}")
