@@ -62,8 +62,7 @@ def server(one_thread, folder):
 
 @pytest.fixture(scope="module")
 def api(server):
-    host, port = server.split("//")[1].split(":")
-    return webuiapi.WebUIApi(host=host, port=int(port))
+    return webuiapi.WebUIApi(baseurl=f"{server}/sdapi/v1")
 
 
 def units(*units):
@@ -157,6 +156,7 @@ UNIT = {"image": "PNG", "model": "control_tiny", "resize_mode": "Just Resize"}
     ({"image": "not an image!"}, "image: not a base64-encoded image"),
     ({"image": None}, "image: send the condition image as base64"),
     ({"control_mode": "My prompt is more important"}, "control_mode 'My prompt is more important' is not supported"),
+    ({"control_mode": [2]}, "control_mode [2] is not supported"),
     ({"resize_mode": "Resize and Fill"}, "resize_mode 'Resize and Fill' is not supported"),
     ({"guidance_start": 0.5, "guidance_end": 0.5}, "need start < end"),
     ({"weight": 3}, "weight=3 is out of range: 0..2"),

@@ -162,7 +162,7 @@ def _read_unit(unit, controlnets, only_masked):
     if not isinstance(image, str) or not image:
         raise ValueError("image: send the condition image as base64 (image or input_image)")
     mode = get("control_mode", 0)
-    if mode not in CONTROL_MODES:
+    if isinstance(mode, bool) or not isinstance(mode, (int, str)) or mode not in CONTROL_MODES:
         raise ValueError(f"control_mode {mode!r} is not supported; send 0 (\"Balanced\") or 2 (\"ControlNet is "
                          "more important\", diffusers' guess mode)")
     resize = get("resize_mode", "Just Resize")
@@ -206,8 +206,8 @@ def _number(value, field, low, high):
 
 
 def _threshold(value, field):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-            or not 1 <= value <= 255:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 255 \
+            or value != int(value):
         raise ValueError(f"{field}={value!r}: canny's thresholds are whole numbers 1..255 (or -1: 100 and 200)")
     return int(value)
 
