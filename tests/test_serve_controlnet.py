@@ -180,3 +180,9 @@ def test_other_extensions_are_422(server):
     body = {"prompt": "x", "steps": 1, "alwayson_scripts": {"ADetailer": {"args": []}}}
     reply = requests.post(f"{server}/sdapi/v1/txt2img", json=body, timeout=30)
     assert reply.status_code == 422 and "alwayson_scripts.ADetailer: not supported" in reply.json()["detail"]
+
+
+def test_a_missing_controlnet_dir_is_a_one_line_error(tmp_path, capsys):
+    assert main(["serve", "--controlnet-dir", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minisd: error: --controlnet-dir") and "no such folder" in err and err.count("\n") == 1
