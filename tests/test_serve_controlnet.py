@@ -182,7 +182,8 @@ def test_other_extensions_are_422(server):
     assert reply.status_code == 422 and "alwayson_scripts.ADetailer: not supported" in reply.json()["detail"]
 
 
-def test_a_missing_controlnet_dir_is_a_one_line_error(tmp_path, capsys):
+def test_a_missing_controlnet_dir_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("it served"))    # never block on a port
     assert main(["serve", "--controlnet-dir", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("minisd: error: --controlnet-dir") and "no such folder" in err and err.count("\n") == 1
