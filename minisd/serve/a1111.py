@@ -62,6 +62,7 @@ class Txt2Img(BaseModel):
     s_tmax: float = 0.0                 # 0: no upper bound (A1111)
     s_noise: float = 1.0
     send_images: bool = True
+    alwayson_scripts: dict | None = None    # extensions: ControlNet's units only (controlnet_units.py)
 
 
 class Img2Img(Txt2Img):
@@ -94,7 +95,6 @@ NEUTRAL = {
     "override_settings_restore_afterwards": (ANY, "acts only with override_settings"),
     "script_name": ((None, ""), "scripts"),
     "script_args": ((None, []), "scripts"),
-    "alwayson_scripts": ((None, {}), "extensions (ControlNet: not supported yet)"),
     "disable_extra_networks": ((False,), "disable_extra_networks"),
     "s_min_uncond": ((None, 0), "skipping the negative prompt below a sigma"),
     "comments": (ANY, "comments"),
@@ -128,8 +128,6 @@ def check_extra(request, neutral):
             raise ValueError(f"unknown field {name!r} (minisd serve takes A1111's /sdapi/v1 fields)")
         allowed, what = neutral[name]
         if allowed is not ANY and value not in allowed:
-            if name == "alwayson_scripts" and any(k.lower() == "controlnet" for k in value):
-                raise ValueError("alwayson_scripts.controlnet: ControlNet is not supported yet by minisd serve")
             raise ValueError(f"{name}={json.dumps(value)[:60]} is not supported by minisd serve ({what}); "
                              f"send {' or '.join(json.dumps(a) for a in allowed)} or leave it out")
 
@@ -149,6 +147,7 @@ class Settings:
     mask: Image.Image | None = None
     inpaint: dict | None = None     # Pipeline.inpaint's mask settings
     inpaint_fields: dict | None = None      # and their A1111 infotext fields
+    units: list = ()                # ControlNet units (controlnet_units.Unit), read by app.py
 
 
 def _bounded(name, value, limit):
@@ -255,26 +254,33 @@ def _inpaint_settings(request, read):
 # -- running one request on the worker ------------------------------------------------------------------------
 
 
-def generate(read, pipe, callback):
+def generate(read, pipe, callback, controls=(), control_fields=None):
     """Run `read` on the pipeline as `minisd generate` / `minisd img2img` do (one Pipeline call per batch of
-    seeds). Returns (PIL images, their A1111 parameter lines, whether /interrupt stopped it): an interrupted run
-    ends after its current step, with that step's x0 estimate as its images, as A1111 returns what it has."""
+    seeds), with `controls` and their PNG fields as `--controlnet` gives them. Returns (PIL images, their A1111
+    parameter lines, whether /interrupt stopped it): an interrupted run ends after its current step, with that
+    step's x0 estimate as its images, as A1111 returns what it has."""
     images, infotexts = [], []
-    extra = {} if read.init_image is None else read.inpaint_fields or {"denoising_strength": read.strength}
+    # the PNG fields in the order `minisd generate`, `img2img` and `inpaint` write them
+    control_fields = control_fields or {}
+    if read.mask is not None:
+        extra = {**read.inpaint_fields, **control_fields}
+    else:
+        extra = {**control_fields, **({} if read.init_image is None else {"denoising_strength": read.strength})}
     for start in range(0, len(read.seeds), read.batch_size):
         seeds = read.seeds[start:start + read.batch_size]
         interrupted = False
         try:
             if read.init_image is None:
-                result = pipe.generate(read.prompt, seed=seeds, callback=callback,
+                result = pipe.generate(read.prompt, seed=seeds, callback=callback, controls=controls,
                                        negative_prompt=read.negative_prompt, **read.kwargs)
             elif read.mask is not None:
                 result = pipe.inpaint(read.prompt, read.init_image, read.mask, read.strength, seed=seeds,
-                                      callback=callback, negative_prompt=read.negative_prompt, **read.inpaint,
+                                      callback=callback, controls=controls, negative_prompt=read.negative_prompt,
+                                      **read.inpaint,
                                       **read.kwargs)
             else:
                 result = pipe.img2img(read.prompt, read.init_image, read.strength, seed=seeds, callback=callback,
-                                      negative_prompt=read.negative_prompt, **read.kwargs)
+                                      controls=controls, negative_prompt=read.negative_prompt, **read.kwargs)
             done = result.images
         except Interrupted as stop:
             done, interrupted = to_pil(pipe.decode(stop.denoised)), True
@@ -299,9 +305,10 @@ def png_base64(image, parameters=None):
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def reply(request, read, images, infotexts, model_name, interrupted=False):
-    """A1111's TextToImageResponse / ImageToImageResponse: images, the request's parameters, and `info` (a JSON
-    string, as A1111's processed.js())."""
+def reply(request, read, images, infotexts, model_name, interrupted=False, maps=()):
+    """A1111's TextToImageResponse / ImageToImageResponse: images (then ControlNet's condition images `maps`, as
+    sd-webui-controlnet appends them), the request's parameters, and `info` (a JSON string, as A1111's
+    processed.js())."""
     parameters = request.model_dump(exclude={"init_images"} if read.init_image is not None else set())
     info = dict(prompt=read.prompt, all_prompts=[read.prompt] * len(images), negative_prompt=read.negative_prompt,
                 all_negative_prompts=[read.negative_prompt] * len(images), seed=read.seeds[0],
@@ -312,5 +319,6 @@ def reply(request, read, images, infotexts, model_name, interrupted=False):
                 denoising_strength=read.strength, infotexts=infotexts, styles=[],
                 job_timestamp=time.strftime("%Y%m%d%H%M%S"), clip_skip=1, index_of_first_image=0,
                 interrupted=interrupted)
-    encoded = [png_base64(image, text) for image, text in zip(images, infotexts)] if read.send_images else []
+    encoded = [png_base64(image, text) for image, text in zip(images, infotexts)] + [png_base64(m) for m in maps]
+    encoded = encoded if read.send_images else []
     return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from .. import lora, samplers
 from ..pipeline import Pipeline
-from . import a1111, teach
+from . import a1111, controlnet_units, teach
 from .jobs import Job, QueueFull, Worker
 
 PAGE = Path(__file__).parent / "page"
@@ -70,8 +70,10 @@ def lora_names(folder):
 
 
 def create_app(models, device="auto", dtype="auto", prepack=True, lora_dir=None, embeddings_dir=None,
-               api_key=None, log=print):
-    """models: {listed name: checkpoint path, named model or None (tiny)}; the first one is loaded."""
+               api_key=None, controlnet_dir=None, openpose_weights=None, log=print):
+    """models: {listed name: checkpoint path, named model or None (tiny)}; the first one is loaded.
+    controlnet_dir: the ControlNets a request may name; openpose_weights: body_pose_model.pth for the openpose
+    module (None: fetched by name, as `minisd generate` does)."""
 
     def load(name):
         pipe = Pipeline.load(models[name], device=device, dtype=dtype, prepack=prepack, log=log)
@@ -132,9 +134,25 @@ def create_app(models, device="auto", dtype="auto", prepack=True, lora_dir=None,
 
     def read(request):
         try:
-            return a1111.settings(request, lora_names(lora_dir))
+            settings = a1111.settings(request, lora_names(lora_dir))
+            only_masked = settings.inpaint is not None and settings.inpaint["only_masked"]
+            settings.units = controlnet_units.read_units(request.alwayson_scripts,
+                                                         controlnet_units.controlnet_names(controlnet_dir), only_masked)
+            return settings
         except ValueError as e:
             raise UserError(e) from None
+
+    def generation(settings, on_step=None):
+        """The job that runs `settings`: its ControlNets loaded on the worker, then a1111.generate. Its result:
+        (images, infotexts, interrupted, model name, ControlNet's condition images to append)."""
+        def work(pipe, callback):
+            controls, fields = controlnet_units.load_units(settings.units, pipe, openpose_weights)
+            images, infotexts, interrupted = a1111.generate(settings, pipe, callback, controls, fields)
+            size = images[0].size if images else None
+            return images, infotexts, interrupted, pipe.name, controlnet_units.detected_maps(settings.units, controls,
+                                                                                             size)
+        return Job(work, sampling_steps(settings), on_step=on_step,
+                   name="img2img" if settings.init_image is not None else "txt2img")
 
     def sampling_steps(read):
         steps = read.kwargs["steps"]
@@ -146,10 +164,8 @@ def create_app(models, device="auto", dtype="auto", prepack=True, lora_dir=None,
 
     async def generate(request):
         settings = read(request)
-        job = Job(lambda pipe, callback: (*a1111.generate(settings, pipe, callback), pipe.name),
-                  sampling_steps(settings), name="img2img" if settings.init_image is not None else "txt2img")
-        images, infotexts, interrupted, model = await run(job)
-        return a1111.reply(request, settings, images, infotexts, model, interrupted)
+        images, infotexts, interrupted, model, maps = await run(generation(settings))
+        return a1111.reply(request, settings, images, infotexts, model, interrupted, maps)
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: a1111.Txt2Img):
@@ -229,6 +245,24 @@ def create_app(models, device="auto", dtype="auto", prepack=True, lora_dir=None,
                                   "shape": v.shape[-1], "vectors": v.shape[0]} for word, v in loaded.items()},
                 "skipped": {}}
 
+    # -- sd-webui-controlnet's API: its units come in txt2img / img2img's alwayson_scripts (controlnet_units.py)
+
+    @app.get("/controlnet/version")
+    async def controlnet_version():
+        return {"version": controlnet_units.API_VERSION}
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_models(update: bool = True):      # the folder is read on every call: always up to date
+        return {"model_list": controlnet_units.model_list(controlnet_dir)}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_modules(alias_names: bool = False):       # the names are the aliases
+        return controlnet_units.module_list()
+
+    @app.get("/controlnet/settings")
+    async def controlnet_settings():
+        return {"control_net_unit_count": controlnet_units.MAX_UNITS}
+
     # -- the page's routes ---------------------------------------------------------------------------------
 
     @app.post("/minisd/v1/txt2img/stream")
@@ -241,13 +275,12 @@ def create_app(models, device="auto", dtype="auto", prepack=True, lora_dir=None,
         def on_step(i, sigma, image):
             line = {"step": i + 1, "steps": job.steps, "sigma": sigma, "preview": a1111.png_base64(image)}
             loop.call_soon_threadsafe(lines.put_nowait, line)
-        job = Job(lambda pipe, callback: (*a1111.generate(settings, pipe, callback), pipe.name),
-                  sampling_steps(settings), on_step=on_step, name="txt2img")
+        job = generation(settings, on_step)
 
         async def finish():
             try:
-                images, infotexts, interrupted, model = await run(job)
-                body = a1111.reply(request, settings, images, infotexts, model, interrupted)
+                images, infotexts, interrupted, model, maps = await run(job)
+                body = a1111.reply(request, settings, images, infotexts, model, interrupted, maps)
                 await lines.put(body | {"infotexts": infotexts})
             except UserError as e:
                 await lines.put({"detail": _one_line(e)})
@@ -267,6 +300,8 @@ def create_app(models, device="auto", dtype="auto", prepack=True, lora_dir=None,
         settings = read(request)
         if len(settings.seeds) != 1:
             raise UserError("the attention map is for one image: batch_size and n_iter must be 1")
+        if settings.units:
+            raise UserError("the attention map takes no ControlNet: leave out alwayson_scripts")
         settings.kwargs["emphasis"] = False                 # the tokens shown are the prompt's own
         job = Job(lambda pipe, callback: teach.attention_maps(settings, pipe, callback), sampling_steps(settings),
                   name="attention")
