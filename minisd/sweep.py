@@ -103,6 +103,7 @@ def read_spec(path):
     params_to = trial.get("params_to", next(iter(commands)))
     if params_to not in commands:
         raise ValueError(f"{path}: trial.params_to is {params_to!r}, not one of the commands {list(commands)}")
+    check_objective(path, study.get("objective", "fid"), commands)
     for name, p in params.items():
         if p.get("type") not in PARAM_TYPES:
             raise ValueError(f"{path}: params.{name}.type must be one of {', '.join(PARAM_TYPES)}")
@@ -122,6 +123,27 @@ def read_spec(path):
         "params_to": params_to,
         "params": params,
     }
+
+
+EVAL_NUMBERS = ("is_std", "num_images", "generation_seconds")     # metrics.json's numbers besides the metrics
+
+
+def check_objective(path, objective, commands):
+    """When a command is `minisd eval`, the objective must be a number its metrics.json will hold (its --metrics,
+    default fid): a misspelt one fails here, before the first trial, not after every trial has run."""
+    for name, argv in commands.items():
+        argv = [str(a) for a in argv]
+        if not any(a.endswith("minisd") and b == "eval" for a, b in zip(argv, argv[1:])):
+            continue
+        given = [b for a, b in zip(argv, argv[1:]) if a == "--metrics"]
+        given += [a.split("=", 1)[1] for a in argv if a.startswith("--metrics=")]
+        metrics = given[-1] if given else "fid"
+        if "{" in metrics:                           # a placeholder, known only per trial
+            continue
+        known = [*metrics.split(","), *EVAL_NUMBERS]
+        if objective not in known:
+            raise ValueError(f"{path}: study.objective {objective!r} is not a number trial.{name} (minisd eval "
+                             f"--metrics {metrics}) writes; choose one of {', '.join(known)}")
 
 
 def suggest(trial, params):

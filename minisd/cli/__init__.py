@@ -10,7 +10,8 @@ the parsing of every command lives in this package:
 
 An error minisd raises on purpose (a ValueError, a missing file, a bad checkpoint, a failed download) carries a
 message for the user: it ends the command as one line, `minisd: error: ...`, with exit status 2, never a
-traceback. Under torchrun, a process whose peer died ends with status 3 (distributed.PeerLost).
+traceback; Ctrl-C is one line too, with status 130 (128 + SIGINT). Under torchrun, a process whose peer died
+ends with status 3 (distributed.PeerLost).
 """
 import argparse
 import sys
@@ -69,6 +70,9 @@ def main(argv=None):
     except USER_ERRORS as e:
         print(f"minisd: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                  # Ctrl-C outside a training loop (which stops after its step instead)
+        print("minisd: interrupted", file=sys.stderr)
+        return 130
     except distributed.PeerLost as e:          # under torchrun: another process of the job died
         print(f"minisd: error: {e}", file=sys.stderr)
         return 3

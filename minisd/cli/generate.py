@@ -90,7 +90,7 @@ def generation_kwargs(args):
     cfg = DEFAULT_CFG if args.cfg is None else args.cfg
     kwargs = dict(negative_prompt=args.negative_prompt, steps=s.steps, cfg=cfg, sampler=s.sampler,
                   schedule=s.schedule, eta=s.eta, churn=s.churn, emphasis=args.emphasis)
-    if "width" in args:
+    if "width" in args and args.command != "img2img":     # img2img's --width/--height resize the init image
         kwargs.update(width=args.width, height=args.height)
     return kwargs
 
@@ -98,11 +98,15 @@ def generation_kwargs(args):
 def load_pipeline(args, device=None, log=print, progress=False):
     """The Pipeline the flags ask for: the model on --device (or `device`) in --dtype, with its speed paths and
     memory options, textual-inversion embeddings and LoRAs."""
+    loras = [lora.parse_spec(spec) for spec in args.lora]       # a bad scale or a missing file: before the load
+    for path, _ in loras:
+        if not os.path.isfile(path):
+            raise ValueError(f"--lora {path}: no such LoRA file")
     pipe = Pipeline.load(args.model, args.prediction, device or args.device, args.dtype, log=log, progress=progress,
                          compile=args.compile, cuda_graph=args.cuda_graph, prepack=not args.no_prepack)
     pipe.set_memory_options(args.attention_slice, args.vae_tile)
     pipe.load_embeddings(args.embedding, args.embeddings_dir)
-    pipe.set_loras([lora.parse_spec(spec) for spec in args.lora])
+    pipe.set_loras(loras)
     pipe.lora_dir = args.lora_dir
     return pipe
 
@@ -175,6 +179,18 @@ def _per_control(args, flag, default):
     return values
 
 
+def read_image(path, flag):
+    """The image file a flag names, read now (so a bad one fails before any model loads), or one clear line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path}: no such file")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{flag} {path}: cannot read it as an image ({e.__class__.__name__})") from None
+    return image
+
+
 def control_settings(args):
     """The ControlNet settings of the flags, checked (and the images read) before any model loads:
     [(file, image, preprocess, scale, start, end)]."""
@@ -191,12 +207,7 @@ def control_settings(args):
             raise ValueError(f"--controlnet {file}: no such file or folder")
         if not 0.0 <= start < end <= 1.0:
             raise ValueError(f"--control-start {start} and --control-end {end}: need 0 <= start < end <= 1")
-        try:
-            image = Image.open(path)
-            image.load()
-        except (OSError, Image.DecompressionBombError) as e:
-            raise ValueError(f"--control-image {path}: cannot read it as an image ({e.__class__.__name__})") from None
-        settings.append((file, image, pre, scale, start, end))
+        settings.append((file, read_image(path, "--control-image"), pre, scale, start, end))
     return settings
 
 
@@ -254,8 +265,13 @@ def add_img2img(p):
     _add_output(p)
     add_generation_flags(p, size=False)
     p.add_argument("--init-image", required=True, help="the starting image (any mode; resized to a multiple of 8)")
-    p.add_argument("--strength", type=float, required=True,
-                   help="0..1: how much noise is added, i.e. how many of the steps run (int(steps * strength))")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="0..1: how much noise is added, i.e. how many of the steps run (int(steps * strength)); "
+                        "default %(default)s, as A1111 and diffusers")
+    p.add_argument("--width", type=int, default=None,
+                   help="resize the init image to this width first (Lanczos, A1111's 'Just resize'); default: its own")
+    p.add_argument("--height", type=int, default=None,
+                   help="resize the init image to this height first; default: its own")
     add_control_flags(p)
 
 
@@ -287,6 +303,16 @@ def start_run(args):
     return pipe, controls, control_fields, seeds, output_paths(args.out, seeds, overwrite=args.overwrite)
 
 
+def resize_init(image, width, height):
+    """The init image at --width x --height (each defaults to the image's own), as A1111's 'Just resize' and
+    diffusers' image processor do: a Lanczos resize that ignores the aspect ratio."""
+    for flag, value in (("--width", width), ("--height", height)):
+        if value is not None and (value <= 0 or value % 8):
+            raise ValueError(f"{flag} must be a positive multiple of 8, got {value}")
+    size = (width or image.width, height or image.height)
+    return image if size == image.size else image.convert("RGB").resize(size, Image.LANCZOS)
+
+
 def run_generate(args):
     """minisd generate / img2img."""
     kwargs = generation_kwargs(args)            # a bad sampler, schedule, eta or churn fails before the model loads
@@ -296,7 +322,7 @@ def run_generate(args):
     if args.command == "img2img":
         if not 0.0 <= args.strength <= 1.0:
             raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
-        init = Image.open(args.init_image)
+        init = resize_init(read_image(args.init_image, "--init-image"), args.width, args.height)
         from_pil(init, log=lambda *_: None)
     pipe, controls, control_fields, seeds, paths = start_run(args)
     callback = _step_saver(pipe, args.save_steps) if args.save_steps else None

@@ -11,11 +11,12 @@ its own). The PNG's `parameters` hold the mask settings under A1111's labels ("M
 """
 import time
 
-from PIL import Image, ImageChops
+from PIL import ImageChops
 
 from .. import inpaint, samplers
 from ..images import a1111_parameters, save_png
-from .generate import _add_output, _step_saver, add_control_flags, add_generation_flags, generation_kwargs, start_run
+from .generate import (_add_output, _step_saver, add_control_flags, add_generation_flags, generation_kwargs,
+                       read_image, start_run)
 
 # A1111's words for the masked content modes in its infotext
 def _add_mask_flags(p, masked_content):
@@ -64,8 +65,8 @@ def add_outpaint(p):
 def _picture_and_mask(args):
     """The picture and mask Pipeline.inpaint gets: as given (inpaint), or the extended canvas and its new area
     (outpaint; with --mask, that mask's white too)."""
-    image = Image.open(args.init_image)
-    mask = Image.open(args.mask) if args.mask else None
+    image = read_image(args.init_image, "--init-image")
+    mask = read_image(args.mask, "--mask") if args.mask else None
     if args.command == "inpaint":
         return image, mask
     canvas, new_area = inpaint.extend(image, **inpaint.parse_extend(args.extend))

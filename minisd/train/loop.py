@@ -30,7 +30,7 @@ process resumes from the same checkpoint file (so --out must be on a file system
 
 What a run does when something goes wrong (a cluster's run is stopped, a step diverges, the disk fills):
   - SIGTERM or SIGUSR1 (what SLURM sends before a time limit or a preemption; torchrun passes SIGTERM on to its
-    workers): the step under way finishes, a checkpoint is written, and `Stopped` is raised, which the command
+    workers), or SIGINT (Ctrl-C; a second Ctrl-C stops at once): the step under way finishes, a checkpoint is written, and `Stopped` is raised, which the command
     line turns into one line naming --resume and an exit status of 128 + the signal's number. Under torchrun the
     processes agree on the stop once per step (one small all-reduce), so all of them stop after the same step,
     whichever got the signal. Resumed, the run continues as if never stopped (the module's first paragraph).
@@ -135,7 +135,7 @@ class NonFiniteLoss(ValueError):
 
 
 class Stopped(Exception):
-    """The run stopped on a signal (SIGTERM, SIGUSR1) after a whole step and a checkpoint."""
+    """The run stopped on a signal (SIGTERM, SIGUSR1, SIGINT) after a whole step and a checkpoint."""
 
     def __init__(self, signum, step, checkpoint):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
@@ -166,15 +166,18 @@ def atomic_save(obj, path):
 
 
 @contextmanager
-def stop_signals(signals=(signal.SIGTERM, signal.SIGUSR1)):
-    """While open, SIGTERM and SIGUSR1 set box[0] to the signal's number instead of ending the process (only in
-    the main thread, where Python can install handlers); the previous handlers are put back after."""
+def stop_signals(signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
+    """While open, SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) set box[0] to the signal's number instead of ending the
+    process (only in the main thread, where Python can install handlers); the previous handlers are put back
+    after. A second Ctrl-C is the user insisting: KeyboardInterrupt at once, the last checkpoint as it was."""
     box = [0]
     if threading.current_thread() is not threading.main_thread():
         yield box
         return
 
     def handler(signum, frame):
+        if signum == signal.SIGINT and box[0] == signal.SIGINT:
+            raise KeyboardInterrupt
         box[0] = signum
     previous = {s: signal.signal(s, handler) for s in signals}
     try:

@@ -1,0 +1,84 @@
+"""What a new user tripped over (issue 33): one clear line instead of a traceback, a line that names the real
+problem, files with the permissions a plain open() gives, A1111's seeds, img2img's defaults. Cheap command-line
+calls on the tiny built-in model (32 px, 1 step) and the training loop's toy problem."""
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minisd.cli import main
+from minisd.images import parse_a1111_parameters, read_png_parameters
+from minisd.train.loop import Stopped, TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
+
+TINY = ["--steps", "1", "--width", "32", "--height", "32", "--device", "cpu"]
+
+
+@pytest.fixture
+def junk(tmp_path):
+    """A text file given where a model, LoRA or image belongs."""
+    path = tmp_path / "notes.txt"
+    path.write_text("remember the milk\n")
+    return str(path)
+
+
+def _one_line(capsys, *words):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert all(w in err for w in words), err
+    return err
+
+
+# --- 3. tracebacks where one line belongs --------------------------------------------------------------------------
+
+def test_a_text_file_as_lora_is_one_line_in_generate_and_merge_lora(junk, tmp_path, capsys):
+    assert main(["generate", "x", "--lora", junk, "--out", str(tmp_path / "a.png"), *TINY]) == 2
+    _one_line(capsys, "notes.txt: not a checkpoint")
+    assert main(["merge-lora", "--model", junk, "--lora", junk, "--out", str(tmp_path / "m.safetensors")]) == 2
+    _one_line(capsys, "notes.txt: not a checkpoint")
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_corrupt_init_image_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["img2img", "x", "--init-image", str(bad), "--out", str(tmp_path / "o.png"), *TINY[:2]]) == 2
+    _one_line(capsys, "--init-image", "corrupt.png", "cannot read it as an image")
+
+
+def _toy():
+    from test_train import _toy_problem
+    return _toy_problem()
+
+
+def test_ctrl_c_in_training_stops_after_the_step_with_a_checkpoint(tmp_path):
+    """SIGINT is handled like SIGTERM: the step under way finishes, its checkpoint is written, Stopped is raised
+    (the command line prints one line and exits 130), and the previous handler is put back."""
+    cfg = TrainConfig(steps=12, lr=1e-2, checkpoint_every=5)
+    net, loss_fn = _toy()
+
+    def interrupted(k, generator):
+        if k == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss_fn(k, generator)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Stopped) as stopped:
+        train(net, dict(net.named_parameters()), interrupted, cfg, tmp_path, "toy", log=lambda *_: None)
+    assert stopped.value.step == 7 and 128 + stopped.value.signum == 130
+    assert "SIGINT after step 7" in str(stopped.value)
+    assert torch.load(tmp_path / "toy.ckpt.pt", weights_only=True)["step"] == 7
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_sweep_objective_eval_does_not_write_fails_before_the_first_trial(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[study]\nobjective = "fdi"\n[trial]\n'
+                    'eval = ["python", "-m", "minisd", "eval", "--metrics", "fid,clip", "--out", "{trial_dir}"]\n'
+                    'metrics = "metrics.json"\n')
+    assert main(["sweep", str(spec)]) == 2
+    _one_line(capsys, "'fdi'", "fid, clip, is_std")
+    assert not (tmp_path / "s").exists()                    # no study folder, no trial
