@@ -82,3 +82,39 @@ def test_a_sweep_objective_eval_does_not_write_fails_before_the_first_trial(tmp_
     assert main(["sweep", str(spec)]) == 2
     _one_line(capsys, "'fdi'", "fid, clip, is_std")
     assert not (tmp_path / "s").exists()                    # no study folder, no trial
+
+
+# --- 4. lines that name the real problem, every flag checked before anything loads ----------------------------------
+
+def test_a_bad_lora_scale_is_named_as_the_scale(junk, tmp_path, capsys):
+    lora_file = tmp_path / "style.safetensors"
+    lora_file.write_bytes(b"")                               # exists: the error is about the scale, before any read
+    assert main(["generate", "x", "--lora", f"{lora_file}:abc", "--out", str(tmp_path / "a.png"), *TINY]) == 2
+    _one_line(capsys, "the scale 'abc' is not a number")
+
+
+def test_a_text_file_as_model_is_not_a_checkpoint(junk, tmp_path, capsys):
+    assert main(["generate", "x", "--model", junk, "--out", str(tmp_path / "a.png"), *TINY]) == 2
+    err = _one_line(capsys, "notes.txt: not a checkpoint")
+    assert "unpickler" not in err
+
+
+@pytest.fixture(scope="module")
+def uncaptioned(tmp_path_factory):
+    from _train_refs import image_folder
+    return image_folder(tmp_path_factory.mktemp("uncaptioned"), 2, seed=0)
+
+
+def test_missing_captions_suggest_what_finetune_takes(uncaptioned, tmp_path, capsys):
+    assert main(["train", "finetune", "--data", str(uncaptioned), "--out", str(tmp_path / "run"),
+                 "--resolution", "32", "--device", "cpu"]) == 2
+    err = _one_line(capsys, "have no caption", "N_prompt")
+    assert "give a prompt" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_negative_learning_rate_fails_before_loading_and_leaves_no_run_folder(uncaptioned, tmp_path, capsys):
+    assert main(["train", "finetune", "--data", str(uncaptioned), "--out", str(tmp_path / "run"),
+                 "--resolution", "32", "--device", "cpu", "--learning-rate", "-1"]) == 2
+    _one_line(capsys, "--learning-rate must be > 0, got -1")
+    assert not (tmp_path / "run").exists()
