@@ -4,14 +4,16 @@ calls on the tiny built-in model (32 px, 1 step) and the training loop's toy pro
 import os
 import signal
 
+import stat
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from minisd.cli import main
-from minisd.images import parse_a1111_parameters, read_png_parameters
-from minisd.train.loop import Stopped, TrainConfig, train
+from minisd.images import parse_a1111_parameters, read_png_parameters, save_png
+from minisd.train.loop import Stopped, TrainConfig, atomic_write, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py: small tensors, one thread
 
@@ -118,3 +120,31 @@ def test_a_negative_learning_rate_fails_before_loading_and_leaves_no_run_folder(
                  "--resolution", "32", "--device", "cpu", "--learning-rate", "-1"]) == 2
     _one_line(capsys, "--learning-rate must be > 0, got -1")
     assert not (tmp_path / "run").exists()
+
+
+# --- 6. files written atomically get the mode a plain open() gives -----------------------------------------------
+
+def _writers():
+    from minisd.annotators.openpose import Keypoints, write_keypoints
+    from minisd.cli.caption import write_atomic
+    return {
+        "save_png (images)": lambda p: save_png(Image.new("RGB", (8, 8)), p, "x"),
+        "atomic_write (models, checkpoints)": lambda p: atomic_write(str(p), lambda t: open(t, "wb").write(b"1")),
+        "caption's write_atomic": lambda p: write_atomic(p, "a caption"),
+        "write_keypoints": lambda p: write_keypoints(str(p), Keypoints((), 8, 8)),
+    }
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_atomic_writers_give_the_mode_of_a_plain_open(tmp_path, mask):
+    previous = os.umask(mask)
+    try:
+        open(tmp_path / "plain", "w").close()
+        for name, write in _writers().items():
+            write(tmp_path / name)
+    finally:
+        os.umask(previous)
+    want = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert want == 0o666 & ~mask and want != 0o600          # the comparison can fail: mkstemp gives 0600
+    assert {name: oct(stat.S_IMODE((tmp_path / name).stat().st_mode)) for name in _writers()} == \
+        {name: oct(want) for name in _writers()}

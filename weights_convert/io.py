@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import struct
+import tempfile
 import zipfile
 from collections.abc import Mapping
 
@@ -250,6 +251,27 @@ def check_shapes(ours, shapes, what, cfg):
             raise ValueError(f"missing {what} key {k!r}")
         if tuple(ours[k].shape) != tuple(shape):
             raise ValueError(f"{what} key {k!r} has shape {tuple(ours[k].shape)}, expected {tuple(shape)} for {cfg}")
+
+
+def umask():
+    """The process's umask, read without changing it (Linux: /proc; elsewhere set and put back at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def temp_file_beside(path, prefix=None, suffix=".tmp"):
+    """(fd, name) of a new temporary file in `path`'s folder, for a write that is then renamed over `path`: a
+    unique name (two writers never share one), and the permissions a plain open() would give `path` (mkstemp's
+    0600 is for secrets; images, models and checkpoints are shared like any file the user writes)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}." if prefix is None else prefix, suffix=suffix)
+    os.fchmod(fd, 0o666 & ~umask())
+    return fd, tmp
 
 
 def write_safetensors(path, tensors, metadata=None):

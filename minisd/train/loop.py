@@ -47,13 +47,14 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from weights_convert.io import temp_file_beside
 
 from .. import distributed
 from .lr import learning_rate
@@ -147,7 +148,7 @@ def atomic_write(path, write):
     """write(tmp) into a fresh temporary file in the same folder, then rename it over `path`: a reader (or a crash)
     sees the old file or the new one, never half of one, and two writers never share a temporary name. A failed
     write (OSError: disk full, ...) removes the temporary file and raises WriteFailed: `path` is as it was."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    fd, tmp = temp_file_beside(path, prefix="tmp")
     os.close(fd)
     try:
         write(tmp)
