@@ -148,3 +148,32 @@ def test_atomic_writers_give_the_mode_of_a_plain_open(tmp_path, mask):
     assert want == 0o666 & ~mask and want != 0o600          # the comparison can fail: mkstemp gives 0600
     assert {name: oct(stat.S_IMODE((tmp_path / name).stat().st_mode)) for name in _writers()} == \
         {name: oct(want) for name in _writers()}
+
+
+# --- 11-13. seeds and img2img as A1111 has them ------------------------------------------------------------------
+
+def _printed_seed(capsys):
+    return int(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("seed "))[5:])
+
+
+def test_seed_minus_one_is_a_random_seed_printed_recorded_and_reproducible(tmp_path, capsys):
+    assert main(["generate", "a red circle", "--seed", "-1", "--out", str(tmp_path / "a.png"), *TINY]) == 0
+    seed = _printed_seed(capsys)
+    assert seed >= 0 and parse_a1111_parameters(read_png_parameters(tmp_path / "a.png"))["Seed"] == str(seed)
+    assert main(["generate", "a red circle", "--seed", str(seed), "--out", str(tmp_path / "b.png"), *TINY]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / n)) for n in ("a.png", "b.png"))
+    assert np.array_equal(a, b)
+    capsys.readouterr()
+    assert main(["generate", "x", "--seed", "-2", "--out", str(tmp_path / "c.png"), *TINY]) == 2
+    _one_line(capsys, "--seed must be >= 0, or -1")
+
+
+def test_img2img_strength_defaults_to_075_and_width_height_resize_the_init_image(tmp_path):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(init)
+    assert main(["img2img", "x", "--init-image", str(init), "--width", "32", "--height", "48", "--steps", "4",
+                 "--seed", "1", "--out", str(tmp_path / "o.png"), "--device", "cpu"]) == 0
+    params = parse_a1111_parameters(read_png_parameters(tmp_path / "o.png"))
+    assert params["Denoising strength"] == "0.75" and params["Size"] == "32x48"
+    assert Image.open(tmp_path / "o.png").size == (32, 48)
+    assert init.stat().st_size and Image.open(init).size == (40, 24)         # the user's file is untouched

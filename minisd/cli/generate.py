@@ -73,7 +73,7 @@ def add_generation_flags(p, size=True):
     g.add_argument("--s-noise", type=float, default=None, help="scale of the churn noise (default 1)")
     g.add_argument("--emphasis", action="store_true", help="A1111 prompt weights: (word), (word:1.3), [word]")
     g.add_argument("--seed", type=int, default=None,
-                   help="image k uses seed SEED + k (default: %(default)s, where None is a random seed, printed)")
+                   help="image k uses seed SEED + k; -1 or none: a random seed, printed and recorded (A1111)")
     g.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=1,
                    help="images per sampling run, each equal to its seed generated alone (default %(default)s)")
     if size:
@@ -83,7 +83,11 @@ def add_generation_flags(p, size=True):
 
 def generation_kwargs(args):
     """The keyword arguments of Pipeline.generate / img2img from the flags, but the prompt and seeds. The
-    sampling settings are checked here (samplers.check), before any model loads."""
+    sampling settings, batch size and seed are checked here (samplers.check), before any model loads."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.seed is not None and args.seed < -1:
+        raise ValueError(f"--seed must be >= 0, or -1 for a random seed; got {args.seed}")
     churn = {k: getattr(args, k) for k in samplers.CHURN_DEFAULTS if getattr(args, k) is not None}
     s = samplers.check(args.sampler or DEFAULT_SAMPLER, args.schedule,
                        DEFAULT_STEPS if args.steps is None else args.steps, args.eta, churn)
@@ -297,7 +301,7 @@ def start_run(args):
     settings = control_settings(args)       # the control images are read before the model loads
     pipe = load_pipeline(args, progress=True)
     controls, control_fields = load_controls(args, settings, pipe)
-    seed = random.randrange(2 ** 32) if args.seed is None else args.seed
+    seed = random.randrange(2 ** 32) if args.seed in (None, -1) else args.seed      # -1: A1111's "random"
     print(f"seed {seed}")
     seeds = [seed + b for b in range(args.batch_size)]
     return pipe, controls, control_fields, seeds, output_paths(args.out, seeds, overwrite=args.overwrite)
@@ -316,8 +320,6 @@ def resize_init(image, width, height):
 def run_generate(args):
     """minisd generate / img2img."""
     kwargs = generation_kwargs(args)            # a bad sampler, schedule, eta or churn fails before the model loads
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     init = None
     if args.command == "img2img":
         if not 0.0 <= args.strength <= 1.0:

@@ -81,8 +81,6 @@ def _picture_and_mask(args):
 def run_inpaint(args):
     """minisd inpaint / outpaint."""
     kwargs = generation_kwargs(args)            # a bad sampler, schedule, eta or churn fails before the model loads
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if not 0.0 < args.strength <= 1.0:
         raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
     if args.mask_blur < 0 or args.padding < 0:
