@@ -177,3 +177,20 @@ def test_img2img_strength_defaults_to_075_and_width_height_resize_the_init_image
     assert params["Denoising strength"] == "0.75" and params["Size"] == "32x48"
     assert Image.open(tmp_path / "o.png").size == (32, 48)
     assert init.stat().st_size and Image.open(init).size == (40, 24)         # the user's file is untouched
+
+
+# --- 9. checkpoints at the defaults: every N that fits and the last step, each one logged -------------------------
+
+def test_a_checkpoint_is_written_at_the_last_step_even_past_n_and_each_is_logged(tmp_path):
+    """The defaults (checkpoint every 500 steps, 400 steps) in small: every 5 steps, 4 steps."""
+    net, loss_fn = _toy()
+    lines = []
+    train(net, dict(net.named_parameters()), loss_fn, TrainConfig(steps=4, lr=1e-2, checkpoint_every=5), tmp_path,
+          "toy", log=lines.append)
+    assert torch.load(tmp_path / "toy.ckpt.pt", weights_only=True)["step"] == 4
+    net, loss_fn = _toy()
+    lines = []
+    train(net, dict(net.named_parameters()), loss_fn, TrainConfig(steps=12, lr=1e-2, checkpoint_every=5),
+          tmp_path / "b", "toy", log=lines.append)
+    assert [line.split(" written")[0] for line in lines if line.startswith("checkpoint")] == \
+        ["checkpoint of step 5", "checkpoint of step 10", "checkpoint of step 12"]

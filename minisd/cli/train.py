@@ -110,7 +110,8 @@ def _common(p, d, save_formats=SAVE_FORMATS):
     p.add_argument("--center-crop", action="store_true", help="centre crops (default: random crops)")
     p.add_argument("--random-flip", action="store_true", default=d.random_flip)
     p.add_argument("--cache-latents", action="store_true", help="encode each image once (needs --center-crop)")
-    p.add_argument("--checkpointing-steps", type=int, default=d.checkpointing_steps)
+    p.add_argument("--checkpointing-steps", type=int, default=d.checkpointing_steps,
+                   help="write the resumable checkpoint every N steps, and always at the last step")
     p.add_argument("--checkpoints-total-limit", type=int, default=None,
                    help="resumable checkpoints kept in OUT/checkpoints/ (default: the latest only)")
     p.add_argument("--save-model-steps", type=int, default=None, metavar="N",

@@ -332,6 +332,7 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
             if saved is not None:
                 keep_newest_checkpoints(ckpt_path, saved, cfg.keep_checkpoints)
             atomic_save(state, ckpt_path)
+            log(f"checkpoint of step {step} written: {ckpt_path}")
         saved = step
 
     module.train()
