@@ -65,6 +65,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from .folder_lock import folder_lock
+
 HEARTBEAT_INTERVAL = 30      # seconds between a running trial's heartbeats (--storage only)
 HEARTBEAT_GRACE = 120        # a RUNNING trial silent for this long is stale (--storage only)
 PARAM_TYPES = ("float", "int", "categorical")
@@ -328,23 +330,6 @@ def plot(complete, names, spec, path, log=print):
 
 # ---- the command -------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def folder_lock(folder):
-    """An exclusive lock on the sweep folder for as long as this sweep runs (POSIX flock; released on exit, even a
-    killed one): while we hold it no other sweep process uses the folder's SQLite study."""
-    import fcntl
-    f = open(folder / ".lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ValueError(f"another sweep is running in {folder} (use --storage URL to run several workers)") from None
-    try:
-        yield
-    finally:
-        f.close()
-
-
 def sweep(spec, storage_url=None, trials=None, log=print):
     """Run the study until `trials` (default: the spec's) trials are finished. Returns the best FrozenTrial."""
     try:
@@ -357,7 +342,8 @@ def sweep(spec, storage_url=None, trials=None, log=print):
     folder = spec["folder"]
     folder.mkdir(parents=True, exist_ok=True)
     local = storage_url is None
-    with folder_lock(folder) if local else contextlib.nullcontext():
+    with folder_lock(folder, "sweep", " (use --storage URL to run several workers)") if local else \
+            contextlib.nullcontext():
         if local:
             storage = RDBStorage(f"sqlite:///{(folder / 'study.db').resolve()}")
         else:

@@ -194,3 +194,28 @@ def test_a_checkpoint_is_written_at_the_last_step_even_past_n_and_each_is_logged
           tmp_path / "b", "toy", log=lines.append)
     assert [line.split(" written")[0] for line in lines if line.startswith("checkpoint")] == \
         ["checkpoint of step 5", "checkpoint of step 10", "checkpoint of step 12"]
+
+
+# --- 10. one run at a time in a run folder -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    from _train_refs import image_folder
+    return image_folder(tmp_path_factory.mktemp("captioned"), 2, seed=0, captions=["a red circle"])
+
+
+def test_a_second_run_into_a_busy_out_is_one_line_naming_the_first_process(captioned, tmp_path, capsys):
+    from minisd.folder_lock import folder_lock
+    out = tmp_path / "run"
+    with folder_lock(out, "training run"):                 # the first run, as far as the lock can tell
+        assert main(["train", "finetune", "--data", str(captioned), "--out", str(out), "--resolution", "32",
+                     "--max-train-steps", "1", "--device", "cpu"]) == 2
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]       # the second wrote nothing
+    _one_line(capsys, f"in use by another training run (process {os.getpid()})")
+
+
+def test_a_run_rejected_after_taking_the_lock_leaves_no_folder(junk, captioned, tmp_path, capsys):
+    assert main(["train", "finetune", "--data", str(captioned), "--out", str(tmp_path / "run"), "--model", junk,
+                 "--resolution", "32", "--device", "cpu"]) == 2
+    _one_line(capsys, "not a checkpoint")
+    assert not (tmp_path / "run").exists()
