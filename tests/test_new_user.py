@@ -219,3 +219,35 @@ def test_a_run_rejected_after_taking_the_lock_leaves_no_folder(junk, captioned, 
                  "--resolution", "32", "--device", "cpu"]) == 2
     _one_line(capsys, "not a checkpoint")
     assert not (tmp_path / "run").exists()
+
+
+# --- 7. the LoRAs an image used are in its PNG parameters, as A1111 writes them ------------------------------------
+
+def _a1111_lora_hash(path):
+    """A1111's modules/hashes.py addnet_hash_safetensors, written from its source: sha256 of what follows the
+    8-byte header length and the header, first 12 hex digits (its shorthash)."""
+    import hashlib
+    data = open(path, "rb").read()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+
+
+def test_a_lora_flag_is_recorded_as_a_prompt_tag_and_a_hash_and_the_tag_remakes_the_image(tmp_path):
+    from test_lora import random_lora
+    from minisd import lora
+    from minisd.config import TINY as TINY_CONFIG
+    (tmp_path / "loras").mkdir()
+    path = tmp_path / "loras" / "arcane.safetensors"
+    lora.save_kohya(path, random_lora(TINY_CONFIG, seed=3))
+    assert main(["generate", "a red circle", "--lora", f"{path}:0.8", "--seed", "5", "--out",
+                 str(tmp_path / "flag.png"), *TINY]) == 0
+    params = parse_a1111_parameters(read_png_parameters(tmp_path / "flag.png"))
+    assert params["Prompt"] == "a red circle <lora:arcane:0.8>"
+    assert params["Lora hashes"] == f"arcane: {_a1111_lora_hash(path)}"
+    # the recorded prompt, given back with the LoRA folder (as A1111 reads it), makes the same image
+    assert main(["generate", params["Prompt"], "--lora-dir", str(tmp_path / "loras"), "--seed", "5", "--out",
+                 str(tmp_path / "tag.png"), *TINY]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / n), dtype=np.int16) for n in ("flag.png", "tag.png"))
+    assert np.abs(a - b).max() <= 1          # merged once vs per prompt: the last bits of the weights may differ
+    assert main(["generate", "a red circle", "--seed", "5", "--out", str(tmp_path / "base.png"), *TINY]) == 0
+    base = np.asarray(Image.open(tmp_path / "base.png"), dtype=np.int16)
+    assert np.abs(a - base).max() > 10       # the LoRA shows: the equality above could fail

@@ -243,6 +243,32 @@ def legacy_hash(path):
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
+def addnet_hash(path):
+    """A1111's short hash of a LoRA file (modules/hashes.py, addnet_hash_safetensors): the first 12 hex digits of
+    sha256 over a .safetensors file's tensor bytes (after its header, so editing the metadata keeps it), or over
+    the whole file for other formats."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if path.endswith(".safetensors"):
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def recorded_prompt(args):
+    """(the prompt as the PNG records it, its fields) with the --lora files written as A1111 writes the LoRAs it
+    used: <lora:NAME:SCALE> in the prompt text and "Lora hashes", so that the PNG alone says how to remake it."""
+    loras = [lora.parse_spec(spec) for spec in args.lora]
+    if not loras:
+        return args.prompt, {}
+    names = [(os.path.splitext(os.path.basename(path))[0], path, scale) for path, scale in loras]
+    tags = " ".join(f"<lora:{name}:{scale:g}>" for name, _, scale in names)
+    hashes = ", ".join(f"{name}: {addnet_hash(path)}" for name, path, _ in names)
+    return f"{args.prompt} {tags}".strip(), {"Lora hashes": hashes}
+
+
 def load_controls(args, settings, pipe):
     """(controls for the Pipeline, their A1111 infotext fields {"ControlNet i": "Module: ..., Model: ..."})."""
     controls, fields = [], {}
@@ -335,11 +361,13 @@ def run_generate(args):
         result = pipe.img2img(args.prompt, init, args.strength, seed=seeds, callback=callback, controls=controls,
                               **kwargs)
     width, height = result.images[0].size
+    prompt, lora_fields = recorded_prompt(args)
     extra = dict(control_fields)
     if args.command == "img2img":
         extra["denoising_strength"] = args.strength
+    extra.update(lora_fields)
     for b, (image, path, image_seed) in enumerate(zip(result.images, paths, result.seeds)):
-        params = a1111_parameters(args.prompt, args.negative_prompt, kwargs["steps"],
+        params = a1111_parameters(prompt, args.negative_prompt, kwargs["steps"],
                                   samplers.display_name(result.sampler), kwargs["cfg"], image_seed, width, height,
                                   pipe.name, schedule_type=result.schedule.capitalize(),
                                   batch_pos=b if len(seeds) > 1 else None, **extra)
