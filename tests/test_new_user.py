@@ -251,3 +251,19 @@ def test_a_lora_flag_is_recorded_as_a_prompt_tag_and_a_hash_and_the_tag_remakes_
     assert main(["generate", "a red circle", "--seed", "5", "--out", str(tmp_path / "base.png"), *TINY]) == 0
     base = np.asarray(Image.open(tmp_path / "base.png"), dtype=np.int16)
     assert np.abs(a - base).max() > 10       # the LoRA shows: the equality above could fail
+
+
+# --- 5. eval finds the metrics' weights before its first image --------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--metrics", "clip"], "the clip metric needs --clip-weights"),
+    (["--metrics", "clip", "--clip-weights", "nope.safetensors"], "--clip-weights nope.safetensors: no such file"),
+    (["--metrics", "is", "--inception-weights", "nope.pth"], "Inception weights file nope.pth does not exist"),
+])
+def test_eval_checks_the_metrics_weights_before_the_first_image(tmp_path, capsys, extra, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["eval", "--prompts", str(prompts), "--num-images", "1", "--out", str(tmp_path / "run"),
+                 *TINY, *extra]) == 2
+    _one_line(capsys, message)
+    assert not (tmp_path / "run" / "images").exists()
