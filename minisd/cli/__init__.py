@@ -18,7 +18,7 @@ import sys
 
 from weights_convert.io import CheckpointError
 
-from .. import distributed
+from .. import __version__, distributed
 from ..download import DownloadError
 from . import caption, generate, inpaint, serve, tools, train
 
@@ -57,6 +57,7 @@ USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, CheckpointError, 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="minisd", description="Stable Diffusion 1.5 / 2.1, readable.")
+    parser.add_argument("--version", action="version", version=f"minisd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (what, add_flags, _) in COMMANDS.items():
         add_flags(sub.add_parser(name, help=what.split(";")[0], description=what))
