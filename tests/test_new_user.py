@@ -267,3 +267,42 @@ def test_eval_checks_the_metrics_weights_before_the_first_image(tmp_path, capsys
                  *TINY, *extra]) == 2
     _one_line(capsys, message)
     assert not (tmp_path / "run" / "images").exists()
+
+
+# --- 8, 14. help texts and --version -------------------------------------------------------------------------------
+
+def _help(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())            # argparse's line wrapping undone
+
+
+def test_train_help_shows_defaults_and_each_methods_own_output(capsys):
+    finetune = _help(capsys, "train", "finetune")
+    assert "--train-batch-size TRAIN_BATCH_SIZE (default: 1)" in finetune
+    assert "--checkpointing-steps CHECKPOINTING_STEPS write the resumable checkpoint every N steps, and always at " \
+           "the last step (default: 500)" in finetune
+    assert "(default: None)" not in finetune and "(default: False)" not in finetune
+    assert "run folder: model.safetensors" in finetune
+    assert "model.safetensors" not in _help(capsys, "train", "lora").split("--out OUT")[1].split("--model")[0]
+    ti = _help(capsys, "train", "textual-inversion")
+    assert "learned_embeds.safetensors" in ti and "--save-format" not in ti
+
+
+def test_textual_inversion_refuses_save_format_which_it_would_ignore(tmp_path, capsys):
+    """It always writes both files (diffusers' learned_embeds and A1111's), so the flag would change nothing."""
+    with pytest.raises(SystemExit) as e:
+        main(["train", "textual-inversion", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--token", "<t>",
+              "--init-token", "toy", "--save-format", "diffusers"])
+    assert e.value.code == 2
+    _one_line(capsys, "--save-format is not supported: minisd train textual-inversion has no such flag")
+
+
+def test_version_is_the_packages(capsys):
+    import tomllib
+    from pathlib import Path
+    version = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"minisd {version}"

@@ -21,6 +21,7 @@ from weights_convert.io import CheckpointError
 from .. import __version__, distributed
 from ..download import DownloadError
 from . import caption, generate, inpaint, serve, tools, train
+from .help import DefaultsFormatter
 
 # name: (what it does, adds its flags to its parser, runs it: returns an exit status, or None for 0)
 COMMANDS = {
@@ -60,7 +61,8 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"minisd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (what, add_flags, _) in COMMANDS.items():
-        add_flags(sub.add_parser(name, help=what.split(";")[0], description=what))
+        add_flags(sub.add_parser(name, help=what.split(";")[0], description=what,
+                                 formatter_class=DefaultsFormatter))
     return parser
 
 
