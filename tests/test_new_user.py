@@ -306,3 +306,17 @@ def test_version_is_the_packages(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"minisd {version}"
+
+
+# --- 1. threads -----------------------------------------------------------------------------------------------------
+
+def test_generate_takes_threads_and_runs_the_tiny_model_on_one_by_default(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["generate", "x", "--seed", "1", "--out", str(tmp_path / "a.png"), *TINY]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["generate", "x", "--seed", "1", "--threads", "2", "--out", str(tmp_path / "b.png"), *TINY]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

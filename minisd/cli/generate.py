@@ -15,6 +15,7 @@ import os
 import random
 import time
 
+import torch
 from PIL import Image
 
 from .. import eval as evaluation
@@ -54,6 +55,9 @@ def add_generation_flags(p, size=True):
                    help="torch.compile the U-Net (slow first step, faster after; best on CUDA)")
     m.add_argument("--cuda-graph", action="store_true",
                    help="CUDA only: replay the U-Net step as a CUDA graph (removes Python launch overhead)")
+    m.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; default: 1 for the tiny built-in model (its layers are too small to "
+                        "share: on a busy 2-core machine 2 threads took 11x one thread's time), else torch's")
     m.add_argument("--no-prepack", action="store_true", help="CPU: plain layers, no oneDNN-prepared ones (whose "
                    "choice is measured per run and changes the last bits): the same bytes in every run")
     g = p.add_argument_group("generation")
@@ -102,6 +106,8 @@ def generation_kwargs(args):
 def load_pipeline(args, device=None, log=print, progress=False):
     """The Pipeline the flags ask for: the model on --device (or `device`) in --dtype, with its speed paths and
     memory options, textual-inversion embeddings and LoRAs."""
+    if args.threads or args.model is None:
+        torch.set_num_threads(args.threads or 1)
     loras = [lora.parse_spec(spec) for spec in args.lora]       # a bad scale or a missing file: before the load
     for path, _ in loras:
         if not os.path.isfile(path):
@@ -136,8 +142,6 @@ def _add_eval(p):
     p.add_argument("--inception-weights", metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth (fid, is)")
     p.add_argument("--clip-weights", metavar="FILE", help="CLIP ViT-L/14 weights (clip)")
     p.add_argument("--metrics-batch", type=int, default=50, help="images per feature-network call")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 is fastest for the tiny model on a busy machine)")
 
 
 def add_control_flags(p):
