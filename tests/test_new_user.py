@@ -316,7 +316,8 @@ def test_generate_takes_threads_and_runs_the_tiny_model_on_one_by_default(tmp_pa
         torch.set_num_threads(2)
         assert main(["generate", "x", "--seed", "1", "--out", str(tmp_path / "a.png"), *TINY]) == 0
         assert torch.get_num_threads() == 1
-        assert main(["generate", "x", "--seed", "1", "--threads", "2", "--out", str(tmp_path / "b.png"), *TINY]) == 0
+        # --threads is set before anything loads (a missing LoRA then stops the run before it costs anything)
+        assert main(["generate", "x", "--threads", "2", "--lora", str(tmp_path / "nope.safetensors"), *TINY]) == 2
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
