@@ -198,7 +198,8 @@ def unpickle_ckpt(path):
     with open(path, "rb") as f:
         magic = f.read(2)
     is_zip = zipfile.is_zipfile(path)
-    if not is_zip and magic[:1] != b"\x80":     # every pickle since protocol 2 starts with PROTO (0x80)
+    # a zip starts with PK (a truncated one is no longer is_zipfile), every pickle since protocol 2 with PROTO 0x80
+    if not is_zip and magic != b"PK" and magic[:1] != b"\x80":
         raise CheckpointError(f"{path}: not a checkpoint (neither safetensors nor a torch.save zip or pickle)")
     with torch.serialization.safe_globals([(obj, name) for name, obj in STAND_INS.items()]):
         if is_zip:   # every torch.save since torch 1.6; torch.load checks the older format
