@@ -101,6 +101,11 @@ def test_a_text_file_as_model_is_not_a_checkpoint(junk, tmp_path, capsys):
     assert "unpickler" not in err
 
 
+def test_batch_zero_names_the_flag_before_anything_loads(tmp_path, capsys):
+    assert main(["generate", "x", "--batch", "0", "--model", str(tmp_path / "nope.safetensors"), *TINY]) == 2
+    _one_line(capsys, "--batch-size must be at least 1, got 0")
+
+
 @pytest.fixture(scope="module")
 def uncaptioned(tmp_path_factory):
     from _train_refs import image_folder
