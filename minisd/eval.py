@@ -51,6 +51,7 @@ from .images import a1111_parameters, save_png
 from .metrics import fid as fid_mod
 from .metrics.clip_score import clip_scores, load_clip
 from .metrics.inception import load_inception
+from .metrics.inception import weights_file as inception_weights_file
 from .metrics.inception_score import inception_logits, inception_score
 from .pipeline import DEFAULT_SAMPLER
 from .tiny import shapes
@@ -183,10 +184,7 @@ def compute_metrics(files, captions, args, log=print, cache=None):
         logits = torch.cat([inception_logits(torch.stack([fid_mod.read_image(f) for f in files[i:i + 50]]), model,
                                              device=args.metrics_device) for i in range(0, len(files), 50)])
         out["is"], out["is_std"] = inception_score(logits, splits=10, generator=torch.Generator().manual_seed(0))
-    if "clip" in wanted:
-        if not args.clip_weights:
-            raise ValueError("the clip metric needs --clip-weights FILE (OpenAI CLIP ViT-L/14, transformers' or "
-                             "open_clip's layout)")
+    if "clip" in wanted:                          # its weights were checked before the first image (check_weights)
         model = load_clip(args.clip_weights).to(args.metrics_device)
         scores = torch.cat([clip_scores([fid_mod.read_image(f) for f in files[i:i + 32]], captions[i:i + 32], model,
                                         device=args.metrics_device) for i in range(0, len(files), 32)])
@@ -269,6 +267,18 @@ def run(args, generate, load_pipeline, log=print):
     print(f"best={best[flag]}")
 
 
+def check_weights(args):
+    """The metrics' network weights found (Inception fetched if it must be) before the first image is made."""
+    if "clip" in args.metrics:
+        if not args.clip_weights:
+            raise ValueError("the clip metric needs --clip-weights FILE (OpenAI CLIP ViT-L/14, transformers' or "
+                             "open_clip's layout)")
+        if not os.path.isfile(args.clip_weights):
+            raise ValueError(f"--clip-weights {args.clip_weights}: no such file")
+    if "is" in args.metrics or ("fid" in args.metrics and args.features == "inception"):
+        args.inception_weights = str(inception_weights_file(args.inception_weights))
+
+
 def run_one(args, generate, load_pipeline, log=print, cache=None, quiet=False):
     """One model's images and metrics into args.out; returns {metric: value} on rank 0 (prints them unless
     quiet)."""
@@ -285,6 +295,7 @@ def run_one(args, generate, load_pipeline, log=print, cache=None, quiet=False):
         raise ValueError("the fid metric needs --ref DIR_OR_NPZ (or --ref shapes with --features tiny)")
     if args.ref == "shapes" and args.features != "tiny":
         raise ValueError("--ref shapes is the tiny world's real images: use it with --features tiny")
+    check_weights(args)
     prompts = read_prompts(args.prompts)
     device = distributed.setup(args.device)     # joins the job under torchrun; rank 0 alone writes and prints
     log = distributed.main_only(log)

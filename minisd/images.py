@@ -17,13 +17,14 @@ leaves a half-written PNG under the final name; an existing file is only replace
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from weights_convert.io import temp_file_beside
 
 
 def to_pil(images):
@@ -149,7 +150,7 @@ def save_png(image: Image.Image, path, parameters: str, overwrite: bool = False)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     info.add_text("parameters", parameters)   # tEXt when latin-1 encodable, else PIL writes an iTXt chunk
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png.tmp")
+    fd, tmp = temp_file_beside(path, suffix=".png.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)

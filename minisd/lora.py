@@ -324,6 +324,8 @@ def parse_spec(spec):
     try:
         return (path, float(scale)) if path else (spec, 1.0)
     except ValueError:
+        if os.path.isfile(path) and not os.path.exists(spec):       # FILE:abc, FILE existing: the scale is bad
+            raise LoRAError(f"--lora {spec}: the scale {scale!r} is not a number (FILE:SCALE, e.g. {path}:0.8)")
         return spec, 1.0
 
 

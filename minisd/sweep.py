@@ -65,6 +65,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from .folder_lock import folder_lock
+
 HEARTBEAT_INTERVAL = 30      # seconds between a running trial's heartbeats (--storage only)
 HEARTBEAT_GRACE = 120        # a RUNNING trial silent for this long is stale (--storage only)
 PARAM_TYPES = ("float", "int", "categorical")
@@ -103,6 +105,7 @@ def read_spec(path):
     params_to = trial.get("params_to", next(iter(commands)))
     if params_to not in commands:
         raise ValueError(f"{path}: trial.params_to is {params_to!r}, not one of the commands {list(commands)}")
+    check_objective(path, study.get("objective", "fid"), commands)
     for name, p in params.items():
         if p.get("type") not in PARAM_TYPES:
             raise ValueError(f"{path}: params.{name}.type must be one of {', '.join(PARAM_TYPES)}")
@@ -122,6 +125,27 @@ def read_spec(path):
         "params_to": params_to,
         "params": params,
     }
+
+
+EVAL_NUMBERS = ("is_std", "num_images", "generation_seconds")     # metrics.json's numbers besides the metrics
+
+
+def check_objective(path, objective, commands):
+    """When a command is `minisd eval`, the objective must be a number its metrics.json will hold (its --metrics,
+    default fid): a misspelt one fails here, before the first trial, not after every trial has run."""
+    for name, argv in commands.items():
+        argv = [str(a) for a in argv]
+        if not any(a.endswith("minisd") and b == "eval" for a, b in zip(argv, argv[1:])):
+            continue
+        given = [b for a, b in zip(argv, argv[1:]) if a == "--metrics"]
+        given += [a.split("=", 1)[1] for a in argv if a.startswith("--metrics=")]
+        metrics = given[-1] if given else "fid"
+        if "{" in metrics:                           # a placeholder, known only per trial
+            continue
+        known = [*metrics.split(","), *EVAL_NUMBERS]
+        if objective not in known:
+            raise ValueError(f"{path}: study.objective {objective!r} is not a number trial.{name} (minisd eval "
+                             f"--metrics {metrics}) writes; choose one of {', '.join(known)}")
 
 
 def suggest(trial, params):
@@ -306,23 +330,6 @@ def plot(complete, names, spec, path, log=print):
 
 # ---- the command -------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def folder_lock(folder):
-    """An exclusive lock on the sweep folder for as long as this sweep runs (POSIX flock; released on exit, even a
-    killed one): while we hold it no other sweep process uses the folder's SQLite study."""
-    import fcntl
-    f = open(folder / ".lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ValueError(f"another sweep is running in {folder} (use --storage URL to run several workers)") from None
-    try:
-        yield
-    finally:
-        f.close()
-
-
 def sweep(spec, storage_url=None, trials=None, log=print):
     """Run the study until `trials` (default: the spec's) trials are finished. Returns the best FrozenTrial."""
     try:
@@ -335,7 +342,8 @@ def sweep(spec, storage_url=None, trials=None, log=print):
     folder = spec["folder"]
     folder.mkdir(parents=True, exist_ok=True)
     local = storage_url is None
-    with folder_lock(folder) if local else contextlib.nullcontext():
+    with folder_lock(folder, "sweep", " (use --storage URL to run several workers)") if local else \
+            contextlib.nullcontext():
         if local:
             storage = RDBStorage(f"sqlite:///{(folder / 'study.db').resolve()}")
         else:

@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import struct
+import tempfile
 import zipfile
 from collections.abc import Mapping
 
@@ -192,15 +193,32 @@ def unpickle_ckpt(path):
     extends it for the duration of the `with` only (a load in another thread meanwhile would accept the same
     inert stand-ins, nothing more). torch's own error for an unknown global buries its name under advice to
     retry with weights_only=False, so the pickle's names are first listed statically (torch's disassembler:
-    nothing is unpickled) and an unknown one is refused by name."""
+    nothing is unpickled) and an unknown one is refused by name. Any failure is a CheckpointError naming the
+    file: a file that is neither a zip nor a pickle (a text file given by mistake) is "not a checkpoint"."""
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    is_zip = zipfile.is_zipfile(path)
+    # a zip starts with PK (a truncated one is no longer is_zipfile), every pickle since protocol 2 with PROTO 0x80
+    if not is_zip and magic != b"PK" and magic[:1] != b"\x80":
+        raise CheckpointError(f"{path}: not a checkpoint (neither safetensors nor a torch.save zip or pickle)")
     with torch.serialization.safe_globals([(obj, name) for name, obj in STAND_INS.items()]):
-        if zipfile.is_zipfile(path):   # every torch.save since torch 1.6; torch.load checks the older format
+        if is_zip:   # every torch.save since torch 1.6; torch.load checks the older format
             unknown = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
             if unknown:
                 more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
                 raise CheckpointError(f"{path}: refusing to load: its pickle names {unknown[0]!r}{more}, which is "
                                       "neither tensor data nor a known checkpoint class; unpickling could run code")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError) as e:
+            raise CheckpointError(f"{path}: cannot read this .ckpt (truncated or corrupted?): "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        except Exception as e:  # the restricted unpickler's UnpicklingError; its specific reason follows a preamble
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line or "Can only" in line),
+                          lines[0] if lines else type(e).__name__)
+            raise CheckpointError(f"{path}: refusing to load: torch's weights_only unpickler refused it: "
+                                  f"{reason.strip()}") from None
 
 
 def read_checkpoint(path):
@@ -210,19 +228,7 @@ def read_checkpoint(path):
         raise CheckpointError(f"{path}: no such file")
     if path.endswith(".safetensors"):
         return SafetensorsFile(path)
-    try:
-        obj = unpickle_ckpt(path)
-    except CheckpointError:
-        raise
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read this .ckpt (truncated or corrupted?): "
-                              f"{str(e).splitlines()[0]}") from None
-    except Exception as e:  # the restricted unpickler's UnpicklingError; its specific reason follows a preamble
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line or "Can only" in line),
-                      lines[0] if lines else type(e).__name__)
-        raise CheckpointError(f"{path}: refusing to load: torch's weights_only unpickler refused it: "
-                              f"{reason.strip()}") from None
+    obj = unpickle_ckpt(path)
     # Lightning/LDM training checkpoints wrap the weights: {"state_dict": {...}, "global_step": ...}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         extras = {k: v for k, v in obj.items() if k != "state_dict"}
@@ -246,6 +252,27 @@ def check_shapes(ours, shapes, what, cfg):
             raise ValueError(f"missing {what} key {k!r}")
         if tuple(ours[k].shape) != tuple(shape):
             raise ValueError(f"{what} key {k!r} has shape {tuple(ours[k].shape)}, expected {tuple(shape)} for {cfg}")
+
+
+def umask():
+    """The process's umask, read without changing it (Linux: /proc; elsewhere set and put back at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def temp_file_beside(path, prefix=None, suffix=".tmp"):
+    """(fd, name) of a new temporary file in `path`'s folder, for a write that is then renamed over `path`: a
+    unique name (two writers never share one), and the permissions a plain open() would give `path` (mkstemp's
+    0600 is for secrets; images, models and checkpoints are shared like any file the user writes)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}." if prefix is None else prefix, suffix=suffix)
+    os.fchmod(fd, 0o666 & ~umask())
+    return fd, tmp
 
 
 def write_safetensors(path, tensors, metadata=None):

@@ -19,7 +19,6 @@ with `draw_pose`, so a pose can be edited by hand or taken from another tool.
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from weights_convert.io import check_shapes, read_checkpoint   # the project's safe reader (weights-only unpickler)
+from weights_convert.io import check_shapes, read_checkpoint, temp_file_beside   # the project's safe reader (weights-only unpickler)
 
 from ..download import fetch_file
 from .opencv import ellipse2poly, fill_circle, fill_convex_poly, resize
@@ -461,8 +460,7 @@ def read_keypoints(path, width: int | None = None, height: int | None = None) ->
 
 def write_keypoints(path, keypoints: Keypoints) -> None:
     """Write keypoints as OpenPose JSON, atomically (a temporary file beside it, then renamed)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".keypoints-", suffix=".json.tmp")
+    fd, tmp = temp_file_beside(path, prefix=".keypoints-", suffix=".json.tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(keypoints_to_json(keypoints), f)

@@ -10,16 +10,18 @@ the parsing of every command lives in this package:
 
 An error minisd raises on purpose (a ValueError, a missing file, a bad checkpoint, a failed download) carries a
 message for the user: it ends the command as one line, `minisd: error: ...`, with exit status 2, never a
-traceback. Under torchrun, a process whose peer died ends with status 3 (distributed.PeerLost).
+traceback; Ctrl-C is one line too, with status 130 (128 + SIGINT). Under torchrun, a process whose peer died
+ends with status 3 (distributed.PeerLost).
 """
 import argparse
 import sys
 
 from weights_convert.io import CheckpointError
 
-from .. import distributed
+from .. import __version__, distributed
 from ..download import DownloadError
 from . import caption, generate, inpaint, serve, tools, train
+from .help import DefaultsFormatter
 
 # name: (what it does, adds its flags to its parser, runs it: returns an exit status, or None for 0)
 COMMANDS = {
@@ -56,9 +58,11 @@ USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, CheckpointError, 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="minisd", description="Stable Diffusion 1.5 / 2.1, readable.")
+    parser.add_argument("--version", action="version", version=f"minisd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (what, add_flags, _) in COMMANDS.items():
-        add_flags(sub.add_parser(name, help=what.split(";")[0], description=what))
+        add_flags(sub.add_parser(name, help=what.split(";")[0], description=what,
+                                 formatter_class=DefaultsFormatter))
     return parser
 
 
@@ -69,6 +73,9 @@ def main(argv=None):
     except USER_ERRORS as e:
         print(f"minisd: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                  # Ctrl-C outside a training loop (which stops after its step instead)
+        print("minisd: interrupted", file=sys.stderr)
+        return 130
     except distributed.PeerLost as e:          # under torchrun: another process of the job died
         print(f"minisd: error: {e}", file=sys.stderr)
         return 3

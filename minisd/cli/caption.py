@@ -9,10 +9,11 @@ caption is decoded before the model loads, so a bad file is a one-line error bef
 """
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
+
+from weights_convert.io import temp_file_beside
 
 from ..caption import load, resolve
 from ..download import FOLDERS
@@ -130,7 +131,7 @@ def write_metadata(paths, texts):
 
 
 def write_atomic(path, text):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

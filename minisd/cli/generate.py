@@ -15,6 +15,7 @@ import os
 import random
 import time
 
+import torch
 from PIL import Image
 
 from .. import eval as evaluation
@@ -54,6 +55,9 @@ def add_generation_flags(p, size=True):
                    help="torch.compile the U-Net (slow first step, faster after; best on CUDA)")
     m.add_argument("--cuda-graph", action="store_true",
                    help="CUDA only: replay the U-Net step as a CUDA graph (removes Python launch overhead)")
+    m.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; default: 1 for the tiny built-in model (its layers are too small to "
+                        "share: on a busy 2-core machine 2 threads took 11x one thread's time), else torch's")
     m.add_argument("--no-prepack", action="store_true", help="CPU: plain layers, no oneDNN-prepared ones (whose "
                    "choice is measured per run and changes the last bits): the same bytes in every run")
     g = p.add_argument_group("generation")
@@ -73,7 +77,7 @@ def add_generation_flags(p, size=True):
     g.add_argument("--s-noise", type=float, default=None, help="scale of the churn noise (default 1)")
     g.add_argument("--emphasis", action="store_true", help="A1111 prompt weights: (word), (word:1.3), [word]")
     g.add_argument("--seed", type=int, default=None,
-                   help="image k uses seed SEED + k (default: %(default)s, where None is a random seed, printed)")
+                   help="image k uses seed SEED + k; -1 or none: a random seed, printed and recorded (A1111)")
     g.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=1,
                    help="images per sampling run, each equal to its seed generated alone (default %(default)s)")
     if size:
@@ -83,14 +87,18 @@ def add_generation_flags(p, size=True):
 
 def generation_kwargs(args):
     """The keyword arguments of Pipeline.generate / img2img from the flags, but the prompt and seeds. The
-    sampling settings are checked here (samplers.check), before any model loads."""
+    sampling settings, batch size and seed are checked here (samplers.check), before any model loads."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.seed is not None and args.seed < -1:
+        raise ValueError(f"--seed must be >= 0, or -1 for a random seed; got {args.seed}")
     churn = {k: getattr(args, k) for k in samplers.CHURN_DEFAULTS if getattr(args, k) is not None}
     s = samplers.check(args.sampler or DEFAULT_SAMPLER, args.schedule,
                        DEFAULT_STEPS if args.steps is None else args.steps, args.eta, churn)
     cfg = DEFAULT_CFG if args.cfg is None else args.cfg
     kwargs = dict(negative_prompt=args.negative_prompt, steps=s.steps, cfg=cfg, sampler=s.sampler,
                   schedule=s.schedule, eta=s.eta, churn=s.churn, emphasis=args.emphasis)
-    if "width" in args:
+    if "width" in args and args.command != "img2img":     # img2img's --width/--height resize the init image
         kwargs.update(width=args.width, height=args.height)
     return kwargs
 
@@ -98,11 +106,17 @@ def generation_kwargs(args):
 def load_pipeline(args, device=None, log=print, progress=False):
     """The Pipeline the flags ask for: the model on --device (or `device`) in --dtype, with its speed paths and
     memory options, textual-inversion embeddings and LoRAs."""
+    if args.threads or args.model is None:
+        torch.set_num_threads(args.threads or 1)
+    loras = [lora.parse_spec(spec) for spec in args.lora]       # a bad scale or a missing file: before the load
+    for path, _ in loras:
+        if not os.path.isfile(path):
+            raise ValueError(f"--lora {path}: no such LoRA file")
     pipe = Pipeline.load(args.model, args.prediction, device or args.device, args.dtype, log=log, progress=progress,
                          compile=args.compile, cuda_graph=args.cuda_graph, prepack=not args.no_prepack)
     pipe.set_memory_options(args.attention_slice, args.vae_tile)
     pipe.load_embeddings(args.embedding, args.embeddings_dir)
-    pipe.set_loras([lora.parse_spec(spec) for spec in args.lora])
+    pipe.set_loras(loras)
     pipe.lora_dir = args.lora_dir
     return pipe
 
@@ -128,8 +142,6 @@ def _add_eval(p):
     p.add_argument("--inception-weights", metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth (fid, is)")
     p.add_argument("--clip-weights", metavar="FILE", help="CLIP ViT-L/14 weights (clip)")
     p.add_argument("--metrics-batch", type=int, default=50, help="images per feature-network call")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 is fastest for the tiny model on a busy machine)")
 
 
 def add_control_flags(p):
@@ -175,6 +187,18 @@ def _per_control(args, flag, default):
     return values
 
 
+def read_image(path, flag):
+    """The image file a flag names, read now (so a bad one fails before any model loads), or one clear line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path}: no such file")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{flag} {path}: cannot read it as an image ({e.__class__.__name__})") from None
+    return image
+
+
 def control_settings(args):
     """The ControlNet settings of the flags, checked (and the images read) before any model loads:
     [(file, image, preprocess, scale, start, end)]."""
@@ -191,12 +215,7 @@ def control_settings(args):
             raise ValueError(f"--controlnet {file}: no such file or folder")
         if not 0.0 <= start < end <= 1.0:
             raise ValueError(f"--control-start {start} and --control-end {end}: need 0 <= start < end <= 1")
-        try:
-            image = Image.open(path)
-            image.load()
-        except (OSError, Image.DecompressionBombError) as e:
-            raise ValueError(f"--control-image {path}: cannot read it as an image ({e.__class__.__name__})") from None
-        settings.append((file, image, pre, scale, start, end))
+        settings.append((file, read_image(path, "--control-image"), pre, scale, start, end))
     return settings
 
 
@@ -228,6 +247,32 @@ def legacy_hash(path):
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
+def addnet_hash(path):
+    """A1111's short hash of a LoRA file (modules/hashes.py, addnet_hash_safetensors): the first 12 hex digits of
+    sha256 over a .safetensors file's tensor bytes (after its header, so editing the metadata keeps it), or over
+    the whole file for other formats."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if path.endswith(".safetensors"):
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def recorded_prompt(args):
+    """(the prompt as the PNG records it, its fields) with the --lora files written as A1111 writes the LoRAs it
+    used: <lora:NAME:SCALE> in the prompt text and "Lora hashes", so that the PNG alone says how to remake it."""
+    loras = [lora.parse_spec(spec) for spec in args.lora]
+    if not loras:
+        return args.prompt, {}
+    names = [(os.path.splitext(os.path.basename(path))[0], path, scale) for path, scale in loras]
+    tags = " ".join(f"<lora:{name}:{scale:g}>" for name, _, scale in names)
+    hashes = ", ".join(f"{name}: {addnet_hash(path)}" for name, path, _ in names)
+    return f"{args.prompt} {tags}".strip(), {"Lora hashes": hashes}
+
+
 def load_controls(args, settings, pipe):
     """(controls for the Pipeline, their A1111 infotext fields {"ControlNet i": "Module: ..., Model: ..."})."""
     controls, fields = [], {}
@@ -254,8 +299,13 @@ def add_img2img(p):
     _add_output(p)
     add_generation_flags(p, size=False)
     p.add_argument("--init-image", required=True, help="the starting image (any mode; resized to a multiple of 8)")
-    p.add_argument("--strength", type=float, required=True,
-                   help="0..1: how much noise is added, i.e. how many of the steps run (int(steps * strength))")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="0..1: how much noise is added, i.e. how many of the steps run (int(steps * strength)); "
+                        "default %(default)s, as A1111 and diffusers")
+    p.add_argument("--width", type=int, default=None,
+                   help="resize the init image to this width first (Lanczos, A1111's 'Just resize'); default: its own")
+    p.add_argument("--height", type=int, default=None,
+                   help="resize the init image to this height first; default: its own")
     add_control_flags(p)
 
 
@@ -281,22 +331,30 @@ def start_run(args):
     settings = control_settings(args)       # the control images are read before the model loads
     pipe = load_pipeline(args, progress=True)
     controls, control_fields = load_controls(args, settings, pipe)
-    seed = random.randrange(2 ** 32) if args.seed is None else args.seed
+    seed = random.randrange(2 ** 32) if args.seed in (None, -1) else args.seed      # -1: A1111's "random"
     print(f"seed {seed}")
     seeds = [seed + b for b in range(args.batch_size)]
     return pipe, controls, control_fields, seeds, output_paths(args.out, seeds, overwrite=args.overwrite)
 
 
+def resize_init(image, width, height):
+    """The init image at --width x --height (each defaults to the image's own), as A1111's 'Just resize' and
+    diffusers' image processor do: a Lanczos resize that ignores the aspect ratio."""
+    for flag, value in (("--width", width), ("--height", height)):
+        if value is not None and (value <= 0 or value % 8):
+            raise ValueError(f"{flag} must be a positive multiple of 8, got {value}")
+    size = (width or image.width, height or image.height)
+    return image if size == image.size else image.convert("RGB").resize(size, Image.LANCZOS)
+
+
 def run_generate(args):
     """minisd generate / img2img."""
     kwargs = generation_kwargs(args)            # a bad sampler, schedule, eta or churn fails before the model loads
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     init = None
     if args.command == "img2img":
         if not 0.0 <= args.strength <= 1.0:
             raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
-        init = Image.open(args.init_image)
+        init = resize_init(read_image(args.init_image, "--init-image"), args.width, args.height)
         from_pil(init, log=lambda *_: None)
     pipe, controls, control_fields, seeds, paths = start_run(args)
     callback = _step_saver(pipe, args.save_steps) if args.save_steps else None
@@ -307,11 +365,13 @@ def run_generate(args):
         result = pipe.img2img(args.prompt, init, args.strength, seed=seeds, callback=callback, controls=controls,
                               **kwargs)
     width, height = result.images[0].size
+    prompt, lora_fields = recorded_prompt(args)
     extra = dict(control_fields)
     if args.command == "img2img":
         extra["denoising_strength"] = args.strength
+    extra.update(lora_fields)
     for b, (image, path, image_seed) in enumerate(zip(result.images, paths, result.seeds)):
-        params = a1111_parameters(args.prompt, args.negative_prompt, kwargs["steps"],
+        params = a1111_parameters(prompt, args.negative_prompt, kwargs["steps"],
                                   samplers.display_name(result.sampler), kwargs["cfg"], image_seed, width, height,
                                   pipe.name, schedule_type=result.schedule.capitalize(),
                                   batch_pos=b if len(seeds) > 1 else None, **extra)

@@ -11,11 +11,12 @@ its own). The PNG's `parameters` hold the mask settings under A1111's labels ("M
 """
 import time
 
-from PIL import Image, ImageChops
+from PIL import ImageChops
 
 from .. import inpaint, samplers
 from ..images import a1111_parameters, save_png
-from .generate import _add_output, _step_saver, add_control_flags, add_generation_flags, generation_kwargs, start_run
+from .generate import (_add_output, _step_saver, add_control_flags, add_generation_flags, generation_kwargs,
+                       read_image, recorded_prompt, start_run)
 
 # A1111's words for the masked content modes in its infotext
 def _add_mask_flags(p, masked_content):
@@ -64,8 +65,8 @@ def add_outpaint(p):
 def _picture_and_mask(args):
     """The picture and mask Pipeline.inpaint gets: as given (inpaint), or the extended canvas and its new area
     (outpaint; with --mask, that mask's white too)."""
-    image = Image.open(args.init_image)
-    mask = Image.open(args.mask) if args.mask else None
+    image = read_image(args.init_image, "--init-image")
+    mask = read_image(args.mask, "--mask") if args.mask else None
     if args.command == "inpaint":
         return image, mask
     canvas, new_area = inpaint.extend(image, **inpaint.parse_extend(args.extend))
@@ -80,8 +81,6 @@ def _picture_and_mask(args):
 def run_inpaint(args):
     """minisd inpaint / outpaint."""
     kwargs = generation_kwargs(args)            # a bad sampler, schedule, eta or churn fails before the model loads
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if not 0.0 < args.strength <= 1.0:
         raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
     if args.mask_blur < 0 or args.padding < 0:
@@ -97,11 +96,13 @@ def run_inpaint(args):
     width, height = result.images[0].size
     mask_fields = inpaint.mask_parameters(args.strength, args.mask_blur, args.invert_mask, args.masked_content,
                                           args.only_masked, args.padding)
+    prompt, lora_fields = recorded_prompt(args)
     for b, (image, path, image_seed) in enumerate(zip(result.images, paths, result.seeds)):
-        params = a1111_parameters(args.prompt, args.negative_prompt, kwargs["steps"],
+        params = a1111_parameters(prompt, args.negative_prompt, kwargs["steps"],
                                   samplers.display_name(result.sampler), kwargs["cfg"], image_seed, width, height,
                                   pipe.name, schedule_type=result.schedule.capitalize(),
-                                  batch_pos=b if len(seeds) > 1 else None, **mask_fields, **control_fields)
+                                  batch_pos=b if len(seeds) > 1 else None, **mask_fields, **control_fields,
+                                  **lora_fields)
         save_png(image, path, params, overwrite=args.overwrite)
         print(f"wrote {path}")
     print(f"{len(result.images)} image(s) in {time.time() - t0:.1f} s on {pipe.device} ({pipe.dtype})")

@@ -15,6 +15,7 @@ from .. import distributed, sweep
 from ..train import (dreambooth, finetune, lora, loop, report, run, textual_inversion, tiny, tiny_captioner,
                      tiny_features)
 from ..train.settings import SAVE_FORMATS, SCHEDULERS
+from .help import DefaultsFormatter
 
 METHODS = {"finetune": finetune, "dreambooth": dreambooth, "textual-inversion": textual_inversion, "lora": lora}
 
@@ -41,7 +42,11 @@ NOT_SUPPORTED = {
 
 class TrainParser(argparse.ArgumentParser):
     """The parser of `minisd train METHOD`: diffusers' spellings are read as ours (DIFFUSERS_NAMES, underscores),
-    and a flag it does not know is one line naming it (with why, for NOT_SUPPORTED), not the usage text."""
+    and a flag it does not know is one line naming it (with why, for NOT_SUPPORTED), not the usage text. Its help
+    shows each flag's default."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=DefaultsFormatter, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
         given = sys.argv[1:] if args is None else args
@@ -51,7 +56,7 @@ class TrainParser(argparse.ArgumentParser):
         for a in rest:
             if a.startswith("--"):
                 flag = a.split("=", 1)[0]
-                why = NOT_SUPPORTED.get(flag, "minisd train has no such flag (minisd train METHOD --help lists them)")
+                why = NOT_SUPPORTED.get(flag, f"{self.prog} has no such flag ({self.prog} --help lists them)")
                 self.exit(2, f"minisd: error: {spelled[a].split('=', 1)[0]} is not supported: {why}\n")
         return namespace, rest
 
@@ -68,10 +73,11 @@ def ours(arg):
     return DIFFUSERS_NAMES.get(flag, flag) + eq + value
 
 
-def _common(p, d, save_formats=SAVE_FORMATS):
-    """The flags of settings.TrainSettings, with the defaults of `d`, the method's config."""
-    p.add_argument("--out", required=True, help="run folder: model.safetensors, train_log.jsonl, checkpoints/, "
-                                                "samples/, args.json")
+def _common(p, d, save_formats=SAVE_FORMATS, writes="model.safetensors"):
+    """The flags of settings.TrainSettings, with the defaults of `d`, the method's config; `writes`: what the
+    method writes into --out; save_formats None: it has one way to save (no --save-format)."""
+    p.add_argument("--out", required=True, help=f"run folder: {writes}, train_log.jsonl, checkpoints/, samples/, "
+                                                "args.json")
     p.add_argument("--model", default=None, help="file, diffusers folder, sd15 | sd21 | sd21-base; default: tiny")
     p.add_argument("--resolution", type=int, default=None, help="training side in pixels (default: the model's)")
     p.add_argument("--train-batch-size", type=int, default=d.train_batch_size)
@@ -112,7 +118,8 @@ def _common(p, d, save_formats=SAVE_FORMATS):
     p.add_argument("--center-crop", action="store_true", help="centre crops (default: random crops)")
     p.add_argument("--random-flip", action="store_true", default=d.random_flip)
     p.add_argument("--cache-latents", action="store_true", help="encode each image once (needs --center-crop)")
-    p.add_argument("--checkpointing-steps", type=int, default=d.checkpointing_steps)
+    p.add_argument("--checkpointing-steps", type=int, default=d.checkpointing_steps,
+                   help="write the resumable checkpoint every N steps, and always at the last step")
     p.add_argument("--checkpoints-total-limit", type=int, default=None,
                    help="resumable checkpoints kept in OUT/checkpoints/ (default: the latest only)")
     p.add_argument("--save-model-steps", type=int, default=None, metavar="N",
@@ -130,7 +137,8 @@ def _common(p, d, save_formats=SAVE_FORMATS):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is fastest for the tiny model on a busy machine)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/checkpoints/")
-    p.add_argument("--save-format", default=d.save_format, choices=save_formats)
+    if save_formats:
+        p.add_argument("--save-format", default=d.save_format, choices=save_formats)
     g = p.add_argument_group("data folders and captions (kohya-ss/sd-scripts' names)")
     g.add_argument("--caption-extension", default=d.caption_extension,
                    help="caption files beside the images: NAME%(default)s (kohya's other name: .caption)")
@@ -180,7 +188,7 @@ def add_train(parser):
                    help="template prompts for images without captions")
     t.add_argument("--no-scale-lr", action="store_false", dest="scale_lr", help="(--scale-lr is on by default)")
     t.add_argument("--no-random-flip", action="store_false", dest="random_flip", help="(flips are on by default)")
-    _common(t, d)
+    _common(t, d, None, "learned_embeds.safetensors (diffusers) and TOKEN.safetensors (A1111)")
     r = sub.add_parser("lora", help="a LoRA (low-rank change of the weights), on captioned images or DreamBooth's")
     d = lora.LoRAConfig(out="")
     r.add_argument("--data", default=None, help="images with captions, as for finetune; or --dataset-name or "
@@ -194,7 +202,7 @@ def add_train(parser):
     r.add_argument("--lora-targets", default=d.lora_targets,
                    help="default: kohya's (the U-Net transformers' Linear / 1x1 conv layers, the text encoder's "
                         "attention and MLP); attention: diffusers' (q, k, v, out)")
-    _common(r, d, lora.SAVE_FORMATS)
+    _common(r, d, lora.SAVE_FORMATS, "OUT_NAME.safetensors (kohya) or pytorch_lora_weights.safetensors (diffusers)")
 
 
 def _dataset_flags(p, d, caption_default="(default: %(default)s)"):
@@ -242,7 +250,7 @@ def run_train(args):
         torch.set_num_threads(args.threads)
     try:
         run(config_from_args(args))            # minisd.train.run: the Python API's run
-    except loop.Stopped as e:       # SIGTERM / SIGUSR1 (SLURM): a checkpoint is written; the conventional status
+    except loop.Stopped as e:       # SIGTERM / SIGUSR1 (SLURM), Ctrl-C: a checkpoint is written; the conventional status
         if distributed.is_main():
             print(f"minisd: {e}", file=sys.stderr)
         return 128 + e.signum

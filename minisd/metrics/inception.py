@@ -263,14 +263,7 @@ def load_inception(path=None, download=True, device="cpu") -> InceptionV3:
     """The FID Inception in eval mode. `path` (`--inception-weights FILE`) if given; else pytorch-fid's cached
     file if present; else minisd's cache, fetched there first when `download` is set (and refused unless its
     SHA-256 starts with SHA256_PREFIX)."""
-    if path is None:
-        candidates = [default_weights_path(), cache_dir() / FILENAME]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            path = _fetch(cache_dir() / FILENAME, candidates, download)
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"Inception weights file {path} does not exist")
+    path = weights_file(path, download)
     try:
         if path.suffix == ".safetensors":
             state_dict = load_file(path)
@@ -281,6 +274,20 @@ def load_inception(path=None, download=True, device="cpu") -> InceptionV3:
     model = InceptionV3()
     model.load_state_dict(from_pytorch_fid(state_dict))
     return model.eval().requires_grad_(False).to(device)
+
+
+def weights_file(path=None, download=True) -> Path:
+    """The Inception weights file load_inception reads (fetched first if it must be): what `minisd eval` checks
+    before its first image, so that a missing file is not learnt after hours of generating."""
+    if path is None:
+        candidates = [default_weights_path(), cache_dir() / FILENAME]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            path = _fetch(cache_dir() / FILENAME, candidates, download)
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Inception weights file {path} does not exist")
+    return path
 
 
 def _fetch(path, candidates, download):

@@ -219,7 +219,8 @@ def _read_folder(folder, names, fallback_caption, repeats, caption_extension, ba
         examples.append(Example(path, caption, repeats, size))
     if missing:
         raise ValueError(f"{len(missing)} images in {folder} have no caption (first: {missing[0]}); add "
-                         f"NAME{caption_extension} or {METADATA} lines, or give a prompt")
+                         f"NAME{caption_extension} or {METADATA} lines, or put them in a subfolder named N_prompt (kohya's "
+                         "layout: the prompt is their caption)")
     if both:
         log(f"{both} images in {folder} have both a {caption_extension} caption and a {METADATA} line; using the "
             f"{caption_extension}")

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +36,7 @@ from weights_convert import detect, diffusers, ldm, native
 from weights_convert.io import write_safetensors
 
 from .. import distributed, lora
+from ..folder_lock import folder_lock
 from . import buckets, report
 from ..convert import vocab_files
 from ..diffusion import alphas_cumprod_from_betas, scaled_linear_betas
@@ -73,8 +75,14 @@ def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
     use in place of the model's own parameters (LoRA: W + (alpha / r) up down from the trainable factors).
 
     Under torchrun each process joins the job (distributed.setup), trains on its share of every batch
-    (batches.py) and rank 0 alone writes files; the others return the same path once it is written."""
+    (batches.py) and rank 0 alone writes files; the others return the same path once it is written. Rank 0 holds
+    the run folder's lock (folder_lock.py) throughout: a second run into the same --out is refused."""
     device = distributed.setup(cfg.device)         # under torchrun: this process's device, the job joined
+    with folder_lock(cfg.out, "training run") if distributed.is_main() else nullcontext():
+        return _fit(cfg, method, prepare, device, draws, log)
+
+
+def _fit(cfg: TrainSettings, method, prepare, device, draws, log):
     log = distributed.main_only(log)
     model, source = load(cfg, device, log)
     resolution = cfg.resolution or model.config.image_size

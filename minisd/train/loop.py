@@ -30,7 +30,7 @@ process resumes from the same checkpoint file (so --out must be on a file system
 
 What a run does when something goes wrong (a cluster's run is stopped, a step diverges, the disk fills):
   - SIGTERM or SIGUSR1 (what SLURM sends before a time limit or a preemption; torchrun passes SIGTERM on to its
-    workers): the step under way finishes, a checkpoint is written, and `Stopped` is raised, which the command
+    workers), or SIGINT (Ctrl-C; a second Ctrl-C stops at once): the step under way finishes, a checkpoint is written, and `Stopped` is raised, which the command
     line turns into one line naming --resume and an exit status of 128 + the signal's number. Under torchrun the
     processes agree on the stop once per step (one small all-reduce), so all of them stop after the same step,
     whichever got the signal. Resumed, the run continues as if never stopped (the module's first paragraph).
@@ -47,13 +47,14 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from weights_convert.io import temp_file_beside
 
 from .. import distributed
 from .lr import learning_rate
@@ -135,7 +136,7 @@ class NonFiniteLoss(ValueError):
 
 
 class Stopped(Exception):
-    """The run stopped on a signal (SIGTERM, SIGUSR1) after a whole step and a checkpoint."""
+    """The run stopped on a signal (SIGTERM, SIGUSR1, SIGINT) after a whole step and a checkpoint."""
 
     def __init__(self, signum, step, checkpoint):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
@@ -147,7 +148,7 @@ def atomic_write(path, write):
     """write(tmp) into a fresh temporary file in the same folder, then rename it over `path`: a reader (or a crash)
     sees the old file or the new one, never half of one, and two writers never share a temporary name. A failed
     write (OSError: disk full, ...) removes the temporary file and raises WriteFailed: `path` is as it was."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    fd, tmp = temp_file_beside(path, prefix="tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -166,15 +167,18 @@ def atomic_save(obj, path):
 
 
 @contextmanager
-def stop_signals(signals=(signal.SIGTERM, signal.SIGUSR1)):
-    """While open, SIGTERM and SIGUSR1 set box[0] to the signal's number instead of ending the process (only in
-    the main thread, where Python can install handlers); the previous handlers are put back after."""
+def stop_signals(signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
+    """While open, SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) set box[0] to the signal's number instead of ending the
+    process (only in the main thread, where Python can install handlers); the previous handlers are put back
+    after. A second Ctrl-C is the user insisting: KeyboardInterrupt at once, the last checkpoint as it was."""
     box = [0]
     if threading.current_thread() is not threading.main_thread():
         yield box
         return
 
     def handler(signum, frame):
+        if signum == signal.SIGINT and box[0] == signal.SIGINT:
+            raise KeyboardInterrupt
         box[0] = signum
     previous = {s: signal.signal(s, handler) for s in signals}
     try:
@@ -328,6 +332,7 @@ def train(module, trainable: dict, loss_fn, cfg: TrainConfig, out_dir, name, on_
             if saved is not None:
                 keep_newest_checkpoints(ckpt_path, saved, cfg.keep_checkpoints)
             atomic_save(state, ckpt_path)
+            log(f"checkpoint of step {step} written: {ckpt_path}")
         saved = step
 
     module.train()

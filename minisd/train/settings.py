@@ -106,6 +106,8 @@ def check(cfg: TrainSettings, save_formats=SAVE_FORMATS):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.adam_epsilon > 0:
         raise ValueError(f"--adam-epsilon must be > 0, got {cfg.adam_epsilon}")
+    if not cfg.learning_rate > 0:
+        raise ValueError(f"--learning-rate must be > 0, got {cfg.learning_rate}")
     if cfg.unet_lr is not None and not cfg.unet_lr > 0:
         raise ValueError(f"--unet-lr must be > 0, got {cfg.unet_lr}")
     if cfg.text_encoder_lr is not None:

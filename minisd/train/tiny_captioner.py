@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from weights_convert.io import umask
+
 from ..caption.blip import Blip, BlipConfig, TextConfig, load_blip
 from ..caption.preprocess import ImageProcessor
 from ..caption.vit import ViTConfig
@@ -201,7 +203,7 @@ def write_folder(model: Blip, folder):
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.new."))
-    tmp.chmod(0o755)                                                # mkdtemp's 0700 is for secrets; this is not
+    tmp.chmod(0o777 & ~umask())                                     # mkdtemp's 0700 is for secrets; this is not
     weights = {k: v.detach().float().contiguous() for k, v in to_transformers(model.state_dict(), model.cfg).items()}
     save_file(weights, tmp / "model.safetensors", {"format": "pt"})   # transformers refuses files without it
     (tmp / "model.safetensors").chmod(0o644)
