@@ -250,7 +250,7 @@ def run_train(args):
         torch.set_num_threads(args.threads)
     try:
         run(config_from_args(args))            # minisd.train.run: the Python API's run
-    except loop.Stopped as e:       # SIGTERM / SIGUSR1 (SLURM), Ctrl-C: a checkpoint is written; the conventional status
+    except loop.Stopped as e:       # SIGTERM, SIGUSR1 (SLURM), Ctrl-C: a checkpoint is written; the usual status
         if distributed.is_main():
             print(f"minisd: {e}", file=sys.stderr)
         return 128 + e.signum
