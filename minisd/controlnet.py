@@ -194,3 +194,4 @@ def load_controlnet(path, model_config: ModelConfig, dtype=torch.float32):
 def save_controlnet(net: ControlNet, path, layout="1.1"):
     """Write `net` as a ControlNet 1.1 (or 1.0) `.safetensors` file, or a diffusers folder (layout="diffusers")."""
     files.write({k: v.detach().contiguous() for k, v in net.state_dict().items()}, net.cfg, path, layout)
+

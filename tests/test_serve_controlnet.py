@@ -15,7 +15,7 @@ webuiapi = pytest.importorskip("webuiapi")
 pytest.importorskip("fastapi")
 
 from minisd.cli import main  # noqa: E402
-from minisd.cli.generate import legacy_hash  # noqa: E402
+from minisd.controls import legacy_hash  # noqa: E402
 from minisd.config import TINY, ControlNetConfig  # noqa: E402
 from minisd.controlnet import ControlNet, save_controlnet  # noqa: E402
 from minisd.pipeline import Pipeline  # noqa: E402

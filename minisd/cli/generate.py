@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from .. import eval as evaluation
-from .. import controlnet, lora, samplers, schedules
+from .. import lora, samplers, schedules
+from ..controls import load_control
 from ..images import a1111_parameters, from_pil, output_paths, save_png
 from ..metrics import fid
 from ..pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
@@ -219,34 +220,6 @@ def control_settings(args):
     return settings
 
 
-def preprocess_control(image, how, args):
-    """The condition image the ControlNet reads: the image itself, or its canny edges / openpose skeleton
-    (minisd/annotators, imported only when asked for)."""
-    if how == "none":
-        return image
-    try:
-        if how == "canny":
-            from ..annotators.canny import canny as annotate
-        else:
-            from ..annotators.openpose import openpose as annotate
-    except ImportError as e:
-        raise ValueError(f"--control-preprocess {how}: this minisd has no minisd/annotators/{how}.py ({e})") from None
-    if how == "canny":
-        return annotate(image, low=args.canny_low, high=args.canny_high)
-    return annotate(image, weights=args.openpose_weights)
-
-
-def legacy_hash(path):
-    """A1111's short model hash, which sd-webui-controlnet writes beside a ControlNet's name: the first 8 hex
-    digits of sha256 over the 64 KiB at offset 1 MiB of the file (a diffusers folder: of its weights file)."""
-    import hashlib
-    if os.path.isdir(path):
-        path = next(os.path.join(path, n) for n in os.listdir(path) if n.startswith("diffusion_pytorch_model"))
-    with open(path, "rb") as f:
-        f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-
-
 def addnet_hash(path):
     """A1111's short hash of a LoRA file (modules/hashes.py, addnet_hash_safetensors): the first 12 hex digits of
     sha256 over a .safetensors file's tensor bytes (after its header, so editing the metadata keeps it), or over
@@ -277,15 +250,10 @@ def load_controls(args, settings, pipe):
     """(controls for the Pipeline, their A1111 infotext fields {"ControlNet i": "Module: ..., Model: ..."})."""
     controls, fields = [], {}
     for i, (file, image, pre, scale, start, end) in enumerate(settings):
-        net = controlnet.load_controlnet(file, pipe.model.config)
-        controls.append(controlnet.Control(net, preprocess_control(image, pre, args), scale, start, end,
-                                           args.guess_mode))
-        name = os.path.splitext(os.path.basename(os.path.normpath(file)))[0]
-        thresholds = f"Threshold A: {args.canny_low}, Threshold B: {args.canny_high}, " if pre == "canny" else ""
-        mode = "ControlNet is more important" if args.guess_mode else "Balanced"
-        fields[f"ControlNet {i}"] = (f"Module: {pre}, Model: {name} [{legacy_hash(file)}], Weight: {scale:g}, "
-                                     f"Resize Mode: Just Resize, {thresholds}Guidance Start: {start:g}, "
-                                     f"Guidance End: {end:g}, Control Mode: {mode}")
+        control, fields[f"ControlNet {i}"] = load_control(
+            file, image, pre, scale, start, end, args.guess_mode, pipe.model.config, (args.canny_low, args.canny_high),
+            args.openpose_weights)
+        controls.append(control)
     return controls, fields
 
 

@@ -23,11 +23,10 @@ Every other field sd-webui-controlnet defines is accepted only at a value that c
 """
 import os
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 from PIL import Image
 
-from ..cli.generate import legacy_hash, load_controls
+from ..controls import legacy_hash, load_control
 from .a1111 import ANY, decode_image
 
 API_VERSION = 2             # what sd-webui-controlnet's /controlnet/version answers
@@ -95,7 +94,7 @@ def module_list():
 
 @dataclass
 class Unit:
-    """One enabled unit, read: the arguments of cli.generate.load_controls for one --controlnet."""
+    """One enabled unit, read: the arguments of controls.load_control for one --controlnet."""
     file: str
     image: Image.Image
     module: str
@@ -226,15 +225,14 @@ def _check_neutral(unit):
 
 
 def load_units(units, pipe, openpose_weights=None):
-    """The units as `minisd generate --controlnet` loads them (cli.generate.load_controls, one unit at a time so
-    each keeps its own guess mode and thresholds): (controls, their "ControlNet i" PNG fields)."""
+    """The units as `minisd generate --controlnet` loads them (controls.load_control, each with its own guess
+    mode and thresholds): (controls, their "ControlNet i" PNG fields)."""
     controls, fields = [], {}
     for i, u in enumerate(units):
-        flags = SimpleNamespace(guess_mode=u.guess_mode, canny_low=u.canny_low, canny_high=u.canny_high,
-                                openpose_weights=openpose_weights)
-        (control,), field = load_controls(flags, [(u.file, u.image, u.module, u.weight, u.start, u.end)], pipe)
+        control, fields[f"ControlNet {i}"] = load_control(u.file, u.image, u.module, u.weight, u.start, u.end,
+                                                          u.guess_mode, pipe.model.config, (u.canny_low, u.canny_high),
+                                                          openpose_weights)
         controls.append(control)
-        fields[f"ControlNet {i}"] = field["ControlNet 0"]
     return controls, fields
 
 
