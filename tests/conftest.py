@@ -1,6 +1,7 @@
 """Shared test setup. The reference libraries (diffusers, transformers, open_clip, k-diffusion, ldm) are used
 offline only: nothing downloads at test time."""
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -31,3 +32,42 @@ def pytest_collection_modifyitems(items):
     starts with one of them and then takes the rest, instead of a tutorial file starting last and finishing alone."""
     order = {"test_tutorials_training.py": 0, "test_tutorials.py": 1}
     items.sort(key=lambda item: order.get(item.path.name, 2))       # stable: the rest keeps its order
+
+
+# ---- disk: the suite writes full-size model files (GBs each); CI's disk is not large --------------------------
+# pytest keeps every tmp_path until the session ends, so without this the suite's peak disk is the sum of all its
+# files. A passed test's tmp_path is removed when it ends, and what a module's fixtures wrote under the basetemp
+# (tmp_path_factory.mktemp) when the module ends; a failed test's files stay, for reading.
+
+_failed_modules = set()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        item.stash[_FAILED] = True
+        _failed_modules.add(item.path)
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _remove_tmp_path_of_passed_test(request):
+    path = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if path is not None and not request.node.stash.get(_FAILED, False):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_module_files(request, tmp_path_factory):
+    """Set up before, so torn down after, the module's own fixtures: what they wrote is no longer read."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    if request.path not in _failed_modules:
+        for entry in set(base.iterdir()) - before:
+            shutil.rmtree(entry, ignore_errors=True)

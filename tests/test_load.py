@@ -315,7 +315,7 @@ def digests(named):
             for k, v in named.items()}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def full_size(tmp_path_factory):
     d = tmp_path_factory.mktemp("full")
     files = {}
