@@ -5,12 +5,16 @@
     images = pipe.generate(["a red circle on a blue background", "a cat"], seed=[1, 2])   # one image per pair
     images = pipe.img2img("a watercolour of a fox", init_image=Image.open("fox.png"), strength=0.6, seed=1)
     images = pipe.inpaint("a red hat", init_image=Image.open("me.png"), mask=Image.open("hat.png"), seed=1)
+    images = pipe.generate("a cat", seed=1, subseed=7, subseed_strength=0.2)    # a variation (variation.py)
+    images = pipe.generate("a cat", seed=1, hires=hires.Hires(scale=2, strength=0.6))   # hires fix (hires.py)
 
 The steps, each in the module that explains it:
   prompt -> tokens -> context            prompts.py (chunks, emphasis), tokenizer.py, clip.py
   seed -> initial latents (CPU randn)    samplers.noise_from: the same numbers on every device, and as diffusers
+                                         (variation.py: bent toward a variation seed's)
   latents -> denoised latents            samplers.py over diffusion.make_denoiser + diffusion.cfg_denoiser
   latents -> pixels                      vae.py
+  a second, larger pass (hires fix)      hires.py
   a mask around the loop (inpainting)    inpaint.py
 
 Noise convention (shared with samplers.py): one CPU torch.Generator seeded with `seed` draws, in this order,
@@ -33,8 +37,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from . import controlnet, diffusion, embeddings, fast, inpaint, lora, samplers
+from . import controlnet, diffusion, embeddings, fast, inpaint, lora, samplers, variation
 from .devices import pick_device, pick_dtype
+from .hires import LATENT_MODES, upscale_images, upscale_latents
 from .images import from_pil, to_pil, to_tensor
 from .model import load_model, locate
 from .prompts import apply_emphasis, parse_lora_tags, prompt_pair_tokens
@@ -51,6 +56,7 @@ class Result:
     seeds: list             # image b's seed (diffusers' batch: the one seed, once)
     sampler: str            # the sampler's key and the schedule it ran on
     schedule: str
+    subseeds: list = None   # image b's variation seed (None: no variation)
 
     @property
     def seed(self):
@@ -291,7 +297,8 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, prompt, negative_prompt="", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, sampler=DEFAULT_SAMPLER,
                  schedule=None, eta=None, seed=None, width=None, height=None, batch=1, emphasis=False,
-                 callback=None, rescale=0.0, churn=None, controls=()) -> Result:
+                 callback=None, rescale=0.0, churn=None, controls=(), subseed=None, subseed_strength=0.0,
+                 hires=None) -> Result:
         """txt2img.
 
         prompt and seed: one prompt and one seed (None draws a random one, returned in the Result and printed by
@@ -303,19 +310,28 @@ class Pipeline:
         churn: {"s_churn": ..., "s_tmin": ..., "s_tmax": ..., "s_noise": ...} for euler, heun and dpm2
         (Karras et al. 2022, Alg. 2; A1111's sampler settings), None for none.
         controls: [controlnet.Control(net, image, scale, start, end, guess_mode)], each ControlNet's residuals
-        added to the U-Net's (summed when there are several); see _controlled."""
+        added to the U-Net's (summed when there are several); see _controlled.
+        subseed, subseed_strength: a variation seed (variation.py): image b's starting noise is slerped toward
+        subseed + b's (a list: one per seed; None: a random one) by subseed_strength, 0 (none) to 1.
+        hires: a hires.Hires: the images generated at width x height, then upscaled and refined by a second
+        img2img pass at the larger size (A1111's hires fix, see hires.py)."""
         size = self.model.config.image_size
         width, height = width or size, height or size
         plan = self.plan(sampler, schedule, steps, eta, churn)
         self._check(cfg, width, height, batch)
         prompts, seeds, per_seed = _pairs(prompt, seed, batch)
+        subseeds = variation.subseeds_for(seeds, subseed, subseed_strength)
+        if hires is not None:
+            hires.check()
+            self._check(cfg, *hires.size(width, height, self.factor), batch)
         self._check_controls(controls)
 
         def one_at_a_time():
             runs = [self.generate(p, negative_prompt, steps, cfg, sampler, schedule, eta, s, width, height, 1,
-                                  emphasis, callback, rescale, churn, controls) for p, s in zip(prompts, seeds)]
+                                  emphasis, callback, rescale, churn, controls, subseeds and [subseeds[i]],
+                                  subseed_strength, hires) for i, (p, s) in enumerate(zip(prompts, seeds))]
             return Result([image for r in runs for image in r.images], torch.cat([r.latents for r in runs]), seeds,
-                          plan.sampler, plan.schedule)
+                          plan.sampler, plan.schedule, subseeds)
         if len({tuple(parse_lora_tags(p)[1]) for p in prompts}) > 1:
             return one_at_a_time()
         contexts = [self.encode_prompts(self._prompt_loras(p), negative_prompt, emphasis) for p in prompts]
@@ -324,17 +340,49 @@ class Pipeline:
         cond, uncond = torch.cat([c for c, _ in contexts]), torch.cat([u for _, u in contexts])   # (1 or B, L, C)
         shape = (per_seed, self.model.config.unet.in_channels, height // self.factor, width // self.factor)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        # drawn on the CPU: device-independent
-        x = torch.cat([torch.randn(shape, generator=g) for g in generators]) * plan.init_sigma   # (B, 4, H/8, W/8)
+        x = self._start_noise(generators, shape, subseeds, subseed_strength) * plan.init_sigma   # (B, 4, H/8, W/8)
         latents = self._sample(x.to(self.device, self.dtype), plan, cond, uncond, cfg,
                                self._noise(plan, seeds, generators, shape), callback, rescale,
                                self._controlled(controls, plan, width, height, x.shape[0]))
-        return Result(to_pil(self.decode(latents)), latents, seeds, plan.sampler, plan.schedule)
+        if hires is not None:
+            # the second pass's steps are numbered on after the first's (--save-steps keeps both)
+            later = callback and (lambda i, *a: callback(len(plan.sigmas) - 1 + i, *a))
+            latents = self._hires_pass(latents, hires, plan, steps, eta, churn, cond, uncond, cfg, seeds, per_seed,
+                                       subseeds, subseed_strength, later, rescale, controls, width, height)
+        return Result(to_pil(self.decode(latents)), latents, seeds, plan.sampler, plan.schedule, subseeds)
+
+    def _start_noise(self, generators, shape, subseeds, subseed_strength, before=None):
+        """The starting noise (B, C, H, W): each generator's draw of `shape` (on the CPU: device-independent), each
+        bent toward its variation seed's draw if there is one (variation.mix; `before`: the shape of the draw
+        the generators took first, which the variation seeds' generators take too)."""
+        noise = torch.cat([torch.randn(shape, generator=g) for g in generators])
+        return variation.mix(noise, subseeds, subseed_strength, shape, before)
+
+    def _hires_pass(self, latents, hires, plan, steps, eta, churn, cond, uncond, cfg, seeds, per_seed, subseeds,
+                    subseed_strength, callback, rescale, controls, width, height):
+        """The hires fix's second pass (hires.py) on the first pass's latents (B, 4, h, w) made at width x height:
+        upscaled, noised with the seeds' fresh noise at the new size, and sampled for the last of its steps."""
+        width, height = hires.size(width, height, self.factor)
+        total, run = hires.schedule(steps)
+        plan = self.plan(plan.sampler, plan.schedule, total, eta, churn).last(run)
+        shape = (per_seed, latents.shape[1], height // self.factor, width // self.factor)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        if hires.upscaler in LATENT_MODES:
+            x0, before = upscale_latents(latents, shape[-2:], hires.upscaler), None
+        else:   # decoded, resized, encoded again: the posterior sample is each generator's first draw
+            pixels = to_tensor(upscale_images(to_pil(self.decode(latents)), width, height))    # (B, 3, H, W)
+            x0 = torch.cat([self._encode(p, g) for p, g in zip(pixels.split(per_seed), generators)])
+            before = shape
+        noise = self._start_noise(generators, shape, subseeds, subseed_strength, before)
+        x = diffusion.add_noise(x0.to(self.device, self.dtype), noise.to(self.device, self.dtype),
+                                plan.sigmas[0].item())
+        return self._sample(x, plan, cond, uncond, cfg, self._noise(plan, seeds, generators, shape), callback,
+                            rescale, self._controlled(controls, plan, width, height, x.shape[0]))
 
     @torch.no_grad()
     def img2img(self, prompt, init_image, strength=0.75, negative_prompt="", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
                 sampler=DEFAULT_SAMPLER, schedule=None, eta=None, seed=None, batch=1, emphasis=False,
-                callback=None, rescale=0.0, churn=None, controls=()) -> Result:
+                callback=None, rescale=0.0, churn=None, controls=(), subseed=None, subseed_strength=0.0) -> Result:
         """img2img (SDEdit, Meng et al. 2022): encode the image, noise it to the level `strength` selects with the
         forward process, and run only the remaining steps.
 
@@ -348,37 +396,44 @@ class Pipeline:
         seed: one seed (None: a random one) draws all `batch` images from one generator, as diffusers does; a list
         of seeds makes one image per seed, each generated alone (one run per seed), as A1111's batch.
         controls: as generate's; the control images are resized to the init image's size.
+        subseed, subseed_strength: as generate's; they bend the forward-process noise. The VAE posterior sample
+        stays the seed's draw (A1111 takes it from its global RNG, not from any seed).
         """
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         if isinstance(seed, (list, tuple)):
             _, seeds, _ = _pairs(prompt, seed, batch)
+            subseeds = variation.subseeds_for(seeds, subseed, subseed_strength)
             runs = [self.img2img(prompt, init_image, strength, negative_prompt, steps, cfg, sampler, schedule, eta,
-                                 s, 1, emphasis, callback, rescale, churn, controls) for s in seeds]
+                                 s, 1, emphasis, callback, rescale, churn, controls, subseeds and [subseeds[i]],
+                                 subseed_strength) for i, s in enumerate(seeds)]
             latents = None if runs[0].latents is None else torch.cat([r.latents for r in runs])
-            return Result([r.images[0] for r in runs], latents, seeds, runs[0].sampler, runs[0].schedule)
+            return Result([r.images[0] for r in runs], latents, seeds, runs[0].sampler, runs[0].schedule, subseeds)
         image = from_pil(init_image, self.factor, log=self.log)     # (1, 3, H, W)
         height, width = image.shape[-2:]
         plan = self.plan(sampler, schedule, steps, eta, churn)
         self._check(cfg, width, height, batch)
         self._check_controls(controls)
         seed = random.randrange(2 ** 32) if seed is None else int(seed)
+        subseeds = variation.subseeds_for([seed], subseed, subseed_strength)
         run = min(int(steps * strength), steps)
         if run == 0:
             self.log(f"strength {strength} x {steps} steps rounds to 0 steps: returning the input image")
             pil = to_pil(image)[0]
-            return Result([pil] * batch, None, [seed], plan.sampler, plan.schedule)
+            return Result([pil] * batch, None, [seed], plan.sampler, plan.schedule, subseeds)
         generator = torch.Generator().manual_seed(seed)
         prompt = self._prompt_loras(prompt)
         cond, uncond = self.encode_prompts(prompt, negative_prompt, emphasis)
         plan = plan.last(run)
         x0 = self._encode(image, generator)                          # the posterior sample's draw, then ...
+        posterior = tuple(x0.shape)
         x0 = x0.expand(batch, -1, -1, -1)                            # one encoding serves the batch (diffusers)
-        noise = torch.randn(x0.shape, generator=generator)           # ... the forward-process noise
+        noise = self._start_noise([generator], tuple(x0.shape), subseeds, subseed_strength,
+                                  before=posterior)                  # ... the forward-process noise
         x = diffusion.add_noise(x0.to(self.dtype), noise.to(self.device, self.dtype), plan.sigmas[0].item())
         latents = self._sample(x, plan, cond, uncond, cfg, self._noise(plan, [seed], [generator], tuple(x.shape)),
                                callback, rescale, self._controlled(controls, plan, width, height, batch))
-        return Result(to_pil(self.decode(latents)), latents, [seed], plan.sampler, plan.schedule)
+        return Result(to_pil(self.decode(latents)), latents, [seed], plan.sampler, plan.schedule, subseeds)
 
     @torch.no_grad()
     def inpaint(self, prompt, init_image, mask, strength=1.0, negative_prompt="", steps=DEFAULT_STEPS,

@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from .. import eval as evaluation
-from .. import lora, samplers, schedules
+from .. import lora, samplers, schedules, variation
 from ..controls import load_control
+from ..hires import UPSCALERS, Hires
 from ..images import a1111_parameters, from_pil, output_paths, save_png
 from ..metrics import fid
 from ..pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
@@ -257,9 +258,47 @@ def load_controls(args, settings, pipe):
     return controls, fields
 
 
+def add_variation_flags(p):
+    v = p.add_argument_group("variation seed (A1111's; see variation.py)")
+    v.add_argument("--subseed", type=int, default=None,
+                   help="image k's starting noise is bent toward seed SUBSEED + k's; -1 or none: random, printed "
+                        "and recorded")
+    v.add_argument("--subseed-strength", type=float, default=0.0,
+                   help="how far: 0 (the seed's image, default) to 1 (the subseed's)")
+
+
+def add_hires_flags(p):
+    h = p.add_argument_group("hires fix (A1111's; see hires.py)")
+    h.add_argument("--enable-hr", action="store_true",
+                   help="generate at --width x --height, then upscale and refine with an img2img pass")
+    h.add_argument("--hr-scale", type=float, default=None, help="the upscale factor (turns it on; default 2)")
+    h.add_argument("--hr-upscaler", default=None, choices=UPSCALERS,
+                   help="latent (bilinear, A1111's 'Latent', default), latent-nearest, or lanczos (the decoded image)")
+    h.add_argument("--hr-denoising-strength", type=float, default=None,
+                   help="the second pass's strength (default 0.7)")
+    h.add_argument("--hr-steps", type=int, default=None,
+                   help="the second pass's steps, run exactly (A1111); 0 or none: --steps")
+
+
+def hires_settings(args):
+    """The hires fix the flags ask for (None: off), checked before any model loads."""
+    given = [flag for flag in ("hr_upscaler", "hr_denoising_strength", "hr_steps") if getattr(args, flag) is not None]
+    if not (args.enable_hr or args.hr_scale is not None):
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is a hires fix setting: add --enable-hr or --hr-scale")
+        return None
+    hires = Hires(scale=2.0 if args.hr_scale is None else args.hr_scale, upscaler=args.hr_upscaler or "latent",
+                  strength=0.7 if args.hr_denoising_strength is None else args.hr_denoising_strength,
+                  steps=args.hr_steps or 0)
+    hires.check()
+    return hires
+
+
 def add_generate(p):
     _add_output(p)
     add_generation_flags(p)
+    add_variation_flags(p)
+    add_hires_flags(p)
     add_control_flags(p)
 
 
@@ -274,6 +313,7 @@ def add_img2img(p):
                    help="resize the init image to this width first (Lanczos, A1111's 'Just resize'); default: its own")
     p.add_argument("--height", type=int, default=None,
                    help="resize the init image to this height first; default: its own")
+    add_variation_flags(p)
     add_control_flags(p)
 
 
@@ -318,6 +358,8 @@ def resize_init(image, width, height):
 def run_generate(args):
     """minisd generate / img2img."""
     kwargs = generation_kwargs(args)            # a bad sampler, schedule, eta or churn fails before the model loads
+    hires = hires_settings(args) if args.command == "generate" else None
+    variation.subseeds_for([0], args.subseed, args.subseed_strength)     # checked before the model loads
     init = None
     if args.command == "img2img":
         if not 0.0 <= args.strength <= 1.0:
@@ -326,19 +368,28 @@ def run_generate(args):
         from_pil(init, log=lambda *_: None)
     pipe, controls, control_fields, seeds, paths = start_run(args)
     callback = _step_saver(pipe, args.save_steps) if args.save_steps else None
+    subseeds = variation.subseeds_for(seeds, args.subseed, args.subseed_strength)   # -1: random, as A1111
+    if subseeds:
+        print(f"subseed {subseeds[0]}")
+    kwargs.update(subseed=subseeds, subseed_strength=args.subseed_strength)
     t0 = time.time()
     if args.command == "generate":
-        result = pipe.generate(args.prompt, seed=seeds, callback=callback, controls=controls, **kwargs)
+        result = pipe.generate(args.prompt, seed=seeds, callback=callback, controls=controls, hires=hires, **kwargs)
     else:
         result = pipe.img2img(args.prompt, init, args.strength, seed=seeds, callback=callback, controls=controls,
                               **kwargs)
     width, height = result.images[0].size
+    if hires:                                   # A1111 records the first pass's size
+        width, height = (v or pipe.model.config.image_size for v in (kwargs["width"], kwargs["height"]))
     prompt, lora_fields = recorded_prompt(args)
     extra = dict(control_fields)
     if args.command == "img2img":
         extra["denoising_strength"] = args.strength
     extra.update(lora_fields)
+    extra.update(hires.parameters(kwargs["steps"]) if hires else {})
     for b, (image, path, image_seed) in enumerate(zip(result.images, paths, result.seeds)):
+        if subseeds:
+            extra.update({"Variation seed": subseeds[b], "Variation seed strength": args.subseed_strength})
         params = a1111_parameters(prompt, args.negative_prompt, kwargs["steps"],
                                   samplers.display_name(result.sampler), kwargs["cfg"], image_seed, width, height,
                                   pipe.name, schedule_type=result.schedule.capitalize(),
