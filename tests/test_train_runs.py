@@ -1,11 +1,13 @@
 """Training runs as users manage them (issue 31): live curves (--report-to), snapshots and checkpoints kept, two
 learning rates and the optimizer flags, --num-train-epochs, and what a run does when it is stopped (SIGTERM,
-SIGUSR1), diverges (a non-finite loss) or cannot write (disk full).
+SIGUSR1), diverges (a non-finite loss) or cannot write (disk full, a diffusers folder included), and the example
+command lines of diffusers' READMEs, pasted and run.
 
 The command-line runs are on the tiny built-in model at 32 px, 3 steps, one thread; the loop's own behaviour is
 shown on a toy problem (tests/test_train.py's) in milliseconds. The two-group parity against diffusers is in
 test_finetune.py (it shares that file's model).
 """
+import dataclasses
 import errno
 import json
 import os
@@ -19,6 +21,7 @@ import torch
 
 from _train_refs import image_folder
 from minisd.cli import main
+from minisd.cli.train import NOT_SUPPORTED, ours
 from minisd.train import fit as fit_mod, loop
 from minisd.train.loop import NonFiniteLoss, Stopped, TrainConfig, WriteFailed, train
 from weights_convert import detect
@@ -84,22 +87,30 @@ def test_tensorboard_reads_back_every_logged_loss_and_rate_of_train_log(straight
     assert len({e["loss"] for e in log}) == 3
 
 
-def test_tensorboard_shows_the_validation_images_of_each_validation_step(straight):
+def _png(path_or_bytes):
+    import io
     from PIL import Image
-    images = _tensorboard(straight).Images("validation/0")
+    with Image.open(io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_tensorboard_shows_the_validation_images_of_each_validation_step(straight):
+    events = _tensorboard(straight)
+    images = events.Images("validation/0")
     assert [i.step for i in images] == [2, 3]
-    for i in images:
-        with Image.open(straight / "samples" / f"step-{i.step:06d}-0.png") as png:
-            assert (i.width, i.height) == png.size
+    for i in images:                     # PNG in the event file: the pixels of the sample, exactly
+        assert np.array_equal(_png(i.encoded_image_string), _png(straight / "samples" / f"step-{i.step:06d}-0.png"))
+    assert [e["step"] for e in _lines(straight / "train_log.jsonl") if "validation" in e] == [2]   # 3: result.json
 
 
-def _wandb_history(run_folder):
-    """The history rows ({key: value}) of an offline wandb run: its .wandb file is a LevelDB-style log (7-byte
-    file header; 32 KiB blocks of records with a 7-byte header: crc32, length, type 1 full / 2 first / 3 middle /
-    4 last) of wandb_internal_pb2.Record messages, read here with the client's own protobuf classes."""
+def _wandb_records(run_folder):
+    """The records of an offline wandb run, as (type, wandb_internal_pb2.Record): its .wandb file is a
+    LevelDB-style log (7-byte file header; 32 KiB blocks of records with a 7-byte header: crc32, length, type 1
+    full / 2 first / 3 middle / 4 last) of Record messages, read here with the client's own protobuf classes (the
+    client's Python reader, wandb.sdk.internal.datastore, is gone from wandb 0.2x's Go-core releases)."""
     from wandb.proto import wandb_internal_pb2
     (path,) = Path(run_folder).glob("run-*.wandb")
-    data, pos, part, rows = path.read_bytes(), 7, b"", []
+    data, pos, part, records = path.read_bytes(), 7, b"", []
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768
@@ -113,13 +124,26 @@ def _wandb_history(run_folder):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(part)
             part = b""
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
-    return rows
+            records.append((record.WhichOneof("record_type"), record))
+    return records
 
 
-def test_a_wandb_run_offline_holds_the_losses_of_train_log(tmp_path, data, monkeypatch):
+def _wandb_history(run_folder):
+    """The history rows ({key: value}) of an offline wandb run."""
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for kind, r in _wandb_records(run_folder) if kind == "history"]
+
+
+def _wandb_config(run_folder):
+    """The run's config as wandb.init got it (the run record), with later updates (config records)."""
+    config = {}
+    for kind, r in _wandb_records(run_folder):
+        for item in r.run.config.update if kind == "run" else r.config.update if kind == "config" else ():
+            config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return config
+
+
+def test_a_wandb_run_offline_holds_the_losses_the_images_and_the_config_of_the_run(tmp_path, data, monkeypatch):
     for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
                         "WANDB_CONFIG_DIR": tmp_path / "cfg", "WANDB_CACHE_DIR": tmp_path / "cache",
                         "WANDB_DATA_DIR": tmp_path / "data"}.items():
@@ -127,12 +151,25 @@ def test_a_wandb_run_offline_holds_the_losses_of_train_log(tmp_path, data, monke
     out = tmp_path / "run"
     assert main(["train", "finetune", "--data", str(data), "--out", str(out), "--resolution", "32",
                  "--max-train-steps", "2", "--device", "cpu", "--report-to", "wandb",
-                 "--tracker-project-name", "runs-test"]) == 0
+                 "--tracker-project-name", "runs-test", "--validation-prompt", "a red circle",
+                 "--validation-prompt", "a blue square", "--validation-steps", "1"]) == 0
     (folder,) = (out / "wandb").glob("offline-run-*")
-    history = [row for row in _wandb_history(folder) if "loss" in row]
+    history = _wandb_history(folder)
     log = [e for e in _lines(out / "train_log.jsonl") if "loss" in e]
-    assert [(row["_step"], row["loss"], row["lr"]) for row in history] == [(e["step"], e["loss"], e["lr"])
-                                                                           for e in log]
+    assert [(row["_step"], row["loss"], row["lr"]) for row in history if "loss" in row] == [
+        (e["step"], e["loss"], e["lr"]) for e in log]
+    # the validation images of steps 1 and 2 (the last), each prompt's with its caption, the samples' pixels
+    shown = [(row["_step"], row["validation/captions"], row["validation/filenames"]) for row in history
+             if "validation/filenames" in row]
+    assert [(step, captions) for step, captions, _ in shown] == [(1, ["a red circle", "a blue square"]),
+                                                                 (2, ["a red circle", "a blue square"])]
+    for step, _, files in shown:
+        for i, name in enumerate(files):
+            assert np.array_equal(_png(folder / "files" / name), _png(out / "samples" / f"step-{step:06d}-{i}.png"))
+    # the config: the run's settings, as args.json holds them
+    config = {k: v for k, v in _wandb_config(folder).items() if not k.startswith("_")}
+    assert config == json.loads((out / "args.json").read_text())
+    assert config["validation_prompts"] == ["a red circle", "a blue square"] and config["max_train_steps"] == 2
 
 
 def test_a_missing_tracker_is_one_line_naming_the_pip_command(tmp_path, data, monkeypatch, capsys):
@@ -269,6 +306,51 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resumed_run_ends
     assert len(err) == 1 and "No space left on device" in err[0] and "model.safetensors" in err[0], err
     assert (out / "model.safetensors").read_bytes() == before
     assert not list(out.glob("*.tmp"))
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_a_diffusers_folder_is_replaced_whole_or_not_at_all(tmp_path, data, monkeypatch, capsys):
+    """--save-format diffusers: the folder OUT/model of a 1-step run; the resumed run's write fails (disk full in
+    its second weights file): one line, the previous folder is as it was, byte for byte, and nothing temporary is
+    left; resumed again, the new folder takes its place whole."""
+    from weights_convert import diffusers as diffusers_layout
+    out = tmp_path / "run"
+
+    def command(steps, *extra):
+        return ["train", "finetune", "--data", str(data), "--out", str(out), "--resolution", "32", "--device", "cpu",
+                "--learning-rate", "1e-4", "--save-format", "diffusers", "--max-train-steps", str(steps), *extra]
+    assert main(command(1)) == 0
+    before = _files(out / "model")
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors"} <= before.keys()
+
+    write_safetensors, calls = diffusers_layout.write_safetensors, []
+
+    def full_disk(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"half a file")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_safetensors(path, *args, **kwargs)
+    monkeypatch.setattr(diffusers_layout, "write_safetensors", full_disk)
+    capsys.readouterr()
+    assert main(command(2, "--resume")) == 2
+    err = _messages(capsys)
+    assert len(err) == 1 and "No space left on device" in err[0] and str(out / "model") in err[0], err
+    assert len(calls) == 2 and _files(out / "model") == before
+    assert not [n for n in os.listdir(out) if n.startswith(".model.")]       # .model.new.XXXX, .model.old.XXXX
+
+    monkeypatch.setattr(diffusers_layout, "write_safetensors", write_safetensors)
+    assert main(command(2, "--resume")) == 0
+    after = _files(out / "model")
+    assert after.keys() == before.keys() and after != before
+    assert not [n for n in os.listdir(out) if n.startswith(".model.")]       # .model.new.XXXX, .model.old.XXXX
+    ckpt = torch.load(out / "checkpoints" / "finetune.ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and torch.equal(_state(out / "model")["unet.out.2.weight"],
+                                             ckpt["params"]["unet.out.2.weight"])
 
 
 def _toy():
@@ -485,10 +567,25 @@ def test_train_lora_with_gradient_checkpointing_writes_the_lora_of_the_run_witho
 
 # --- 6. command lines pasted from diffusers' READMEs ---------------------------------------------------------------
 
-# diffusers' READMEs' example command lines (examples/dreambooth, text_to_image, textual_inversion), as users paste
-# them after `minisd train METHOD` in place of `accelerate launch SCRIPT.py`, the paths swapped for $-variables
-PASTED = {
-    "dreambooth": """
+# The example command lines of diffusers' READMEs (examples/dreambooth, text_to_image, textual_inversion; 0.3x), as
+# users copy them: verbatim but for the paths, which are $-variables here. A user runs one with minisd by putting
+# `minisd train METHOD` in place of `accelerate launch SCRIPT.py` (accelerate's own flags, here --mixed_precision,
+# are minisd train's flags too: they stay). The test then swaps the numbers the tiny model cannot afford (TINY).
+README = {
+    "dreambooth": """accelerate launch train_dreambooth.py \\
+  --pretrained_model_name_or_path=$MODEL_NAME  \\
+  --instance_data_dir=$INSTANCE_DIR \\
+  --output_dir=$OUTPUT_DIR \\
+  --instance_prompt="a photo of sks dog" \\
+  --resolution=512 \\
+  --train_batch_size=1 \\
+  --gradient_accumulation_steps=1 \\
+  --learning_rate=5e-6 \\
+  --lr_scheduler="constant" \\
+  --lr_warmup_steps=0 \\
+  --max_train_steps=400 \\
+  --push_to_hub""",
+    "dreambooth-prior-preservation": """accelerate launch train_dreambooth.py \\
   --pretrained_model_name_or_path=$MODEL_NAME  \\
   --instance_data_dir=$INSTANCE_DIR \\
   --class_data_dir=$CLASS_DIR \\
@@ -505,7 +602,20 @@ PASTED = {
   --num_class_images=200 \\
   --max_train_steps=800 \\
   --push_to_hub""",
-    "finetune": """
+    "text-to-image": """accelerate launch --mixed_precision="fp16"  train_text_to_image.py \\
+  --pretrained_model_name_or_path=$MODEL_NAME \\
+  --dataset_name=$dataset_name \\
+  --use_ema \\
+  --resolution=512 --center_crop --random_flip \\
+  --train_batch_size=1 \\
+  --gradient_accumulation_steps=4 \\
+  --gradient_checkpointing \\
+  --max_train_steps=15000 \\
+  --learning_rate=1e-05 \\
+  --max_grad_norm=1 \\
+  --lr_scheduler="constant" --lr_warmup_steps=0 \\
+  --output_dir="sd-naruto-model\"""",
+    "text-to-image-folder": """accelerate launch --mixed_precision="fp16" train_text_to_image.py \\
   --pretrained_model_name_or_path=$MODEL_NAME \\
   --train_data_dir=$TRAIN_DIR \\
   --use_ema \\
@@ -517,9 +627,8 @@ PASTED = {
   --learning_rate=1e-05 \\
   --max_grad_norm=1 \\
   --lr_scheduler="constant" --lr_warmup_steps=0 \\
-  --output_dir="sd-pokemon-model" \\
-  --push_to_hub""",
-    "textual-inversion": """
+  --output_dir="sd-naruto-model\"""",
+    "textual-inversion": """accelerate launch textual_inversion.py \\
   --pretrained_model_name_or_path=$MODEL_NAME \\
   --train_data_dir=$DATA_DIR \\
   --learnable_property="object" \\
@@ -535,7 +644,7 @@ PASTED = {
   --lr_warmup_steps=0 \\
   --push_to_hub \\
   --output_dir="textual_inversion_cat\"""",
-    "lora": """
+    "dreambooth-lora": """accelerate launch train_dreambooth_lora.py \\
   --pretrained_model_name_or_path=$MODEL_NAME  \\
   --instance_data_dir=$INSTANCE_DIR \\
   --output_dir=$OUTPUT_DIR \\
@@ -550,49 +659,131 @@ PASTED = {
   --lr_warmup_steps=0 \\
   --max_train_steps=500 \\
   --validation_prompt="A photo of sks dog in a bucket" \\
-  --num_validation_images=4 \\
+  --validation_epochs=50 \\
   --seed="0" \\
   --push_to_hub""",
 }
+SCRIPTS = {"train_dreambooth.py": "dreambooth", "train_text_to_image.py": "finetune",
+           "textual_inversion.py": "textual-inversion", "train_dreambooth_lora.py": "lora"}
+# the flags of each command that minisd refuses (one line each), which the user then deletes
+REFUSED = {"dreambooth": ["--push_to_hub"], "dreambooth-prior-preservation": ["--push_to_hub"],
+           "text-to-image": [], "text-to-image-folder": [], "textual-inversion": ["--push_to_hub"],
+           "dreambooth-lora": ["--validation_epochs", "--push_to_hub"]}
+# the same runs in minisd's own spelling (before the swaps of TINY), $OUT the output folder
 OURS = {
-    "dreambooth": "--model m.safetensors --instance-dir inst --class-dir cls --out out --with-prior-preservation "
-                  "--class-prompt 'a photo of dog' "
-                  "--prior-loss-weight 1.0 --instance-prompt 'a photo of sks dog' --resolution 512 "
-                  "--train-batch-size 1 --gradient-accumulation-steps 1 --learning-rate 5e-6 --lr-scheduler constant "
-                  "--lr-warmup-steps 0 --num-class-images 200 --max-train-steps 800",
-    "finetune": "--model m.safetensors --data train --use-ema --resolution 512 --center-crop --random-flip "
-                "--train-batch-size 1 --gradient-accumulation-steps 4 --gradient-checkpointing --max-train-steps "
-                "15000 --learning-rate 1e-05 --max-grad-norm 1 --lr-scheduler constant --lr-warmup-steps 0 "
-                "--out sd-pokemon-model",
-    "textual-inversion": "--model m.safetensors --data data --learnable-property object --token '<cat-toy>' "
+    "dreambooth": "--model $MODEL --instance-dir $INSTANCE --out $OUT --instance-prompt 'a photo of sks dog' "
+                  "--resolution 512 --train-batch-size 1 --gradient-accumulation-steps 1 --learning-rate 5e-6 "
+                  "--lr-scheduler constant --lr-warmup-steps 0 --max-train-steps 400",
+    "dreambooth-prior-preservation":
+        "--model $MODEL --instance-dir $INSTANCE --class-dir $CLASS --out $OUT --with-prior-preservation "
+        "--class-prompt 'a photo of dog' "
+        "--prior-loss-weight 1.0 --instance-prompt 'a photo of sks dog' --resolution 512 --train-batch-size 1 "
+        "--gradient-accumulation-steps 1 --learning-rate 5e-6 --lr-scheduler constant --lr-warmup-steps 0 "
+        "--num-class-images 200 --max-train-steps 800",
+    "text-to-image": "--model $MODEL --dataset-name $DATASET --mixed-precision fp16 --use-ema --resolution 512 "
+                     "--center-crop --random-flip --train-batch-size 1 --gradient-accumulation-steps 4 "
+                     "--gradient-checkpointing --max-train-steps 15000 --learning-rate 1e-05 --max-grad-norm 1 "
+                     "--lr-scheduler constant --lr-warmup-steps 0 --out $OUT",
+    "text-to-image-folder": "--model $MODEL --data $TRAIN --mixed-precision fp16 --use-ema --resolution 512 "
+                            "--center-crop --random-flip --train-batch-size 1 --gradient-accumulation-steps 4 "
+                            "--gradient-checkpointing --max-train-steps 15000 --learning-rate 1e-05 "
+                            "--max-grad-norm 1 --lr-scheduler constant --lr-warmup-steps 0 --out $OUT",
+    "textual-inversion": "--model $MODEL --data $DATA --learnable-property object --token '<cat-toy>' "
                          "--init-token toy --resolution 512 --train-batch-size 1 --gradient-accumulation-steps 4 "
-                         "--max-train-steps 3000 --learning-rate 5.0e-04 --lr-scheduler constant "
-                         "--lr-warmup-steps 0 --out textual_inversion_cat",
-    "lora": "--model m.safetensors --instance-dir inst --out out --instance-prompt 'a photo of sks dog' --resolution "
-            "512 --train-batch-size 1 --gradient-accumulation-steps 1 --checkpointing-steps 100 --learning-rate 1e-4 "
-            "--report-to wandb --lr-scheduler constant --lr-warmup-steps 0 --max-train-steps 500 --validation-prompt "
-            "'A photo of sks dog in a bucket' --num-validation-images 4 --seed 0",
+                         "--max-train-steps 3000 --learning-rate 5.0e-04 --scale-lr --lr-scheduler constant "
+                         "--lr-warmup-steps 0 --out $OUT",
+    "dreambooth-lora": "--model $MODEL --instance-dir $INSTANCE --out $OUT --instance-prompt 'a photo of sks dog' "
+                       "--resolution 512 --train-batch-size 1 --gradient-accumulation-steps 1 "
+                       "--checkpointing-steps 100 --learning-rate 1e-4 --report-to wandb --lr-scheduler constant "
+                       "--lr-warmup-steps 0 --max-train-steps 500 --validation-prompt 'A photo of sks dog in a bucket' "
+                       "--seed 0",
 }
+# the numbers swapped for the tiny model on the CPU: 32 px (the README's 512 px costs minutes), 2 steps, 2 class
+# images; gradient accumulation is left as pasted (4 micro-batches a step for text-to-image and textual inversion)
+TINY = {"resolution": "32", "max_train_steps": "2", "num_class_images": "2"}
+# what each run writes into its folder besides args.json, result.json, train_log.jsonl and checkpoints/
+WRITES = {"dreambooth": "model.safetensors", "finetune": "model.safetensors",
+          "textual-inversion": "learned_embeds.safetensors cat-toy.safetensors", "lora": "out.safetensors"}
 
 
-@pytest.mark.parametrize("method", list(PASTED))
-def test_a_command_line_pasted_from_diffusers_readme_gives_the_config_of_ours(method, capsys):
+def _as_minisd(command):
+    """`accelerate launch [its flags] SCRIPT.py FLAGS` -> `train METHOD [its flags] FLAGS`: the user's edit."""
+    import shlex
+    words = shlex.split(command.replace("\\\n", " "))            # the shell's line continuations, then its words
+    script = next(w for w in words if w.endswith(".py"))
+    at = words.index(script)
+    assert words[:2] == ["accelerate", "launch"]
+    return ["train", SCRIPTS[script], *words[2:at], *words[at + 1:]]
+
+
+def _swap(words, paths, numbers):
+    """$-variables -> paths, and the values of the flags in `numbers` (either spelling) swapped."""
+    out, swap = [], {f"--{k}": v for k, v in numbers.items()} | {f"--{k.replace('_', '-')}": v
+                                                                  for k, v in numbers.items()}
+    for w in words:
+        for variable in sorted(paths, key=len, reverse=True):      # $DATASET before $DATA
+            w = w.replace(variable, paths[variable])
+        flag = w.split("=", 1)[0]
+        if flag in swap and "=" in w:
+            w = f"{flag}={swap[flag]}"
+        elif out and out[-1] in swap:
+            w = swap[out[-1]]
+        out.append(w)
+    return out
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "text-to-image-folder" else n
+                                  for n in README])          # the folder variant: one flag apart from the one before
+def test_a_command_pasted_from_diffusers_readme_runs_and_gives_the_config_of_ours(name, tmp_path, data, capsys,
+                                                                                  monkeypatch):
+    """The pasted command (the flags minisd refuses, one line each, then deleted) trains 2 steps of the tiny model,
+    writes its files, and its args.json is the config of the same run spelled minisd's way."""
     import shlex
     from minisd.cli import build_parser
     from minisd.cli.train import config_from_args
-    paths = {"$MODEL_NAME": "m.safetensors", "$INSTANCE_DIR": "inst", "$CLASS_DIR": "cls", "$OUTPUT_DIR": "out",
-             "$TRAIN_DIR": "train", "$DATA_DIR": "data"}
-    text = PASTED[method]
-    for variable, path in paths.items():
-        text = text.replace(variable, path)
-    pasted = ["train", method, *shlex.split(text.replace("\\\n", " "))]      # the shell's line continuations
-    with pytest.raises(SystemExit) as refused:                    # a flag of diffusers' that minisd does not have
-        build_parser().parse_args(pasted)
-    assert refused.value.code == 2
-    assert capsys.readouterr().err == ("minisd: error: --push_to_hub is not supported: minisd does not upload; the run "
-                                       "folder holds the files to upload\n")
-    theirs = config_from_args(build_parser().parse_args([a for a in pasted if a != "--push_to_hub"]))
-    mine = config_from_args(build_parser().parse_args(["train", method, *shlex.split(OURS[method])]))
-    assert theirs == mine
-    assert mine != config_from_args(build_parser().parse_args(["train", method, *shlex.split(OURS[method]),
-                                                               "--seed", "7"]))
+    from minisd.model import tiny_model_path
+    for variable, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                            "WANDB_CONFIG_DIR": tmp_path / "cfg", "WANDB_CACHE_DIR": tmp_path / "cache",
+                            "WANDB_DATA_DIR": tmp_path / "wandb-data"}.items():
+        monkeypatch.setenv(variable, str(value))
+    monkeypatch.chdir(tmp_path)                     # --output_dir="sd-naruto-model" is relative, as in the README
+    dataset = image_folder(tmp_path / "dataset", 2, seed=3)  # diffusers' ImageFolder: metadata.jsonl's text column
+    (dataset / "metadata.jsonl").write_text('{"file_name": "00.png", "text": "a red circle"}\n'
+                                            '{"file_name": "01.png", "text": "a blue square"}\n')
+    cat_toy = image_folder(tmp_path / "cat-toy", 2, seed=4)      # textual inversion: no captions, templates
+    paths = {"$MODEL_NAME": str(tiny_model_path()), "$INSTANCE_DIR": str(data), "$CLASS_DIR": "class-images",
+             "$OUTPUT_DIR": "out", "$TRAIN_DIR": str(data), "$DATA_DIR": str(cat_toy), "$dataset_name": str(dataset)}
+    pasted = _swap(_as_minisd(README[name]), paths, TINY)
+    method = pasted[1]
+
+    if REFUSED[name]:                               # refused before anything is read or written
+        with pytest.raises(SystemExit) as refused:
+            main(pasted)
+        assert refused.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"minisd: error: {flag} is not supported: {NOT_SUPPORTED[ours(flag)]}" for flag in REFUSED[name]]
+        assert sorted(os.listdir(tmp_path)) == ["cat-toy", "dataset"]
+    run = [w for w in pasted if w.split("=", 1)[0] not in REFUSED[name]]
+    assert main(run) == 0
+    out = tmp_path / json.loads(next(tmp_path.glob("*/args.json")).read_text())["out"]
+
+    written = {"args.json", "result.json", "train_log.jsonl", "checkpoints", *WRITES[method].split()}
+    assert written <= set(os.listdir(out)), sorted(os.listdir(out))
+    assert [e["step"] for e in _lines(out / "train_log.jsonl") if "loss" in e] == [1, 2]
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 2 and Path(result["model"]).name == WRITES[method].split()[0]
+    if "--class_data_dir=class-images" in run:
+        assert len(list((tmp_path / "class-images").glob("*.png"))) == 2
+    if "--report_to=wandb" in run:
+        assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+    ours_paths = {"$MODEL": str(tiny_model_path()), "$INSTANCE": str(data), "$CLASS": "class-images",
+                  "$OUT": str(out.relative_to(tmp_path)), "$TRAIN": str(data), "$DATA": str(cat_toy),
+                  "$DATASET": str(dataset)}
+    spelled = ["train", method, *_swap(shlex.split(OURS[name]), ours_paths, TINY)]
+    mine = config_from_args(build_parser().parse_args(spelled))
+    args = json.loads((out / "args.json").read_text())
+    assert (args.pop("method"), args.pop("processes")) == (method.replace("-", "_"), 1)
+    assert args == json.loads(json.dumps(dataclasses.asdict(mine)))
+    changed = config_from_args(build_parser().parse_args([*spelled, "--seed", "7"]))
+    assert args != json.loads(json.dumps(dataclasses.asdict(changed)))       # the comparison can fail

@@ -42,7 +42,7 @@ NOT_SUPPORTED = {
 
 class TrainParser(argparse.ArgumentParser):
     """The parser of `minisd train METHOD`: diffusers' spellings are read as ours (DIFFUSERS_NAMES, underscores),
-    and a flag it does not know is one line naming it (with why, for NOT_SUPPORTED), not the usage text. Its help
+    and each flag it does not know is one line naming it (with why, for NOT_SUPPORTED), not the usage text. Its help
     shows each flag's default."""
 
     def __init__(self, *args, **kwargs):
@@ -53,11 +53,14 @@ class TrainParser(argparse.ArgumentParser):
         converted = [ours(a) for a in given]
         spelled = dict(zip(converted, given))               # to name a flag as the user wrote it
         namespace, rest = super().parse_known_args(converted, namespace)
+        lines = []                                  # every such flag at once: a pasted command is fixed in one go
         for a in rest:
             if a.startswith("--"):
                 flag = a.split("=", 1)[0]
                 why = NOT_SUPPORTED.get(flag, f"{self.prog} has no such flag ({self.prog} --help lists them)")
-                self.exit(2, f"minisd: error: {spelled[a].split('=', 1)[0]} is not supported: {why}\n")
+                lines.append(f"minisd: error: {spelled[a].split('=', 1)[0]} is not supported: {why}\n")
+        if lines:
+            self.exit(2, "".join(lines))
         return namespace, rest
 
     def error(self, message):

@@ -43,7 +43,7 @@ from ..diffusion import alphas_cumprod_from_betas, scaled_linear_betas
 from ..model import load_model, locate
 from ..pipeline import Pipeline
 from .batches import cache_moments, micro_batches_per_epoch, take
-from .loop import atomic_write, train
+from .loop import atomic_write, atomic_write_folder, train
 from .lr import check_schedule
 from .settings import DTYPES, TrainSettings, train_config
 from .step import concat_draws, draw, example_generator, install, step_loss, text_in_backward, uninstall
@@ -361,8 +361,8 @@ def write_model(model, source, cfg: TrainSettings, path, weights=None):
     """The whole model in the official single-file layout (or a diffusers folder): the source file's tensors,
     those not trained included (and the ones minisd does not use, e.g. schedule buffers), in float32 (float64
     for a float64 run: cfg.dtype), with the trained ones replaced by `model`'s (and those by `weights`, when
-    given: {model's parameter name: tensor}). A failed write (disk full) leaves no partial file and is one line
-    (loop.WriteFailed)."""
+    given: {model's parameter name: tensor}). A failed write (disk full) leaves no partial file or folder and is one
+    line (loop.WriteFailed); the previous file or folder stays whole."""
     ckpt = detect.read(source, prediction=model.config.prediction, verbose=False)
     trained = {**model.state_dict(), **(weights or {})}
     tensors = {}
@@ -373,7 +373,8 @@ def write_model(model, source, cfg: TrainSettings, path, weights=None):
         tensors[name] = t.to(DTYPES[cfg.dtype]) if t.is_floating_point() and not name.startswith("extra.") else t
     if cfg.save_format == "diffusers":
         model_tensors = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
-        diffusers.write_diffusers(model_tensors, model.config, path, vocab_files(model.tokenizer))
+        atomic_write_folder(str(path), lambda tmp: diffusers.write_diffusers(model_tensors, model.config, tmp,
+                                                                             vocab_files(model.tokenizer)))
         return
     out = ldm.to_ldm(tensors, model.config)
     metadata = {"minisd_config": native.config_to_json(model.config)}

@@ -47,6 +47,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -54,7 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
-from weights_convert.io import temp_file_beside
+from weights_convert.io import temp_file_beside, umask
 
 from .. import distributed
 from .lr import learning_rate
@@ -159,6 +160,31 @@ def atomic_write(path, write):
         if isinstance(e, OSError):
             raise WriteFailed(f"could not write {path}: {e.strerror or e}; the previous file is unchanged") from None
         raise
+
+
+def atomic_write_folder(path, write):
+    """atomic_write for a folder (a diffusers model folder): write(tmp) into a fresh temporary folder beside `path`,
+    then put it in `path`'s place. A failed write (OSError) removes the temporary folder and raises WriteFailed:
+    the previous folder is whole. A folder cannot be renamed over a non-empty one, so the previous one is first
+    moved aside (into .NAME.old.XXXX beside it, deleted once the new one is in place): a crash between the two
+    renames leaves it there, whole, and `path` absent, never half a model."""
+    parent, name = os.path.split(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.new.")
+    os.chmod(tmp, 0o777 & ~umask())                   # mkdtemp's 0700 is for secrets; a model folder is not
+    try:
+        write(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise WriteFailed(f"could not write {path}: {e.strerror or e}; the previous folder is unchanged") from None
+        raise
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old.")
+        os.replace(path, os.path.join(old, name))
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def atomic_save(obj, path):

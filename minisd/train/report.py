@@ -68,7 +68,9 @@ class WandB:
         os.makedirs(os.path.dirname(id_file), exist_ok=True)
         with open(id_file, "w") as f:
             f.write(run_id)
-        self.run = wandb.init(project=project, dir=out, config=config, id=run_id, resume="allow")
+        # an absolute folder: the client's service process, shared by the runs of one Python process, keeps its
+        # own working directory (with a relative `out`, a second run after a chdir left no .wandb file in OUT/wandb)
+        self.run = wandb.init(project=project, dir=os.path.abspath(out), config=config, id=run_id, resume="allow")
 
     def log(self, entry):
         self.run.log(scalars(entry), step=entry["step"])

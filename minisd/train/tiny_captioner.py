@@ -30,8 +30,6 @@ BlipProcessor load it as they load Salesforce/blip-image-captioning-base.
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,13 +39,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from weights_convert.io import umask
-
 from ..caption.blip import Blip, BlipConfig, TextConfig, load_blip
 from ..caption.preprocess import ImageProcessor
 from ..caption.vit import ViTConfig
 from ..tiny import shapes
-from .loop import TrainConfig, train
+from .loop import TrainConfig, atomic_write_folder, train
 
 # The vocabulary: BERT's special tokens, BLIP's [DEC] (the token a caption starts from), and the world's words.
 # Its own, so the file stays small: BLIP's tokenizer finds every token by its text, and config.json names the ids.
@@ -197,27 +193,23 @@ FOLDER_FILES = {
 
 def write_folder(model: Blip, folder):
     """The model as a transformers BlipForConditionalGeneration folder, fp32, written into a fresh temporary
-    folder beside `folder` and renamed into place (a reader sees the old folder or the new one, never half)."""
+    folder beside `folder` and renamed into place (loop.atomic_write_folder: a reader sees the old folder or the
+    new one, never half)."""
     from weights_convert.blip import to_transformers
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.new."))
-    tmp.chmod(0o777 & ~umask())                                     # mkdtemp's 0700 is for secrets; this is not
     weights = {k: v.detach().float().contiguous() for k, v in to_transformers(model.state_dict(), model.cfg).items()}
-    save_file(weights, tmp / "model.safetensors", {"format": "pt"})   # transformers refuses files without it
-    (tmp / "model.safetensors").chmod(0o644)
-    (tmp / "config.json").write_text(json.dumps(transformers_config(model.cfg), indent=1) + "\n")
-    (tmp / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    for name, content in FOLDER_FILES.items():
-        (tmp / name).write_text(json.dumps(content, indent=1) + "\n")
-    old = None
-    if folder.exists():                  # os.replace cannot put a folder over a non-empty one: move it aside first
-        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old.")) / folder.name
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old is not None:
-        shutil.rmtree(old.parent)
+
+    def write(tmp):
+        tmp = Path(tmp)
+        save_file(weights, tmp / "model.safetensors", {"format": "pt"})   # transformers refuses files without it
+        (tmp / "model.safetensors").chmod(0o644)
+        (tmp / "config.json").write_text(json.dumps(transformers_config(model.cfg), indent=1) + "\n")
+        (tmp / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+        for name, content in FOLDER_FILES.items():
+            (tmp / name).write_text(json.dumps(content, indent=1) + "\n")
+    atomic_write_folder(str(folder), write)
     return folder
 
 
