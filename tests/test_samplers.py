@@ -31,7 +31,7 @@ CONTEXT = torch.randn(SHAPE[0], 5, CONTEXT_DIM, generator=torch.Generator().manu
 K_WRAPPERS = {"eps": DiscreteEpsDDPMDenoiser, "v": DiscreteVDDPMDenoiser}
 K_NAMES = {"euler": "euler", "euler_a": "euler_ancestral", "heun": "heun", "dpm2": "dpm_2",
            "dpm2_a": "dpm_2_ancestral", "lms": "lms", "dpmpp_2s_a": "dpmpp_2s_ancestral", "dpmpp_2m": "dpmpp_2m",
-           "dpmpp_sde": "dpmpp_sde", "dpmpp_2m_sde": "dpmpp_2m_sde"}
+           "dpmpp_sde": "dpmpp_sde", "dpmpp_2m_sde": "dpmpp_2m_sde", "dpmpp_3m_sde": "dpmpp_3m_sde"}
 
 
 def run_both(name, model, prediction, sigmas, context, dtype):
@@ -320,11 +320,22 @@ DIFFUSERS_CASES = {
     # a Brownian tree seeded with noise_sampler_seed; ours with the same seed (the tests' seed, 42)
     "dpmpp_sde-leading": ("DPMSolverSDEScheduler", dict(timestep_spacing="leading", noise_sampler_seed=42),
                           "dpmpp_sde", "leading", "log"),
+    # UniPC (diffusers' defaults: order 2, bh2, predict_x0, lower_order_final). Its "leading" is
+    # DPMSolverMultistep's (n + 1 partitions: the scheduler's own timesteps, as dpmpp_2m-leading); its "trailing" is
+    # the Euler family's; its Karras timesteps are rounded to integers ("nearest", as dpmpp_2m-karras)
+    "unipc-leading": ("UniPCMultistepScheduler", dict(timestep_spacing="leading"), "unipc", None, "log"),
+    "unipc-trailing": ("UniPCMultistepScheduler", dict(timestep_spacing="trailing"), "unipc", "trailing", "log"),
+    "unipc-karras": ("UniPCMultistepScheduler", dict(use_karras_sigmas=True), "unipc", "karras", "nearest"),
+    "unipc-order3-trailing": ("UniPCMultistepScheduler", dict(timestep_spacing="trailing", solver_order=3),
+                              "unipc", "trailing", "log"),
+    # LCM: the 50-step distillation grid, fresh noise from the generator after every step but the last
+    "lcm": ("LCMScheduler", {}, "lcm", "lcm", "linear"),
     "dpmpp_sde-leading-karras": ("DPMSolverSDEScheduler", dict(timestep_spacing="leading", use_karras_sigmas=True,
                                                                noise_sampler_seed=42), "dpmpp_sde", "leading karras",
                                  "log"),
 }
-ABAR_SPACE = {"DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler"}   # init_noise_sigma = 1, x_t
+ABAR_SPACE = {"DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+              "LCMScheduler"}   # init_noise_sigma = 1, x_t
 
 
 def run_ours_like_diffusers(case, prediction, steps, seed, scheduler, interpolation=None, model=None):
@@ -346,6 +357,10 @@ def run_ours_like_diffusers(case, prediction, steps, seed, scheduler, interpolat
     x = torch.randn(SHAPE, generator=g) * schedules.init_noise_sigma(sigmas[0].item(), vp_start)
     trajectory = []
     kwargs = {"eta": 0.5} if case == "ddim-eta-leading" else {}
+    if "order3" in case:
+        kwargs["order"] = 3
+    if name == "lcm":                             # the plan's t of each sigma, LCM's boundary condition
+        kwargs["timesteps"] = S.plan(name, schedule, steps, sigmas_train).timesteps
     noise = S.noise_from(g, SHAPE)
     if name in S.BROWNIAN:                        # the tree on the schedule's range, seeded with the seed
         noise = brownian_noise(seed, SHAPE, sigmas[sigmas > 0].min().item(), sigmas.max().item())
@@ -495,7 +510,8 @@ def test_callback_exposes_x_denoised_and_sigma(name):
     x0 = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
     seen = []
     noise = S.noise_from(torch.Generator().manual_seed(1), (50, 2), dtype=torch.float64)
-    S.SAMPLERS[name](gmm_denoiser, x0, sigmas, noise=noise, callback=lambda *a: seen.append(a))
+    extra = {"timesteps": [999.0 - 150 * i for i in range(6)]} if name == "lcm" else {}     # LCM's t per sigma
+    S.SAMPLERS[name](gmm_denoiser, x0, sigmas, noise=noise, callback=lambda *a: seen.append(a), **extra)
     assert [i for i, *_ in seen] == list(range(6))
     assert [s for *_, s in seen] == sigmas[:-1].tolist()
     assert torch.equal(seen[0][1], x0)
