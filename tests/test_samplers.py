@@ -400,6 +400,30 @@ def test_sampler_equals_diffusers_step_by_step(case, prediction):
     assert max(rel_err(a, b) for a, b in zip(ours, theirs)) <= tol
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_lcm_boundary_condition_equals_diffusers_at_small_t(prediction):
+    """At LCM's own timesteps (t >= 19) c_skip <= 7e-6 and c_out >= 0.99999: the step is D plus noise, and the
+    comparisons above would not see a wrong boundary condition. At t = 3 and 1 (diffusers' custom timesteps)
+    c_skip is 0.007 and 0.0025 of x_t, far above the tolerance."""
+    timesteps = [999, 259, 3, 1]
+    scheduler = diffusers.LCMScheduler(**SD_SCHEDULER_CONFIG,
+                                       prediction_type="epsilon" if prediction == "eps" else "v_prediction")
+    with warnings.catch_warnings():        # diffusers warns that 3 and 1 are off its 50-step grid
+        warnings.simplefilter("ignore")
+        theirs = run_diffusers(scheduler, ToyModel(), timesteps, CONTEXT, 42)
+    sigmas_train = sigmas_from_alphas_cumprod(scheduler.alphas_cumprod.double())
+    t = torch.tensor(timesteps, dtype=torch.float64)
+    sigmas = torch.cat([t_to_sigma(t, sigmas_train, "linear"), torch.zeros(1, dtype=torch.float64)])
+    denoise = make_denoiser(ToyModel(), scheduler.alphas_cumprod.double(), prediction, "linear")
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(SHAPE, generator=g) * schedules.init_noise_sigma(sigmas[0].item(), True)
+    trajectory = []
+    x = S.lcm(lambda x, s: denoise(x, s, CONTEXT), x, sigmas, noise=S.noise_from(g, SHAPE),
+              callback=lambda i, x, d, s: trajectory.append(x), timesteps=timesteps)
+    ours = [x / (1 + s ** 2) ** 0.5 for x, s in zip(trajectory + [x], sigmas.tolist())]
+    assert max(rel_err(a, b) for a, b in zip(ours, theirs)) <= 1e-4          # float32 diffusers, as above
+
+
 def test_diffusers_linspace_needs_linear_interpolation():
     """diffusers' fractional "linspace" timesteps come with linearly interpolated sigmas: mapping those sigmas
     back to t log-linearly (k-diffusion's rule) feeds the U-Net other timesteps than diffusers does."""
