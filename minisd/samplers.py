@@ -1,8 +1,8 @@
 """Samplers: walk a latent from noise level sigmas[0] down to sigmas[-1] (usually 0), in sigma space.
 
 Read next to Karras et al. 2022 ("EDM"), DDIM (Song et al. 2021), PNDM (Liu et al. 2022), DPM-Solver++ (Lu et al.
-2022) and k-diffusion's `sampling.py`, which these functions follow line for line (and are tested against, with
-diffusers' schedulers and LDM's own DDIM / PLMS samplers).
+2022), UniPC (Zhao et al. 2023), LCM (Luo et al. 2023) and k-diffusion's `sampling.py`, which these functions
+follow line for line (and are tested against, with diffusers' schedulers and LDM's own DDIM / PLMS samplers).
 
 Every sampler has the same signature:
 
@@ -19,9 +19,10 @@ Every sampler has the same signature:
 
 Noise convention (the pipeline and tests rely on it): one CPU torch.Generator seeded with the user's seed draws the
 initial latents first, then every noise draw, in exactly the order k-diffusion calls its `noise_sampler`. The SDE
-samplers (dpmpp_sde, dpmpp_2m_sde) instead read a Brownian tree seeded with the user's seed, as k-diffusion (A1111)
-and diffusers do by default (see `Plan.brownian`). A batch of one seed per image has one generator (or tree) per
-image, each drawing that image's share of every draw: `noise` returns them concatenated (see pipeline.py).
+samplers (dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde) instead read a Brownian tree seeded with the user's seed, as
+k-diffusion (A1111) and diffusers do by default (see `Plan.brownian`). A batch of one seed per image has one
+generator (or tree) per image, each drawing that image's share of every draw: `noise` returns them concatenated
+(see pipeline.py).
 
 Host/device: the sigmas are read to the host ONCE (Python floats); all per-step scalar arithmetic is on the CPU in
 float64, and the loops test `sigma_next > 0` on floats, so no step waits on the GPU (no per-step `.item()`).
@@ -272,16 +273,17 @@ def dpmpp_2m(denoise, x, sigmas, noise=None, callback=None):
 
 
 def _unipc_step(x, sigma, sigma_next, ds, lams, new=None):
-    """One UniPC update from x at sigma to sigma_next (Zhao et al. 2023, Alg. 2 (UniP) and Alg. 1 (UniC), data
-    prediction, B(h) = e^{-h} - 1 ("bh2")), in lambda = -log sigma, h = lambda_next - lambda:
+    """One UniPC update from x at sigma to sigma_next (Zhao et al. 2023, Sec. 3: UniP, and UniC with `new`; data
+    prediction, B(h) = e^{-h} - 1, their "bh2"), in lambda = -log sigma, h = lambda_next - lambda:
 
         x_next = (sigma_next / sigma) x - (e^{-h} - 1) D_0 - B(h) sum_m a_m (D_m - D_0) / r_m
 
-    D_0 = ds[0] is D at sigma, ds[1:] earlier D at lams[1:], r_m = (lambda_m - lambda) / h. `new`, D at sigma_next
-    itself (the corrector UniC), is one more point with r = 1. The a_m solve R a = g / B(h) (paper eq. 8; the
-    Vandermonde rows R_k = r^(k-1), g_k = k! h phi_{k+1}(h) with phi_1(h) = (e^{-h} - 1) / -h, phi_{k+1} =
-    (phi_k - 1/k!) / -h); one point takes a = 1/2, the h -> 0 limit (as the paper's code and diffusers do). With
-    one earlier D and no `new` this is DPM-Solver++(2M); with none, DDIM."""
+    D_0 = ds[0] is D at sigma, ds[1:] earlier D at lambdas lams[1:], r_m = (lambda_m - lambda) / h. `new`, D at
+    sigma_next itself (the corrector UniC), is one more point with r = 1. The a_m solve the Vandermonde system
+    sum_m r_m^(k-1) a_m = k! g_k / B(h), k = 1..K, with g_k = z phi_{k+1}(z) at z = -h (phi_1(z) = (e^z - 1) / z,
+    phi_{k+1}(z) = (phi_k(z) - 1/k!) / z, the exponential integrator's phi functions); one point takes a = 1/2
+    instead, the h -> 0 limit (as the paper's code and diffusers do). With one earlier D and no `new` this is
+    DPM-Solver++(2M); with none, DDIM."""
     h = math.log(sigma) - math.log(sigma_next)
     rks = [(lam - lams[0]) / h for lam in lams[1:]]
     d1s = [(d - ds[0]) / r for d, r in zip(ds[1:], rks)]
@@ -503,7 +505,8 @@ def lcm(denoise, x, sigmas, noise=None, callback=None, timesteps=None, timestep_
     """Latent consistency model sampling (Luo et al. 2023, Alg. 1: the multistep consistency sampler of Song et al.
     2023; diffusers' LCMScheduler). Each step maps x straight to a clean estimate with the consistency function
 
-        f(x, t) = c_skip(t) x_t + c_out(t) D,   c_skip = s_d^2 / ((10 t)^2 + s_d^2),  c_out = 10 t / sqrt((10 t)^2 + s_d^2)
+        f(x, t) = c_skip(t) x_t + c_out(t) D,
+        c_skip = s_d^2 / ((10 t)^2 + s_d^2),   c_out = 10 t / sqrt((10 t)^2 + s_d^2)
 
     (LCM's boundary condition f(x, 0) = x: s_d = sigma_data = 0.5, t scaled by timestep_scaling = 10; x_t =
     x / sqrt(1 + sigma^2), the latent in abar space), then noises it afresh to sigma_next: x = f + sigma_next z

@@ -424,6 +424,23 @@ def test_lcm_boundary_condition_equals_diffusers_at_small_t(prediction):
     assert max(rel_err(a, b) for a, b in zip(ours, theirs)) <= 1e-4          # float32 diffusers, as above
 
 
+def test_lcm_and_unipc_plans_start_and_step_as_diffusers():
+    """LCM's plan: LCMScheduler's timesteps (the U-Net's t and the boundary condition's), cut with the sigmas by
+    Plan.last (img2img); LCM and UniPC start at sqrt(sigma_max^2 + 1), diffusers' init_noise_sigma = 1 in abar
+    space."""
+    scheduler = diffusers.LCMScheduler(**SD_SCHEDULER_CONFIG)
+    for steps in (1, 4, 7):
+        scheduler.set_timesteps(steps)
+        plan = S.plan("LCM", None, steps, SIGMAS_TRAIN)
+        assert max(abs(a - b) for a, b in zip(plan.timesteps, scheduler.timesteps.tolist())) < 1e-6
+        assert len(plan.timesteps) == steps and plan.interpolation == "linear"
+    assert plan.last(2).timesteps == plan.timesteps[-2:] and len(plan.last(2).sigmas) == 3
+    for name in ("LCM", "UniPC"):
+        plan = S.plan(name, None, 4, SIGMAS_TRAIN)
+        assert plan.init_sigma == pytest.approx((plan.sigmas[0].item() ** 2 + 1) ** 0.5, rel=1e-12)
+    assert S.plan("UniPC", None, 4, SIGMAS_TRAIN).timesteps is None
+
+
 def test_diffusers_linspace_needs_linear_interpolation():
     """diffusers' fractional "linspace" timesteps come with linearly interpolated sigmas: mapping those sigmas
     back to t log-linearly (k-diffusion's rule) feeds the U-Net other timesteps than diffusers does."""
@@ -495,7 +512,7 @@ def moment_error(x):
     return max((x.mean(0) - mean).abs().max().item(), (torch.cov(x.T) - cov).abs().max().item())
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "dpm2", "lms", "dpmpp_2m", "ddim"])
+@pytest.mark.parametrize("name", ["euler", "heun", "dpm2", "lms", "dpmpp_2m", "unipc", "ddim"])
 def test_deterministic_samplers_reach_the_target_moments(name):
     x = torch.randn(10000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
     errors = [moment_error(S.SAMPLERS[name](gmm_denoiser, x, toy_sigmas(n))) for n in (4, 16, 64)]
@@ -553,6 +570,9 @@ def test_names_identifiers_and_a1111_display_names():
     assert S.parse_sampler("DPM++ 2M SDE Exponential") == ("dpmpp_2m_sde", "exponential")
     assert S.parse_sampler("LMS Karras") == ("lms", "karras")
     assert S.parse_sampler("PLMS") == ("plms", None) and S.display_name("plms") == "PLMS"
+    assert S.parse_sampler("DPM++ 3M SDE Karras") == ("dpmpp_3m_sde", "karras")
+    assert S.parse_sampler("UniPC") == ("unipc", None) and S.display_name("unipc") == "UniPC"
+    assert S.parse_sampler("LCM") == ("lcm", None) and S.display_name("lcm") == "LCM"
 
 
 def test_check_reads_the_settings_once_and_refuses_bad_ones():
@@ -566,6 +586,11 @@ def test_check_reads_the_settings_once_and_refuses_bad_ones():
         S.check("Euler Karras", "exponential", 5)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         S.check("euler", None, 0)
+    assert S.check("LCM", None, 4) == S.Sampling("lcm", "lcm", 4, None, None)
+    with pytest.raises(ValueError, match="lcm schedule has at most 50 steps"):
+        S.check("LCM", None, 51)
+    with pytest.raises(ValueError, match="takes no eta"):
+        S.check("UniPC", None, 5, eta=0.5)
     with pytest.raises(ValueError, match="valid: discrete, karras"):
         schedules.get_sigmas("cosine", 10, SIGMAS_TRAIN)
     with pytest.raises(ValueError, match="valid: discrete, karras"):
