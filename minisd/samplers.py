@@ -1,8 +1,8 @@
 """Samplers: walk a latent from noise level sigmas[0] down to sigmas[-1] (usually 0), in sigma space.
 
 Read next to Karras et al. 2022 ("EDM"), DDIM (Song et al. 2021), PNDM (Liu et al. 2022), DPM-Solver++ (Lu et al.
-2022) and k-diffusion's `sampling.py`, which these functions follow line for line (and are tested against, with
-diffusers' schedulers and LDM's own DDIM / PLMS samplers).
+2022), UniPC (Zhao et al. 2023), LCM (Luo et al. 2023) and k-diffusion's `sampling.py`, which these functions
+follow line for line (and are tested against, with diffusers' schedulers and LDM's own DDIM / PLMS samplers).
 
 Every sampler has the same signature:
 
@@ -19,9 +19,10 @@ Every sampler has the same signature:
 
 Noise convention (the pipeline and tests rely on it): one CPU torch.Generator seeded with the user's seed draws the
 initial latents first, then every noise draw, in exactly the order k-diffusion calls its `noise_sampler`. The SDE
-samplers (dpmpp_sde, dpmpp_2m_sde) instead read a Brownian tree seeded with the user's seed, as k-diffusion (A1111)
-and diffusers do by default (see `Plan.brownian`). A batch of one seed per image has one generator (or tree) per
-image, each drawing that image's share of every draw: `noise` returns them concatenated (see pipeline.py).
+samplers (dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde) instead read a Brownian tree seeded with the user's seed, as
+k-diffusion (A1111) and diffusers do by default (see `Plan.brownian`). A batch of one seed per image has one
+generator (or tree) per image, each drawing that image's share of every draw: `noise` returns them concatenated
+(see pipeline.py).
 
 Host/device: the sigmas are read to the host ONCE (Python floats); all per-step scalar arithmetic is on the CPU in
 float64, and the loops test `sigma_next > 0` on floats, so no step waits on the GPU (no per-step `.item()`).
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 from . import schedules
+from .diffusion import sigma_to_t
 from .brownian import brownian_noise  # noqa: F401  (the SDE samplers' noise source, beside noise_from)
 
 
@@ -270,6 +272,62 @@ def dpmpp_2m(denoise, x, sigmas, noise=None, callback=None):
     return x
 
 
+def _unipc_step(x, sigma, sigma_next, ds, lams, new=None):
+    """One UniPC update from x at sigma to sigma_next (Zhao et al. 2023, Sec. 3: UniP, and UniC with `new`; data
+    prediction, B(h) = e^{-h} - 1, their "bh2"), in lambda = -log sigma, h = lambda_next - lambda:
+
+        x_next = (sigma_next / sigma) x - (e^{-h} - 1) D_0 - B(h) sum_m a_m (D_m - D_0) / r_m
+
+    D_0 = ds[0] is D at sigma, ds[1:] earlier D at lambdas lams[1:], r_m = (lambda_m - lambda) / h. `new`, D at
+    sigma_next itself (the corrector UniC), is one more point with r = 1. The a_m solve the Vandermonde system
+    sum_m r_m^(k-1) a_m = k! g_k / B(h), k = 1..K, with g_k = z phi_{k+1}(z) at z = -h (phi_1(z) = (e^z - 1) / z,
+    phi_{k+1}(z) = (phi_k(z) - 1/k!) / z, the exponential integrator's phi functions); one point takes a = 1/2
+    instead, the h -> 0 limit (as the paper's code and diffusers do). With one earlier D and no `new` this is
+    DPM-Solver++(2M); with none, DDIM."""
+    h = math.log(sigma) - math.log(sigma_next)
+    rks = [(lam - lams[0]) / h for lam in lams[1:]]
+    d1s = [(d - ds[0]) / r for d, r in zip(ds[1:], rks)]
+    if new is not None:
+        rks, d1s = rks + [1.0], d1s + [new - ds[0]]
+    b_h = math.expm1(-h)
+    x = (sigma_next / sigma) * x - math.expm1(-h) * ds[0]
+    if not rks:
+        return x
+    g, factorial, b = math.expm1(-h) / -h - 1, 1, []
+    for k in range(1, len(rks) + 1):
+        b.append(g * factorial / b_h)
+        factorial *= k + 1
+        g = g / -h - 1 / factorial
+    a = [0.5] if len(rks) == 1 else np.linalg.solve(np.vander(rks, increasing=True).T, b).tolist()
+    return x - b_h * sum(a_m * d for a_m, d in zip(a, d1s))
+
+
+@torch.no_grad()
+def unipc(denoise, x, sigmas, noise=None, callback=None, order=2):
+    """UniPC (Zhao et al. 2023) as diffusers' UniPCMultistepScheduler with its defaults: a predictor-corrector pair
+    of multistep exponential integrators, one model call per step (see `_unipc_step`).
+
+    Each step: D = D(x, sigma) at the predicted x; then the corrector UniC redoes the previous step from its start
+    with D as one more point (no extra model call: the next step keeps the uncorrected D); then the predictor
+    UniP-p steps to sigma_next with this and the last p - 1 D. p = `order` (2), lower while the history fills and
+    1 at the last step (diffusers' lower_order_final), so the step to 0 lands on D."""
+    sigmas = _host(sigmas)
+    n = len(sigmas) - 1
+    ds, lams, start = [], [], None                  # newest first; start: (x, sigma, order) of the last predictor
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        if start is not None:                       # UniC: correct the step that brought x here
+            x_prev, sigma_prev, p = start
+            x = _unipc_step(x_prev, sigma_prev, sigma, ds[:p], lams[:p], new=denoised)
+        ds, lams = [denoised] + ds[:order - 1], [-math.log(sigma)] + lams[:order - 1]
+        p = min(order, n - i, len(ds))
+        start = (x, sigma, p)
+        x = denoised if sigma_next == 0 else _unipc_step(x, sigma, sigma_next, ds[:p], lams[:p])
+    return x
+
+
 @torch.no_grad()
 def dpmpp_sde(denoise, x, sigmas, noise=None, callback=None, eta=1.0, r=0.5):
     """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde; diffusers' DPMSolverSDEScheduler at r = 1/2): a 2-stage
@@ -321,6 +379,45 @@ def dpmpp_2m_sde(denoise, x, sigmas, noise=None, callback=None, eta=1.0):
                 x = x + noise(sigma, sigma_next) * sigma_next * (-math.expm1(-2 * eta_h)) ** 0.5
             h_last = h
         old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def dpmpp_3m_sde(denoise, x, sigmas, noise=None, callback=None, eta=1.0):
+    """DPM-Solver++(3M) SDE (k-diffusion's sample_dpmpp_3m_sde): the SDE step of `dpmpp_2m_sde` in the form
+    x = e^{-h_eta} x + (1 - e^{-h_eta}) D, h_eta = (1 + eta) h, h = log(sigma / sigma_next), plus the exponential
+    integrator's higher-order terms from the last two steps' D (Lu et al. 2022b, Sec. 3.3, multistep form):
+        x += phi_2 d1 - phi_3 d2,   phi_2 = 1 - (1 - e^{-h_eta}) / h_eta,   phi_3 = phi_2 / h_eta - 1/2
+    with d1 ~ h dD/dlambda and d2 ~ h^2 d2D/dlambda2 / 2 from divided differences over the uneven steps h_1, h_2
+    (second step: the phi_2 term alone; first step: neither), then the noise sigma_next sqrt(1 - e^{-2 eta h}) z,
+    z = noise(sigma, sigma_next), a Brownian tree's increment by default (see `dpmpp_sde`). The step to 0 lands
+    on D."""
+    sigmas = _host(sigmas)
+    old = []                                             # (D, h) of the last two steps, newest first
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        if sigma_next == 0:
+            x = denoised
+            continue
+        h = math.log(sigma) - math.log(sigma_next)
+        h_eta = h * (eta + 1)
+        x = math.exp(-h_eta) * x - math.expm1(-h_eta) * denoised
+        phi_2 = math.expm1(-h_eta) / h_eta + 1
+        if len(old) == 2:
+            (d_1, h_1), (d_2, h_2) = old
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0, d1_1 = (denoised - d_1) / r0, (d_1 - d_2) / r1          # divided differences, in units of h
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+        elif old:
+            d_1, h_1 = old[0]
+            x = x + phi_2 * (denoised - d_1) / (h_1 / h)
+        if eta:
+            x = x + noise(sigma, sigma_next) * sigma_next * (-math.expm1(-2 * h * eta)) ** 0.5
+        old = [(denoised, h)] + old[:1]
     return x
 
 
@@ -403,6 +500,35 @@ def ddpm(denoise, x, sigmas, noise=None, callback=None):
     return x
 
 
+@torch.no_grad()
+def lcm(denoise, x, sigmas, noise=None, callback=None, timesteps=None, timestep_scaling=10.0, sigma_data=0.5):
+    """Latent consistency model sampling (Luo et al. 2023, Alg. 1: the multistep consistency sampler of Song et al.
+    2023; diffusers' LCMScheduler). Each step maps x straight to a clean estimate with the consistency function
+
+        f(x, t) = c_skip(t) x_t + c_out(t) D,
+        c_skip = s_d^2 / ((10 t)^2 + s_d^2),   c_out = 10 t / sqrt((10 t)^2 + s_d^2)
+
+    (LCM's boundary condition f(x, 0) = x: s_d = sigma_data = 0.5, t scaled by timestep_scaling = 10; x_t =
+    x / sqrt(1 + sigma^2), the latent in abar space), then noises it afresh to sigma_next: x = f + sigma_next z
+    (the forward process in sigma space). The boundary condition is a function of the training timestep t, not
+    of sigma: `timesteps` holds each sigma's t (`plan` computes them). Meant for an LCM-distilled U-Net (an
+    LCM-LoRA) at 2-8 steps and cfg ~1."""
+    if timesteps is None:
+        raise ValueError("lcm needs the training timestep of each sigma: timesteps=[...] (samplers.plan sets them)")
+    sigmas = _host(sigmas)
+    for i, (sigma, sigma_next) in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        if callback:
+            callback(i, x, denoised, sigma)
+        t = float(timesteps[i]) * timestep_scaling
+        c_skip = sigma_data ** 2 / (t ** 2 + sigma_data ** 2)
+        c_out = t / (t ** 2 + sigma_data ** 2) ** 0.5
+        x = c_skip * x / (1 + sigma ** 2) ** 0.5 + c_out * denoised
+        if sigma_next > 0:
+            x = x + noise(sigma, sigma_next) * sigma_next
+    return x
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Names and plans
 # ---------------------------------------------------------------------------------------------------------------
@@ -410,21 +536,23 @@ def ddpm(denoise, x, sigmas, noise=None, callback=None):
 SAMPLERS = {
     "euler": euler, "euler_a": euler_a, "heun": heun, "dpm2": dpm2, "dpm2_a": dpm2_a, "lms": lms,
     "dpmpp_2s_a": dpmpp_2s_a, "dpmpp_2m": dpmpp_2m, "dpmpp_sde": dpmpp_sde, "dpmpp_2m_sde": dpmpp_2m_sde,
-    "ddim": ddim, "plms": plms, "ddpm": ddpm,
+    "dpmpp_3m_sde": dpmpp_3m_sde, "unipc": unipc, "ddim": ddim, "plms": plms, "ddpm": ddpm, "lcm": lcm,
 }
-ANCESTRAL = {"euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "ddim"}   # take eta, draw noise
-BROWNIAN = {"dpmpp_sde", "dpmpp_2m_sde"}   # their noise is a Brownian tree's (k-diffusion's and diffusers' default)
+ANCESTRAL = {"euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim"}   # take eta
+BROWNIAN = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"}   # a Brownian tree's noise (k-diffusion's, diffusers' default)
 CHURN = {"euler", "heun", "dpm2"}          # take s_churn, s_tmin, s_tmax, s_noise (Karras et al. 2022, Alg. 2)
 # A1111's display names (the web UI's sampler dropdown)
 DISPLAY_NAMES = {
     "Euler": "euler", "Euler a": "euler_a", "Heun": "heun", "DPM2": "dpm2", "DPM2 a": "dpm2_a", "LMS": "lms",
     "DPM++ 2S a": "dpmpp_2s_a", "DPM++ 2M": "dpmpp_2m", "DPM++ SDE": "dpmpp_sde", "DPM++ 2M SDE": "dpmpp_2m_sde",
-    "DDIM": "ddim", "PLMS": "plms", "DDPM": "ddpm",
+    "DPM++ 3M SDE": "dpmpp_3m_sde", "UniPC": "unipc", "DDIM": "ddim", "PLMS": "plms", "DDPM": "ddpm", "LCM": "lcm",
 }
 DEFAULT = "dpmpp_2m"                       # A1111's default since 1.6 ("DPM++ 2M" with the Karras schedule)
 # SD's own DDIM / PLMS / DDPM run on its training timesteps ("leading": diffusers' config, and LDM's
 # make_ddim_timesteps("uniform") when the step count divides 1000); every other sampler on Karras
-DEFAULT_SCHEDULE = {"ddim": "leading", "plms": "leading", "ddpm": "leading"}
+DEFAULT_SCHEDULE = {"ddim": "leading", "plms": "leading", "ddpm": "leading", "lcm": "lcm"}
+# diffusers' DDIM, PLMS, DDPM, UniPC and LCM schedulers start at x_T = randn in abar space (init_noise_sigma = 1)
+STARTS_VARIANCE_PRESERVING = {"ddim", "plms", "ddpm", "unipc", "lcm"}
 # LDM's DDIM / PLMS (and diffusers' DDIM / PNDM with set_alpha_to_one=False) end their last step at abar_0
 ENDS_AT_SIGMA_MIN = {"ddim", "plms"}
 
@@ -481,6 +609,9 @@ def check(sampler, schedule, steps, eta=None, churn=None) -> Sampling:
     key, schedule = resolve(sampler, schedule)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if schedule.split()[0] == "lcm" and steps > schedules.LCM_ORIGINAL_STEPS:
+        raise ValueError(f"the lcm schedule has at most {schedules.LCM_ORIGINAL_STEPS} steps (the timesteps LCM "
+                         f"was distilled on), got {steps}")
     if eta is not None and key not in ANCESTRAL:
         raise ValueError(f"sampler {key!r} takes no eta; ancestral samplers: {', '.join(sorted(ANCESTRAL))}")
     unknown = sorted(set(churn or {}) - set(CHURN_DEFAULTS))
@@ -509,6 +640,7 @@ class Plan:
     brownian: tuple | None = None
     eta: float | None = None        # as in Sampling
     churn: dict | None = None       # as in Sampling
+    timesteps: tuple | None = None  # lcm: the training timestep t of each sigma but the last (its c_skip, c_out)
     # the sigmas as Python floats, read off the tensor once, when the plan is made: `sample` reads no tensor
     host_sigmas: list = field(init=False, repr=False, compare=False)
 
@@ -518,13 +650,14 @@ class Plan:
     def last(self, n):
         """The plan of the last n steps (img2img): it starts at sigmas[-n - 1]. The Brownian tree keeps the whole
         schedule's interval, as diffusers' DPMSolverSDEScheduler does in img2img."""
-        return replace(self, sigmas=self.sigmas[len(self.sigmas) - 1 - n:])
+        timesteps = None if self.timesteps is None else self.timesteps[len(self.timesteps) - n:]
+        return replace(self, sigmas=self.sigmas[len(self.sigmas) - 1 - n:], timesteps=timesteps)
 
     @property
     def draws_noise(self):
         """Whether the sampler reads its noise source: DDPM, an ancestral sampler at eta != 0, or churn."""
         eta = (0.0 if self.sampler == "ddim" else 1.0) if self.eta is None else self.eta
-        return (self.sampler == "ddpm" or (self.sampler in ANCESTRAL and eta != 0)
+        return (self.sampler in ("ddpm", "lcm") or (self.sampler in ANCESTRAL and eta != 0)
                 or (self.churn is not None and self.churn["s_churn"] > 0))
 
 
@@ -550,11 +683,14 @@ def plan(sampler, schedule, steps, sigmas_train, eta=None, churn=None):
     final = "sigma_min" if s.sampler in ENDS_AT_SIGMA_MIN else "zero"
     sigmas = schedules.get_sigmas(s.schedule, steps, sigmas_train, final=final)
     spacing = s.schedule.split()[0]
-    variance_preserving = s.sampler in ("ddim", "plms", "ddpm") or spacing == "leading"
+    variance_preserving = s.sampler in STARTS_VARIANCE_PRESERVING or spacing == "leading"
     init_sigma = schedules.init_noise_sigma(sigmas[0].item(), variance_preserving)
-    interpolation = "linear" if spacing in ("linspace", "leading", "trailing") else "log"
+    interpolation = "linear" if spacing in ("linspace", "leading", "trailing", "lcm") else "log"
     brownian = (sigmas[sigmas > 0].min().item(), sigmas.max().item()) if s.sampler in BROWNIAN else None
-    return Plan(s.sampler, s.schedule, sigmas, init_sigma, interpolation, brownian, s.eta, s.churn)
+    timesteps = None
+    if s.sampler == "lcm":        # LCM's boundary condition reads t: the t the U-Net is fed at each sigma
+        timesteps = tuple(sigma_to_t(sigmas[:-1], sigmas_train.to(torch.float64).cpu(), interpolation).tolist())
+    return Plan(s.sampler, s.schedule, sigmas, init_sigma, interpolation, brownian, s.eta, s.churn, timesteps)
 
 
 def sample(plan, denoise, x, noise=None, callback=None):
@@ -565,4 +701,6 @@ def sample(plan, denoise, x, noise=None, callback=None):
         raise ValueError(f"sampler {plan.sampler!r} draws fresh noise: pass noise=noise_from(generator, shape, ...)"
                          + (" or brownian_noise(seed, shape, sigma_min, sigma_max)" if plan.brownian else ""))
     options = dict(plan.churn or {}) | ({} if plan.eta is None else {"eta": plan.eta})
+    if plan.timesteps is not None:
+        options["timesteps"] = plan.timesteps
     return SAMPLERS[plan.sampler](denoise, x, plan.host_sigmas, noise=noise, callback=callback, **options)

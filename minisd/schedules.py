@@ -36,6 +36,8 @@ def diffusers_timesteps(spacing, steps, num_train=1000, steps_offset=1):
       leading   t = (0, r, 2r, ...) * reversed + steps_offset, r = 1000 // n: SD's own config (steps_offset = 1).
                 It never reaches t = 999 (t_max = 901 for 10 steps), so the first step is not at sigma_max.
       trailing  t = round(1000, 1000 - r, ...) - 1, r = 1000 / n: starts at 999 and stops short of 0.
+      lcm       LCMScheduler's: n of the 50 timesteps LCM was distilled on (999, 979, ..., 19; its
+                original_inference_steps = 50), evenly spaced by index: 4 steps are 999, 759, 499, 259.
     """
     if spacing == "linspace":
         return np.linspace(0, num_train - 1, steps, dtype=np.float32)[::-1].astype(np.float64)
@@ -43,12 +45,20 @@ def diffusers_timesteps(spacing, steps, num_train=1000, steps_offset=1):
         return (np.arange(0, steps) * (num_train // steps)).round()[::-1].astype(np.float64) + steps_offset
     if spacing == "trailing":
         return np.arange(num_train, 0, -num_train / steps).round().astype(np.float64) - 1
-    raise ValueError(f"unknown timestep spacing {spacing!r}; valid: linspace, leading, trailing")
+    if spacing == "lcm":
+        if steps > LCM_ORIGINAL_STEPS:
+            raise ValueError(f"the lcm schedule has at most {LCM_ORIGINAL_STEPS} steps (the timesteps LCM was "
+                             f"distilled on), got {steps}")
+        grid = (np.arange(1, LCM_ORIGINAL_STEPS + 1) * (num_train // LCM_ORIGINAL_STEPS) - 1)[::-1]
+        return grid[np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, steps, endpoint=False)).astype(np.int64)].astype(
+            np.float64)
+    raise ValueError(f"unknown timestep spacing {spacing!r}; valid: linspace, leading, trailing, lcm")
 
 
-SPACINGS = ("discrete", "linspace", "leading", "trailing")
+SPACINGS = ("discrete", "linspace", "leading", "trailing", "lcm")
+LCM_ORIGINAL_STEPS = 50       # LCMScheduler's original_inference_steps: the distillation's timestep grid
 SHAPES = ("karras", "exponential")
-SCHEDULES = ("discrete", "karras", "exponential", "linspace", "leading", "trailing",
+SCHEDULES = ("discrete", "karras", "exponential", "linspace", "leading", "trailing", "lcm",
              "<spacing> karras", "<spacing> exponential")
 
 
@@ -69,7 +79,7 @@ def get_sigmas(schedule, steps, sigmas_train, steps_offset=1, final="zero"):
     schedule is a spacing, optionally followed by a shape:
       "discrete"   k-diffusion's default (A1111's): t = linspace(999, 0, n), sigma(t) log-interpolated between
                    the 1000 training sigmas (DiscreteSchedule.get_sigmas). Runs from sigma_max to sigma_min.
-      "linspace" / "leading" / "trailing"   diffusers' timestep_spacing (see `diffusers_timesteps`) with its
+      "linspace" / "leading" / "trailing" / "lcm"   diffusers' timestep_spacing (see `diffusers_timesteps`) with its
                    *linear* sigma interpolation (np.interp). At fractional t (only "linspace") that differs from
                    k-diffusion's log interpolation; sample with make_denoiser(interpolation="linear") to feed the
                    U-Net the same t as diffusers does.

@@ -50,8 +50,12 @@ def run_diffusers(scheduler, model, steps, context, seed, eta=None):
     """StableDiffusionPipeline's denoising loop with `scheduler` and a CPU generator seeded with `seed`, which
     draws the initial latents first and then every ancestral draw (scheduler.step(generator=...)).
 
+    steps: a step count, or a list of the timesteps themselves (schedulers that take custom timesteps).
     Returns the latents at the start of every (first-order) step, and the final latents."""
-    scheduler.set_timesteps(steps)
+    if isinstance(steps, list):
+        scheduler.set_timesteps(timesteps=steps)
+    else:
+        scheduler.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(SHAPE, generator=g) * scheduler.init_noise_sigma
     trajectory = []

@@ -31,6 +31,21 @@ def test_generate_writes_a_png_with_a1111_parameters(model_file, tmp_path, capsy
     assert "seed 42" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("sampler", ["UniPC", "DPM++ 3M SDE Karras", "LCM"])
+def test_generate_with_unipc_dpmpp_3m_sde_and_lcm(model_file, tmp_path, sampler):
+    out = tmp_path / "img.png"
+    assert _generate(model_file, out, "--sampler", sampler, "--cfg", "1") == 0
+    params = parse_a1111_parameters(read_png_parameters(out))
+    assert params["Sampler"] == sampler.removesuffix(" Karras") and params["Steps"] == "2"
+
+
+def test_lcm_refuses_more_steps_than_its_grid(model_file, tmp_path, capsys):
+    assert _generate(model_file, tmp_path / "img.png", "--sampler", "LCM", "--steps", "51") == 2
+    err = capsys.readouterr().err
+    assert "lcm schedule has at most 50 steps" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "img.png").exists()
+
+
 def test_same_seed_same_image_and_no_silent_overwrite(model_file, tmp_path, capsys):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     assert _generate(model_file, a) == 0 and _generate(model_file, b) == 0

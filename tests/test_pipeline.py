@@ -68,6 +68,9 @@ DIFFUSERS_CASES = [
     ("heun", "leading", "HeunDiscreteScheduler", dict(timestep_spacing="leading")),
     ("dpm2_a", "leading", "KDPM2AncestralDiscreteScheduler", dict(timestep_spacing="leading")),
     ("euler", "trailing karras", "EulerDiscreteScheduler", dict(timestep_spacing="trailing", use_karras_sigmas=True)),
+    # UniPC's "trailing" timesteps are the Euler family's (its "leading" has n + 1 partitions, which no schedule
+    # here names; see test_samplers' unipc-leading)
+    ("unipc", "trailing", "UniPCMultistepScheduler", dict(timestep_spacing="trailing")),
 ]
 
 
@@ -116,8 +119,12 @@ def _k_diffusion(ref, cfg, sampler, schedule, prompt, negative, steps, scale, se
     shape = (1, 4, size // ref.vae_scale_factor, size // ref.vae_scale_factor)
     x = torch.randn(shape, generator=g) * sigmas[0]
     fn = {"dpmpp_2m": K.sampling.sample_dpmpp_2m, "dpmpp_2s_a": K.sampling.sample_dpmpp_2s_ancestral,
-          "euler_a": K.sampling.sample_euler_ancestral, "lms": K.sampling.sample_lms}[sampler]
+          "euler_a": K.sampling.sample_euler_ancestral, "lms": K.sampling.sample_lms,
+          "dpmpp_3m_sde": K.sampling.sample_dpmpp_3m_sde}[sampler]
     extra = {} if sampler in ("dpmpp_2m", "lms") else {"noise_sampler": lambda s, t: torch.randn(shape, generator=g)}
+    if sampler == "dpmpp_3m_sde":     # A1111's noise: a Brownian tree seeded with the image's seed
+        extra = {"noise_sampler": K.sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(),
+                                                                        seed=seed)}
     with torch.no_grad():
         x = fn(guided, x, sigmas, disable=True, **extra)
         image = ref.vae.decode(x / ref.vae.config.scaling_factor).sample
@@ -125,7 +132,8 @@ def _k_diffusion(ref, cfg, sampler, schedule, prompt, negative, steps, scale, se
 
 
 K_CASES = [("dpmpp_2m", "karras", "sd1"), ("dpmpp_2s_a", "discrete", "sd2"), ("euler_a", "karras", "sd1"),
-           ("dpmpp_2s_a", "karras", "sd1"), ("lms", "discrete", "sd2")]
+           ("dpmpp_2s_a", "karras", "sd1"), ("lms", "discrete", "sd2"), ("dpmpp_3m_sde", "karras", "sd1"),
+           ("dpmpp_3m_sde", "discrete", "sd2")]
 
 
 @pytest.mark.parametrize("sampler,schedule,model", K_CASES, ids=["-".join(c) for c in K_CASES])
@@ -168,6 +176,8 @@ def _init_image(size=32, mode="RGB"):
     # strength 1: diffusers still mixes the init latent in at the first sigma (x = x0 + sigma_0 noise)
     ("sd1", "euler", "leading", "EulerDiscreteScheduler", 1.0),
     ("sd2", "ddim", "leading", "DDIMScheduler", 1.0),
+    # LCMScheduler cuts its 4 timesteps (999, 759, 499, 259) to the last 2, as plan.last does
+    ("sd1", "lcm", "lcm", "LCMScheduler", 0.5),
 ])
 def test_img2img_equals_diffusers(request, model, sampler, schedule, scheduler, strength):
     import diffusers
@@ -401,3 +411,74 @@ def test_full_size_txt2img_equals_diffusers(tmp_path, preset):
     print(f"[parity] max abs pixel error {err:.5f}, image std {theirs.std():.3f}")
     assert theirs.std() > 0.05, "a saturated or flat image would make the comparison meaningless"
     assert err <= TOL, f"max abs pixel error {err:.4f} (image std {theirs.std():.3f})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LCM with an LCM-LoRA: diffusers' LCMScheduler + load_lora_weights, 4 steps, no guidance
+
+
+# every layer latent-consistency/lcm-lora-sdv1-5 changes (its adapter_config's target_modules): the attention and
+# feed-forward Linears, proj_in/out, and the ResNet blocks' 3x3 convs, shortcuts, time projections and resamplers
+LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+def lcm_lora_file(ref, folder, layout, rank=4, alpha=8.0):
+    """A random LoRA of the U-Net on LCM-LoRA's layers, made by peft (an adapter on a copy of diffusers' U-Net,
+    factors redrawn) and written by diffusers' save_lora_weights ("peft": unet.<module>.lora_A.weight, alpha in
+    the header's lora_adapter_metadata), or the same factors under the kohya keys A1111 and ComfyUI read
+    ("kohya": lora_unet_<module with _>.lora_down.weight, .lora_up.weight, .alpha)."""
+    import copy
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    unet = copy.deepcopy(ref.unet)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LCM_LORA_TARGETS, init_lora_weights=False)
+    unet.add_adapter(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:       # down ~ 1/sqrt(fan_in), up ~ 0.2/sqrt(rank): a visible change, not a blow-up
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) * (0.2 if "lora_B" in name else 1.0) / fan_in ** 0.5)
+    state = get_peft_model_state_dict(unet)
+    if layout == "peft":
+        diffusers.StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state,
+                                                            unet_lora_adapter_metadata=config.to_dict())
+        return folder / "pytorch_lora_weights.safetensors"
+    tensors = {}
+    for key, t in state.items():
+        module, part = key.rsplit(".lora_", 1)
+        kohya = "lora_unet_" + module.replace(".", "_")
+        tensors[f"{kohya}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = t.contiguous()
+        tensors[f"{kohya}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, folder / "lcm_lora_kohya.safetensors")
+    return folder / "lcm_lora_kohya.safetensors"
+
+
+@pytest.mark.parametrize("layout,fuse", [("peft", False), ("peft", True), ("kohya", False)])
+def test_lcm_with_an_lcm_lora_equals_diffusers(sd1, tmp_path, layout, fuse):
+    ours, ref = sd1
+    path = lcm_lora_file(ref, tmp_path, layout)
+    kw = dict(steps=4, cfg=1.0, seed=7, size=32)
+    ours.set_loras([(str(path), 1.0)])
+    try:
+        mine = ours.generate(PROMPT, "", kw["steps"], kw["cfg"], "LCM", seed=kw["seed"], width=32, height=32).images
+    finally:
+        ours.set_loras([])
+    plain = ours.generate(PROMPT, "", kw["steps"], kw["cfg"], "LCM", seed=kw["seed"], width=32, height=32).images
+    ref.load_lora_weights(str(path.parent), weight_name=path.name)
+    try:
+        if fuse:
+            ref.fuse_lora()
+        theirs = _diffusers(ref, diffusers.LCMScheduler, PROMPT, "", **kw)
+    finally:
+        if fuse:
+            ref.unfuse_lora()
+        ref.unload_lora_weights()
+    err = np.abs(_np(mine) - theirs).max()
+    print(f"[parity] max abs pixel error {err:.5f}, image std {theirs.std():.3f}")
+    assert err <= TOL, f"max abs pixel error {err:.4f} (image std {theirs.std():.3f})"
+    assert np.abs(_np(plain) - theirs).max() > 10 * TOL         # the LoRA changed the image: it was applied

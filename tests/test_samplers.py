@@ -31,7 +31,7 @@ CONTEXT = torch.randn(SHAPE[0], 5, CONTEXT_DIM, generator=torch.Generator().manu
 K_WRAPPERS = {"eps": DiscreteEpsDDPMDenoiser, "v": DiscreteVDDPMDenoiser}
 K_NAMES = {"euler": "euler", "euler_a": "euler_ancestral", "heun": "heun", "dpm2": "dpm_2",
            "dpm2_a": "dpm_2_ancestral", "lms": "lms", "dpmpp_2s_a": "dpmpp_2s_ancestral", "dpmpp_2m": "dpmpp_2m",
-           "dpmpp_sde": "dpmpp_sde", "dpmpp_2m_sde": "dpmpp_2m_sde"}
+           "dpmpp_sde": "dpmpp_sde", "dpmpp_2m_sde": "dpmpp_2m_sde", "dpmpp_3m_sde": "dpmpp_3m_sde"}
 
 
 def run_both(name, model, prediction, sigmas, context, dtype):
@@ -320,11 +320,22 @@ DIFFUSERS_CASES = {
     # a Brownian tree seeded with noise_sampler_seed; ours with the same seed (the tests' seed, 42)
     "dpmpp_sde-leading": ("DPMSolverSDEScheduler", dict(timestep_spacing="leading", noise_sampler_seed=42),
                           "dpmpp_sde", "leading", "log"),
+    # UniPC (diffusers' defaults: order 2, bh2, predict_x0, lower_order_final). Its "leading" is
+    # DPMSolverMultistep's (n + 1 partitions: the scheduler's own timesteps, as dpmpp_2m-leading); its "trailing" is
+    # the Euler family's; its Karras timesteps are rounded to integers ("nearest", as dpmpp_2m-karras)
+    "unipc-leading": ("UniPCMultistepScheduler", dict(timestep_spacing="leading"), "unipc", None, "log"),
+    "unipc-trailing": ("UniPCMultistepScheduler", dict(timestep_spacing="trailing"), "unipc", "trailing", "log"),
+    "unipc-karras": ("UniPCMultistepScheduler", dict(use_karras_sigmas=True), "unipc", "karras", "nearest"),
+    "unipc-order3-trailing": ("UniPCMultistepScheduler", dict(timestep_spacing="trailing", solver_order=3),
+                              "unipc", "trailing", "log"),
+    # LCM: the 50-step distillation grid, fresh noise from the generator after every step but the last
+    "lcm": ("LCMScheduler", {}, "lcm", "lcm", "linear"),
     "dpmpp_sde-leading-karras": ("DPMSolverSDEScheduler", dict(timestep_spacing="leading", use_karras_sigmas=True,
                                                                noise_sampler_seed=42), "dpmpp_sde", "leading karras",
                                  "log"),
 }
-ABAR_SPACE = {"DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler"}   # init_noise_sigma = 1, x_t
+ABAR_SPACE = {"DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+              "LCMScheduler"}   # init_noise_sigma = 1, x_t
 
 
 def run_ours_like_diffusers(case, prediction, steps, seed, scheduler, interpolation=None, model=None):
@@ -346,6 +357,10 @@ def run_ours_like_diffusers(case, prediction, steps, seed, scheduler, interpolat
     x = torch.randn(SHAPE, generator=g) * schedules.init_noise_sigma(sigmas[0].item(), vp_start)
     trajectory = []
     kwargs = {"eta": 0.5} if case == "ddim-eta-leading" else {}
+    if "order3" in case:
+        kwargs["order"] = 3
+    if name == "lcm":                             # the plan's t of each sigma, LCM's boundary condition
+        kwargs["timesteps"] = S.plan(name, schedule, steps, sigmas_train).timesteps
     noise = S.noise_from(g, SHAPE)
     if name in S.BROWNIAN:                        # the tree on the schedule's range, seeded with the seed
         noise = brownian_noise(seed, SHAPE, sigmas[sigmas > 0].min().item(), sigmas.max().item())
@@ -383,6 +398,47 @@ def test_sampler_equals_diffusers_step_by_step(case, prediction):
     # the noise itself is bit-equal at equal query times, see test_brownian_*). Another seed is off by ~1.
     tol = 1e-2 if DIFFUSERS_CASES[case][2] in S.BROWNIAN else 1e-4
     assert max(rel_err(a, b) for a, b in zip(ours, theirs)) <= tol
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_lcm_boundary_condition_equals_diffusers_at_small_t(prediction):
+    """At LCM's own timesteps (t >= 19) c_skip <= 7e-6 and c_out >= 0.99999: the step is D plus noise, and the
+    comparisons above would not see a wrong boundary condition. At t = 3 and 1 (diffusers' custom timesteps)
+    c_skip is 0.007 and 0.0025 of x_t, far above the tolerance."""
+    timesteps = [999, 259, 3, 1]
+    scheduler = diffusers.LCMScheduler(**SD_SCHEDULER_CONFIG,
+                                       prediction_type="epsilon" if prediction == "eps" else "v_prediction")
+    with warnings.catch_warnings():        # diffusers warns that 3 and 1 are off its 50-step grid
+        warnings.simplefilter("ignore")
+        theirs = run_diffusers(scheduler, ToyModel(), timesteps, CONTEXT, 42)
+    sigmas_train = sigmas_from_alphas_cumprod(scheduler.alphas_cumprod.double())
+    t = torch.tensor(timesteps, dtype=torch.float64)
+    sigmas = torch.cat([t_to_sigma(t, sigmas_train, "linear"), torch.zeros(1, dtype=torch.float64)])
+    denoise = make_denoiser(ToyModel(), scheduler.alphas_cumprod.double(), prediction, "linear")
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(SHAPE, generator=g) * schedules.init_noise_sigma(sigmas[0].item(), True)
+    trajectory = []
+    x = S.lcm(lambda x, s: denoise(x, s, CONTEXT), x, sigmas, noise=S.noise_from(g, SHAPE),
+              callback=lambda i, x, d, s: trajectory.append(x), timesteps=timesteps)
+    ours = [x / (1 + s ** 2) ** 0.5 for x, s in zip(trajectory + [x], sigmas.tolist())]
+    assert max(rel_err(a, b) for a, b in zip(ours, theirs)) <= 1e-4          # float32 diffusers, as above
+
+
+def test_lcm_and_unipc_plans_start_and_step_as_diffusers():
+    """LCM's plan: LCMScheduler's timesteps (the U-Net's t and the boundary condition's), cut with the sigmas by
+    Plan.last (img2img); LCM and UniPC start at sqrt(sigma_max^2 + 1), diffusers' init_noise_sigma = 1 in abar
+    space."""
+    scheduler = diffusers.LCMScheduler(**SD_SCHEDULER_CONFIG)
+    for steps in (1, 4, 7):
+        scheduler.set_timesteps(steps)
+        plan = S.plan("LCM", None, steps, SIGMAS_TRAIN)
+        assert max(abs(a - b) for a, b in zip(plan.timesteps, scheduler.timesteps.tolist())) < 1e-6
+        assert len(plan.timesteps) == steps and plan.interpolation == "linear"
+    assert plan.last(2).timesteps == plan.timesteps[-2:] and len(plan.last(2).sigmas) == 3
+    for name in ("LCM", "UniPC"):
+        plan = S.plan(name, None, 4, SIGMAS_TRAIN)
+        assert plan.init_sigma == pytest.approx((plan.sigmas[0].item() ** 2 + 1) ** 0.5, rel=1e-12)
+    assert S.plan("UniPC", None, 4, SIGMAS_TRAIN).timesteps is None
 
 
 def test_diffusers_linspace_needs_linear_interpolation():
@@ -456,7 +512,7 @@ def moment_error(x):
     return max((x.mean(0) - mean).abs().max().item(), (torch.cov(x.T) - cov).abs().max().item())
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "dpm2", "lms", "dpmpp_2m", "ddim"])
+@pytest.mark.parametrize("name", ["euler", "heun", "dpm2", "lms", "dpmpp_2m", "unipc", "ddim"])
 def test_deterministic_samplers_reach_the_target_moments(name):
     x = torch.randn(10000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
     errors = [moment_error(S.SAMPLERS[name](gmm_denoiser, x, toy_sigmas(n))) for n in (4, 16, 64)]
@@ -495,7 +551,8 @@ def test_callback_exposes_x_denoised_and_sigma(name):
     x0 = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
     seen = []
     noise = S.noise_from(torch.Generator().manual_seed(1), (50, 2), dtype=torch.float64)
-    S.SAMPLERS[name](gmm_denoiser, x0, sigmas, noise=noise, callback=lambda *a: seen.append(a))
+    extra = {"timesteps": [999.0 - 150 * i for i in range(6)]} if name == "lcm" else {}     # LCM's t per sigma
+    S.SAMPLERS[name](gmm_denoiser, x0, sigmas, noise=noise, callback=lambda *a: seen.append(a), **extra)
     assert [i for i, *_ in seen] == list(range(6))
     assert [s for *_, s in seen] == sigmas[:-1].tolist()
     assert torch.equal(seen[0][1], x0)
@@ -513,6 +570,9 @@ def test_names_identifiers_and_a1111_display_names():
     assert S.parse_sampler("DPM++ 2M SDE Exponential") == ("dpmpp_2m_sde", "exponential")
     assert S.parse_sampler("LMS Karras") == ("lms", "karras")
     assert S.parse_sampler("PLMS") == ("plms", None) and S.display_name("plms") == "PLMS"
+    assert S.parse_sampler("DPM++ 3M SDE Karras") == ("dpmpp_3m_sde", "karras")
+    assert S.parse_sampler("UniPC") == ("unipc", None) and S.display_name("unipc") == "UniPC"
+    assert S.parse_sampler("LCM") == ("lcm", None) and S.display_name("lcm") == "LCM"
 
 
 def test_check_reads_the_settings_once_and_refuses_bad_ones():
@@ -526,6 +586,11 @@ def test_check_reads_the_settings_once_and_refuses_bad_ones():
         S.check("Euler Karras", "exponential", 5)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         S.check("euler", None, 0)
+    assert S.check("LCM", None, 4) == S.Sampling("lcm", "lcm", 4, None, None)
+    with pytest.raises(ValueError, match="lcm schedule has at most 50 steps"):
+        S.check("LCM", None, 51)
+    with pytest.raises(ValueError, match="takes no eta"):
+        S.check("UniPC", None, 5, eta=0.5)
     with pytest.raises(ValueError, match="valid: discrete, karras"):
         schedules.get_sigmas("cosine", 10, SIGMAS_TRAIN)
     with pytest.raises(ValueError, match="valid: discrete, karras"):
