@@ -33,8 +33,9 @@ def add_generation_flags(p, size=True):
     and batch size (size: --width and --height too; img2img takes its size from the image)."""
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None,
-                   help="checkpoint file (.safetensors/.ckpt), diffusers folder, or sd15 | sd21 | sd21-base "
-                        "(downloaded once); default: the tiny built-in model")
+                   help="checkpoint file (.safetensors/.ckpt), diffusers folder, sd15 | sd21 | sd21-base, or a "
+                        "Hugging Face repository owner/repo (diffusers) or owner/repo/file.safetensors (downloaded "
+                        "once); default: the tiny built-in model")
     m.add_argument("--prediction", default="auto", choices=("auto", "eps", "v"),
                    help="what the U-Net predicts; auto = a config beside the file, else detected (see README)")
     m.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
