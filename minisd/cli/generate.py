@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .. import eval as evaluation
-from .. import lora, samplers, schedules
+from .. import download, lora, samplers, schedules
 from ..controls import load_control
 from ..images import a1111_parameters, from_pil, output_paths, save_png
 from ..metrics import fid
@@ -235,16 +235,32 @@ def addnet_hash(path):
     return digest.hexdigest()[:12]
 
 
-def recorded_prompt(args):
+def ti_hashes(words, *texts):
+    """A1111's "TI hashes" field: "NAME: HASH, ..." for each textual-inversion word of `words` (an Embeddings)
+    that the prompts use and that came from a file (modules/sd_hijack_clip.py writes it; the name loses ":" and
+    ","). HASH is the embedding's shorthash, the first 12 hex digits of the SHA-256 of the whole file
+    (textual_inversion.py, Embedding.set_hash). Each word is listed once, the prompt's before the negative
+    prompt's. None when no loaded word is used."""
+    named = [words.files[w] for w in words.used(*texts) if w in words.files]
+    listed = [f"{name.replace(':', '').replace(',', '')}: {download.sha256_file(path)[:12]}" for name, path in named]
+    return ", ".join(listed) or None
+
+
+def recorded_prompt(args, words=None):
     """(the prompt as the PNG records it, its fields) with the --lora files written as A1111 writes the LoRAs it
-    used: <lora:NAME:SCALE> in the prompt text and "Lora hashes", so that the PNG alone says how to remake it."""
+    used: <lora:NAME:SCALE> in the prompt text and "Lora hashes", so that the PNG alone says how to remake it;
+    and the embeddings the prompts use (`words`, an Embeddings) as "TI hashes"."""
+    fields = {}
+    hashes = ti_hashes(words, args.prompt, args.negative_prompt or "") if words else None
+    if hashes:
+        fields["TI hashes"] = hashes
     loras = [lora.parse_spec(spec) for spec in args.lora]
     if not loras:
-        return args.prompt, {}
+        return args.prompt, fields
     names = [(os.path.splitext(os.path.basename(path))[0], path, scale) for path, scale in loras]
     tags = " ".join(f"<lora:{name}:{scale:g}>" for name, _, scale in names)
-    hashes = ", ".join(f"{name}: {addnet_hash(path)}" for name, path, _ in names)
-    return f"{args.prompt} {tags}".strip(), {"Lora hashes": hashes}
+    fields["Lora hashes"] = ", ".join(f"{name}: {addnet_hash(path)}" for name, path, _ in names)
+    return f"{args.prompt} {tags}".strip(), fields
 
 
 def load_controls(args, settings, pipe):
@@ -334,7 +350,7 @@ def run_generate(args):
         result = pipe.img2img(args.prompt, init, args.strength, seed=seeds, callback=callback, controls=controls,
                               **kwargs)
     width, height = result.images[0].size
-    prompt, lora_fields = recorded_prompt(args)
+    prompt, lora_fields = recorded_prompt(args, pipe.embeddings)
     extra = dict(control_fields)
     if args.command == "img2img":
         extra["denoising_strength"] = args.strength
