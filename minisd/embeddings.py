@@ -75,14 +75,14 @@ def read(path):
     return token, vectors.detach().reshape(-1, vectors.shape[-1]).float()
 
 
-def save_diffusers(path, token, vectors):
-    """diffusers' learned_embeds.safetensors: {token: (n, dim)}."""
-    write_safetensors(str(path), {token: vectors.detach().float().cpu().contiguous()})
+def save_diffusers(path, token, vectors, metadata=None):
+    """diffusers' learned_embeds.safetensors: {token: (n, dim)}; `metadata`: header entries (train/metadata.py)."""
+    write_safetensors(str(path), {token: vectors.detach().float().cpu().contiguous()}, metadata)
 
 
-def save_a1111(path, vectors):
+def save_a1111(path, vectors, metadata=None):
     """A1111's (and kohya's) .safetensors: {"emb_params": (n, dim)}; A1111 names it after the file's stem."""
-    write_safetensors(str(path), {"emb_params": vectors.detach().float().cpu().contiguous()})
+    write_safetensors(str(path), {"emb_params": vectors.detach().float().cpu().contiguous()}, metadata)
 
 
 def files_in(folder):
