@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from minisd import cli, convert, hub
+from minisd.cli.serve import listed_name
 from minisd.download import ChecksumError, DownloadError
 from minisd.model import load_model, locate, tiny_model_path
 from test_download import TIMEOUT, Hub
@@ -129,6 +130,16 @@ def test_a_single_file_of_a_repository(tiny_folder, env):
     assert locate(f"{REPO}/weights/tiny.safetensors", log=lambda *a: None)[0] == path
 
 
+def test_generate_with_a_repository_file_names_the_model_after_it(env):
+    from minisd.images import parse_a1111_parameters, read_png_parameters
+    data = Path(tiny_model_path()).read_bytes()
+    with Hub(**served({"tiny.safetensors": data})) as server:
+        env.setenv("HF_ENDPOINT", server.url)
+        assert cli.main(["generate", "a red circle", "--model", f"{REPO}/tiny.safetensors", "--steps", "1",
+                         "--width", "32", "--height", "32", "--device", "cpu", "--out", "a.png"]) == 0
+    assert parse_a1111_parameters(read_png_parameters("a.png"))["Model"] == "tiny"
+
+
 def test_offline_uses_the_cache_only(tiny_folder, env):
     files, _ = tiny_folder
     env.setenv("HF_HUB_OFFLINE", "1")
@@ -167,6 +178,7 @@ def test_which_names_are_repositories(env, tmp_path):
     for local in ("models/foo.safetensors",     # a missing local file, not repository "foo.safetensors"
                   "./someone/tiny-sd", "/abs/path", "~/x/y", "a/b/notes.txt", "../x/y", "one", "a/../b"):
         assert hub.parse(local) is None, local
+    assert listed_name("someone/tiny-sd") == "tiny-sd"             # `minisd serve` lists it as generate names it
     (tmp_path / "someone" / "tiny-sd").mkdir(parents=True)      # an existing local path wins
     assert hub.parse("someone/tiny-sd") is None
 
