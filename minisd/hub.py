@@ -56,7 +56,7 @@ _REPO_ID = re.compile(rf"({_PART})/({_PART})(/(?:[\w.-]+/)*[\w.-]+)?")
 
 def parse(name):
     """(repo, file) when `name` has the Hub's shape and is no local path, file None for a folder; else None."""
-    if not name or os.path.exists(name) or "\\" in name:
+    if not isinstance(name, str) or not name or os.path.exists(name) or "\\" in name:
         return None
     match = _REPO_ID.fullmatch(name)
     if not match:
@@ -148,9 +148,9 @@ def choose_files(repo, listed, endpoint):
     """The files of a diffusers folder minisd needs, out of the repository's `listed` paths (module docstring)."""
     have = set(listed)
     if "unet/config.json" not in have:
-        checkpoints = [f for f in listed if f.endswith(CHECKPOINT_SUFFIXES)]
+        example = next((f for f in listed if f.endswith(CHECKPOINT_SUFFIXES)), "FILE.safetensors")
         raise DownloadError(f"{endpoint}/{repo} is not a diffusers folder (no unet/config.json); name one of its "
-                            f"files instead, e.g. --model {repo}/{checkpoints[0] if checkpoints else 'FILE.safetensors'}")
+                            f"files instead, e.g. --model {repo}/{example}")
     missing = [f for f in CONFIGS + TOKENIZER if f not in have and f != "scheduler/scheduler_config.json"]
     weights = []
     for part, choices in WEIGHTS.items():

@@ -52,7 +52,8 @@ def env(tmp_path, monkeypatch):
 
 
 def fetched_files(hub_server):
-    return sorted(p.split("/resolve/main/")[1] for m, p, _ in hub_server.requests if m == "GET" and p.startswith(f"/{REPO}/resolve/"))
+    resolve = f"/{REPO}/resolve/main/"
+    return sorted(p.removeprefix(resolve) for m, p, _ in hub_server.requests if m == "GET" and p.startswith(resolve))
 
 
 def closed_port_url():
