@@ -54,8 +54,9 @@ def run_metadata(cfg, method, args, source, model_config, streams, resolution, s
         "ss_lr_scheduler": str(cfg.lr_scheduler),
         "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
         "ss_max_train_steps": str(cfg.max_train_steps),
-        "ss_num_train_images": str(len(streams[0].examples)),
-        "ss_num_reg_images": str(len(streams[1].examples) if len(streams) > 1 else 0),
+        # kohya counts an image once per repeat (a 10_name folder: 10 times), as an epoch holds it
+        "ss_num_train_images": str(len(streams[0].entries())),
+        "ss_num_reg_images": str(len(streams[1].entries()) if len(streams) > 1 else 0),
         "ss_batch_size_per_device": str(cfg.train_batch_size),
         "ss_total_batch_size": str(cfg.train_batch_size * world * cfg.gradient_accumulation_steps),
         "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
