@@ -3,7 +3,7 @@ the captioners `blip-base`, `blip-large`, `blip2-opt-2.7b` (a transformers folde
 annotators' weights, e.g. `openpose-body` (one file each, FILES).
 
 Each file is fetched from its official Hugging Face repository over plain HTTPS,
-https://huggingface.co/{repo}/resolve/main/{file}, with urllib (no hub library, no token):
+https://huggingface.co/{repo}/resolve/main/{file}, with urllib (no hub library):
 
 - The file is cached at `cache_dir() / file`: `$MINISD_CACHE` if set, else `~/.cache/minisd`. A file already
   there is used as it is (it was checked when it was downloaded, or the user put it there).
@@ -14,8 +14,9 @@ https://huggingface.co/{repo}/resolve/main/{file}, with urllib (no hub library, 
   says). A mismatch deletes the download and raises. `download` also takes only the first hex digits
   (`hash_prefix`, torch.hub's check for files named NAME-<first 8 hex digits of the SHA-256>.pth).
 - Offline, the error says which URL to fetch by hand and the full path to put it at.
-- `$MINISD_HF_ENDPOINT` (or the `endpoint` argument) replaces https://huggingface.co, e.g. for a mirror; the
-  tests point it at a small server on 127.0.0.1.
+- `$MINISD_HF_ENDPOINT`, else `$HF_ENDPOINT` (or the `endpoint` argument) replaces https://huggingface.co, e.g.
+  for a mirror; the tests point it at a small server on 127.0.0.1. A Hugging Face token ($HF_TOKEN, else
+  $HF_HOME/token) is sent to that host (not to the CDN it redirects to). Any other repository: hub.py.
 
 A named folder lives at `cache_dir() / "{owner}--{repo}"`, its files under their own names. Each is fetched as
 above if it is not there yet; the weights of a sharded folder are its index `*.index.json` and the shards the
@@ -118,11 +119,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MINISD_CACHE") or Path.home() / ".cache" / "minisd").expanduser()
 
 
+def hub_endpoint() -> str:
+    """The hub's address: $MINISD_HF_ENDPOINT, else $HF_ENDPOINT (huggingface_hub's variable), else
+    https://huggingface.co."""
+    return (os.environ.get("MINISD_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def token() -> str | None:
+    """The user's Hugging Face token as huggingface_hub finds it: $HF_TOKEN, else the file $HF_HOME/token that
+    `huggingface-cli login` writes ($HF_HOME defaults to ~/.cache/huggingface); None without one."""
+    if os.environ.get("HF_TOKEN", "").strip():
+        return os.environ["HF_TOKEN"].strip()
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
+    try:
+        return (home / "token").read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def _auth(request: urllib.request.Request) -> urllib.request.Request:
+    """`request` with `Authorization: Bearer TOKEN` when it goes to the hub's host and a token is known. The
+    header is "unredirected": urllib does not repeat it to the storage CDN a resolve URL redirects to (requests,
+    which huggingface_hub uses, also drops it on a redirect to another host)."""
+    key = token()
+    if key and urllib.parse.urlsplit(request.full_url).netloc == urllib.parse.urlsplit(hub_endpoint()).netloc:
+        request.add_unredirected_header("Authorization", f"Bearer {key}")
+    return request
+
+
 def model_url(name: str, endpoint: str | None = None) -> str:
-    """https://huggingface.co/{repo}/resolve/main/{file}, with the endpoint from the argument, then
-    $MINISD_HF_ENDPOINT, then the default."""
+    """https://huggingface.co/{repo}/resolve/main/{file}, with the endpoint from the argument, else hub_endpoint()."""
     model = _named(name)
-    endpoint = (endpoint or os.environ.get("MINISD_HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    endpoint = (endpoint or hub_endpoint()).rstrip("/")
     return f"{endpoint}/{model.repo}/resolve/main/{model.filename}"
 
 
@@ -155,7 +183,7 @@ def fetch_folder(name: str, cache=None, endpoint: str | None = None, progress: b
     complete = folder / ".complete"            # written last: every file is there (optional ones the hub lacks
     if complete.exists():                      # are not asked for again)
         return folder
-    endpoint = (endpoint or os.environ.get("MINISD_HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    endpoint = (endpoint or hub_endpoint()).rstrip("/")
     settings = (progress, timeout, retries, retry_wait)
 
     def get(file, optional=False):
@@ -289,7 +317,7 @@ def download(url: str, path, sha256: str | None = None, progress: bool = True, t
 def _fetch_into(url: str, part: Path, progress: bool, timeout: float) -> bool:
     """One GET of the rest of the file, appended to `part`. True when the file is complete."""
     offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-", "Accept-Encoding": "identity"})
+    request = _auth(urllib.request.Request(url, headers={"Range": f"bytes={offset}-", "Accept-Encoding": "identity"}))
     try:
         response = urllib.request.urlopen(request, timeout=timeout)   # follows the redirect to the CDN
     except urllib.error.HTTPError as e:
@@ -341,7 +369,7 @@ def _head_without_redirect(url: str, timeout: float, hops: int = 5):
     to the file storage is not: its headers are the ones that describe the file."""
     opener = urllib.request.build_opener(_NoRedirect)
     for _ in range(hops):
-        request = urllib.request.Request(url, method="HEAD", headers={"Accept-Encoding": "identity"})
+        request = _auth(urllib.request.Request(url, method="HEAD", headers={"Accept-Encoding": "identity"}))
         try:
             with opener.open(request, timeout=timeout) as response:
                 return response.headers
@@ -379,7 +407,7 @@ def fetch_file(name: str, cache=None, endpoint: str | None = None, sha256: str |
     path = file_path(name, cache)
     if path.exists():
         return path
-    endpoint = (endpoint or os.environ.get("MINISD_HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    endpoint = (endpoint or hub_endpoint()).rstrip("/")
     _fetch_file(f"file '{name}'", f"{endpoint}/{spec.repo}/resolve/main/{spec.filename}", path, sha256, progress,
                 timeout, retries, retry_wait, pinned=spec.sha256)
     return path

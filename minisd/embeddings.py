@@ -75,14 +75,14 @@ def read(path):
     return token, vectors.detach().reshape(-1, vectors.shape[-1]).float()
 
 
-def save_diffusers(path, token, vectors):
-    """diffusers' learned_embeds.safetensors: {token: (n, dim)}."""
-    write_safetensors(str(path), {token: vectors.detach().float().cpu().contiguous()})
+def save_diffusers(path, token, vectors, metadata=None):
+    """diffusers' learned_embeds.safetensors: {token: (n, dim)}; `metadata`: header entries (train/metadata.py)."""
+    write_safetensors(str(path), {token: vectors.detach().float().cpu().contiguous()}, metadata)
 
 
-def save_a1111(path, vectors):
+def save_a1111(path, vectors, metadata=None):
     """A1111's (and kohya's) .safetensors: {"emb_params": (n, dim)}; A1111 names it after the file's stem."""
-    write_safetensors(str(path), {"emb_params": vectors.detach().float().cpu().contiguous()})
+    write_safetensors(str(path), {"emb_params": vectors.detach().float().cpu().contiguous()}, metadata)
 
 
 def files_in(folder):
@@ -100,6 +100,7 @@ class Embeddings:
         self.width, self.vocab_size = text_config.width, text_config.vocab_size
         self.vectors = {}            # token (lower case) -> (n, width)
         self.first_id = {}           # token -> id of its first vector: vocab_size, vocab_size + n0, ...
+        self.files = {}              # token -> (the word as it was named, its file) for words read from a file
         self._pattern = None
 
     def __bool__(self):
@@ -122,6 +123,7 @@ class Embeddings:
         found, vectors = read(path)
         token = token or found or os.path.splitext(os.path.basename(str(path)))[0]
         self.add(token, vectors, source=str(path))
+        self.files[token.lower()] = (token, str(path))
         return token
 
     def load_folder(self, folder):
@@ -133,18 +135,27 @@ class Embeddings:
         vocabulary. Longer names are tried first, so "<cat-toy-2>" is not read as "<cat-toy>"."""
         if not self.vectors:
             return encode(text)
-        if self._pattern is None:
-            # a word that starts (ends) with a letter or digit must not continue a longer word there
-            self._pattern = re.compile("|".join(
-                (r"(?<!\w)" if t[0].isalnum() else "") + re.escape(t) + (r"(?!\w)" if t[-1].isalnum() else "")
-                for t in sorted(self.vectors, key=len, reverse=True)), re.IGNORECASE)
         ids, start = [], 0
-        for m in self._pattern.finditer(text):
+        for m in self._words().finditer(text):
             token = m.group(0).lower()
             ids += encode(text[start:m.start()])
             ids += range(self.first_id[token], self.first_id[token] + len(self.vectors[token]))
             start = m.end()
         return ids + encode(text[start:])
+
+    def used(self, *texts):
+        """The loaded words that `texts` use, in order of first use, each once (lower case)."""
+        if not self.vectors:
+            return []
+        return list(dict.fromkeys(m.group(0).lower() for text in texts for m in self._words().finditer(text)))
+
+    def _words(self):
+        if self._pattern is None:
+            # a word that starts (ends) with a letter or digit must not continue a longer word there
+            self._pattern = re.compile("|".join(
+                (r"(?<!\w)" if t[0].isalnum() else "") + re.escape(t) + (r"(?!\w)" if t[-1].isalnum() else "")
+                for t in sorted(self.vectors, key=len, reverse=True)), re.IGNORECASE)
+        return self._pattern
 
     def spans(self):
         """{id of a word's first vector: its number of vectors}: what a prompt chunk keeps together."""

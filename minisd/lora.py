@@ -407,14 +407,15 @@ def save_kohya(path, lora_layers, metadata=None, dtype=None):
     write_safetensors(str(path), tensors, metadata)
 
 
-def save_diffusers(path, lora_layers, config: ModelConfig, dtype=None):
+def save_diffusers(path, lora_layers, config: ModelConfig, dtype=None, metadata=None):
     """Write {kohya name: Factors} with diffusers/peft keys (unet....to_q.lora_A.weight / lora_B.weight), as
     diffusers' save_lora_weights does. peft keeps alpha outside the tensors (in a LoraConfig), so it is folded
-    into lora_B (up * alpha / r): every reader then computes the same W' with its default alpha = r."""
+    into lora_B (up * alpha / r): every reader then computes the same W' with its default alpha = r.
+    `metadata`: more header entries (a training run's, train/metadata.py)."""
     table, tensors = layers(config), {}
     for name, f in lora_layers.items():
         layer = table[name]
         cast = (lambda t: t.to(dtype)) if dtype else (lambda t: t)
         tensors[f"{layer.diffusers}.lora_A.weight"] = cast(f.down.detach())
         tensors[f"{layer.diffusers}.lora_B.weight"] = cast(f.up.detach() * f.scale())
-    write_safetensors(str(path), tensors, {"format": "pt"})
+    write_safetensors(str(path), tensors, {**(metadata or {}), "format": "pt"})

@@ -17,7 +17,7 @@ from torch import nn
 from weights_convert import detect, native
 from weights_convert.io import CheckpointError
 
-from . import download
+from . import download, hub
 from .clip import TextEncoder
 from .config import ModelConfig
 from .tokenizer import Tokenizer
@@ -38,12 +38,15 @@ def tiny_model_path():
 
 def locate(model, log=print):
     """(path, display name) of what the user named: None = the tiny built-in model, a named model ("sd15", "sd21",
-    "sd21-base", fetched once into the cache), else a checkpoint file or diffusers folder."""
+    "sd21-base", fetched once into the cache), a checkpoint file or diffusers folder, else a Hugging Face
+    repository (owner/repo or owner/repo/file.safetensors, fetched once: hub.py)."""
     if model is None:
         log(f"no --model given: using the tiny built-in model ({tiny_model_path()})")
         return tiny_model_path(), "minisd-tiny"
     if model in download.MODELS:
         return download.fetch_model(model), model
+    if hub.parse(model):        # owner/repo[/file.safetensors] that is no local path (hub.py: which wins)
+        return str(hub.fetch(model, log=log)), hub.display_name(model)
     path = Path(model)
     return model, path.name if path.is_dir() else path.stem     # A1111 names a model by its file name
 

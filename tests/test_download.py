@@ -7,6 +7,7 @@ the CDN URL serves the bytes, honouring `Range: bytes=N-` with 206 and a Content
 """
 import hashlib
 import http.server
+import json
 import re
 import socket
 import threading
@@ -25,13 +26,15 @@ TIMEOUT = 5   # seconds, for every socket on both sides: a hung test fails inste
 class Hub:
     """A threaded HTTP server with a few scripted faults; records (method, path, Range) of every request."""
 
-    def __init__(self, files, etags=None, cut_first_at=None, ignore_range=False, moved=None):
+    def __init__(self, files, etags=None, cut_first_at=None, ignore_range=False, moved=None, api=None):
         self.files = files                              # resolve path -> bytes
         self.etags = etags or {p: hashlib.sha256(b).hexdigest() for p, b in files.items()}
         self.cut_first_at = cut_first_at                # first CDN GET sends only this many bytes, then closes
         self.ignore_range = ignore_range                # answer 200 with the whole file to a Range request
         self.moved = moved or {}                        # old resolve path -> new one (a renamed repository)
+        self.api = api or {}                            # GET path -> JSON answered as it is (the model API)
         self.requests = []
+        self.authorization = []                         # (path, Authorization header or None) of every request
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -42,11 +45,20 @@ class Hub:
 
             def do_HEAD(self):
                 hub.requests.append(("HEAD", self.path, self.headers.get("Range")))
+                hub.authorization.append((self.path, self.headers.get("Authorization")))
                 self.resolve()
 
             def do_GET(self):
                 hub.requests.append(("GET", self.path, self.headers.get("Range")))
-                if self.path.startswith("/cdn"):
+                hub.authorization.append((self.path, self.headers.get("Authorization")))
+                if self.path in hub.api:
+                    body = json.dumps(hub.api[self.path]).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                elif self.path.startswith("/cdn"):
                     self.serve_bytes(self.path.removeprefix("/cdn"))
                 else:
                     self.resolve()

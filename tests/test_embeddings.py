@@ -196,3 +196,27 @@ def test_cli_embedding_flags(sd1, tmp_path, capsys):
     assert run("a <w>", "x.png", "--embedding", str(wide)) == 2
     err = capsys.readouterr().err
     assert "width 1024 (an SD2 embedding)" in err and err.count("\n") == 1
+
+
+def test_the_png_records_the_embeddings_the_prompts_use_as_a1111_ti_hashes(tmp_path):
+    # A1111 (modules/sd_hijack_clip.py) writes `TI hashes: "NAME: SHORTHASH, ..."` for the embeddings a prompt
+    # uses; the shorthash is the first 12 hex digits of the SHA-256 of the whole file (Embedding.set_hash)
+    import hashlib
+    from minisd.images import parse_a1111_parameters, read_png_parameters
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    teal = write(folder / "teal.safetensors", "emb_params", None, vectors(1, seed=1))
+    write(folder / "unused.safetensors", "emb_params", None, vectors(1, seed=2))
+    single = write(tmp_path / "learned_embeds.safetensors", "diffusers", "<cat-toy>", vectors(2, seed=3))
+    short = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+    def params(prompt, negative):
+        out = tmp_path / f"{len(list(tmp_path.glob('*.png')))}.png"
+        assert main(["generate", prompt, "--negative-prompt", negative, "--embeddings-dir", str(folder),
+                     "--embedding", str(single), "--steps", "1", "--width", "32", "--height", "32", "--device",
+                     "cpu", "--out", str(out)]) == 0
+        return parse_a1111_parameters(read_png_parameters(out))
+    # the prompt's words first, then the negative prompt's; each once; the unused file not at all
+    assert params("a <CAT-TOY> circle", "teal, <cat-toy>")["TI hashes"] == \
+        f"<cat-toy>: {short(single)}, teal: {short(teal)}"
+    assert "TI hashes" not in params("a circle", "blurry")

@@ -447,3 +447,30 @@ def test_the_pipeline_keeps_a_loaded_word_in_one_chunk():
     cond, _ = pipe.encode_prompts(prompt)
     words = pipe.embeddings
     assert torch.equal(cond[0, 77:], words.encode(pipe.model.text_encoder, ids[1:2])[0])
+
+
+def test_use_ema_saves_the_ema_of_the_trained_vectors(tmp_path):
+    """--use-ema is honoured: the saved embedding is diffusers' EMAModel average (the oracle: its defaults, what
+    diffusers' train_text_to_image.py --use_ema runs) of the vectors after each step, read from the checkpoints of
+    every step; not the last vectors."""
+    from diffusers.training_utils import EMAModel
+    data = image_folder(tmp_path / "data", 2, seed=6)
+    out = tmp_path / "out"
+    cfg = TextualInversionConfig(out=str(out), data=str(data), token="<w>", init_token="red", num_vectors=2,
+                                 max_train_steps=4, device="cpu", use_ema=True, ema_decay=0.5, learning_rate=1e-2,
+                                 checkpointing_steps=1, checkpoints_total_limit=4)
+    saved = embeddings.read(textual_inversion.run(cfg, log=lambda *_: None))[1]
+    checkpoints = [out / "checkpoints" / f"textual_inversion-step{s:06d}.ckpt.pt" for s in (1, 2, 3)]
+    checkpoints.append(out / "checkpoints" / "textual_inversion.ckpt.pt")
+    trained = [torch.load(c, weights_only=True)["params"]["embeddings.<w>"] for c in checkpoints]
+    assert torch.load(checkpoints[-1], weights_only=True)["step"] == 4
+
+    vectors = torch.nn.Parameter(trained[0].clone())
+    ema = EMAModel([vectors], decay=0.5)
+    for v in trained:
+        with torch.no_grad():
+            vectors.copy_(v)
+        ema.step([vectors])
+    reference = ema.shadow_params[0]
+    assert not torch.allclose(saved, trained[-1], rtol=0, atol=1e-6), "the EMA should lag the last vectors"
+    torch.testing.assert_close(saved, reference.to(saved.dtype), rtol=0, atol=1e-7)   # float32 lerps, 4 steps

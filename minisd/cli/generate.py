@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .. import eval as evaluation
-from .. import lora, samplers, schedules, variation
+from .. import download, lora, samplers, schedules, variation
 from ..controls import load_control
 from ..hires import UPSCALERS, Hires
 from ..images import a1111_parameters, from_pil, output_paths, save_png
@@ -34,8 +34,9 @@ def add_generation_flags(p, size=True):
     and batch size (size: --width and --height too; img2img takes its size from the image)."""
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None,
-                   help="checkpoint file (.safetensors/.ckpt), diffusers folder, or sd15 | sd21 | sd21-base "
-                        "(downloaded once); default: the tiny built-in model")
+                   help="checkpoint file (.safetensors/.ckpt), diffusers folder, sd15 | sd21 | sd21-base, or a "
+                        "Hugging Face repository owner/repo (diffusers) or owner/repo/file.safetensors (downloaded "
+                        "once); default: the tiny built-in model")
     m.add_argument("--prediction", default="auto", choices=("auto", "eps", "v"),
                    help="what the U-Net predicts; auto = a config beside the file, else detected (see README)")
     m.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
@@ -235,16 +236,32 @@ def addnet_hash(path):
     return digest.hexdigest()[:12]
 
 
-def recorded_prompt(args):
+def ti_hashes(words, *texts):
+    """A1111's "TI hashes" field: "NAME: HASH, ..." for each textual-inversion word of `words` (an Embeddings)
+    that the prompts use and that came from a file (modules/sd_hijack_clip.py writes it; the name loses ":" and
+    ","). HASH is the embedding's shorthash, the first 12 hex digits of the SHA-256 of the whole file
+    (textual_inversion.py, Embedding.set_hash). Each word is listed once, the prompt's before the negative
+    prompt's. None when no loaded word is used."""
+    named = [words.files[w] for w in words.used(*texts) if w in words.files]
+    listed = [f"{name.replace(':', '').replace(',', '')}: {download.sha256_file(path)[:12]}" for name, path in named]
+    return ", ".join(listed) or None
+
+
+def recorded_prompt(args, words=None):
     """(the prompt as the PNG records it, its fields) with the --lora files written as A1111 writes the LoRAs it
-    used: <lora:NAME:SCALE> in the prompt text and "Lora hashes", so that the PNG alone says how to remake it."""
+    used: <lora:NAME:SCALE> in the prompt text and "Lora hashes", so that the PNG alone says how to remake it;
+    and the embeddings the prompts use (`words`, an Embeddings) as "TI hashes"."""
+    fields = {}
+    hashes = ti_hashes(words, args.prompt, args.negative_prompt or "") if words else None
+    if hashes:
+        fields["TI hashes"] = hashes
     loras = [lora.parse_spec(spec) for spec in args.lora]
     if not loras:
-        return args.prompt, {}
+        return args.prompt, fields
     names = [(os.path.splitext(os.path.basename(path))[0], path, scale) for path, scale in loras]
     tags = " ".join(f"<lora:{name}:{scale:g}>" for name, _, scale in names)
-    hashes = ", ".join(f"{name}: {addnet_hash(path)}" for name, path, _ in names)
-    return f"{args.prompt} {tags}".strip(), {"Lora hashes": hashes}
+    fields["Lora hashes"] = ", ".join(f"{name}: {addnet_hash(path)}" for name, path, _ in names)
+    return f"{args.prompt} {tags}".strip(), fields
 
 
 def load_controls(args, settings, pipe):
@@ -381,7 +398,7 @@ def run_generate(args):
     width, height = result.images[0].size
     if hires:                                   # A1111 records the first pass's size
         width, height = (v or pipe.model.config.image_size for v in (kwargs["width"], kwargs["height"]))
-    prompt, lora_fields = recorded_prompt(args)
+    prompt, lora_fields = recorded_prompt(args, pipe.embeddings)
     extra = dict(control_fields)
     if args.command == "img2img":
         extra["denoising_strength"] = args.strength

@@ -96,7 +96,7 @@ def run_inpaint(args):
     width, height = result.images[0].size
     mask_fields = inpaint.mask_parameters(args.strength, args.mask_blur, args.invert_mask, args.masked_content,
                                           args.only_masked, args.padding)
-    prompt, lora_fields = recorded_prompt(args)
+    prompt, lora_fields = recorded_prompt(args, pipe.embeddings)
     for b, (image, path, image_seed) in enumerate(zip(result.images, paths, result.seeds)):
         params = a1111_parameters(prompt, args.negative_prompt, kwargs["steps"],
                                   samplers.display_name(result.sampler), kwargs["cfg"], image_seed, width, height,

@@ -12,7 +12,7 @@ import os
 
 from pathlib import Path
 
-from .. import download
+from .. import download, hub
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -47,6 +47,8 @@ def listed_name(model):
         return "minisd-tiny"
     if model in download.MODELS:
         return model
+    if hub.parse(model):
+        return hub.display_name(model)
     return Path(model).name if Path(model).is_dir() else Path(model).stem
 
 

@@ -81,7 +81,8 @@ def _common(p, d, save_formats=SAVE_FORMATS, writes="model.safetensors"):
     method writes into --out; save_formats None: it has one way to save (no --save-format)."""
     p.add_argument("--out", required=True, help=f"run folder: {writes}, train_log.jsonl, checkpoints/, samples/, "
                                                 "args.json")
-    p.add_argument("--model", default=None, help="file, diffusers folder, sd15 | sd21 | sd21-base; default: tiny")
+    p.add_argument("--model", default=None, help="file, diffusers folder, sd15 | sd21 | sd21-base, Hugging Face "
+                   "owner/repo[/file.safetensors]; default: tiny")
     p.add_argument("--resolution", type=int, default=None, help="training side in pixels (default: the model's)")
     p.add_argument("--train-batch-size", type=int, default=d.train_batch_size)
     p.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)

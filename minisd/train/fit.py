@@ -37,7 +37,7 @@ from weights_convert.io import write_safetensors
 
 from .. import distributed, lora
 from ..folder_lock import folder_lock
-from . import buckets, report
+from . import buckets, metadata, report
 from ..convert import vocab_files
 from ..diffusion import alphas_cumprod_from_betas, scaled_linear_betas
 from ..model import load_model, locate
@@ -54,8 +54,9 @@ class Training:
     """What a method trains, once the model is loaded (its `prepare` returns it); `fit` does the rest."""
     streams: list                          # batches.Stream: one, or DreamBooth's instance stream then class stream
     trainable: dict | None = None          # {name: Parameter} to optimise; None: trainable_parameters
-    save: Callable | None = None           # save(model, weights, step) -> path of what it wrote (step: a snapshot's
-                                           # name, None: the final output); None: save_model
+    save: Callable | None = None           # save(model, weights, step, metadata) -> path of what it wrote (step: a
+                                           # snapshot's name, None: the final output; metadata: the header's
+                                           # {str: str}, metadata.py); None: save_model
     embeddings: object = None              # textual-inversion words (embeddings.Embeddings) captions may use
     substitute: Callable | None = None     # () -> {param name: tensor} computed with in place of the model's own
     prior_loss_weight: float = 1.0         # DreamBooth: the class examples' weight, with a class stream
@@ -106,10 +107,12 @@ def _fit(cfg: TrainSettings, method, prepare, device, draws, log):
                          f"choose another --out")
     world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     log_path = os.path.join(cfg.out, "train_log.jsonl")
+    args = {"method": method, "processes": world, **dataclasses.asdict(cfg)}
+    header = metadata.run_metadata(cfg, method, args, source, model.config, streams, resolution)
     if main:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "args.json"), "w") as f:
-            json.dump({"method": method, "processes": world, **dataclasses.asdict(cfg)}, f, indent=1)
+            json.dump(args, f, indent=1)
         if not cfg.resume and os.path.exists(log_path):
             os.remove(log_path)
         if cfg.enable_bucket:
@@ -185,7 +188,7 @@ def _fit(cfg: TrainSettings, method, prepare, device, draws, log):
     tracker = report.Tracker(cfg.report_to if main else "none", cfg.out, cfg.tracker_project_name or method,
                              {"method": method, "processes": world, **dataclasses.asdict(cfg)})
     captions = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]    # of the images
-    save = job.save or (lambda model, weights, step=None: save_model(model, weights, cfg, source, step))
+    save = job.save or (lambda model, weights, step, meta: save_model(model, weights, cfg, source, step, meta))
 
     def validate(step):
         if cfg.validation_prompts and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
@@ -196,7 +199,7 @@ def _fit(cfg: TrainSettings, method, prepare, device, draws, log):
             tracker.images(step, captions, paths)
 
     def snapshot(step, weights):
-        paths = save(model, weights, step)
+        paths = save(model, weights, step, metadata.for_file(header, step))
         log_entry(log_path, {"step": step, "snapshot": paths if isinstance(paths, list) else [paths]})
         if cfg.save_last_n is not None:
             remove_old_snapshots(log_path, cfg.save_last_n)
@@ -213,7 +216,7 @@ def _fit(cfg: TrainSettings, method, prepare, device, draws, log):
         model.requires_grad_(False).eval()
         path = None
         if main:
-            path = save(model, weights)
+            path = save(model, weights, None, metadata.for_file(header, cfg.max_train_steps))
             result = {"method": method, "steps": cfg.max_train_steps, "seconds": round(time.time() - t0, 1),
                       "model": path, "last_loss": _last_loss(log_path), "processes": world}
             if cfg.validation_prompts:
@@ -343,26 +346,28 @@ def validation_images(model, cfg: TrainSettings, resolution, step, out, device, 
     return paths
 
 
-def save_model(model, weights, cfg: TrainSettings, source, step=None):
+def save_model(model, weights, cfg: TrainSettings, source, step=None, meta=None):
     """Full fine-tuning's output: the trained weights (EMA ones with --use-ema) put into the model, and the whole
     model written as OUT/model.safetensors (or the diffusers folder OUT/model). A snapshot (step given) writes
-    OUT/model-step000400.safetensors with the weights as they are at that step, and leaves the model alone."""
+    OUT/model-step000400.safetensors with the weights as they are at that step, and leaves the model alone.
+    `meta`: the run's metadata (metadata.py) for the single file's header."""
     path = os.path.join(cfg.out, "model.safetensors" if cfg.save_format == "single_file" else "model")
     if step is not None:
         path = snapshot_path(path, step)
-        write_model(model, source, cfg, path, weights)
+        write_model(model, source, cfg, path, weights, meta)
         return path
     model.load_state_dict(weights, strict=False)
-    write_model(model, source, cfg, path)
+    write_model(model, source, cfg, path, meta=meta)
     return path
 
 
-def write_model(model, source, cfg: TrainSettings, path, weights=None):
+def write_model(model, source, cfg: TrainSettings, path, weights=None, meta=None):
     """The whole model in the official single-file layout (or a diffusers folder): the source file's tensors,
     those not trained included (and the ones minisd does not use, e.g. schedule buffers), in float32 (float64
     for a float64 run: cfg.dtype), with the trained ones replaced by `model`'s (and those by `weights`, when
     given: {model's parameter name: tensor}). A failed write (disk full) leaves no partial file or folder and is one
-    line (loop.WriteFailed); the previous file or folder stays whole."""
+    line (loop.WriteFailed); the previous file or folder stays whole. `meta` ({str: str}, metadata.py) goes into the
+    single file's header; a diffusers folder has no place for it."""
     ckpt = detect.read(source, prediction=model.config.prediction, verbose=False)
     trained = {**model.state_dict(), **(weights or {})}
     tensors = {}
@@ -377,8 +382,8 @@ def write_model(model, source, cfg: TrainSettings, path, weights=None):
                                                                              vocab_files(model.tokenizer)))
         return
     out = ldm.to_ldm(tensors, model.config)
-    metadata = {"minisd_config": native.config_to_json(model.config)}
-    atomic_write(str(path), lambda tmp: write_safetensors(tmp, out, metadata))
+    header = {**(meta or {}), "minisd_config": native.config_to_json(model.config)}
+    atomic_write(str(path), lambda tmp: write_safetensors(tmp, out, header))
 
 
 def _last_loss(log_path):

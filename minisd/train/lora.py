@@ -135,7 +135,7 @@ def run(cfg: LoRAConfig, draws=None, log=print):
         log(f"LoRA rank {cfg.rank}, alpha {cfg.alpha:g} on {len(factors)} layers ({cfg.lora_targets} targets): "
             f"{sum(p.numel() for p in params.values()):,} trainable numbers")
 
-        def save(model, weights, step=None):
+        def save(model, weights, step=None, meta=None):
             """The LoRA file; a snapshot (step given) is written from `weights` alone, the final one also puts
             them into the factors (the final validation images use them: EMA values with --use-ema)."""
             if step is None:
@@ -144,7 +144,7 @@ def run(cfg: LoRAConfig, draws=None, log=print):
                         p.copy_(weights[name])
             final = {name: lora.Factors(weights[f"{name}.down"].detach().cpu(), weights[f"{name}.up"].detach().cpu(),
                                         f.alpha) for name, f in factors.items()}
-            return write(final, model.config, cfg, step)
+            return write(final, model.config, cfg, step, meta)
 
         return Training(streams, trainable=params, save=save, substitute=lambda: merged_weights(model, factors),
                         prior_loss_weight=cfg.prior_loss_weight, text_encoder_prefix="lora_te_")
@@ -152,24 +152,25 @@ def run(cfg: LoRAConfig, draws=None, log=print):
     return fit(cfg, "lora", prepare, draws, log)
 
 
-def write(factors, config, cfg: LoRAConfig, step=None):
+def write(factors, config, cfg: LoRAConfig, step=None, meta=None):
     """The LoRA file of the run (module docstring), written to a temporary name and renamed into place; a
-    snapshot's name ends in -step000400 (step given)."""
+    snapshot's name ends in -step000400 (step given). `meta`: the run's metadata (metadata.py) for its header,
+    with kohya's network keys added."""
     if cfg.save_format == "diffusers":
         path = os.path.join(cfg.out, "pytorch_lora_weights.safetensors")
     else:
         path = os.path.join(cfg.out, (os.path.basename(os.path.normpath(cfg.out)) or "lora") + ".safetensors")
     if step is not None:
         path = snapshot_path(path, step)
+    # kohya's ss_ metadata (the run's, metadata.py, and the network's): what A1111's and ComfyUI's LoRA browsers show
+    header = {**(meta or {}), "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
+              "ss_network_alpha": f"{cfg.alpha:g}",
+              "ss_training_comment": f"minisd train lora ({cfg.lora_targets} targets)"}
+    if step is not None:
+        header["ss_steps"] = str(step)
     if cfg.save_format == "diffusers":
-        atomic_write(path, lambda tmp: lora.save_diffusers(tmp, factors, config))
-    else:                                # kohya's ss_ metadata: what A1111's and ComfyUI's LoRA browsers show
-        metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
-                    "ss_network_alpha": f"{cfg.alpha:g}", "ss_max_train_steps": str(cfg.max_train_steps),
-                    "ss_learning_rate": f"{cfg.learning_rate:g}",
-                    "ss_training_comment": f"minisd train lora ({cfg.lora_targets} targets)"}
-        if step is not None:
-            metadata["ss_steps"] = str(step)
-        atomic_write(path, lambda tmp: lora.save_kohya(tmp, factors, metadata))
+        atomic_write(path, lambda tmp: lora.save_diffusers(tmp, factors, config, metadata=header))
+    else:
+        atomic_write(path, lambda tmp: lora.save_kohya(tmp, factors, header))
     return path
 

@@ -132,15 +132,16 @@ def file_stem(token):
     return stem if stem != "learned_embeds" else "learned_embeds-a1111"      # never over diffusers' file
 
 
-def save(vectors, token, out, step=None):
+def save(vectors, token, out, step=None, meta=None):
     """learned_embeds.safetensors (diffusers) and <word>.safetensors (A1111) in `out`, each written to a temporary
     name first; returns the path of the first. A snapshot (step given): learned_embeds-step000400.safetensors and
-    <word>-step000400.safetensors, and both paths are returned."""
+    <word>-step000400.safetensors, and both paths are returned. `meta`: the run's metadata (metadata.py) for both
+    headers."""
     paths = [os.path.join(out, "learned_embeds.safetensors"), os.path.join(out, file_stem(token) + ".safetensors")]
     if step is not None:
         paths = [snapshot_path(p, step) for p in paths]
-    atomic_write(paths[0], lambda tmp: save_diffusers(tmp, token, vectors))
-    atomic_write(paths[1], lambda tmp: save_a1111(tmp, vectors))
+    atomic_write(paths[0], lambda tmp: save_diffusers(tmp, token, vectors, meta))
+    atomic_write(paths[1], lambda tmp: save_a1111(tmp, vectors, meta))
     return paths[0] if step is None else paths
 
 
@@ -171,12 +172,12 @@ def run(cfg: TextualInversionConfig, draws=None, log=print):
         words.add(cfg.token, vectors)
         name = f"embeddings.{cfg.token}"
 
-        def write(model, weights, step=None):
+        def write(model, weights, step=None, meta=None):
             if step is not None:                # a snapshot: the vectors as they are at that step
-                return save(weights[name].detach(), cfg.token, cfg.out, step)
+                return save(weights[name].detach(), cfg.token, cfg.out, step, meta)
             with torch.no_grad():
                 vectors.copy_(weights[name])    # the EMA values with --use-ema: the final samples use them too
-            return save(vectors, cfg.token, cfg.out)
+            return save(vectors, cfg.token, cfg.out, meta=meta)
 
         log(f"textual inversion of {cfg.token!r} ({cfg.num_vectors} vector{'s' * (cfg.num_vectors > 1)} from "
             f"{cfg.init_token!r}) on {len(examples)} images of {cfg.dataset_name or cfg.data} at {resolution} px")
