@@ -94,7 +94,8 @@ def image_plan(num_prompts, num_images, seed):
 def generation_settings(args, generate, prompts):
     """What the images depend on: a rerun into the same folder must match these. args: the command's flags;
     generate: the keyword arguments of Pipeline.generate (cli.generation_kwargs). Settings added since the first
-    settings.json (emphasis, churn, vae, clip_skip) are written only when used, so folders made before them still match."""
+    settings.json (emphasis, churn, vae, clip_skip) are written only when used, so folders made before them still
+    match."""
     settings = {"model": args.model or "tiny", "prediction": args.prediction,
                 "negative_prompt": generate["negative_prompt"], "sampler": args.sampler or DEFAULT_SAMPLER,
                 "schedule": args.schedule, "steps": generate["steps"], "cfg": generate["cfg"], "eta": generate["eta"],

@@ -166,9 +166,10 @@ def a1111_exif(parameters: str) -> bytes:
     return b"Exif\x00\x00" + tiff_header + ifd0 + exif_ifd + comment
 
 
-def save_image(image: Image.Image, path, parameters: str, overwrite: bool = False) -> Path:
+def save_image(image: Image.Image, path, parameters: str, overwrite: bool = False, fmt=None) -> Path:
     """Write `image` to `path` with the generation parameters where A1111 puts them: a PNG text chunk named
-    "parameters" (.png), or the EXIF UserComment (.jpg, .jpeg, .webp; see a1111_exif).
+    "parameters" (.png), or the EXIF UserComment (.jpg, .jpeg, .webp; see a1111_exif). fmt: "PNG", "JPEG" or
+    "WEBP" whatever the name says; None: by the suffix.
 
     Written to a hidden temporary file in the same directory, then renamed over `path` (a rename within one
     directory is atomic), so `path` is either absent, the old file, or the complete new one. The directory is
@@ -177,7 +178,7 @@ def save_image(image: Image.Image, path, parameters: str, overwrite: bool = Fals
     if not isinstance(image, Image.Image):
         raise TypeError(f"save_image needs a PIL.Image.Image, got {type(image).__name__}")
     path = Path(path)
-    fmt = FORMATS.get(path.suffix.lower())
+    fmt = fmt or FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: minisd writes {', '.join(FORMATS)} files")
     if path.exists() and not overwrite:
@@ -203,10 +204,8 @@ def save_image(image: Image.Image, path, parameters: str, overwrite: bool = Fals
 
 
 def save_png(image: Image.Image, path, parameters: str, overwrite: bool = False) -> Path:
-    """save_image for a .png path (kept for its callers)."""
-    if Path(path).suffix.lower() != ".png":
-        raise ValueError(f"save_png writes .png files, got {path}")
-    return save_image(image, path, parameters, overwrite)
+    """save_image as a PNG, whatever the name."""
+    return save_image(image, path, parameters, overwrite, fmt="PNG")
 
 
 def read_png_parameters(path) -> str | None:

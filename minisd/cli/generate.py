@@ -10,6 +10,9 @@ They share their flags (`add_generation_flags`, also for the inpaint and Control
 them into the same two things: the keyword arguments of the Pipeline call (`generation_kwargs`, which checks the
 sampling settings, so a bad sampler, schedule, eta or churn fails before any model loads) and the loaded Pipeline
 (`load_pipeline`). A batch is A1111's: image b has seed SEED + b and equals that seed generated alone.
+
+A1111's conveniences live in their own modules: --vae (vae_file.py), --prompts-file (prompts_file.py: one run per
+line, the model loaded once), --grid and JPEG/WebP output with the parameters in the EXIF (images.py).
 """
 import os
 import random
@@ -146,7 +149,8 @@ def _add_output(p, prompts_file=False):
     p.add_argument("--format", choices=("png", "jpg", "webp"), default=None,
                    help="file format in an --out folder (default png); the parameters go into the EXIF of jpg/webp")
     p.add_argument("--grid", action="store_true",
-                   help="also save the images as one grid (A1111's: grid-NNNN in the folder) with the first's parameters")
+                   help="also save the images as one grid (A1111's: grid-NNNN in the folder) with the first "
+                        "image's parameters")
     if prompts_file:
         p.add_argument("--prompts-file", default=None, metavar="FILE",
                        help="one prompt a line, or A1111 'prompts from file' lines: --prompt \"a cat\" --steps 20 "
