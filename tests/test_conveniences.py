@@ -6,7 +6,8 @@ in the tests (images.image_grid's row rule, piexif's EXIF layout, prompts_from_f
 
 Tolerances: images 2/255 in [0, 1] as tests/test_pipeline.py (fp32 CPU; random-weight images have a pixel std of
 ~0.2, so a wrong layer or VAE moves pixels by far more: each test checks that its comparison can fail);
-contexts and decoded pixels 1e-5 (the same fp32 ops in another order).
+contexts and decoded pixels 1e-5 (the same fp32 ops in another order). The VAE layouts are also checked at the
+SD 1.5 VAE's full size (vae-ft-mse-840000's shapes) in one test marked slow (~20 s, 1 GB).
 """
 import hashlib
 import io
@@ -375,3 +376,34 @@ def test_cli_prompts_file_one_run_per_line_with_its_options(tmp_path, capsys):
     assert err == f"minisd: error: {lines} line 2: --restore_faces is an A1111 option minisd does not have"
     assert main(["generate", "a cat", "--prompts-file", str(lines), "--out", str(out)]) == 2
     assert main(["generate", "--prompts-file", str(lines), "--out", str(tmp_path / "one.png")]) == 2
+
+
+@pytest.mark.slow
+def test_full_size_vae_files_decode_as_diffusers(tmp_path):
+    """At the SD 1.5 VAE's own size (vae-ft-mse-840000's shapes, 84M parameters): a random diffusers
+    AutoencoderKL saved as a diffusers folder and as the original layout (diffusers' own reading of it is the
+    reference), each loaded with replace_vae over a VAE of that config, decodes as diffusers does."""
+    import types
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+    from checkpoints import reference_diffusers_vae
+    from minisd.config import SD15
+    from minisd.vae import VAE
+    torch.manual_seed(2)
+    ldm = {k: torch.randn_like(t) * 0.02 + (1.0 if k.endswith(".weight") and "norm" in k.split(".")[-2] else 0.0)
+           for k, t in reference_vae(SD15, device="cpu").state_dict().items()}
+    save_file(ldm, tmp_path / "vae-ft-mse.safetensors")
+    del ldm
+    reference_diffusers_vae(SD15).save_config(tmp_path / "config")
+    ref = AutoencoderKL.from_single_file(str(tmp_path / "vae-ft-mse.safetensors"), config=str(tmp_path / "config"),
+                                         local_files_only=True).eval()
+    ref.save_pretrained(tmp_path / "sd-vae-ft-mse")
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = ref.decode(latents / ref.config.scaling_factor).sample
+    del ref
+    holder = types.SimpleNamespace(vae=VAE(SD15.vae).eval())
+    for name in ("vae-ft-mse.safetensors", "sd-vae-ft-mse"):
+        replace_vae(holder, str(tmp_path / name))
+        with torch.no_grad():
+            torch.testing.assert_close(holder.vae.decode(latents), theirs, atol=1e-5, rtol=0)
