@@ -94,7 +94,8 @@ def image_plan(num_prompts, num_images, seed):
 def generation_settings(args, generate, prompts):
     """What the images depend on: a rerun into the same folder must match these. args: the command's flags;
     generate: the keyword arguments of Pipeline.generate (cli.generation_kwargs). Settings added since the first
-    settings.json (emphasis, churn) are written only when used, so folders made before them still match."""
+    settings.json (emphasis, churn, vae, clip_skip) are written only when used, so folders made before them still
+    match."""
     settings = {"model": args.model or "tiny", "prediction": args.prediction,
                 "negative_prompt": generate["negative_prompt"], "sampler": args.sampler or DEFAULT_SAMPLER,
                 "schedule": args.schedule, "steps": generate["steps"], "cfg": generate["cfg"], "eta": generate["eta"],
@@ -102,7 +103,8 @@ def generation_settings(args, generate, prompts):
                 "lora": args.lora, "lora_dir": args.lora_dir, "embedding": args.embedding,
                 "embeddings_dir": args.embeddings_dir,
                 "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
-    optional = {"emphasis": generate["emphasis"], "churn": generate["churn"]}
+    optional = {"emphasis": generate["emphasis"], "churn": generate["churn"], "vae": args.vae,
+                "clip_skip": generate["clip_skip"] if generate["clip_skip"] != 1 else None}
     return settings | {k: v for k, v in optional.items() if v}
 
 
@@ -145,7 +147,8 @@ def generate_missing(pipe, prompts, batches, folder, generate):
             for (_, p, seed, name), image in zip(rows, result.images):
                 params = a1111_parameters(prompts[p], generate["negative_prompt"], generate["steps"],
                                           samplers.display_name(result.sampler), generate["cfg"], seed, *image.size,
-                                          pipe.name)
+                                          pipe.name, clip_skip=generate["clip_skip"] if generate["clip_skip"] != 1
+                                          else None)
                 save_png(image, folder / name, params, overwrite=True)
             bar.update(len(rows))
 

@@ -11,12 +11,18 @@ show them, and `parse_a1111_parameters` reads them back:
     Negative prompt: blurry
     Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: sd15
 
+JPEG and WebP files carry the same text where A1111 puts it (modules/images.py, save_image_with_geninfo): the EXIF
+UserComment, encoded as piexif.helper.UserComment.dump(text, encoding="unicode") writes it, in the EXIF block
+piexif.dump builds (`a1111_exif`). `read_png_parameters` reads all three formats back.
+
 A file is written under a temporary name in the same directory and then renamed, so an interrupted run never
-leaves a half-written PNG under the final name; an existing file is only replaced when asked (`--overwrite`).
+leaves a half-written image under the final name; an existing file is only replaced when asked (`--overwrite`).
 """
 import json
+import math
 import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -135,25 +141,60 @@ def parse_a1111_parameters(text: str) -> dict:
     return result
 
 
-def save_png(image: Image.Image, path, parameters: str, overwrite: bool = False) -> Path:
-    """Write `image` to `path` as a PNG with `parameters` in a text chunk named "parameters".
+# Image file formats by suffix; JPEG and WebP at A1111's default quality (its options jpeg_quality=80, and
+# webp_lossless=False, saved with the same quality)
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+QUALITY = 80
+EXIF_IFD, USER_COMMENT, UNDEFINED = 0x8769, 0x9286, 7      # EXIF 2.32 tags, and the TIFF type of UserComment
+
+
+def a1111_exif(parameters: str) -> bytes:
+    """The EXIF block A1111 writes into a JPEG or WebP: piexif.dump({"Exif": {UserComment: piexif.helper.
+    UserComment.dump(parameters, encoding="unicode")}}), byte for byte.
+
+    UserComment.dump is the 8-byte character-code prefix "UNICODE\0" (EXIF 2.32, table 9) and the text in
+    UTF-16BE. piexif.dump writes a big-endian TIFF header, IFD0 holding only the pointer to the Exif IFD, then
+    the Exif IFD with one entry of type UNDEFINED and (piexif's habit) no next-IFD offset, then the value.
+    Not pillow's Image.Exif: it stores bytes as type BYTE, which piexif reads back as a tuple of ints that
+    A1111's reader cannot decode."""
+    comment = b"UNICODE\0" + parameters.encode("utf-16-be", errors="replace")
+    tiff_header = b"MM\x00\x2a" + struct.pack(">I", 8)                       # IFD0 right after the header
+    exif_ifd_offset = 8 + 2 + 12 + 4                                          # header + IFD0
+    ifd0 = struct.pack(">H", 1) + struct.pack(">HHII", EXIF_IFD, 4, 1, exif_ifd_offset) + struct.pack(">I", 0)
+    value_offset = exif_ifd_offset + 2 + 12
+    exif_ifd = struct.pack(">H", 1) + struct.pack(">HHII", USER_COMMENT, UNDEFINED, len(comment), value_offset)
+    return b"Exif\x00\x00" + tiff_header + ifd0 + exif_ifd + comment
+
+
+def save_image(image: Image.Image, path, parameters: str, overwrite: bool = False, fmt=None) -> Path:
+    """Write `image` to `path` with the generation parameters where A1111 puts them: a PNG text chunk named
+    "parameters" (.png), or the EXIF UserComment (.jpg, .jpeg, .webp; see a1111_exif). fmt: "PNG", "JPEG" or
+    "WEBP" whatever the name says; None: by the suffix.
 
     Written to a hidden temporary file in the same directory, then renamed over `path` (a rename within one
     directory is atomic), so `path` is either absent, the old file, or the complete new one. The directory is
     created if needed. Raises FileExistsError if `path` exists and `overwrite` is False.
     """
     if not isinstance(image, Image.Image):
-        raise TypeError(f"save_png needs a PIL.Image.Image, got {type(image).__name__}")
+        raise TypeError(f"save_image needs a PIL.Image.Image, got {type(image).__name__}")
     path = Path(path)
+    fmt = fmt or FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: minisd writes {', '.join(FORMATS)} files")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngInfo()
-    info.add_text("parameters", parameters)   # tEXt when latin-1 encodable, else PIL writes an iTXt chunk
-    fd, tmp = temp_file_beside(path, suffix=".png.tmp")
+    if fmt == "PNG":
+        info = PngInfo()
+        info.add_text("parameters", parameters)   # tEXt when latin-1 encodable, else PIL writes an iTXt chunk
+        options = dict(pnginfo=info)
+    else:
+        image = image.convert("RGB")              # as A1111: JPEG has no alpha
+        options = dict(quality=QUALITY, exif=a1111_exif(parameters))
+    fd, tmp = temp_file_beside(path, suffix=path.suffix + ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            image.save(f, format=fmt, **options)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -162,24 +203,68 @@ def save_png(image: Image.Image, path, parameters: str, overwrite: bool = False)
     return path
 
 
+def save_png(image: Image.Image, path, parameters: str, overwrite: bool = False) -> Path:
+    """save_image as a PNG, whatever the name."""
+    return save_image(image, path, parameters, overwrite, fmt="PNG")
+
+
 def read_png_parameters(path) -> str | None:
-    """The "parameters" text of a PNG written by minisd or A1111, or None if it has none."""
+    """The generation parameters of an image written by minisd or A1111: a PNG's "parameters" chunk, or a
+    JPEG's / WebP's EXIF UserComment (A1111's read_info_from_image); None if it has none."""
     with Image.open(path) as image:
-        return image.info.get("parameters")
+        if "parameters" in image.info:
+            return image.info["parameters"]
+        comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if not isinstance(comment, bytes) or len(comment) < 8:
+        return None
+    # piexif.helper.UserComment.load: the 8-byte prefix names the code; A1111 reads an unknown one as UTF-8
+    codes = {b"UNICODE\0": "utf-16-be", b"ASCII\0\0\0": "ascii", b"JIS\0\0\0\0\0": "shift_jis"}
+    code = codes.get(comment[:8])
+    text = comment[8:].decode(code, errors="replace") if code else comment.decode("utf-8", errors="ignore")
+    return text or None
+
+
+def image_grid(images, rows=None):
+    """The images pasted into one grid, as A1111's images.image_grid with its default options: rows =
+    round(sqrt(n)) (n_rows=-1, grid_prevent_empty_spots off), cols = ceil(n / rows), cells the size of the
+    largest image with smaller images centred, on white (grid_background_color #ffffff)."""
+    if not images:
+        raise ValueError("a grid needs at least one image")
+    rows = min(rows or round(math.sqrt(len(images))), len(images))
+    cols = math.ceil(len(images) / rows)
+    w, h = map(max, zip(*(im.size for im in images)))
+    grid = Image.new("RGB", (cols * w, rows * h), color="#ffffff")
+    for i, im in enumerate(images):
+        grid.paste(im, box=(i % cols * w + (w - im.width) // 2, i // cols * h + (h - im.height) // 2))
+    return grid
+
+
+_GRID = re.compile(r"^grid-(\d+)\.")
+
+
+def grid_path(out, suffix=".png") -> Path:
+    """Where a grid of the images written for `--out OUT` goes: in a folder, A1111's grid-NNNN numbered on from
+    the highest there (grid-0000.png, grid-0001.png, ...); beside a file OUT, OUT's stem + "-grid"."""
+    out = Path(out)
+    if out.suffix.lower() in FORMATS:
+        return out.with_name(f"{out.stem}-grid{out.suffix}")
+    taken = [int(m.group(1)) for name in (os.listdir(out) if out.is_dir() else []) if (m := _GRID.match(name))]
+    return out / f"grid-{max(taken, default=-1) + 1:04d}{suffix}"
 
 
 _NUMBERED = re.compile(r"^(\d+)-")
 
 
-def output_paths(out, seeds, overwrite: bool = False) -> list[Path]:
-    """The files to write one image per seed to, for `--out OUT`.
+def output_paths(out, seeds, overwrite: bool = False, suffix=None) -> list[Path]:
+    """The files to write one image per seed to, for `--out OUT` (suffix: .png, .jpg or .webp; None: OUT's own,
+    else .png).
 
     - OUT is a directory (it exists as one, ends with a path separator, or has no file suffix): files are named
       like A1111's, `NNNNN-SEED.png`, numbered on from the highest number already there, so earlier images
       are never replaced: 00000-42.png, 00001-43.png, then a later run writes 00002-....png.
-    - OUT is a file name ending in .png: one image is written to OUT itself; a batch of several is written to
-      OUT with the batch index before the suffix: out-0.png, out-1.png, ... Existing files raise
-      FileExistsError unless `overwrite` (checked here, before any image is generated).
+    - OUT is a file name ending in .png, .jpg, .jpeg or .webp: one image is written to OUT itself; a batch of
+      several is written to OUT with the batch index before the suffix: out-0.png, out-1.png, ... Existing
+      files raise FileExistsError unless `overwrite` (checked here, before any image is generated).
     """
     seeds = list(seeds)
     if not seeds:
@@ -191,9 +276,12 @@ def output_paths(out, seeds, overwrite: bool = False) -> list[Path]:
         taken = [int(m.group(1)) for name in (os.listdir(out) if out.is_dir() else [])
                  if (m := _NUMBERED.match(name))]
         start = max(taken, default=-1) + 1
-        return [out / f"{start + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--out {text}: minisd writes PNG files; give a name ending in .png or a directory")
+        return [out / f"{start + i:05d}-{seed}{suffix or '.png'}" for i, seed in enumerate(seeds)]
+    if out.suffix.lower() not in FORMATS:
+        raise ValueError(f"--out {text}: minisd writes PNG, JPEG or WebP files; give a name ending in "
+                         f"{', '.join(FORMATS)} or a directory")
+    if suffix is not None and FORMATS[out.suffix.lower()] != FORMATS[suffix]:
+        raise ValueError(f"--out {text} and --format {suffix[1:]} disagree: give one of them")
     paths = [out] if len(seeds) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(seeds))]
     if not overwrite:
         for path in paths:

@@ -181,15 +181,16 @@ class Pipeline:
     # -- text ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_prompts(self, prompt, negative_prompt="", emphasis=False):
+    def encode_prompts(self, prompt, negative_prompt="", emphasis=False, clip_skip=1):
         """(cond, uncond) contexts, each (1, n * 77, width); n > 1 for prompts longer than 75 tokens. Words of
-        loaded textual-inversion embeddings become their vectors (embeddings.py)."""
+        loaded textual-inversion embeddings become their vectors (embeddings.py). clip_skip: A1111's "CLIP skip"
+        (1 = the last layer, 2 = the one before it; clip.py), i.e. diffusers' clip_skip=k is ours k + 1."""
         encode = lambda text: self.embeddings.tokenize(text, self.model.tokenizer.encode)
         c_ids, c_w, u_ids, u_w = prompt_pair_tokens(self.model.tokenizer, prompt, negative_prompt, emphasis,
                                                     encode=encode, words=self.embeddings.spans())
         # one pass per prompt (as diffusers does): half the working memory of one batch of both, at the same speed
         encoder = self.model.text_encoder
-        z = torch.cat([self.embeddings.encode(encoder, ids.to(self.device)) for ids in (c_ids, u_ids)])
+        z = torch.cat([self.embeddings.encode(encoder, ids.to(self.device), clip_skip) for ids in (c_ids, u_ids)])
         z = apply_emphasis(z, torch.cat([c_w, u_w]).to(self.device))
         cond, uncond = z.chunk(2)
         return cond.reshape(1, -1, z.shape[-1]), uncond.reshape(1, -1, z.shape[-1])
@@ -297,8 +298,8 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, prompt, negative_prompt="", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, sampler=DEFAULT_SAMPLER,
                  schedule=None, eta=None, seed=None, width=None, height=None, batch=1, emphasis=False,
-                 callback=None, rescale=0.0, churn=None, controls=(), subseed=None, subseed_strength=0.0,
-                 hires=None) -> Result:
+                 callback=None, rescale=0.0, churn=None, controls=(), clip_skip=1, subseed=None,
+                 subseed_strength=0.0, hires=None) -> Result:
         """txt2img.
 
         prompt and seed: one prompt and one seed (None draws a random one, returned in the Result and printed by
@@ -314,7 +315,8 @@ class Pipeline:
         subseed, subseed_strength: a variation seed (variation.py): image b's starting noise is slerped toward
         subseed + b's (a list: one per seed; None: a random one) by subseed_strength, 0 (none) to 1.
         hires: a hires.Hires: the images generated at width x height, then upscaled and refined by a second
-        img2img pass at the larger size (A1111's hires fix, see hires.py)."""
+        img2img pass at the larger size (A1111's hires fix, see hires.py).
+        clip_skip: condition on the text encoder's layer clip_skip - 1 before the last (encode_prompts)."""
         size = self.model.config.image_size
         width, height = width or size, height or size
         plan = self.plan(sampler, schedule, steps, eta, churn)
@@ -328,13 +330,14 @@ class Pipeline:
 
         def one_at_a_time():
             runs = [self.generate(p, negative_prompt, steps, cfg, sampler, schedule, eta, s, width, height, 1,
-                                  emphasis, callback, rescale, churn, controls, subseeds and [subseeds[i]],
-                                  subseed_strength, hires) for i, (p, s) in enumerate(zip(prompts, seeds))]
+                                  emphasis, callback, rescale, churn, controls, clip_skip,
+                                  subseeds and [subseeds[i]], subseed_strength, hires)
+                    for i, (p, s) in enumerate(zip(prompts, seeds))]
             return Result([image for r in runs for image in r.images], torch.cat([r.latents for r in runs]), seeds,
                           plan.sampler, plan.schedule, subseeds)
         if len({tuple(parse_lora_tags(p)[1]) for p in prompts}) > 1:
             return one_at_a_time()
-        contexts = [self.encode_prompts(self._prompt_loras(p), negative_prompt, emphasis) for p in prompts]
+        contexts = [self.encode_prompts(self._prompt_loras(p), negative_prompt, emphasis, clip_skip) for p in prompts]
         if len({(c.shape, u.shape) for c, u in contexts}) > 1:
             return one_at_a_time()
         cond, uncond = torch.cat([c for c, _ in contexts]), torch.cat([u for _, u in contexts])   # (1 or B, L, C)
@@ -382,7 +385,8 @@ class Pipeline:
     @torch.no_grad()
     def img2img(self, prompt, init_image, strength=0.75, negative_prompt="", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
                 sampler=DEFAULT_SAMPLER, schedule=None, eta=None, seed=None, batch=1, emphasis=False,
-                callback=None, rescale=0.0, churn=None, controls=(), subseed=None, subseed_strength=0.0) -> Result:
+                callback=None, rescale=0.0, churn=None, controls=(), clip_skip=1, subseed=None,
+                subseed_strength=0.0) -> Result:
         """img2img (SDEdit, Meng et al. 2022): encode the image, noise it to the level `strength` selects with the
         forward process, and run only the remaining steps.
 
@@ -395,7 +399,7 @@ class Pipeline:
 
         seed: one seed (None: a random one) draws all `batch` images from one generator, as diffusers does; a list
         of seeds makes one image per seed, each generated alone (one run per seed), as A1111's batch.
-        controls: as generate's; the control images are resized to the init image's size.
+        controls, clip_skip: as generate's; the control images are resized to the init image's size.
         subseed, subseed_strength: as generate's; they bend the forward-process noise. The VAE posterior sample
         stays the seed's draw (A1111 takes it from its global RNG, not from any seed).
         """
@@ -405,8 +409,8 @@ class Pipeline:
             _, seeds, _ = _pairs(prompt, seed, batch)
             subseeds = variation.subseeds_for(seeds, subseed, subseed_strength)
             runs = [self.img2img(prompt, init_image, strength, negative_prompt, steps, cfg, sampler, schedule, eta,
-                                 s, 1, emphasis, callback, rescale, churn, controls, subseeds and [subseeds[i]],
-                                 subseed_strength) for i, s in enumerate(seeds)]
+                                 s, 1, emphasis, callback, rescale, churn, controls, clip_skip,
+                                 subseeds and [subseeds[i]], subseed_strength) for i, s in enumerate(seeds)]
             latents = None if runs[0].latents is None else torch.cat([r.latents for r in runs])
             return Result([r.images[0] for r in runs], latents, seeds, runs[0].sampler, runs[0].schedule, subseeds)
         image = from_pil(init_image, self.factor, log=self.log)     # (1, 3, H, W)
@@ -423,7 +427,7 @@ class Pipeline:
             return Result([pil] * batch, None, [seed], plan.sampler, plan.schedule, subseeds)
         generator = torch.Generator().manual_seed(seed)
         prompt = self._prompt_loras(prompt)
-        cond, uncond = self.encode_prompts(prompt, negative_prompt, emphasis)
+        cond, uncond = self.encode_prompts(prompt, negative_prompt, emphasis, clip_skip)
         plan = plan.last(run)
         x0 = self._encode(image, generator)                          # the posterior sample's draw, then ...
         posterior = tuple(x0.shape)
@@ -440,7 +444,7 @@ class Pipeline:
                 cfg=DEFAULT_CFG, sampler=DEFAULT_SAMPLER, schedule=None, eta=None, seed=None, batch=1,
                 emphasis=False, callback=None, rescale=0.0, churn=None, mask_blur=4, invert_mask=False,
                 masked_content="original", only_masked=False, padding=32, composite=True, width=None,
-                height=None, controls=()) -> Result:
+                height=None, controls=(), clip_skip=1) -> Result:
         """Repaint the white part of `mask`; the steps are in inpaint.py (outpainting: inpaint.extend, then this).
 
         mask: any mode, resized to the image, white = repaint (invert_mask: black = repaint), blurred by mask_blur
@@ -456,12 +460,14 @@ class Pipeline:
         StableDiffusionInpaintPipeline's image (with padding_mask_crop: composite=True, which diffusers does then).
         seed: as img2img's (a list: one run per seed).
         controls: as generate's; each control image is resized to the size inpainted (the box, with only_masked).
+        clip_skip: as generate's.
         """
         if isinstance(seed, (list, tuple)):
             _, seeds, _ = _pairs(prompt, seed, batch)
             runs = [self.inpaint(prompt, init_image, mask, strength, negative_prompt, steps, cfg, sampler, schedule,
                                  eta, s, 1, emphasis, callback, rescale, churn, mask_blur, invert_mask,
-                                 masked_content, only_masked, padding, composite, width, height, controls)
+                                 masked_content, only_masked, padding, composite, width, height, controls,
+                                 clip_skip)
                     for s in seeds]
             return Result([r.images[0] for r in runs], torch.cat([r.latents for r in runs]), seeds,
                           runs[0].sampler, runs[0].schedule)
@@ -491,7 +497,7 @@ class Pipeline:
         if masked_content == "fill":
             image = inpaint.fill(image, region_mask)
         seed = random.randrange(2 ** 32) if seed is None else int(seed)
-        cond, uncond = self.encode_prompts(self._prompt_loras(prompt), negative_prompt, emphasis)
+        cond, uncond = self.encode_prompts(self._prompt_loras(prompt), negative_prompt, emphasis, clip_skip)
         latents = self._inpaint_latents(image, region_mask, strength, plan, cond, uncond, cfg, seed, batch,
                                         masked_content, callback, rescale, controls)
         images = [inpaint.paste_back(im, original, mask, region, composite) for im in to_pil(self.decode(latents))]

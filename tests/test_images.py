@@ -127,6 +127,7 @@ def test_existing_output_file_is_an_early_error(tmp_path):
     assert len(output_paths(tmp_path / "cat.png", [1, 2], overwrite=True)) == 2
 
 
-def test_non_png_file_name_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="PNG"):
-        output_paths(tmp_path / "cat.jpg", [1])
+def test_a_file_name_of_another_format_is_rejected(tmp_path):
+    # .png, .jpg/.jpeg and .webp are written (tests/test_conveniences.py); anything else is one clear error
+    with pytest.raises(ValueError, match="PNG, JPEG or WebP"):
+        output_paths(tmp_path / "cat.gif", [1])

@@ -299,22 +299,33 @@ def from_diffusers(folder, cfg: ModelConfig):
         state.add("text_encoder." + k, ours, k)
     for k in unused:
         state.add("extra.text_encoder." + k, unused, k)
-    for part, table in (("unet", unet_table(cfg.unet)), ("vae", vae_table(cfg.vae))):
-        inverse = {diff: ldm for ldm, diff in table}
-        if part == "vae":
-            for i in ("encoder", "decoder"):
-                inverse.update({f"{i}.mid_block.attentions.0.{old}": f"{i}.mid.attn_1.{a}"
-                                for a, old in VAE_ATTENTION_LEGACY})
-        weights = _weights(os.path.join(folder, part))
-        for k in weights:
-            try:
-                name = rename(k, inverse)
-            except KeyError:
-                raise CheckpointError(f"{folder}/{part}: unexpected key {k!r} (not in the diffusers -> LDM "
-                                      f"map for this config)") from None
-            conv = part == "vae" and ".mid.attn_1." in name and name.endswith("weight") and ".norm." not in name
-            state.add(f"{part}.{name}", weights, k, _to_conv if conv else None)
+    inverse = {diff: ldm for ldm, diff in unet_table(cfg.unet)}
+    weights = _weights(os.path.join(folder, "unet"))
+    for k in weights:
+        try:
+            name = rename(k, inverse)
+        except KeyError:
+            raise CheckpointError(f"{folder}/unet: unexpected key {k!r} (not in the diffusers -> LDM "
+                                  f"map for this config)") from None
+        state.add(f"unet.{name}", weights, k)
+    add_vae(state, _weights(os.path.join(folder, "vae")), cfg.vae, "vae.", f"{folder}/vae")
     return state
+
+
+def add_vae(state, weights, cfg: VAEConfig, prefix, where):
+    """Add a diffusers AutoencoderKL state dict `weights` to the LazyState `state` under LDM names + `prefix`.
+    Its attention layers are Linear, LDM's are 1x1 convs (the same matrices). where: the file, for errors."""
+    inverse = {diff: ldm for ldm, diff in vae_table(cfg)}
+    for i in ("encoder", "decoder"):
+        inverse.update({f"{i}.mid_block.attentions.0.{old}": f"{i}.mid.attn_1.{a}" for a, old in VAE_ATTENTION_LEGACY})
+    for k in weights:
+        try:
+            name = rename(k, inverse)
+        except KeyError:
+            raise CheckpointError(f"{where}: unexpected key {k!r} (not in the diffusers -> LDM "
+                                  f"map for this config)") from None
+        conv = ".mid.attn_1." in name and name.endswith("weight") and ".norm." not in name
+        state.add(prefix + name, weights, k, _to_conv if conv else None)
 
 
 def write_diffusers(state, cfg: ModelConfig, folder, vocab_files):

@@ -10,21 +10,27 @@ They share their flags (`add_generation_flags`, also for the inpaint and Control
 them into the same two things: the keyword arguments of the Pipeline call (`generation_kwargs`, which checks the
 sampling settings, so a bad sampler, schedule, eta or churn fails before any model loads) and the loaded Pipeline
 (`load_pipeline`). A batch is A1111's: image b has seed SEED + b and equals that seed generated alone.
+
+A1111's conveniences live in their own modules: --vae (vae_file.py), --prompts-file (prompts_file.py: one run per
+line, the model loaded once), --grid and JPEG/WebP output with the parameters in the EXIF (images.py).
 """
 import os
 import random
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 from .. import eval as evaluation
-from .. import download, lora, samplers, schedules, variation
+from .. import download, lora, prompts_file, samplers, schedules, variation
 from ..controls import load_control
 from ..hires import UPSCALERS, Hires
-from ..images import a1111_parameters, from_pil, output_paths, save_png
+from ..images import a1111_parameters, from_pil, grid_path, image_grid, output_paths, save_image
 from ..metrics import fid
 from ..pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
+from ..vae_file import replace_vae, vae_fields
+from weights_convert.vae_file import weights_file
 
 SCHEDULE_CHOICES = ("default", *schedules.SHAPES, *schedules.SPACINGS)
 
@@ -63,6 +69,12 @@ def add_generation_flags(p, size=True):
                         "share: on a busy 2-core machine 2 threads took 11x one thread's time), else torch's")
     m.add_argument("--no-prepack", action="store_true", help="CPU: plain layers, no oneDNN-prepared ones (whose "
                    "choice is measured per run and changes the last bits): the same bytes in every run")
+    m.add_argument("--vae", default=None, metavar="FILE",
+                   help="a separate VAE in place of the model's (A1111's SD VAE): vae-ft-mse-840000-ema-pruned"
+                        ".safetensors/.ckpt, or a diffusers VAE folder")
+    m.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                   help="condition on the text encoder's layer N-1 before the last: 1 the last (default), 2 the "
+                        "penultimate (A1111's Clip skip; diffusers' clip_skip=N-1)")
     g = p.add_argument_group("generation")
     g.add_argument("--negative-prompt", default="", help="what it should not show (replaces the empty prompt in CFG)")
     g.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {DEFAULT_STEPS})")
@@ -99,8 +111,10 @@ def generation_kwargs(args):
     s = samplers.check(args.sampler or DEFAULT_SAMPLER, args.schedule,
                        DEFAULT_STEPS if args.steps is None else args.steps, args.eta, churn)
     cfg = DEFAULT_CFG if args.cfg is None else args.cfg
+    if args.clip_skip < 1:
+        raise ValueError(f"--clip-skip must be at least 1 (1 = the last layer), got {args.clip_skip}")
     kwargs = dict(negative_prompt=args.negative_prompt, steps=s.steps, cfg=cfg, sampler=s.sampler,
-                  schedule=s.schedule, eta=s.eta, churn=s.churn, emphasis=args.emphasis)
+                  schedule=s.schedule, eta=s.eta, churn=s.churn, emphasis=args.emphasis, clip_skip=args.clip_skip)
     if "width" in args and args.command != "img2img":     # img2img's --width/--height resize the init image
         kwargs.update(width=args.width, height=args.height)
     return kwargs
@@ -115,8 +129,12 @@ def load_pipeline(args, device=None, log=print, progress=False):
     for path, _ in loras:
         if not os.path.isfile(path):
             raise ValueError(f"--lora {path}: no such LoRA file")
+    if args.vae:
+        weights_file(args.vae)                                  # a missing --vae: before the load
     pipe = Pipeline.load(args.model, args.prediction, device or args.device, args.dtype, log=log, progress=progress,
                          compile=args.compile, cuda_graph=args.cuda_graph, prepack=not args.no_prepack)
+    if args.vae:
+        replace_vae(pipe.model, args.vae)
     pipe.set_memory_options(args.attention_slice, args.vae_tile)
     pipe.load_embeddings(args.embedding, args.embeddings_dir)
     pipe.set_loras(loras)
@@ -124,12 +142,21 @@ def load_pipeline(args, device=None, log=print, progress=False):
     return pipe
 
 
-def _add_output(p):
-    p.add_argument("prompt", help="what the image should show")
-    p.add_argument("--out", default="outputs/", help="a .png file or a directory (default outputs/)")
+def _add_output(p, prompts_file=False):
+    p.add_argument("prompt", nargs="?" if prompts_file else None, help="what the image should show")
+    p.add_argument("--out", default="outputs/", help="a .png/.jpg/.webp file or a directory (default outputs/)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--save-steps", default=None, metavar="DIR",
                    help="write each step's denoised estimate as a PNG into DIR (to watch the image form)")
+    p.add_argument("--format", choices=("png", "jpg", "webp"), default=None,
+                   help="file format in an --out folder (default png); the parameters go into the EXIF of jpg/webp")
+    p.add_argument("--grid", action="store_true",
+                   help="also save the images as one grid (A1111's: grid-NNNN in the folder) with the first "
+                        "image's parameters")
+    if prompts_file:
+        p.add_argument("--prompts-file", default=None, metavar="FILE",
+                       help="one prompt a line, or A1111 'prompts from file' lines: --prompt \"a cat\" --steps 20 "
+                            "--seed 3 ... (instead of PROMPT; --out must be a folder)")
 
 
 def _add_eval(p):
@@ -312,7 +339,7 @@ def hires_settings(args):
 
 
 def add_generate(p):
-    _add_output(p)
+    _add_output(p, prompts_file=True)
     add_generation_flags(p)
     add_variation_flags(p)
     add_hires_flags(p)
@@ -320,7 +347,7 @@ def add_generate(p):
 
 
 def add_img2img(p):
-    _add_output(p)
+    _add_output(p, prompts_file=True)
     add_generation_flags(p, size=False)
     p.add_argument("--init-image", required=True, help="the starting image (any mode; resized to a multiple of 8)")
     p.add_argument("--strength", type=float, default=0.75,
@@ -356,10 +383,38 @@ def start_run(args):
     settings = control_settings(args)       # the control images are read before the model loads
     pipe = load_pipeline(args, progress=True)
     controls, control_fields = load_controls(args, settings, pipe)
-    seed = random.randrange(2 ** 32) if args.seed in (None, -1) else args.seed      # -1: A1111's "random"
+    seeds = choose_seeds(args)
+    return pipe, controls, control_fields, seeds, output_paths(args.out, seeds, args.overwrite, out_suffix(args))
+
+
+def choose_seeds(args, count=None):
+    """SEED, SEED + 1, ... for the batch (or `count` images); -1 or none: a random SEED, printed (A1111)."""
+    seed = random.randrange(2 ** 32) if args.seed in (None, -1) else args.seed
     print(f"seed {seed}")
-    seeds = [seed + b for b in range(args.batch_size)]
-    return pipe, controls, control_fields, seeds, output_paths(args.out, seeds, overwrite=args.overwrite)
+    return [seed + b for b in range(count or args.batch_size)]
+
+
+def out_suffix(args):
+    return None if args.format is None else "." + args.format
+
+
+def model_fields(args):
+    """A1111's infotext fields of --vae ("VAE hash", "VAE") and --clip-skip ("Clip skip", only when not 1)."""
+    fields = vae_fields(args.vae) if args.vae else {}
+    if args.clip_skip != 1:
+        fields["clip_skip"] = args.clip_skip
+    return fields
+
+
+def save_grid(args, written):
+    """--grid: the images `written` [(image, parameters)] as one grid with the first one's parameters (A1111 saves
+    none for one image: grid_only_if_multiple)."""
+    if len(written) < 2:
+        print("--grid: one image, no grid (as A1111)")
+        return
+    path = grid_path(args.out, out_suffix(args) or ".png")
+    save_image(image_grid([image for image, _ in written]), path, written[0][1], overwrite=args.overwrite)
+    print(f"wrote {path}")
 
 
 def resize_init(image, width, height):
@@ -373,18 +428,43 @@ def resize_init(image, width, height):
 
 
 def run_generate(args):
-    """minisd generate / img2img."""
-    kwargs = generation_kwargs(args)            # a bad sampler, schedule, eta or churn fails before the model loads
-    hires = hires_settings(args) if args.command == "generate" else None
-    variation.subseeds_for([0], args.subseed, args.subseed_strength)     # checked before the model loads
+    """minisd generate / img2img: one run, or one per line of --prompts-file (prompts_file.py), the model loaded
+    once and every line checked before it loads."""
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise ValueError("give a PROMPT or --prompts-file FILE (one of them)")
+    if args.prompts_file and Path(args.out).suffix:
+        raise ValueError(f"--prompts-file writes its images into a folder: give --out a folder, not {args.out}")
+    jobs = prompts_file.read_jobs(args.prompts_file, args) if args.prompts_file else [args]
+    kwargs = [generation_kwargs(job) for job in jobs]   # a bad sampler, schedule, eta or churn: before the load
+    for job in jobs:                                    # so are the hires fix and the variation seed
+        if args.command == "generate":
+            hires_settings(job)
+        variation.subseeds_for([0], job.subseed, job.subseed_strength)
     init = None
     if args.command == "img2img":
         if not 0.0 <= args.strength <= 1.0:
             raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
-        init = resize_init(read_image(args.init_image, "--init-image"), args.width, args.height)
-        from_pil(init, log=lambda *_: None)
-    pipe, controls, control_fields, seeds, paths = start_run(args)
+        init = [resize_init(read_image(args.init_image, "--init-image"), job.width, job.height) for job in jobs]
+        from_pil(init[0], log=lambda *_: None)
+    settings = control_settings(args)       # the control images are read before the model loads
+    pipe = load_pipeline(args, progress=True)
+    controls, control_fields = load_controls(args, settings, pipe)
+    fields = dict(control_fields, **model_fields(args))
+    written = []
+    for j, (job, job_kwargs) in enumerate(zip(jobs, kwargs)):
+        seeds = choose_seeds(job, job.batch_size * getattr(job, "n_iter", 1))
+        for start in range(0, len(seeds), job.batch_size):      # A1111's n_iter batches
+            batch = seeds[start:start + job.batch_size]
+            written += _generate(pipe, job, job_kwargs, batch, init and init[j], controls, fields)
+    if args.grid:
+        save_grid(args, written)
+
+
+def _generate(pipe, args, kwargs, seeds, init, controls, fields):
+    """One batch: the images of `seeds`, saved with their parameters. Returns [(image, parameters)]."""
+    paths = output_paths(args.out, seeds, args.overwrite, out_suffix(args))
     callback = _step_saver(pipe, args.save_steps) if args.save_steps else None
+    hires = hires_settings(args) if args.command == "generate" else None
     subseeds = variation.subseeds_for(seeds, args.subseed, args.subseed_strength)   # -1: random, as A1111
     if subseeds:
         print(f"subseed {subseeds[0]}")
@@ -399,11 +479,12 @@ def run_generate(args):
     if hires:                                   # A1111 records the first pass's size
         width, height = (v or pipe.model.config.image_size for v in (kwargs["width"], kwargs["height"]))
     prompt, lora_fields = recorded_prompt(args, pipe.embeddings)
-    extra = dict(control_fields)
+    extra = dict(fields)
     if args.command == "img2img":
         extra["denoising_strength"] = args.strength
     extra.update(lora_fields)
     extra.update(hires.parameters(kwargs["steps"]) if hires else {})
+    written = []
     for b, (image, path, image_seed) in enumerate(zip(result.images, paths, result.seeds)):
         if subseeds:
             extra.update({"Variation seed": subseeds[b], "Variation seed strength": args.subseed_strength})
@@ -411,9 +492,11 @@ def run_generate(args):
                                   samplers.display_name(result.sampler), kwargs["cfg"], image_seed, width, height,
                                   pipe.name, schedule_type=result.schedule.capitalize(),
                                   batch_pos=b if len(seeds) > 1 else None, **extra)
-        save_png(image, path, params, overwrite=args.overwrite)
+        save_image(image, path, params, overwrite=args.overwrite)
         print(f"wrote {path}")
+        written.append((image, params))
     print(f"{len(result.images)} image(s) in {time.time() - t0:.1f} s on {pipe.device} ({pipe.dtype})")
+    return written
 
 
 def run_eval(args):
