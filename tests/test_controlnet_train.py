@@ -306,3 +306,21 @@ def test_diffusers_metadata_columns_are_read(tmp_path):
                                                       "text": "x"}) + "\n")
     with pytest.raises(ValueError, match="nope.png .*is not a readable conditioning image"):
         find_pairs(str(other), 32, log=lambda *_: None)
+
+
+def test_tiny_canny_data_and_its_score_on_the_true_pictures(tmp_path):
+    """The tiny canny recipe's data (minisd/tiny/canny.py) is a folder `minisd train controlnet` reads, and its
+    score reads the true pictures as right: each shape's mask against its own edge map's filled region has
+    IoU >= 0.8 (measured min 0.88 over 96 maps) with the colours read right; against another map's edges (a
+    shape elsewhere) it fails."""
+    from minisd.tiny import canny
+    canny.write_canny_folder(tmp_path / "d", 3, seed=0)
+    examples = find_pairs(str(tmp_path / "d"), 64, log=lambda *_: None)
+    assert [e.caption for e in examples] == [canny.canny_sample(0, i)[0].text for i in range(3)]
+    maps = [canny.canny_sample(1000, i) for i in range(24)]
+    for s, edges in maps:
+        iou, right = canny.judge_pair(s.image, edges, s.colour, s.background)
+        assert iou >= 0.8 and right, (s.text, iou, right)
+    elsewhere = [canny.judge_pair(s.image, maps[i - 1][1], s.colour, s.background)[0] for i, (s, _) in
+                 enumerate(maps)]
+    assert sum(v < 0.8 for v in elsewhere) >= 20, elsewhere

@@ -1,9 +1,8 @@
 """The training commands: `minisd train finetune | dreambooth | textual-inversion | lora | controlnet`, `minisd
-train-tiny`, `minisd train-tiny-features`, `minisd train-tiny-captioner` and `minisd sweep`. Argument parsing only
-(diffusers' flag names, with dashes): each
-`minisd train` flag fills the field of the same name of the method's config (a train.settings.TrainSettings with
-the method's own fields), whose defaults are the flags' defaults; minisd.train.run(config) does the rest, as it does
-from Python."""
+train-tiny`, `minisd train-tiny-features`, `minisd train-tiny-captioner`, `minisd train-tiny-controlnet` and `minisd
+sweep`. Argument parsing only (diffusers' flag names, with dashes): each `minisd train` flag fills the field of the
+same name of the method's config (a train.settings.TrainSettings with the method's own fields), whose defaults are
+the flags' defaults; minisd.train.run(config) does the rest, as it does from Python."""
 import argparse
 import dataclasses
 import signal
@@ -14,7 +13,7 @@ import torch
 
 from .. import distributed, sweep
 from ..train import (controlnet, dreambooth, finetune, lora, loop, report, run, textual_inversion, tiny,
-                     tiny_captioner, tiny_features)
+                     tiny_captioner, tiny_controlnet, tiny_features)
 from ..train.settings import SAVE_FORMATS, SCHEDULERS
 from .help import DefaultsFormatter
 
@@ -328,6 +327,23 @@ def run_train_tiny_captioner(args):
     recipe = replace(tiny_captioner.Recipe(), seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
                      bank_size=args.bank_size, eval_samples=args.eval_samples)
     tiny_captioner.train_captioner(args.out, recipe)
+
+
+def add_train_tiny_controlnet(p):
+    p.add_argument("--out", required=True, help="run folder: data/, run/, minisd-tiny-canny.safetensors, report.json")
+    d = tiny_controlnet.Recipe()
+    for name in ("seed", "images", "steps", "batch", "eval_maps"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 is fastest for the tiny model on a busy machine)")
+
+
+def run_train_tiny_controlnet(args):
+    torch.set_num_threads(args.threads)
+    recipe = tiny_controlnet.Recipe(seed=args.seed, images=args.images, steps=args.steps, batch=args.batch,
+                                    lr=args.lr, eval_maps=args.eval_maps)
+    tiny_controlnet.train_tiny_controlnet(args.out, recipe)
 
 
 def add_sweep(p):

@@ -33,6 +33,7 @@ import torch
 from weights_convert import controlnet as files
 from ..config import ControlNetConfig as NetworkConfig
 from ..controlnet import Control, ControlNet, load_controlnet
+from ..controls import resolve
 from .batches import Stream
 from .control_data import find_pairs
 from .data import load_image
@@ -61,7 +62,7 @@ def check_controlnet(cfg: ControlNetConfig):
     if cfg.train_text_encoder:
         raise ValueError("--train-text-encoder: only the ControlNet trains (the U-Net, VAE and text encoder stay "
                          "frozen, as in diffusers' train_controlnet.py)")
-    if cfg.controlnet is not None and not os.path.exists(cfg.controlnet):
+    if cfg.controlnet is not None and not os.path.exists(resolve(cfg.controlnet)):
         raise ValueError(f"--controlnet {cfg.controlnet} does not exist")
     if cfg.validation_prompts and not cfg.validation_images:
         raise ValueError("--validation-prompt needs --validation-image, the conditioning image its samples are "
@@ -79,7 +80,7 @@ def initial_controlnet(model, cfg: ControlNetConfig, log=print):
     dtype = DTYPES[cfg.dtype]
     if cfg.controlnet is not None:
         log(f"starting from the ControlNet {cfg.controlnet}")
-        return load_controlnet(cfg.controlnet, model.config, dtype)
+        return load_controlnet(resolve(cfg.controlnet), model.config, dtype)
     with torch.random.fork_rng(devices=[]):           # the hint encoder's init, from --seed alone
         torch.manual_seed(cfg.seed)
         net = ControlNet(NetworkConfig.for_model(model.config)).to(dtype)
