@@ -324,3 +324,19 @@ def test_tiny_canny_data_and_its_score_on_the_true_pictures(tmp_path):
     elsewhere = [canny.judge_pair(s.image, maps[i - 1][1], s.colour, s.background)[0] for i, (s, _) in
                  enumerate(maps)]
     assert sum(v < 0.8 for v in elsewhere) >= 20, elsewhere
+
+
+def test_controlnet_tiny_canny_resolves_offline_to_the_shipped_file(tmp_path):
+    """`--controlnet tiny-canny` is minisd/assets/minisd-tiny-canny.safetensors: generate with it on the tiny model
+    from a shape's picture (canny preprocessing), offline, and the PNG names it as sd-webui-controlnet does."""
+    from minisd.controls import NAMED, resolve
+    from minisd.images import parse_a1111_parameters, read_png_parameters
+    from minisd.tiny import canny
+    assert resolve("tiny-canny") == str(NAMED["tiny-canny"]) and NAMED["tiny-canny"].is_file()
+    s, _ = canny.canny_sample(1000, 0)
+    s.image.save(tmp_path / "shape.png")
+    assert main(["generate", s.text, "--steps", "2", "--seed", "1", "--device", "cpu", "--out",
+                 str(tmp_path / "out.png"), "--controlnet", "tiny-canny", "--control-image", str(tmp_path / "shape.png"),
+                 "--control-preprocess", "canny"]) == 0
+    params = parse_a1111_parameters(read_png_parameters(tmp_path / "out.png"))
+    assert params["ControlNet 0"].startswith("Module: canny, Model: minisd-tiny-canny [")

@@ -3,7 +3,8 @@
 Data: `write_canny_folder` writes pictures of one shape at a random place and size (extent 0.3 to 0.75 of the
 side), each with its Canny edge map (NAME.cond.png, thresholds 100 / 200 as ControlNet's canny annotator) and its
 caption (NAME.txt), the layout `minisd train controlnet --data` reads. Its recipe: `minisd train-tiny-controlnet`
-(train/tiny_controlnet.py), which writes minisd/assets/minisd-tiny-canny.safetensors.
+(train/tiny_controlnet.py), which writes minisd-tiny-canny.safetensors, shipped in minisd/assets/ (its card:
+TINY_CANNY_CARD.md) and named `--controlnet tiny-canny`.
 
 Score (`score`): on held-out edge maps (another seed's placements), draw the caption's shape with the ControlNet
 and read the picture with the shapes judge: the drawn shape's mask (shapes.read_foreground) against the edge map's
