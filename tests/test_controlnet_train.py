@@ -239,10 +239,12 @@ def test_cli_end_to_end_on_the_tiny_model(tmp_path, capsys):
     data = pair_folder(tmp_path / "data", n=2, size=(64, 64))
     out = tmp_path / "out"
     assert main(["train", "controlnet", "--data", str(data), "--out", str(out), "--max-train-steps", "2",
-                 "--learning-rate", "1e-3", "--random-flip", "--device", "cpu", "--seed", "1"]) == 0
+                 "--learning-rate", "1e-3", "--random-flip", "--device", "cpu", "--seed", "1",
+                 "--validation-prompt", CAPTIONS[0], "--validation-image", str(data / "00.cond.png")]) == 0
     path = out / "controlnet.safetensors"
     result = json.loads((out / "result.json").read_text())
     assert result["method"] == "controlnet" and result["model"] == str(path) and result["steps"] == 2
+    assert [os.path.basename(p) for p in result["validation"]] == ["step-000002-0.png"]
     from minisd.model import locate
     config = load_model(locate(None, lambda *_: None)[0], verbose=False).config
     net = load_controlnet(str(path), config)
@@ -340,3 +342,19 @@ def test_controlnet_tiny_canny_resolves_offline_to_the_shipped_file(tmp_path):
                  "--control-preprocess", "canny"]) == 0
     params = parse_a1111_parameters(read_png_parameters(tmp_path / "out.png"))
     assert params["ControlNet 0"].startswith("Module: canny, Model: minisd-tiny-canny [")
+
+
+def test_cli_save_format_diffusers_writes_a_controlnetmodel_folder(tmp_path):
+    """--save-format diffusers: OUT/controlnet, which diffusers' ControlNetModel.from_pretrained reads into the
+    same tensors as minisd's reader."""
+    from diffusers import ControlNetModel
+    data = pair_folder(tmp_path / "data", n=2, size=(64, 64))
+    out = tmp_path / "out"
+    assert main(["train", "controlnet", "--data", str(data), "--out", str(out), "--max-train-steps", "1",
+                 "--learning-rate", "1e-3", "--device", "cpu", "--save-format", "diffusers"]) == 0
+    from minisd.model import locate
+    config = load_model(locate(None, lambda *_: None)[0], verbose=False).config
+    ours = load_controlnet(str(out / "controlnet"), config)
+    theirs = wc.from_diffusers(ControlNetModel.from_pretrained(str(out / "controlnet")).state_dict(), ours.cfg)
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
+    assert ours.zero_convs[0][0].weight.any()
