@@ -33,7 +33,7 @@ from .controlnet import ControlNetConfig
 class Recipe:
     seed: int = 0
     images: int = 2000              # training pictures
-    steps: int = 2500
+    steps: int = 5000
     batch: int = 8
     lr: float = 5e-4
     caption_dropout: float = 0.5    # the paper's Sec. 3.3: half the captions empty, so the edges must say where
