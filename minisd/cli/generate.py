@@ -24,7 +24,7 @@ from PIL import Image
 
 from .. import eval as evaluation
 from .. import download, lora, prompts_file, samplers, schedules, variation
-from ..controls import load_control
+from ..controls import load_control, resolve
 from ..hires import UPSCALERS, Hires
 from ..images import a1111_parameters, from_pil, grid_path, image_grid, output_paths, save_image
 from ..metrics import fid
@@ -180,7 +180,8 @@ def add_control_flags(p):
     c = p.add_argument_group("ControlNet")
     c.add_argument("--controlnet", action="append", default=[], metavar="FILE",
                    help="a ControlNet: 1.0 (control_sd15_*.pth), 1.1 (control_v11p_sd15_*.pth/.safetensors) or a "
-                        "diffusers folder; repeat for several (their residuals add up)")
+                        "diffusers folder, or tiny-canny (the tiny model's, built in); repeat for several (their "
+                        "residuals add up)")
     c.add_argument("--control-image", action="append", default=[], metavar="IMG",
                    help="the condition image of each --controlnet, in order (resized to the output size)")
     c.add_argument("--control-scale", action="append", type=float, default=[], metavar="W",
@@ -241,6 +242,7 @@ def control_settings(args):
                                                    _per_control(args, "control-scale", 1.0),
                                                    _per_control(args, "control-start", 0.0),
                                                    _per_control(args, "control-end", 1.0)):
+        file = resolve(file)
         if not os.path.exists(file):
             raise ValueError(f"--controlnet {file}: no such file or folder")
         if not 0.0 <= start < end <= 1.0:
