@@ -153,9 +153,10 @@ def read(path, model_cfg: ModelConfig):
     return dataclasses.replace(cfg, unet=model_cfg.unet), state
 
 
-def write(state, cfg: ControlNetConfig, path, layout="1.1"):
+def write(state, cfg: ControlNetConfig, path, layout="1.1", metadata=None):
     """Write a ControlNet's state (minisd names) as a 1.1 / 1.0 `.safetensors` file or a diffusers folder
-    (layout="diffusers": config.json + diffusion_pytorch_model.safetensors), each file atomically."""
+    (layout="diffusers": config.json + diffusion_pytorch_model.safetensors), each file atomically. `metadata`
+    ({str: str}, e.g. a training run's) goes into the single file's header."""
     path = str(path)
     if layout == "diffusers":
         os.makedirs(path, exist_ok=True)
@@ -164,7 +165,7 @@ def write(state, cfg: ControlNetConfig, path, layout="1.1"):
         text = json.dumps(config_json(cfg), indent=2) + "\n"
         _atomic(os.path.join(path, CONFIG), lambda tmp: open(tmp, "w").write(text))
     else:
-        _atomic(path, lambda tmp: write_safetensors(tmp, to_ldm(state, layout)))
+        _atomic(path, lambda tmp: write_safetensors(tmp, to_ldm(state, layout), metadata))
 
 
 def _atomic(path, write):

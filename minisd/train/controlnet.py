@@ -110,14 +110,14 @@ def run(cfg: ControlNetConfig, draws=None, log=print):
         log(f"{sum(p.numel() for p in params.values()):,} trainable numbers")
         conditions = [load_image(p) for p in cfg.validation_images]
 
-        def save(model, weights, step=None):
-            """The ControlNet file; the final one also puts `weights` into the network (the final validation
-            images use them: EMA values with --use-ema)."""
+        def save(model, weights, step=None, meta=None):
+            """The ControlNet file (`meta`, the run's metadata.py keys, in its header); the final one also puts
+            `weights` into the network (the final validation images use them: EMA values with --use-ema)."""
             state = {k.removeprefix("controlnet."): v.detach().cpu().contiguous() for k, v in weights.items()}
             if step is None:
                 net.load_state_dict(state)
             path = output_path(cfg, step)
-            files.write(state, net.cfg, path, "1.1" if cfg.save_format == "single_file" else "diffusers")
+            files.write(state, net.cfg, path, "1.1" if cfg.save_format == "single_file" else "diffusers", meta)
             return path
 
         def controls(i):
