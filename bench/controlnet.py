@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--reps", type=int, default=3, help="whole-process rounds (after one warm-up round)")
     p.add_argument("--step-reps", type=int, default=2, help="per-step runs of each kind (after one warm-up pair)")
+    p.add_argument("--step-steps", type=int, default=None, help="sampling steps of the per-step runs (default --steps)")
+    p.add_argument("--update", default=None, help="add this run's parts to a saved run (json) and save it with --json")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--what", default="whole,steps", help="whole, steps or both")
     p.add_argument("--ckpt", default=None, help="an SD 1.5-layout file to use instead of writing a random one")
@@ -67,6 +69,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.small:
         args.size, args.steps = min(args.size, 64), min(args.steps, 4)
+    args.step_steps = args.step_steps or args.steps
     return args
 
 
@@ -208,7 +211,7 @@ def step_times(impl, args):
         control, _ = load_control(args.controlnet, image, "none", 1.0, 0.0, 1.0, False, pipe.model.config)
 
         def run(controls, stamps):
-            pipe.generate(PROMPT, "", args.steps, 7.5, "euler", "leading", seed=1, controls=controls,
+            pipe.generate(PROMPT, "", args.step_steps, 7.5, "euler", "leading", seed=1, controls=controls,
                           callback=lambda *_: stamps.append(time.perf_counter()), **g)
         kinds = {"plain": lambda s: run((), s), "controlnet": lambda s: run([control], s)}
     else:
@@ -225,7 +228,7 @@ def step_times(impl, args):
             def stamp(_pipe, _i, _t, kwargs):
                 stamps.append(time.perf_counter())
                 return kwargs
-            p(PROMPT, num_inference_steps=args.steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(1),
+            p(PROMPT, num_inference_steps=args.step_steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(1),
               callback_on_step_end=stamp, output_type="latent", **g, **kw)
         kinds = {"plain": lambda s: run(pipe, s), "controlnet": lambda s: run(cpipe, s, image=image)}
     out = {k: [] for k in kinds}
@@ -255,7 +258,7 @@ def per_step(args):
     for impl in ("minisd", "diffusers"):
         r = subprocess.run([sys.executable, __file__, "--child", impl, "--ckpt", args.ckpt, "--diffusers-config",
                             args.diffusers_config, "--controlnet", args.controlnet, "--control-image",
-                            args.control_image, "--size", str(args.size), "--steps", str(args.steps),
+                            args.control_image, "--size", str(args.size), "--steps", str(args.step_steps),
                             "--step-reps", str(args.step_reps), "--threads", str(args.threads)]
                            + (["--small"] if args.small else []), capture_output=True, text=True, env=env(args))
         if r.returncode:
@@ -290,6 +293,7 @@ def measure(args):
             common.save_json(args.json, result)        # kept if the per-step part fails
     if "steps" in args.what:
         result["per_step"] = per_step(args)
+        result["step_steps"] = args.step_steps
     steal1, total1 = cpu_ticks()
     result["steal"] = (steal1 - steal0) / max(total1 - total0, 1)
     result["load"] = [load0, os.getloadavg()[0]]
@@ -330,8 +334,8 @@ def render(r):
     if "per_step" in r:
         s = r["per_step"]
         lines += ["", f"Per sampling step (one CFG step: batch 2), in one process per library, txt2img without and "
-                  f"with the ControlNet alternated after a warm-up pair; the median over {r['step_reps']} runs' steps "
-                  f"(the first step of each run left out):", "",
+                  f"with the ControlNet alternated after a warm-up pair, {r.get('step_steps', r['steps'])} steps a run; the "
+                  f"median over {r['step_reps']} runs' steps (the first step of each run left out):", "",
                   "| per step | minisd | diffusers | ratio |", "|---|---|---|---|"]
         mp, dp = median(s["minisd"]["plain"]), median(s["diffusers"]["plain"])
         mc, dc = median(s["minisd"]["controlnet"]), median(s["diffusers"]["controlnet"])
@@ -356,6 +360,11 @@ def main():
         args.controlnet_config = cfg_dir
         return print(json.dumps(step_times(args.child, args)))
     result = json.loads(open(args.from_json).read()) if args.from_json else measure(args)
+    if args.update:
+        saved = json.loads(open(args.update).read())
+        saved.update({k: v for k, v in result.items() if k in ("whole", "per_step", "step_steps", "step_reps")})
+        saved["parts"] = saved.get("parts", []) + [f"{args.what}: {result['machine']}, steal {100 * result['steal']:.1f}%"]
+        result = saved
     common.report(result, render(result), args.json, args.write, SECTION, TITLE)
 
 
