@@ -31,7 +31,7 @@ from PIL import Image
 
 from minisd.attention import AttentionSettings
 from minisd.config import ControlNetConfig, ModelConfig
-from minisd.unet import embed_time, encoder, time_embedding
+from minisd.unet import UNet, embed_time, encoder, time_embedding
 from weights_convert import controlnet as files
 from weights_convert.io import CheckpointError, check_shapes
 
@@ -77,6 +77,9 @@ class ControlNet(AttentionSettings, nn.Module):
         self.zero_convs = nn.ModuleList(zero_conv(c) for c in skips)
         self.middle_block_out = zero_conv(skips[-1])
         self.set_attention_upcast(cfg.unet.upcast_attention)
+        self.gradient_checkpointing = False      # training (train/controlnet.py), as the U-Net's
+
+    _run = UNet._run          # each block, or with --gradient-checkpointing its recomputation in the backward pass
 
     def forward(self, x, t, context, hint, scale=1.0, guess_mode=False):
         """x (B, 4, h, w), t (B,) or a scalar, context (B, N, C), hint (B, 3, 8h, 8w) in [0, 1] ->
@@ -91,11 +94,11 @@ class ControlNet(AttentionSettings, nn.Module):
                              f" the latents {tuple(h.shape[-2:])}: it must be the output image's size")
         outs = []
         for i, (block, zero) in enumerate(zip(self.input_blocks, self.zero_convs)):
-            h = block(h, emb, context)
+            h = self._run(block, h, emb, context)
             if i == 0:
                 h = h + hint          # the condition enters after the first conv, as a bias per position
             outs.append(zero(h))
-        h = self.middle_block(h, emb, context)
+        h = self._run(self.middle_block, h, emb, context)
         outs.append(self.middle_block_out(h))
         weights = guess_mode_scales(len(outs)) if guess_mode else [1.0] * len(outs)
         outs = [o * (w * scale) for o, w in zip(outs, weights)]

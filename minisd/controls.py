@@ -5,9 +5,25 @@ same image from the same settings.
 """
 import hashlib
 import os
+from pathlib import Path
 
 from .config import ModelConfig
 from .controlnet import Control, load_controlnet
+
+
+# ControlNets shipped inside the package, by the name --controlnet takes (offline): the tiny model's canny one
+# (minisd/tiny/canny.py; its recipe: `minisd train-tiny-controlnet`, train/tiny_controlnet.py)
+NAMED = {"tiny-canny": Path(__file__).parent / "assets" / "minisd-tiny-canny.safetensors"}
+
+
+def resolve(name):
+    """A --controlnet value as a path: a built-in name (NAMED), else the file or folder it names."""
+    if name not in NAMED:
+        return name
+    if not NAMED[name].exists():
+        raise FileNotFoundError(f"the built-in ControlNet {name} is missing ({NAMED[name]}); rebuild it with "
+                                f"`minisd train-tiny-controlnet --out DIR` and copy DIR/{NAMED[name].name} there")
+    return str(NAMED[name])
 
 
 def condition_image(image, how, canny=(100, 200), openpose_weights=None):

@@ -134,7 +134,7 @@ def run_pair(tmp_path, model, n, init_token="toy", reference=None, **options):
     batches = []
     for k in range(STEPS):
         generators = [example_generator(cfg.seed, k, j) for j in range(BATCH)]
-        pixels, _, captions = take(stream, k, cfg, RES, generators)
+        pixels, _, captions, _ = take(stream, k, cfg, RES, generators)
         batches.append((pixels, captions))
     assert len({c for _, cs in batches for c in cs}) > 1, "the template prompts should vary"
     pipe = diffusers_from_single_file(ckpt, config, torch_dtype=torch.float32)

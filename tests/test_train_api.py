@@ -102,7 +102,7 @@ def test_run_takes_only_a_methods_config(monkeypatch):
     from minisd.train.settings import TrainSettings
     monkeypatch.setattr(fit, "load", _no_load)
     with pytest.raises(ValueError, match=r"^minisd.train.run takes one of FinetuneConfig, DreamBoothConfig, "
-                                         r"TextualInversionConfig, LoRAConfig, got TrainSettings$"):
+                                         r"TextualInversionConfig, LoRAConfig, ControlNetConfig, got TrainSettings$"):
         run(TrainSettings(out="o"))
 
 

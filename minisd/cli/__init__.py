@@ -3,8 +3,8 @@ the parsing of every command lives in this package:
 
   generate.py   generate, img2img, eval: the flags every generating command shares, and the Pipeline they load
   inpaint.py    inpaint, outpaint
-  train.py      train (finetune | dreambooth | textual-inversion | lora), train-tiny, train-tiny-features,
-                train-tiny-captioner, sweep
+  train.py      train (finetune | dreambooth | textual-inversion | lora | controlnet), train-tiny,
+                train-tiny-features, train-tiny-captioner, train-tiny-controlnet, sweep
   tools.py      convert, merge, merge-lora, fid
   caption.py    caption
 
@@ -32,12 +32,15 @@ COMMANDS = {
     "outpaint": ("extend the canvas and paint the new area", inpaint.add_outpaint, inpaint.run_inpaint),
     "eval": ("generate images for a prompt list and score them; writes OUT/metrics.json and prints name=value "
              "lines last", generate.add_eval, generate.run_eval),
-    "train": ("fine-tune: finetune | dreambooth | textual-inversion | lora", train.add_train, train.run_train),
+    "train": ("fine-tune: finetune | dreambooth | textual-inversion | lora | controlnet", train.add_train,
+              train.run_train),
     "train-tiny": ("train the tiny built-in model from scratch", train.add_train_tiny, train.run_train_tiny),
     "train-tiny-features": ("train the tiny world's feature network (--features tiny) from scratch",
                             train.add_train_tiny_features, train.run_train_tiny_features),
     "train-tiny-captioner": ("train the tiny world's captioner (caption --model tiny) from scratch",
                              train.add_train_tiny_captioner, train.run_train_tiny_captioner),
+    "train-tiny-controlnet": ("train the tiny model's canny ControlNet (--controlnet tiny-canny) and score it",
+                              train.add_train_tiny_controlnet, train.run_train_tiny_controlnet),
     "sweep": ("hyper-parameter search on Optuna: each trial runs the spec's commands (train, then minisd eval) in "
               "its own folder", train.add_sweep, train.run_sweep),
     "convert": ("convert a checkpoint between layouts (original LDM, diffusers, minisd)", tools.add_convert,

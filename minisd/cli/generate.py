@@ -20,7 +20,7 @@ from PIL import Image
 
 from .. import eval as evaluation
 from .. import lora, samplers, schedules
-from ..controls import load_control
+from ..controls import load_control, resolve
 from ..images import a1111_parameters, from_pil, output_paths, save_png
 from ..metrics import fid
 from ..pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
@@ -151,7 +151,8 @@ def add_control_flags(p):
     c = p.add_argument_group("ControlNet")
     c.add_argument("--controlnet", action="append", default=[], metavar="FILE",
                    help="a ControlNet: 1.0 (control_sd15_*.pth), 1.1 (control_v11p_sd15_*.pth/.safetensors) or a "
-                        "diffusers folder; repeat for several (their residuals add up)")
+                        "diffusers folder, or tiny-canny (the tiny model's, built in); repeat for several (their "
+                        "residuals add up)")
     c.add_argument("--control-image", action="append", default=[], metavar="IMG",
                    help="the condition image of each --controlnet, in order (resized to the output size)")
     c.add_argument("--control-scale", action="append", type=float, default=[], metavar="W",
@@ -212,6 +213,7 @@ def control_settings(args):
                                                    _per_control(args, "control-scale", 1.0),
                                                    _per_control(args, "control-start", 0.0),
                                                    _per_control(args, "control-end", 1.0)):
+        file = resolve(file)
         if not os.path.exists(file):
             raise ValueError(f"--controlnet {file}: no such file or folder")
         if not 0.0 <= start < end <= 1.0:

@@ -1,8 +1,8 @@
-"""The training commands: `minisd train finetune | dreambooth | textual-inversion | lora`, `minisd train-tiny`,
-`minisd train-tiny-features`, `minisd train-tiny-captioner` and `minisd sweep`. Argument parsing only (diffusers' flag names, with dashes): each
-`minisd train` flag fills the field of the same name of the method's config (a train.settings.TrainSettings with
-the method's own fields), whose defaults are the flags' defaults; minisd.train.run(config) does the rest, as it does
-from Python."""
+"""The training commands: `minisd train finetune | dreambooth | textual-inversion | lora | controlnet`, `minisd
+train-tiny`, `minisd train-tiny-features`, `minisd train-tiny-captioner`, `minisd train-tiny-controlnet` and `minisd
+sweep`. Argument parsing only (diffusers' flag names, with dashes): each `minisd train` flag fills the field of the
+same name of the method's config (a train.settings.TrainSettings with the method's own fields), whose defaults are
+the flags' defaults; minisd.train.run(config) does the rest, as it does from Python."""
 import argparse
 import dataclasses
 import signal
@@ -12,12 +12,13 @@ from dataclasses import replace
 import torch
 
 from .. import distributed, sweep
-from ..train import (dreambooth, finetune, lora, loop, report, run, textual_inversion, tiny, tiny_captioner,
-                     tiny_features)
+from ..train import (controlnet, dreambooth, finetune, lora, loop, report, run, textual_inversion, tiny,
+                     tiny_captioner, tiny_controlnet, tiny_features)
 from ..train.settings import SAVE_FORMATS, SCHEDULERS
 from .help import DefaultsFormatter
 
-METHODS = {"finetune": finetune, "dreambooth": dreambooth, "textual-inversion": textual_inversion, "lora": lora}
+METHODS = {"finetune": finetune, "dreambooth": dreambooth, "textual-inversion": textual_inversion, "lora": lora,
+           "controlnet": controlnet}
 
 # Command lines pasted from diffusers' READMEs (train_dreambooth.py, train_text_to_image.py, textual_inversion.py,
 # train_dreambooth_lora.py): every flag also answers to its underscore spelling (--train_batch_size), and these of
@@ -26,6 +27,7 @@ DIFFUSERS_NAMES = {
     "--pretrained-model-name-or-path": "--model", "--output-dir": "--out", "--instance-data-dir": "--instance-dir",
     "--class-data-dir": "--class-dir", "--train-data-dir": "--data", "--lr-num-cycles": "--lr-cycles",
     "--placeholder-token": "--token", "--initializer-token": "--init-token",
+    "--controlnet-model-name-or-path": "--controlnet",
 }
 # diffusers' flags that minisd does not have: refused with a line saying why, never ignored
 NOT_SUPPORTED = {
@@ -203,6 +205,16 @@ def add_train(parser):
                    help="default: kohya's (the U-Net transformers' Linear / 1x1 conv layers, the text encoder's "
                         "attention and MLP); attention: diffusers' (q, k, v, out)")
     _common(r, d, lora.SAVE_FORMATS, "OUT_NAME.safetensors (kohya) or pytorch_lora_weights.safetensors (diffusers)")
+    c = sub.add_parser("controlnet", help="a ControlNet, on images with conditioning images; the model frozen")
+    d = controlnet.ControlNetConfig(out="")
+    c.add_argument("--data", required=True, help="NAME.png with NAME.cond.png (its conditioning image) and "
+                                                 "NAME.txt, or a metadata.jsonl of image, conditioning_image, text")
+    c.add_argument("--controlnet", default=None, help="a ControlNet file or folder to start from (default: the "
+                                                      "U-Net's encoder with zero convolutions)")
+    c.add_argument("--validation-image", action="append", default=[], dest="validation_images",
+                   help="the conditioning image of the validation samples: one per --validation-prompt, or one")
+    _common(c, d, SAVE_FORMATS, "controlnet.safetensors (ControlNet 1.1 layout) or the diffusers folder "
+                                "controlnet/")
 
 
 def _dataset_flags(p, d, caption_default="(default: %(default)s)"):
@@ -236,6 +248,8 @@ def config_from_args(args, log=print):
     fields = {f.name for f in dataclasses.fields(method.config)}              # the method's config class
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["validation_prompts"] = tuple(values.get("validation_prompts", ()))
+    if "validation_images" in values:
+        values["validation_images"] = tuple(values["validation_images"])
     if values.get("max_train_steps") is None:
         del values["max_train_steps"]       # the method's default, or the steps of --num-train-epochs
     elif values.get("num_train_epochs") is not None:
@@ -313,6 +327,23 @@ def run_train_tiny_captioner(args):
     recipe = replace(tiny_captioner.Recipe(), seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
                      bank_size=args.bank_size, eval_samples=args.eval_samples)
     tiny_captioner.train_captioner(args.out, recipe)
+
+
+def add_train_tiny_controlnet(p):
+    p.add_argument("--out", required=True, help="run folder: data/, run/, minisd-tiny-canny.safetensors, report.json")
+    d = tiny_controlnet.Recipe()
+    for name in ("seed", "images", "steps", "batch", "eval_maps"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 is fastest for the tiny model on a busy machine)")
+
+
+def run_train_tiny_controlnet(args):
+    torch.set_num_threads(args.threads)
+    recipe = tiny_controlnet.Recipe(seed=args.seed, images=args.images, steps=args.steps, batch=args.batch,
+                                    lr=args.lr, eval_maps=args.eval_maps)
+    tiny_controlnet.train_tiny_controlnet(args.out, recipe)
 
 
 def add_sweep(p):

@@ -14,6 +14,7 @@ batches come from; fit.fit loads the model and drives loop.train with step.py's 
   finetune.py    `minisd train finetune`: full fine-tuning on captioned images (FinetuneConfig)
   textual_inversion.py  `minisd train textual-inversion`: a new word's vectors (TextualInversionConfig)
   lora.py        `minisd train lora`: a low-rank change of the weights (LoRAConfig)
+  controlnet.py  `minisd train controlnet`: a ControlNet, the model frozen (ControlNetConfig)
   settings.py    TrainSettings, what every method's config shares; its checks; the loop's settings it gives
   fit.py         fit: load the model, ask the method what trains, train, write the run folder (model, log, samples)
   batches.py     which examples micro-batch k holds (a pure function of seed, stream, k), crops, cached latents
@@ -24,6 +25,7 @@ batches come from; fit.fit loads the model and drives loop.train with step.py's 
                  checkpoints and exact resumption; the gradient average over processes under torchrun
   lr.py          learning-rate schedules (diffusers' get_scheduler, plus floors and the tiny recipe's)
   loss.py        the noise-prediction objective, v targets, Min-SNR weights, DreamBooth's prior loss
+  control_data.py  a ControlNet's data: images with their conditioning images (NAME.cond.png) and captions
   data.py        image folders (plain, or kohya's N_prompt subfolders) with captions, and diffusers' preprocessing
   hf_dataset.py  Hugging Face datasets as a source of captioned images (--dataset-name; optional `datasets`)
   tiny.py        the tiny built-in model's three-phase recipe from scratch (`minisd train-tiny`)
@@ -36,7 +38,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from . import dreambooth, finetune, lora, textual_inversion
+from . import controlnet, dreambooth, finetune, lora, textual_inversion
+from .controlnet import ControlNetConfig
 from .dreambooth import DreamBoothConfig
 from .finetune import FinetuneConfig
 from .lora import LoRAConfig
@@ -44,16 +47,16 @@ from .textual_inversion import TextualInversionConfig
 
 # each config to its method; by exact type, since a LoRAConfig is also a DreamBoothConfig (DreamBooth-LoRA)
 METHODS = {FinetuneConfig: finetune, DreamBoothConfig: dreambooth, TextualInversionConfig: textual_inversion,
-           LoRAConfig: lora}
+           LoRAConfig: lora, ControlNetConfig: controlnet}
 
 
 @dataclass(frozen=True)
 class Result:
     """A finished run: the files in its folder, and the figures of its result.json."""
-    method: str                 # "finetune", "dreambooth", "textual_inversion" or "lora"
+    method: str                 # "finetune", "dreambooth", "textual_inversion", "lora" or "controlnet"
     out: str                    # the run folder
     model: str                  # what the method wrote: model.safetensors (or a diffusers folder), the LoRA file,
-                                # learned_embeds.safetensors
+                                # learned_embeds.safetensors, controlnet.safetensors
     log: str                    # train_log.jsonl: step, loss, lr, seconds of every step
     steps: int                  # optimizer steps in all (a resumed run's included)
     last_loss: float | None     # the loss of the last logged step
@@ -63,9 +66,9 @@ class Result:
 
 
 def run(cfg, log=print) -> Result:
-    """Train with `cfg` (FinetuneConfig, DreamBoothConfig, TextualInversionConfig or LoRAConfig) into cfg.out,
-    as `minisd train METHOD` with the flags of the same names does; returns the run's Result. Settings that cannot
-    run are a one-line ValueError before any model is loaded. Under torchrun every process returns the same
+    """Train with `cfg` (FinetuneConfig, DreamBoothConfig, TextualInversionConfig, LoRAConfig or ControlNetConfig)
+    into cfg.out, as `minisd train METHOD` with the flags of the same names does; returns the run's Result. Settings
+    that cannot run are a one-line ValueError before any model is loaded. Under torchrun every process returns the same
     Result, once rank 0 has written the run folder."""
     if type(cfg) not in METHODS:
         raise ValueError(f"minisd.train.run takes one of {', '.join(c.__name__ for c in METHODS)}, got "

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..controlnet import control_image
 from ..images import to_tensor
 from . import buckets, captions
 from .data import resize_and_crop
@@ -116,9 +117,10 @@ def pick_caption(caption, generator):
 
 
 def take(source: Stream, k, cfg: TrainSettings, resolution, generators=None, world=1, rank=0):
-    """(pixels or None, moments or None, captions) of this process's share of micro-batch k from `source`;
-    generators: one per example of the share (template prompts, crops and flips, caption tricks), or None for
-    centre crops without flips, fixed captions and no tricks."""
+    """(pixels or None, moments or None, captions, hints or None) of this process's share of micro-batch k from
+    `source`; generators: one per example of the share (template prompts, crops and flips, caption tricks), or None
+    for centre crops without flips, fixed captions and no tricks. hints: a ControlNet's data (examples with a
+    conditioning image): those images (B, 3, H, W) RGB in [0, 1], cropped and flipped as their images."""
     b = cfg.train_batch_size
     idx = micro_batch(source, b * world, k, cfg.seed)[rank * b:(rank + 1) * b]
     if generators is None:
@@ -128,15 +130,24 @@ def take(source: Stream, k, cfg: TrainSettings, resolution, generators=None, wor
     texts = [pick_caption(source.examples[i].caption, g) for i, g in zip(idx, generators)]
     if captions.active(cfg):
         texts = [captions.apply(t, cfg, captions.caption_generator(g)) for t, g in zip(texts, generators)]
+    hints = None
+    if source.examples[idx[0]].condition is not None:
+        # the same crop and flip as the image: the same draws, from a copy of the example's generator as it is now
+        copies = [None if g is None else torch.Generator().set_state(g.get_state()) for g in generators]
+        hints = torch.cat([control_image(image, *image.size) for image in
+                           (preprocess(source, i, resolution, cfg.center_crop, cfg.random_flip, c, condition=True)
+                            for i, c in zip(idx, copies))])
     if source.cache is not None:
-        return None, tuple(torch.stack([source.cache[i][n] for i in idx]) for n in (0, 1)), texts
+        return None, tuple(torch.stack([source.cache[i][n] for i in idx]) for n in (0, 1)), texts, hints
     images = [preprocess(source, i, resolution, cfg.center_crop, cfg.random_flip, g) for i, g in zip(idx, generators)]
-    return to_tensor(images), None, texts
+    return to_tensor(images), None, texts, hints
 
 
-def preprocess(source: Stream, i, resolution, center_crop=True, random_flip=False, generator=None):
-    """Example i of `source` as a PIL image of its training size: its bucket, or resolution^2."""
-    image = source.examples[i].image()
+def preprocess(source: Stream, i, resolution, center_crop=True, random_flip=False, generator=None, condition=False):
+    """Example i of `source` (its conditioning image, with condition) as a PIL image of its training size: its
+    bucket, or resolution^2."""
+    example = source.examples[i]
+    image = example.condition_image() if condition else example.image()
     if source.buckets is None:
         return resize_and_crop(image, resolution, center_crop, random_flip, generator)
     return buckets.crop(image, *source.buckets[i], center_crop, random_flip, generator)

@@ -60,6 +60,9 @@ class Training:
     substitute: Callable | None = None     # () -> {param name: tensor} computed with in place of the model's own
     prior_loss_weight: float = 1.0         # DreamBooth: the class examples' weight, with a class stream
     text_encoder_prefix: str = "text_encoder."   # the trainable names of the text encoder's group (--text-encoder-lr)
+    controlnet: torch.nn.Module | None = None    # a ControlNet whose residuals the U-Net adds (its streams carry
+                                                 # hints: batches.take); the validation images use it too
+    validation_controls: Callable | None = None  # (prompt number) -> [controlnet.Control] for a validation image
 
 
 def fit(cfg: TrainSettings, method, prepare, draws=None, log=print):
@@ -159,13 +162,14 @@ def _fit(cfg: TrainSettings, method, prepare, device, draws, log):
                 + job.prior_loss_weight * parts_loss(k, parts[1:], places[1:], generators, None))
 
     def latent_size(part):
-        pixels, moments, _ = part
+        pixels, moments = part[:2]
         return tuple(moments[0].shape[-2:]) if moments is not None else (pixels.shape[-2] // factor,
                                                                          pixels.shape[-1] // factor)
 
     def parts_loss(k, parts, places, generators, n_instance):
         """The loss of the examples of `parts` (take's outputs, all of one size) at `places` in micro-batch k."""
-        captions = [c for _, _, cs in parts for c in cs]
+        captions = [c for p in parts for c in p[2]]
+        hints = torch.cat([p[3] for p in parts]) if job.controlnet is not None else None
         if parts[0][1] is not None:
             pixels, moments = None, tuple(torch.cat([p[1][i] for p in parts]).to(device) for i in (0, 1))
         else:
@@ -180,7 +184,7 @@ def _fit(cfg: TrainSettings, method, prepare, device, draws, log):
         encode = (lambda text: embeddings.tokenize(text, model.tokenizer.encode)) if embeddings else None
         replaced = substitute() if substitute is not None and not installed else None
         return step_loss(model, pixels, moments, model.tokenizer(captions, encode), d, alphas_cumprod, cfg,
-                         n_instance, job.prior_loss_weight, embeddings, replaced)
+                         n_instance, job.prior_loss_weight, embeddings, replaced, job.controlnet, hints)
 
     tracker = report.Tracker(cfg.report_to if main else "none", cfg.out, cfg.tracker_project_name or method,
                              {"method": method, "processes": world, **dataclasses.asdict(cfg)})
@@ -190,7 +194,8 @@ def _fit(cfg: TrainSettings, method, prepare, device, draws, log):
     def validate(step):
         if cfg.validation_prompts and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
             uninstall(model, installed)
-            paths = validation_images(model, cfg, resolution, step, cfg.out, device, embeddings, substitute)
+            paths = validation_images(model, cfg, resolution, step, cfg.out, device, embeddings, substitute,
+                                      job.validation_controls)
             model.train()
             log_entry(log_path, {"step": step, "validation": paths})
             tracker.images(step, captions, paths)
@@ -218,7 +223,7 @@ def _fit(cfg: TrainSettings, method, prepare, device, draws, log):
                       "model": path, "last_loss": _last_loss(log_path), "processes": world}
             if cfg.validation_prompts:
                 result["validation"] = validation_images(model, cfg, resolution, cfg.max_train_steps, cfg.out,
-                                                         device, embeddings, substitute)
+                                                         device, embeddings, substitute, job.validation_controls)
                 tracker.images(cfg.max_train_steps, captions, result["validation"])
             with open(os.path.join(cfg.out, "result.json"), "w") as f:
                 json.dump(result, f, indent=1)
@@ -315,10 +320,12 @@ class Progress:
         self.bar.close()
 
 
-def validation_images(model, cfg: TrainSettings, resolution, step, out, device, embeddings=None, substitute=None):
+def validation_images(model, cfg: TrainSettings, resolution, step, out, device, embeddings=None, substitute=None,
+                      controls=None):
     """--num-validation-images images per --validation-prompt into out/samples/ (seeds --seed, --seed + 1, ...),
     with the textual-inversion words of `embeddings`; returns their paths. substitute(): {param name: tensor} to
-    draw them with in place of the model's own parameters (put back after)."""
+    draw them with in place of the model's own parameters (put back after). controls(i): the ControlNets
+    (controlnet.Control) of prompt i's images."""
     folder = os.path.join(out, "samples")
     os.makedirs(folder, exist_ok=True)
     with torch.no_grad():
@@ -331,7 +338,7 @@ def validation_images(model, cfg: TrainSettings, resolution, step, out, device, 
         n = cfg.num_validation_images
         for i, prompt in enumerate(cfg.validation_prompts):
             images = pipe.generate(prompt, seed=[cfg.seed + j for j in range(n)], width=resolution,
-                                   height=resolution).images
+                                   height=resolution, controls=controls(i) if controls else ()).images
             for j, image in enumerate(images):
                 paths.append(os.path.join(folder, f"step-{step:06d}-{i}" + (f"-{j}" if n > 1 else "") + ".png"))
                 image.save(paths[-1])

@@ -60,13 +60,15 @@ def text_in_backward(cfg: TrainSettings, embeddings=None):
 
 
 def step_loss(model, pixels, moments, tokens, d: Draws, alphas_cumprod, cfg: TrainSettings, n_instance,
-              prior_loss_weight=1.0, embeddings=None, replaced=None):
+              prior_loss_weight=1.0, embeddings=None, replaced=None, controlnet=None, hints=None):
     """The loss of one micro-batch (module docstring). pixels (B, 3, H, W) in [-1, 1], or moments = the cached
     (mean, logvar); tokens (B, 77); the first n_instance examples are instances, the rest class examples, whose
     loss counts prior_loss_weight times (DreamBooth; n_instance None: no class examples).
     embeddings: the textual-inversion words whose ids (past the vocabulary) `tokens` may hold.
     replaced: {param name: tensor} the U-Net and text encoder compute with in place of their own parameters
     (torch.func.functional_call; LoRA's W + (alpha / r) up down, train/lora.py).
+    controlnet, hints (B, 3, H, W) in [0, 1]: the ControlNet's residuals on (x_t, t, text, hints) are added to the
+    U-Net's skips and middle block, at scale 1 (diffusers' train_controlnet.py; train/controlnet.py).
 
     The step computes in the latents' dtype, at least float32: a low-precision VAE (--mixed-precision) gives fp32
     latents, noise and loss as autocast wants them, and a float64 model (cfg.dtype) stays float64 throughout."""
@@ -88,7 +90,11 @@ def step_loss(model, pixels, moments, tokens, d: Draws, alphas_cumprod, cfg: Tra
     with torch.set_grad_enabled(text_in_backward(cfg, embeddings) and torch.is_grad_enabled()):
         tokens = tokens.to(device)
         context = embeddings.encode(text_encoder, tokens) if embeddings else text_encoder(tokens)  # (B, 77, width)
-    pred = unet(x_t, t.to(device, dtype), context)
+    residuals = {}
+    if controlnet is not None:
+        down, mid = controlnet(x_t, t.to(device, dtype), context, hints.to(device, dtype))
+        residuals = dict(down_residuals=down, mid_residual=mid)
+    pred = unet(x_t, t.to(device, dtype), context, **residuals)
     target = training_target(x0, noise, t, alphas_cumprod, model.config.prediction)
     weights = None if cfg.snr_gamma is None else min_snr_weights(t, alphas_cumprod, cfg.snr_gamma,
                                                                  model.config.prediction)
