@@ -228,7 +228,8 @@ def step_times(impl, args):
             def stamp(_pipe, _i, _t, kwargs):
                 stamps.append(time.perf_counter())
                 return kwargs
-            p(PROMPT, num_inference_steps=args.step_steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(1),
+            p(PROMPT, num_inference_steps=args.step_steps, guidance_scale=7.5,
+              generator=torch.Generator().manual_seed(1),
               callback_on_step_end=stamp, output_type="latent", **g, **kw)
         kinds = {"plain": lambda s: run(pipe, s), "controlnet": lambda s: run(cpipe, s, image=image)}
     out = {k: [] for k in kinds}
@@ -303,10 +304,11 @@ def measure(args):
 
 def render(r):
     lines = [f"Machine: {r['machine']}; finished {r['finished']}.", f"CPU: {r['cpu']}.",
-             f"Threads: {r['threads']} in every process (OMP_NUM_THREADS, and minisd's --threads). CPU steal over the "
-             f"whole run: {100 * r['steal']:.1f}% (/proc/stat); load average {r['load'][0]:.1f} at the start, "
+             f"Threads: {r['threads']} in every process (OMP_NUM_THREADS, and minisd's --threads). CPU steal "
+             f"{r.get('steal_note', 'over the whole run')}: {100 * r['steal']:.1f}% (/proc/stat); load average {r['load'][0]:.1f} at the start, "
              f"{r['load'][1]:.1f} at the end.", "",
-             f"fp32, a random-weight checkpoint at the {'small test' if r['small'] else 'full SD 1.5'} configuration ({r['file_gb']:.2f} GB) and a random "
+             f"fp32, a random-weight checkpoint at the {'small test' if r['small'] else 'full SD 1.5'} "
+             f"configuration ({r['file_gb']:.2f} GB) and a random "
              f"ControlNet 1.1 file at its ControlNet config ({r['controlnet_gb']:.2f} GB, every weight drawn, the "
              f"zero convolutions too); {r['size']}x{r['size']} px, {r['steps']} Euler steps on SD's \"leading\" "
              f"schedule, CFG 7.5 (the ControlNet runs on both halves of the CFG batch in both libraries), "
@@ -329,13 +331,27 @@ def render(r):
                          f"{d:.1f} s | {p / d:.2f} | - |")
         lines += ["",
                   "minisd: `" + w["commands"]["minisd"] + "`", "", "diffusers: `" + w["commands"]["diffusers"] + "`"]
+        if "minisd-plain" in w:
+            lines += ["", "Why the `--no-prepack` row: before this benchmark, a ControlNet generation called the U-Net "
+                      "module directly, around `minisd.fast.MeasuredChoice`, so in a fresh `minisd generate "
+                      "--controlnet` process the U-Net and the ControlNet both ran on plain layers, whose convolutions "
+                      "copy their whole weight into oneDNN's blocked layout at every call (minisd/fast/onednn.py). "
+                      "Now the ControlNet runs on oneDNN-prepared layers whenever the U-Net does: the choice is "
+                      "measured on the controlled call (the U-Net and the ControlNets prepared together) and kept for "
+                      "the U-Net; the ControlNets are given back plain, in their own Parameters, after the run "
+                      "(Pipeline._controlled; tests/test_controlnet.py checks the image against diffusers' within "
+                      "2/255 on that path)."]
         if w.get("onednn_log"):
             lines += ["", "minisd's own log of its oneDNN decision in its last run: " + " ".join(w["onednn_log"])]
     if "per_step" in r:
         s = r["per_step"]
         lines += ["", f"Per sampling step (one CFG step: batch 2), in one process per library, txt2img without and "
-                  f"with the ControlNet alternated after a warm-up pair, {r.get('step_steps', r['steps'])} steps a run; the "
-                  f"median over {r['step_reps']} runs' steps (the first step of each run left out):", "",
+                  f"with the ControlNet alternated after a warm-up pair, {r.get('step_steps', r['steps'])} steps a "
+                  f"run; the "
+                  f"median over {r['step_reps']} runs' steps (the first step of each run left out). The two "
+                  f"libraries' processes run one after the other, under whatever load the machine has then: on a "
+                  f"shared machine compare the ratio within a column (ControlNet step / plain step), not the "
+                  f"columns:", "",
                   "| per step | minisd | diffusers | ratio |", "|---|---|---|---|"]
         mp, dp = median(s["minisd"]["plain"]), median(s["diffusers"]["plain"])
         mc, dc = median(s["minisd"]["controlnet"]), median(s["diffusers"]["controlnet"])
@@ -346,6 +362,8 @@ def render(r):
             pl = {k: median(v) for k, v in s["minisd"]["plain-layers"].items()}
             lines += [f"| minisd with every layer plain (`prepack=False`): plain step, ControlNet step, ratio | "
                       f"{pl['plain']:.3f} s, {pl['controlnet']:.3f} s, {pl['controlnet'] / pl['plain']:.2f} | - | - |"]
+    if r.get("parts"):
+        lines += ["", "Added afterwards with `--update`: " + "; ".join(r["parts"]) + "."]
     return "\n".join(lines)
 
 
@@ -363,7 +381,8 @@ def main():
     if args.update:
         saved = json.loads(open(args.update).read())
         saved.update({k: v for k, v in result.items() if k in ("whole", "per_step", "step_steps", "step_reps")})
-        saved["parts"] = saved.get("parts", []) + [f"{args.what}: {result['machine']}, steal {100 * result['steal']:.1f}%"]
+        saved["parts"] = saved.get("parts", []) + [f"{args.what}: {result['machine']}, "
+                                                   f"steal {100 * result['steal']:.1f}%"]
         result = saved
     common.report(result, render(result), args.json, args.write, SECTION, TITLE)
 
