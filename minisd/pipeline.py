@@ -29,6 +29,7 @@ draws all B images, so image b depends on B. A list of prompts and/or seeds is A
 image equals that prompt and seed generated alone (up to the rounding of a batched U-Net call), whatever else
 shares its batch. `minisd generate --batch-size N` and `minisd eval` use the second.
 """
+import contextlib
 import random
 from dataclasses import dataclass
 
@@ -265,19 +266,48 @@ class Pipeline:
                 raise ValueError(f"controls must be a list of controlnet.Control, got {type(c).__name__}")
             c.check(self.model.config)
 
+    @contextlib.contextmanager
     def _controlled(self, controls, plan, width, height, batch):
-        """The U-Net call with `controls` added (controlnet.controlled_unet), or None without controls. It calls
-        the U-Net module itself: the compiled / CUDA-graph call is bypassed while a ControlNet is in use (a
-        oneDNN-prepared U-Net stays prepared), and each step reads its t back to the host to find its step."""
+        """The U-Net call with `controls` added (controlnet.controlled_unet), or None without controls, for the
+        sampling run inside the `with`. It calls the U-Net module itself: the compiled / CUDA-graph call is bypassed
+        while a ControlNet is in use, and each step reads its t back to the host to find its step.
+
+        On the CPU with oneDNN-prepared layers (prepack), the ControlNets run prepared when the U-Net does: each
+        is a copy of the U-Net's encoder, the same layers at the same shapes, so the U-Net's measured choice holds
+        for them. Before that choice is made (the first generation of a process), it is measured on this call, the
+        U-Net and the ControlNets prepared together (fast.MeasuredChoice), and kept for the U-Net's own call. The
+        ControlNets are given back plain when the run ends, holding their own Parameter objects again: they are the
+        caller's networks (a training run's, perhaps, whose optimizer holds those Parameters), and a prepared network
+        has no backward and cannot move. (Holding the plain weights during the run costs their memory once more;
+        a loaded file's are memory-mapped pages the system can drop.)"""
         if not controls:
-            return None
-        for c in controls:
-            c.net.to(self.device, self.dtype).eval()
+            yield None
+            return
+        nets = [c.net.to(self.device, self.dtype).eval() for c in controls]
+        own = [dict(net.named_parameters()) for net in nets]
         hints = [controlnet.control_image(c.image, width, height).to(self.device, self.dtype) for c in controls]
         # the step of a U-Net call is found by its t, computed as make_denoiser computes it
         sigmas_train = diffusion.sigmas_from_alphas_cumprod(self.alphas_cumprod.to(torch.float64).cpu())
         timesteps = diffusion.sigma_to_t(plan.sigmas[:-1], sigmas_train, plan.interpolation)
-        return controlnet.controlled_unet(self.model.unet, controls, hints, timesteps, batch)
+        call = controlnet.controlled_unet(self.model.unet, controls, hints, timesteps, batch)
+        unet_choice = self.unet_call if isinstance(self.unet_call, fast.MeasuredChoice) else None
+        measured = None
+        if unet_choice is not None and unet_choice.choice == "prepared":
+            for net in nets:
+                fast.onednn.prepare(net)
+        elif unet_choice is not None and unet_choice.choice is None:
+            call = measured = fast.MeasuredChoice(call, self.log, modules=[self.model.unet, *nets],
+                                                  what="U-Net + ControlNet call")
+        try:
+            yield call
+        finally:
+            if measured is not None and measured.choice is not None:
+                unet_choice.choice = measured.choice     # the U-Net's layers are as chosen: no second measurement
+            for net, params in zip(nets, own):
+                fast.onednn.restore(net)
+                for name, p in params.items():         # the very Parameters (restore made equal new ones)
+                    owner, _, attr = name.rpartition(".")
+                    setattr(net.get_submodule(owner), attr, p)
 
     def set_memory_options(self, attention_slice=None, vae_tile=None):
         """Trade speed for memory: attention computed `attention_slice` queries at a time (exactly the same
@@ -344,9 +374,9 @@ class Pipeline:
         shape = (per_seed, self.model.config.unet.in_channels, height // self.factor, width // self.factor)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         x = self._start_noise(generators, shape, subseeds, subseed_strength) * plan.init_sigma   # (B, 4, H/8, W/8)
-        latents = self._sample(x.to(self.device, self.dtype), plan, cond, uncond, cfg,
-                               self._noise(plan, seeds, generators, shape), callback, rescale,
-                               self._controlled(controls, plan, width, height, x.shape[0]))
+        with self._controlled(controls, plan, width, height, x.shape[0]) as unet_call:
+            latents = self._sample(x.to(self.device, self.dtype), plan, cond, uncond, cfg,
+                                   self._noise(plan, seeds, generators, shape), callback, rescale, unet_call)
         if hires is not None:
             # the second pass's steps are numbered on after the first's (--save-steps keeps both)
             later = callback and (lambda i, *a: callback(len(plan.sigmas) - 1 + i, *a))
@@ -379,8 +409,9 @@ class Pipeline:
         noise = self._start_noise(generators, shape, subseeds, subseed_strength, before)
         x = diffusion.add_noise(x0.to(self.device, self.dtype), noise.to(self.device, self.dtype),
                                 plan.sigmas[0].item())
-        return self._sample(x, plan, cond, uncond, cfg, self._noise(plan, seeds, generators, shape), callback,
-                            rescale, self._controlled(controls, plan, width, height, x.shape[0]))
+        with self._controlled(controls, plan, width, height, x.shape[0]) as unet_call:
+            return self._sample(x, plan, cond, uncond, cfg, self._noise(plan, seeds, generators, shape), callback,
+                                rescale, unet_call)
 
     @torch.no_grad()
     def img2img(self, prompt, init_image, strength=0.75, negative_prompt="", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
@@ -435,8 +466,10 @@ class Pipeline:
         noise = self._start_noise([generator], tuple(x0.shape), subseeds, subseed_strength,
                                   before=posterior)                  # ... the forward-process noise
         x = diffusion.add_noise(x0.to(self.dtype), noise.to(self.device, self.dtype), plan.sigmas[0].item())
-        latents = self._sample(x, plan, cond, uncond, cfg, self._noise(plan, [seed], [generator], tuple(x.shape)),
-                               callback, rescale, self._controlled(controls, plan, width, height, batch))
+        with self._controlled(controls, plan, width, height, batch) as unet_call:
+            latents = self._sample(x, plan, cond, uncond, cfg,
+                                   self._noise(plan, [seed], [generator], tuple(x.shape)), callback, rescale,
+                                   unet_call)
         return Result(to_pil(self.decode(latents)), latents, [seed], plan.sampler, plan.schedule, subseeds)
 
     @torch.no_grad()
@@ -525,13 +558,14 @@ class Pipeline:
         else:
             x = diffusion.add_noise(x0, noise, plan.sigmas[0].item())
         # the ControlNets (if any) read the latent the U-Net's input is built from, so they go innermost
-        unet_call = self._controlled(controls, plan, width, height, batch) or self.unet_call
-        if nine_channels:
-            unet_call = inpaint.conditioned_unet(unet_call, small, masked)
-        else:
-            unet_call = inpaint.blended_unet(unet_call, small, x0, noise, plan.sigmas[0].item(),
-                                             self.sigmas_train, plan.interpolation)
-        latents = self._sample(x, plan, cond, uncond, cfg, self._noise(plan, [seed], [generator], shape), callback,
-                               rescale, unet_call=unet_call)
+        with self._controlled(controls, plan, width, height, batch) as controlled:
+            unet_call = controlled or self.unet_call
+            if nine_channels:
+                unet_call = inpaint.conditioned_unet(unet_call, small, masked)
+            else:
+                unet_call = inpaint.blended_unet(unet_call, small, x0, noise, plan.sigmas[0].item(),
+                                                 self.sigmas_train, plan.interpolation)
+            latents = self._sample(x, plan, cond, uncond, cfg, self._noise(plan, [seed], [generator], shape),
+                                   callback, rescale, unet_call=unet_call)
         # diffusers' blend after the last step, at sigma 0: the kept region is the original latent itself
         return latents if nine_channels else small * latents + (1 - small) * x0

@@ -365,3 +365,44 @@ def test_inpainting_with_a_controlnet_equals_diffusers(sd1):
     # the check could fail: another ControlNet scale, or the mask inverted, is another image
     assert np.abs(mine - theirs(mask, 0.3)).max() > 10 * TOL
     assert np.abs(mine - theirs(ImageOps.invert(mask), 0.9)).max() > 10 * TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the oneDNN-prepared path (minisd/fast): a ControlNet runs prepared when the U-Net does, and is given back plain
+
+@pytest.mark.parametrize("choice", ["prepared", None], ids=["chosen-before", "measured-on-this-run"])
+def test_prepared_layers_with_a_controlnet_equal_diffusers_and_the_controlnet_comes_back_plain(sd1, choice):
+    """Pipeline.load(prepack=True) on the CPU: with the U-Net's choice already "prepared" (forced here), the
+    ControlNet runs prepared during the run; with no choice made yet, the choice is measured on the controlled call
+    and kept for the U-Net. Either way the image equals diffusers' and the ControlNet is plain afterwards, its
+    weights bit for bit, in the same Parameter objects."""
+    from minisd import fast
+    from minisd.pipeline import Pipeline
+    ours, _, files, nets, _ = sd1
+    pipe = Pipeline.load(str(files[0].parent / "model.safetensors"), device="cpu", dtype="fp32",
+                         log=lambda *_: None, prepack=True)
+    if not isinstance(pipe.unet_call, fast.MeasuredChoice):
+        pytest.skip("no oneDNN in this PyTorch build")
+    if choice == "prepared":
+        fast.onednn.prepare(pipe.model.unet)
+        pipe.unet_call.choice = "prepared"
+    net = nets[0]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    params = dict(net.named_parameters())
+    seen = []
+    image = _control_image(10)
+    mine = _np(pipe.generate(PROMPT, NEG, 5, 7.5, "euler", "linspace", seed=7, width=SIZE, height=SIZE,
+                             controls=[Control(net, image, 0.7, 0.1, 0.8)],
+                             callback=lambda *_: seen.append(fast.onednn.is_prepared(net))).images)
+    _, theirs = _txt2img_pair(sd1, [0], [0.7], [0.1], [0.8])
+    _assert_close(mine, theirs)
+    if choice == "prepared":
+        assert all(seen), seen                          # prepared at every step
+    else:
+        assert pipe.unet_call.choice in ("prepared", "plain")          # measured on the controlled call, kept
+        assert fast.onednn.is_prepared(pipe.model.unet) == (pipe.unet_call.choice == "prepared")
+    assert not fast.onednn.is_prepared(net)
+    after = net.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    # the very Parameter objects (an optimizer holding them still holds the network's)
+    assert all(p is params[k] for k, p in net.named_parameters())

@@ -59,10 +59,14 @@ class MeasuredChoice:
 
     The first calls of a process thus run one path, then the other; the two round differently in the last bits, so
     the first image of a process can differ from later ones with the same seed within float rounding (< 1/255).
-    `clock` is time.perf_counter (tests inject one). `choice` is None while measuring, then "prepared" or "plain"."""
+    `clock` is time.perf_counter (tests inject one). `choice` is None while measuring, then "prepared" or "plain".
+    `modules`: the networks the call runs, prepared and restored together (default: the U-Net alone; with a
+    ControlNet the call is controlnet.controlled_unet's and the modules the U-Net and the ControlNets); `what` names
+    the call in the log."""
 
-    def __init__(self, unet, log=None, clock=time.perf_counter):
-        self.unet, self.log, self.clock = unet, log, clock
+    def __init__(self, unet, log=None, clock=time.perf_counter, modules=None, what="U-Net call"):
+        self.unet, self.log, self.clock, self.what = unet, log, clock, what
+        self.modules = [unet] if modules is None else list(modules)
         self.plain_s = self.prepared_s = self.choice = None
         self.calls = 0
 
@@ -73,21 +77,23 @@ class MeasuredChoice:
         if self.calls == 2:                              # lays the weights out for these shapes: not timed
             return self.unet(*args, **kwargs)
         if self.calls == 1:
-            for p in self.unet.parameters():
+            for p in (p for m in self.modules for p in m.parameters()):
                 p.sum()     # page the weights in (a loaded file is memory-mapped): the plain call is not charged for it
         t0 = self.clock()
         out = self.unet(*args, **kwargs)
         seconds = self.clock() - t0
         if self.calls == 1:
             self.plain_s = seconds
-            onednn.prepare(self.unet)
+            for m in self.modules:
+                onednn.prepare(m)
         else:
             self.prepared_s = seconds
             self.choice = "prepared" if self.prepared_s < self.plain_s else "plain"
             if self.choice == "plain":
-                onednn.restore(self.unet)
+                for m in self.modules:
+                    onednn.restore(m)
             if self.log:
-                self.log(f"oneDNN-prepared layers (minisd.fast.MeasuredChoice): U-Net call {self.plain_s:.3f} s "
+                self.log(f"oneDNN-prepared layers (minisd.fast.MeasuredChoice): {self.what} {self.plain_s:.3f} s "
                          f"plain, {self.prepared_s:.3f} s prepared: {self.choice}")
         return out
 
