@@ -4,7 +4,7 @@ the parsing of every command lives in this package:
   generate.py   generate, img2img, eval: the flags every generating command shares, and the Pipeline they load
   inpaint.py    inpaint, outpaint
   train.py      train (finetune | dreambooth | textual-inversion | lora), train-tiny, train-tiny-features,
-                train-tiny-captioner, sweep
+                train-tiny-captioner, tiny-subject, sweep
   tools.py      convert, merge, merge-lora, fid
   caption.py    caption
 
@@ -38,6 +38,8 @@ COMMANDS = {
                             train.add_train_tiny_features, train.run_train_tiny_features),
     "train-tiny-captioner": ("train the tiny world's captioner (caption --model tiny) from scratch",
                              train.add_train_tiny_captioner, train.run_train_tiny_captioner),
+    "tiny-subject": ("write a new subject's instance images for DreamBooth on the tiny model (and the class "
+                     "images prior preservation reads)", train.add_tiny_subject, train.run_tiny_subject),
     "sweep": ("hyper-parameter search on Optuna: each trial runs the spec's commands (train, then minisd eval) in "
               "its own folder", train.add_sweep, train.run_sweep),
     "convert": ("convert a checkpoint between layouts (original LDM, diffusers, minisd)", tools.add_convert,
