@@ -90,28 +90,29 @@ def run(args):
     if args.all_pairs:          # every colour pair but the held-out ones: 48 instance images, not 8
         combos = [(c, b) for c in shapes.COLOURS for b in shapes.COLOURS
                   if c != b and (c, b) not in subject.HELD_OUT_COMBOS]
-    tag = f"{args.subject}{'-all' if args.all_pairs else ''}"
+    tag = f"{args.subject}{'-all' if args.all_pairs else ''}{'' if args.lr == 2e-4 else f'-lr{args.lr:g}'}"
     instances = os.path.join(work, f"instance-{tag}")
     subject.write_instance_folder(instances, combos=combos, subject=args.subject)
     out = os.path.join(work, f"run-{tag}-{args.seed}")
     cfg = dreambooth.config(out=out, instance_dir=instances, instance_prompt="unused", class_prompt="unused",
                             class_dir=classes, num_class_images=len(dreambooth.class_images(classes)),
-                            train_batch_size=4, max_train_steps=STEPS, learning_rate=2e-4, use_ema=True,
+                            train_batch_size=4, max_train_steps=STEPS, learning_rate=args.lr, use_ema=True,
                             cache_latents=True, center_crop=True, device="cpu", checkpointing_steps=STEPS,
                             seed=args.seed)
     wall, cpu = time.perf_counter(), time.process_time()
     path = dreambooth.run(cfg, log=lambda *_: None)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     pipe = Pipeline(load_model(path, verbose=False), prepack=True, log=lambda *_: None)
-    record(dict(kind="run", subject=args.subject, seed=args.seed, instance_images=len(combos), train_wall_s=round(wall, 1),
-                train_cpu_s=round(cpu, 1), **measure(pipe, args.subject)))
+    record(dict(kind="run", subject=args.subject, seed=args.seed, instance_images=len(combos), lr=args.lr,
+                train_wall_s=round(wall, 1), train_cpu_s=round(cpu, 1), **measure(pipe, args.subject)))
 
 
 def rescore(args):
     """Each trained run's 48 subject images again, read three ways: the subject in the asked-for colours (the
     score), the subject's shape whatever the colours, and the asked-for colours whatever the shape; plus the
     colour pairs the misses had."""
-    runs = [(n, t, s) for n in subject.SUBJECTS if args.only in (None, n) for t in (n, n + "-all") for s in (0, 1)]
+    runs = [(n, t, s) for n in subject.SUBJECTS if args.only in (None, n)
+            for t in (n, n + "-all", n + "-lr0.0001") for s in (0, 1)]
     for name, tag, seed in runs:
         path = os.path.join(args.work, f"run-{tag}-{seed}", "model.safetensors")
         if not os.path.exists(path):
@@ -119,14 +120,14 @@ def rescore(args):
         pipe = Pipeline(load_model(path, verbose=False), prepack=True, log=lambda *_: None)
         pairs = [(c, b, s) for c, b in subject.HELD_OUT_COMBOS for s in range(6)]
         images = evaluate.generate_each(pipe, [subject.instance_prompt(c, b) for c, b, _ in pairs],
-                                        [s for _, _, s in pairs], cfg=GUIDANCE)
+                                        [s for _, _, s in pairs], cfg=args.cfg)
         reads = [subject.SUBJECTS[name].judge(im) for im in images]
         misses = {}
         for (c, b, _), r in zip(pairs, reads):
             if r != (c, b, True):
                 key = f"{c} on {b} -> {r[0]} on {r[1]}{'' if r[2] else ', not ' + name}"
                 misses[key] = misses.get(key, 0) + 1
-        record(dict(kind="rescore", subject=name, run=tag, seed=seed, images=len(images),
+        record(dict(kind="rescore", subject=name, run=tag, seed=seed, cfg=args.cfg, images=len(images),
                     score=sum(r == (c, b, True) for (c, b, _), r in zip(pairs, reads)),
                     shape=sum(r[2] for r in reads),
                     colours=sum(r[:2] == (c, b) for (c, b, _), r in zip(pairs, reads)), misses=misses))
@@ -228,6 +229,8 @@ if __name__ == "__main__":
                                             "base-colours"))
     p.add_argument("--subject", default="ring", choices=tuple(subject.SUBJECTS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=2e-4, help="run: the learning rate (tutorial 10's: 2e-4)")
+    p.add_argument("--cfg", type=float, default=GUIDANCE, help="rescore: the guidance scale")
     p.add_argument("--only", help="rescore: this subject's runs only")
     p.add_argument("--all-pairs", action="store_true", help="run: instance images in all 48 non-held-out pairs")
     p.add_argument("--work", default="/tmp/world-subjects")
