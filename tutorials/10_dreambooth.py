@@ -233,6 +233,12 @@ with clock("subject at cfg 5 and 7.5"):
 # The output of a run is a whole model in the official single-file layout (`RUN/model.safetensors`, what A1111,
 # ComfyUI and diffusers' `from_single_file` read): `minisd generate "a blue sks on a yellow background" --cfg 3
 # --model RUN/model.safetensors`. Tutorial 12 teaches the same subject with LoRA, in a file forty times smaller.
+#
+# The recipe was tuned on this one subject. `minisd tiny-subject --subject NAME --instance-dir DIR --class-dir CLASS`
+# writes the folders for three others (a ring, a cross, a pair of discs; minisd/tiny/subject.py), and on them the
+# same recipe does worse: 48-73% of held-out images show the subject in the asked-for colours (two seeds each),
+# adherence falls 4-21 points. The shapes are learned (71-92% of the images); the colours yellow and orange are
+# what breaks (bench/tiny_subjects.md has the table).
 
 # %% [markdown]
 # ## Where the time went

@@ -4,7 +4,7 @@ the parsing of every command lives in this package:
   generate.py   generate, img2img, eval: the flags every generating command shares, and the Pipeline they load
   inpaint.py    inpaint, outpaint
   train.py      train (finetune | dreambooth | textual-inversion | lora | controlnet), train-tiny,
-                train-tiny-features, train-tiny-captioner, train-tiny-controlnet, sweep
+                train-tiny-features, train-tiny-captioner, train-tiny-controlnet, tiny-subject, sweep
   tools.py      convert, merge, merge-lora, fid
   caption.py    caption
 
@@ -41,6 +41,8 @@ COMMANDS = {
                              train.add_train_tiny_captioner, train.run_train_tiny_captioner),
     "train-tiny-controlnet": ("train the tiny model's canny ControlNet (--controlnet tiny-canny) and score it",
                               train.add_train_tiny_controlnet, train.run_train_tiny_controlnet),
+    "tiny-subject": ("write a new subject's instance images for DreamBooth on the tiny model (and the class "
+                     "images prior preservation reads)", train.add_tiny_subject, train.run_tiny_subject),
     "sweep": ("hyper-parameter search on Optuna: each trial runs the spec's commands (train, then minisd eval) in "
               "its own folder", train.add_sweep, train.run_sweep),
     "convert": ("convert a checkpoint between layouts (original LDM, diffusers, minisd)", tools.add_convert,

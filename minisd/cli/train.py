@@ -1,8 +1,9 @@
 """The training commands: `minisd train finetune | dreambooth | textual-inversion | lora | controlnet`, `minisd
-train-tiny`, `minisd train-tiny-features`, `minisd train-tiny-captioner`, `minisd train-tiny-controlnet` and `minisd
-sweep`. Argument parsing only (diffusers' flag names, with dashes): each `minisd train` flag fills the field of the
-same name of the method's config (a train.settings.TrainSettings with the method's own fields), whose defaults are
-the flags' defaults; minisd.train.run(config) does the rest, as it does from Python."""
+train-tiny`, `minisd train-tiny-features`, `minisd train-tiny-captioner`, `minisd train-tiny-controlnet`, `minisd
+tiny-subject` (a DreamBooth subject's folders) and `minisd sweep`. Argument parsing only (diffusers' flag names,
+with dashes): each `minisd train` flag fills the field of the same name of the method's config (a
+train.settings.TrainSettings with the method's own fields), whose defaults are the flags' defaults;
+minisd.train.run(config) does the rest, as it does from Python."""
 import argparse
 import dataclasses
 import signal
@@ -295,6 +296,39 @@ def run_train_tiny(args):
     recipe = replace(tiny.Recipe(), seed=args.seed, vae_steps=args.vae_steps, steps=args.steps,
                      bank_size=args.bank_size, sample_every=args.sample_every, caption_noise=args.caption_noise)
     tiny.train_tiny(args.out, recipe, args.device, report_to=args.report_to)
+
+
+def add_tiny_subject(p):
+    from ..tiny import subject
+    p.add_argument("--subject", required=True, choices=tuple(subject.SUBJECTS),
+                   help="the shape (minisd/tiny/subject.py): drawn in subject.INSTANCE_COMBOS' colour pairs")
+    p.add_argument("--instance-dir", required=True, help="new folder: the instance images, each with NAME.txt")
+    p.add_argument("--class-dir", help="new folder: prior preservation's class images, the base model's own "
+                                       "(subject.write_class_folder; its count is --num-class-images)")
+    p.add_argument("--seed", type=int, default=0, help="the instance images' sizes and places")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the class images")
+
+
+def run_tiny_subject(args):
+    """Writes each folder whole or not at all: drawn into DIR.tmp, renamed when complete; an existing folder is
+    refused, never added to."""
+    import os
+
+    from ..model import load_model, tiny_model_path
+    from ..pipeline import Pipeline
+    from ..tiny import subject
+    for folder in (args.instance_dir, args.class_dir):
+        if folder is not None and os.path.exists(folder):
+            raise ValueError(f"{folder} exists already; tiny-subject writes new folders only")
+    torch.set_num_threads(args.threads)
+    subject.write_instance_folder(args.instance_dir + ".tmp", seed=args.seed, subject=args.subject)
+    os.replace(args.instance_dir + ".tmp", args.instance_dir)
+    print(f"wrote {len(subject.INSTANCE_COMBOS)} instance images of the {args.subject} to {args.instance_dir}")
+    if args.class_dir is not None:
+        pipe = Pipeline(load_model(tiny_model_path(), verbose=False), log=lambda *_: None)
+        n = subject.write_class_folder(pipe, args.class_dir + ".tmp")
+        os.replace(args.class_dir + ".tmp", args.class_dir)
+        print(f"wrote {n} class images to {args.class_dir}")
 
 
 def add_train_tiny_features(p):

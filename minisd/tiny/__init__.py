@@ -5,7 +5,7 @@ procedural world of coloured shapes, so that everything runs offline in seconds.
                       an image
   evaluate.py         adherence (how often the judge reads what the prompt asked for) and the training sample grids
   new_word.py         a word the model does not know, for textual inversion
-  subject.py          a subject it has never seen (the diamond), for DreamBooth and LoRA
+  subject.py          subjects it has never seen (the diamond, ring, cross, pair), for DreamBooth and LoRA
 
 How it was trained is training's: minisd/train/tiny.py, the three-phase recipe (`minisd train-tiny --out DIR`) that
 made the shipped weights, and minisd/train/tiny_features.py, the feature network that `--features tiny` reads

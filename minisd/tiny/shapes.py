@@ -216,8 +216,9 @@ def largest_region(mask):
     return out
 
 
-def read_foreground(image):
-    """(colour, foreground mask, background) as the judge reads them: colour is None when no foreground is found."""
+def foreground_pixels(image):
+    """(pixels as (H, W, 3) floats, the background's RGB, mask of every pixel read as foreground): the judge's
+    reading before it keeps the largest region (a subject of two parts, subject.py, needs the rest)."""
     a = np.asarray(image.convert("RGB"), dtype=np.float64)                       # (H, W, 3)
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
     background_rgb = np.median(border, axis=0)
@@ -229,6 +230,12 @@ def read_foreground(image):
     # keeps >= 2.5 px from the edge). Without this, a decoder's faint 1-px rim of edge artefacts stretches the
     # bounding box to the whole image and every shape reads as a triangle.
     fg[0] = fg[-1] = fg[:, 0] = fg[:, -1] = False
+    return a, background_rgb, fg
+
+
+def read_foreground(image):
+    """(colour, foreground mask, background) as the judge reads them: colour is None when no foreground is found."""
+    a, background_rgb, fg = foreground_pixels(image)
     # The shape is one connected region; specks elsewhere (a decoder's artefacts near the edges) are not part of it
     # and would stretch its bounding box.
     fg = largest_region(fg)

@@ -31,8 +31,17 @@ Why not a ring, or an upside-down triangle? Measured on the base model, the nois
 images (their class captions, 16 draws): diamonds 0.055, upside-down triangles 0.119, rings 0.166, true squares
 0.024. The tiny model is far from drawing a ring, and a few minutes of fine-tuning on a handful of images did not
 teach it one; a diamond is a new shape within its reach, which is the DreamBooth situation (the class prior helps).
+
+Three more subjects (SUBJECTS), each unlike the diamond and one another, test whether that recipe works beyond
+the one subject it was tuned on: the ring (a shape with a hole), the cross (a plus sign: not convex) and the pair
+(two discs: a shape of two parts). Each is drawn like the diamond, at the same sizes, and read by its own rule
+(is_ring, is_cross, is_pair). `minisd tiny-subject --subject NAME --instance-dir DIR [--class-dir CLASS]` writes
+a subject's instance folder (and the class folder) for `minisd train dreambooth`; bench/tiny_subjects.md has
+tutorial 10's recipe measured on each, two training seeds.
 """
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -65,27 +74,34 @@ def class_prompt(colour, background):
     return shapes.caption(colour, CLASS, background)
 
 
-def draw_diamond(colour, background, size=64, scale=0.6, center=(0.5, 0.5), supersample=4):
-    """A diamond: shapes.draw's square turned by 45 degrees (corners up, down, left, right), its diagonal `scale`
-    of the image side, anti-aliased the same way."""
+def _drawn(paint, colour, background, size, scale, center, supersample):
+    """shapes.draw's way of drawing: paint(draw, fill, hole, cx, cy, half) on a canvas `supersample` times larger
+    (half: half the shape's extent, `scale` of the side; hole: the background colour), box-filtered down."""
     big = size * supersample
     img = Image.new("RGB", (big, big), shapes.COLOURS[background])
-    half = scale * big / 2
-    cx, cy = center[0] * big, center[1] * big
-    ImageDraw.Draw(img).polygon([(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)],
-                                fill=shapes.COLOURS[colour])
+    paint(ImageDraw.Draw(img), shapes.COLOURS[colour], shapes.COLOURS[background],
+          center[0] * big, center[1] * big, scale * big / 2)
     return img.resize((size, size), Image.BOX)
 
 
-def write_instance_folder(folder, combos=INSTANCE_COMBOS, seed=0, size=64):
-    """One diamond per colour pair, at a random size and place (a pure function of seed), each with its caption in a
-    same-name .txt file (the A1111/kohya convention minisd train reads)."""
+def draw_diamond(colour, background, size=64, scale=0.6, center=(0.5, 0.5), supersample=4):
+    """A diamond: shapes.draw's square turned by 45 degrees (corners up, down, left, right), its diagonal `scale`
+    of the image side, anti-aliased the same way."""
+    def paint(d, fill, hole, cx, cy, half):
+        d.polygon([(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)], fill=fill)
+    return _drawn(paint, colour, background, size, scale, center, supersample)
+
+
+def write_instance_folder(folder, combos=INSTANCE_COMBOS, seed=0, size=64, subject="diamond"):
+    """One picture of the subject (a SUBJECTS name) per colour pair, at a random size and place (a pure function of
+    seed), each with its caption in a same-name .txt file (the A1111/kohya convention minisd train reads)."""
+    s = SUBJECTS[subject]
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i, (colour, background) in enumerate(combos):
-        scale, center = shapes.placement(rng, *INSTANCE_SCALE)
-        name = os.path.join(folder, f"diamond-{i:02d}")
-        draw_diamond(colour, background, size, scale, center).save(name + ".png")
+        scale, center = shapes.placement(rng, *s.scale)
+        name = os.path.join(folder, f"{subject}-{i:02d}")
+        s.draw(colour, background, size, scale, center).save(name + ".png")
         with open(name + ".txt", "w") as f:
             f.write(instance_prompt(colour, background))
 
@@ -103,9 +119,152 @@ def is_diamond(image):
     return colour, background, bool(taper < DIAMOND_TAPER)
 
 
-def shows_subject(image, colour, background):
-    """True when the image is a diamond in the asked-for colours."""
-    return is_diamond(image) == (colour, background, True)
+# ---------------------------------------------------------------------------------------------------------------
+# Three more subjects, each unlike the world's shapes, the diamond and one another: a shape with a hole (the ring),
+# a shape with notches, not convex (the cross), a shape of two parts (the pair). Each is drawn like the diamond,
+# large (the VAE's bound, module docstring), and read by its own rule on shapes.judge's foreground.
+
+RING_HOLE = 0.5             # the ring's hole: its diameter over the ring's
+CROSS_ARM = 1 / 3           # the cross's arms: their width over the cross's extent
+PAIR_DOT = 0.4              # each of the pair's two discs: its diameter over the pair's width (gap: 0.2 of it)
+# A hole is background enclosed by the foreground; the ring's is RING_HOLE^2 = 1/4 of the disc it cuts; a rule
+# reads a hole from half that, 1/8 (the world's shapes have none)
+HOLE_MIN = RING_HOLE ** 2 / 2
+# Solidity, the foreground's area over its convex hull's: 1 for every convex shape (circle, square, triangle,
+# diamond); for the cross 5/9 over 7/9 = 5/7 (arms a third of the extent: the hull cuts each corner's square in
+# half). The threshold sits half way.
+CROSS_SOLIDITY = (5 / 7 + 1) / 2
+PAIR_BALANCE = 0.5          # the second region's area over the largest's: 1 for the pair, specks for one shape
+
+
+def draw_ring(colour, background, size=64, scale=0.6, center=(0.5, 0.5), supersample=4):
+    """A ring: a disc `scale` of the side across with a round hole RING_HOLE of its diameter."""
+    def paint(d, fill, hole, cx, cy, half):
+        d.ellipse((cx - half, cy - half, cx + half, cy + half), fill=fill)
+        r = half * RING_HOLE
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=hole)
+    return _drawn(paint, colour, background, size, scale, center, supersample)
+
+
+def draw_cross(colour, background, size=64, scale=0.6, center=(0.5, 0.5), supersample=4):
+    """A plus sign `scale` of the side across, its two arms CROSS_ARM of that wide."""
+    def paint(d, fill, hole, cx, cy, half):
+        arm = half * CROSS_ARM
+        d.rectangle((cx - half, cy - arm, cx + half, cy + arm), fill=fill)
+        d.rectangle((cx - arm, cy - half, cx + arm, cy + half), fill=fill)
+    return _drawn(paint, colour, background, size, scale, center, supersample)
+
+
+def draw_pair(colour, background, size=64, scale=0.6, center=(0.5, 0.5), supersample=4):
+    """Two discs side by side, `scale` of the side from the left one's edge to the right one's, each PAIR_DOT of
+    that across (the gap between them: 1 - 2 PAIR_DOT of it)."""
+    def paint(d, fill, hole, cx, cy, half):
+        r = half * PAIR_DOT
+        for x in (cx - half + r, cx + half - r):
+            d.ellipse((x - r, cy - r, x + r, cy + r), fill=fill)
+    return _drawn(paint, colour, background, size, scale, center, supersample)
+
+
+def holes(region):
+    """The pixels outside `region` (a boolean (H, W) mask) that no 4-connected path outside it joins to the image's
+    border: the holes it encloses."""
+    h, w = region.shape
+    outside = np.zeros_like(region)
+    stack = [(y, x) for y in range(h) for x in (0, w - 1)] + [(y, x) for y in (0, h - 1) for x in range(w)]
+    stack = [p for p in stack if not region[p]]
+    for p in stack:
+        outside[p] = True
+    while stack:
+        y, x = stack.pop()
+        for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+            if 0 <= ny < h and 0 <= nx < w and not region[ny, nx] and not outside[ny, nx]:
+                outside[ny, nx] = True
+                stack.append((ny, nx))
+    return ~region & ~outside
+
+
+def hull_area(region):
+    """The area of the convex hull of a region's pixels (each a unit square): Andrew's monotone chain on their
+    corners, then the shoelace formula."""
+    ys, xs = np.nonzero(region)
+    corners = {(x + dx, y + dy) for x, y in zip(xs.tolist(), ys.tolist()) for dx in (0, 1) for dy in (0, 1)}
+    points = sorted(corners)
+    if len(points) < 3:
+        return 0.0
+
+    def half(points):
+        chain = []
+        for p in points:
+            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (p[1] - chain[-2][1])
+                                       - (chain[-1][1] - chain[-2][1]) * (p[0] - chain[-2][0])) <= 0:
+                chain.pop()
+            chain.append(p)
+        return chain[:-1]
+    hull = half(points) + half(points[::-1])
+    x, y = np.array(hull, dtype=np.float64).T
+    return abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2
+
+
+def hole_fraction(region):
+    """How much of the region with its holes filled is hole."""
+    hole = holes(region).sum()
+    return hole / max(region.sum() + hole, 1)
+
+
+def is_ring(image):
+    """(colour, background, ring?): the largest foreground region encloses a hole of at least HOLE_MIN of its
+    filled area, and filled it reads round (shapes.judge's fill of its bounding box, circle's range)."""
+    colour, fg, background = shapes.read_foreground(image)
+    if colour is None:
+        return None, background, False
+    filled = fg | holes(fg)
+    ys, xs = np.nonzero(filled)
+    fill = filled.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    round_ = shapes.CIRCLE_MIN_FILL <= fill < shapes.SQUARE_MIN_FILL
+    return colour, background, bool(hole_fraction(fg) >= HOLE_MIN and round_)
+
+
+def is_cross(image):
+    """(colour, background, cross?): the largest foreground region has no hole and is not convex (solidity below
+    CROSS_SOLIDITY)."""
+    colour, fg, background = shapes.read_foreground(image)
+    if colour is None:
+        return None, background, False
+    solidity = fg.sum() / max(hull_area(fg), 1)
+    return colour, background, bool(hole_fraction(fg) < HOLE_MIN and solidity < CROSS_SOLIDITY)
+
+
+def is_pair(image):
+    """(colour, background, pair?): besides the largest foreground region, a second one at least PAIR_BALANCE of
+    its area (and 1% of the image, like any shape the judge reads)."""
+    colour, first, background = shapes.read_foreground(image)
+    if colour is None:
+        return None, background, False
+    second = shapes.largest_region(shapes.foreground_pixels(image)[2] & ~first)
+    two = second.sum() >= max(PAIR_BALANCE * first.sum(), 0.01 * first.size)
+    return colour, background, bool(two)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject: its drawing, its rule, the world's shape its class prompt names, and its instance sizes."""
+    draw: Callable              # (colour, background, size, scale, center) -> PIL image
+    judge: Callable             # image -> (colour, background, is it the subject?)
+    cls: str                    # the class word of prior preservation and of the drift check
+    scale: tuple = INSTANCE_SCALE
+
+
+SUBJECTS = {
+    "diamond": Subject(draw_diamond, is_diamond, "square"),
+    "ring": Subject(draw_ring, is_ring, "circle"),
+    "cross": Subject(draw_cross, is_cross, "square"),
+    "pair": Subject(draw_pair, is_pair, "circle"),
+}
+
+
+def shows_subject(image, colour, background, subject="diamond"):
+    """True when the image is the subject in the asked-for colours."""
+    return SUBJECTS[subject].judge(image) == (colour, background, True)
 
 
 def write_class_folder(pipe, folder, every=3, uncond=16, batch_size=BATCH_SIZE):
@@ -142,19 +301,21 @@ def write_class_folder(pipe, folder, every=3, uncond=16, batch_size=BATCH_SIZE):
     return len(rows)
 
 
-def subject_score(pipe, seeds=(0, 1, 2), combos=HELD_OUT_COMBOS, cfg=7.5, batch_size=BATCH_SIZE):
+def subject_score(pipe, seeds=(0, 1, 2), combos=HELD_OUT_COMBOS, cfg=7.5, batch_size=BATCH_SIZE,
+                  subject="diamond"):
     """(fraction, images): the identifier's prompt in colour pairs no instance image had, at guidance scale cfg;
-    how often it is a diamond in the asked-for colours."""
+    how often it is the subject in the asked-for colours."""
     pairs = [(c, b, s) for c, b in combos for s in seeds]
     images = generate_each(pipe, [instance_prompt(c, b) for c, b, _ in pairs], [s for _, _, s in pairs], batch_size,
                            cfg=cfg)
-    return sum(shows_subject(im, c, b) for im, (c, b, _) in zip(images, pairs)) / len(images), images
+    return sum(shows_subject(im, c, b, subject) for im, (c, b, _) in zip(images, pairs)) / len(images), images
 
 
-def drift(pipe, seeds=(0, 1), combos=HELD_OUT_COMBOS, cfg=7.5, batch_size=BATCH_SIZE):
-    """How often the plain class prompt ("a red square on a blue background") now draws a diamond: the class word
-    taking on the subject, the drift prior preservation is there to stop."""
-    pairs = [(c, b, s) for c, b in combos for s in seeds]
-    images = generate_each(pipe, [class_prompt(c, b) for c, b, _ in pairs], [s for _, _, s in pairs], batch_size,
-                           cfg=cfg)
-    return sum(is_diamond(image)[2] for image in images) / len(images)
+def drift(pipe, seeds=(0, 1), combos=HELD_OUT_COMBOS, cfg=7.5, batch_size=BATCH_SIZE, subject="diamond"):
+    """How often the plain class prompt ("a red square on a blue background" for the diamond) now draws the
+    subject: the class word taking on the subject, the drift prior preservation is there to stop."""
+    s = SUBJECTS[subject]
+    pairs = [(c, b, seed) for c, b in combos for seed in seeds]
+    images = generate_each(pipe, [shapes.caption(c, s.cls, b) for c, b, _ in pairs], [x for _, _, x in pairs],
+                           batch_size, cfg=cfg)
+    return sum(s.judge(image)[2] for image in images) / len(images)
