@@ -240,6 +240,15 @@ def image_grid(images, rows=None):
 
 
 _GRID = re.compile(r"^grid-(\d+)\.")
+_NUMBERED = re.compile(r"^(\d+)-")
+
+
+def _next_number(folder: Path, numbered) -> int:
+    """One more than the highest number the file names in `folder` carry (`numbered`'s group 1), 0 for none:
+    A1111's numbering on, which never replaces an earlier file."""
+    taken = [int(m.group(1)) for name in (os.listdir(folder) if folder.is_dir() else [])
+             if (m := numbered.match(name))]
+    return max(taken, default=-1) + 1
 
 
 def grid_path(out, suffix=".png") -> Path:
@@ -248,11 +257,7 @@ def grid_path(out, suffix=".png") -> Path:
     out = Path(out)
     if out.suffix.lower() in FORMATS:
         return out.with_name(f"{out.stem}-grid{out.suffix}")
-    taken = [int(m.group(1)) for name in (os.listdir(out) if out.is_dir() else []) if (m := _GRID.match(name))]
-    return out / f"grid-{max(taken, default=-1) + 1:04d}{suffix}"
-
-
-_NUMBERED = re.compile(r"^(\d+)-")
+    return out / f"grid-{_next_number(out, _GRID):04d}{suffix}"
 
 
 def output_paths(out, seeds, overwrite: bool = False, suffix=None) -> list[Path]:
@@ -273,9 +278,7 @@ def output_paths(out, seeds, overwrite: bool = False, suffix=None) -> list[Path]
     out = Path(out)
     is_dir = out.is_dir() or text.endswith(("/", os.sep)) or out.suffix == ""
     if is_dir:
-        taken = [int(m.group(1)) for name in (os.listdir(out) if out.is_dir() else [])
-                 if (m := _NUMBERED.match(name))]
-        start = max(taken, default=-1) + 1
+        start = _next_number(out, _NUMBERED)
         return [out / f"{start + i:05d}-{seed}{suffix or '.png'}" for i, seed in enumerate(seeds)]
     if out.suffix.lower() not in FORMATS:
         raise ValueError(f"--out {text}: minisd writes PNG, JPEG or WebP files; give a name ending in "

@@ -7,12 +7,12 @@
 The layouts it reads are in weights_convert/vae_file.py. Only the weights change: the latent scale factor stays
 the model's, as in A1111, which swaps the first_stage_model's state dict and nothing else.
 """
-import hashlib
 import os
 
 import torch
 
 from weights_convert import vae_file
+from .download import sha256_file
 from weights_convert.io import CheckpointError
 
 
@@ -38,8 +38,4 @@ def replace_vae(model, path):
 def vae_fields(path):
     """A1111's infotext fields of a VAE file (modules/sd_vae.py): "VAE hash", the first 10 hex digits of the
     sha256 of the whole file (hashes.sha256), and "VAE", its file name (of a diffusers folder: the folder's)."""
-    digest = hashlib.sha256()
-    with open(vae_file.weights_file(path), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"vae_hash": digest.hexdigest()[:10], "vae": os.path.basename(os.path.normpath(path))}
+    return {"vae_hash": sha256_file(vae_file.weights_file(path))[:10], "vae": os.path.basename(os.path.normpath(path))}

@@ -106,6 +106,16 @@ def rename(key, table):
     raise KeyError(key)
 
 
+def _ldm_name(key, inverse, where):
+    """`key`'s LDM name by the diffusers -> LDM table `inverse`; a key the table has no row for is one
+    CheckpointError naming `where` (the folder or file)."""
+    try:
+        return rename(key, inverse)
+    except KeyError:
+        raise CheckpointError(f"{where}: unexpected key {key!r} (not in the diffusers -> LDM map for this "
+                              "config)") from None
+
+
 def _is_vae_attention_weight(diffusers_key):
     return ".mid_block.attentions.0.to_" in diffusers_key and diffusers_key.endswith("weight")
 
@@ -302,12 +312,7 @@ def from_diffusers(folder, cfg: ModelConfig):
     inverse = {diff: ldm for ldm, diff in unet_table(cfg.unet)}
     weights = _weights(os.path.join(folder, "unet"))
     for k in weights:
-        try:
-            name = rename(k, inverse)
-        except KeyError:
-            raise CheckpointError(f"{folder}/unet: unexpected key {k!r} (not in the diffusers -> LDM "
-                                  f"map for this config)") from None
-        state.add(f"unet.{name}", weights, k)
+        state.add("unet." + _ldm_name(k, inverse, f"{folder}/unet"), weights, k)
     add_vae(state, _weights(os.path.join(folder, "vae")), cfg.vae, "vae.", f"{folder}/vae")
     return state
 
@@ -319,11 +324,7 @@ def add_vae(state, weights, cfg: VAEConfig, prefix, where):
     for i in ("encoder", "decoder"):
         inverse.update({f"{i}.mid_block.attentions.0.{old}": f"{i}.mid.attn_1.{a}" for a, old in VAE_ATTENTION_LEGACY})
     for k in weights:
-        try:
-            name = rename(k, inverse)
-        except KeyError:
-            raise CheckpointError(f"{where}: unexpected key {k!r} (not in the diffusers -> LDM "
-                                  f"map for this config)") from None
+        name = _ldm_name(k, inverse, where)
         conv = ".mid.attn_1." in name and name.endswith("weight") and ".norm." not in name
         state.add(prefix + name, weights, k, _to_conv if conv else None)
 

@@ -378,15 +378,37 @@ def _step_saver(pipe, folder):
     return callback
 
 
-def start_run(args):
-    """What every image command does once its own inputs are read: the control images read, the model and its
-    ControlNets loaded, the seeds chosen (A1111's batch: image b is seed + b's image alone) and the output paths
-    checked. Returns (pipe, controls, their PNG fields, seeds, paths)."""
+def load_run(args):
+    """What every image command does once its own inputs are read: the control images read, then the model and its
+    ControlNets loaded. Returns (pipe, controls, their PNG fields)."""
     settings = control_settings(args)       # the control images are read before the model loads
     pipe = load_pipeline(args, progress=True)
     controls, control_fields = load_controls(args, settings, pipe)
+    return pipe, controls, control_fields
+
+
+def start_run(args):
+    """load_run, then the seeds chosen (A1111's batch: image b is seed + b's image alone) and the output paths
+    checked. Returns (pipe, controls, their PNG fields, seeds, paths)."""
+    pipe, controls, control_fields = load_run(args)
     seeds = choose_seeds(args)
     return pipe, controls, control_fields, seeds, output_paths(args.out, seeds, args.overwrite, out_suffix(args))
+
+
+def save_results(pipe, args, kwargs, result, paths, width, height, prompt, fields, per_image=None):
+    """Image b of `result` saved at paths[b] with A1111's parameters: the sampling settings, `fields` and
+    per_image[b] (its own fields, if given). Returns [(image, parameters)]."""
+    written = []
+    for b, (image, path, image_seed) in enumerate(zip(result.images, paths, result.seeds)):
+        params = a1111_parameters(prompt, args.negative_prompt, kwargs["steps"],
+                                  samplers.display_name(result.sampler), kwargs["cfg"], image_seed, width, height,
+                                  pipe.name, schedule_type=result.schedule.capitalize(),
+                                  batch_pos=b if len(paths) > 1 else None, **fields,
+                                  **(per_image[b] if per_image else {}))
+        save_image(image, path, params, overwrite=args.overwrite)
+        print(f"wrote {path}")
+        written.append((image, params))
+    return written
 
 
 def choose_seeds(args, count=None):
@@ -438,9 +460,9 @@ def run_generate(args):
         raise ValueError(f"--prompts-file writes its images into a folder: give --out a folder, not {args.out}")
     jobs = prompts_file.read_jobs(args.prompts_file, args) if args.prompts_file else [args]
     kwargs = [generation_kwargs(job) for job in jobs]   # a bad sampler, schedule, eta or churn: before the load
-    for job in jobs:                                    # so are the hires fix and the variation seed
-        if args.command == "generate":
-            hires_settings(job)
+    # so are the hires fix and the variation seed
+    hires = [hires_settings(job) if args.command == "generate" else None for job in jobs]
+    for job in jobs:
         variation.subseeds_for([0], job.subseed, job.subseed_strength)
     init = None
     if args.command == "img2img":
@@ -448,25 +470,23 @@ def run_generate(args):
             raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
         init = [resize_init(read_image(args.init_image, "--init-image"), job.width, job.height) for job in jobs]
         from_pil(init[0], log=lambda *_: None)
-    settings = control_settings(args)       # the control images are read before the model loads
-    pipe = load_pipeline(args, progress=True)
-    controls, control_fields = load_controls(args, settings, pipe)
+    pipe, controls, control_fields = load_run(args)
     fields = dict(control_fields, **model_fields(args))
     written = []
     for j, (job, job_kwargs) in enumerate(zip(jobs, kwargs)):
         seeds = choose_seeds(job, job.batch_size * getattr(job, "n_iter", 1))
         for start in range(0, len(seeds), job.batch_size):      # A1111's n_iter batches
             batch = seeds[start:start + job.batch_size]
-            written += _generate(pipe, job, job_kwargs, batch, init and init[j], controls, fields)
+            written += _generate(pipe, job, job_kwargs, batch, init and init[j], controls, fields, hires[j])
     if args.grid:
         save_grid(args, written)
 
 
-def _generate(pipe, args, kwargs, seeds, init, controls, fields):
-    """One batch: the images of `seeds`, saved with their parameters. Returns [(image, parameters)]."""
+def _generate(pipe, args, kwargs, seeds, init, controls, fields, hires):
+    """One batch: the images of `seeds`, saved with their parameters (hires: generate's hires fix, or None).
+    Returns [(image, parameters)]."""
     paths = output_paths(args.out, seeds, args.overwrite, out_suffix(args))
     callback = _step_saver(pipe, args.save_steps) if args.save_steps else None
-    hires = hires_settings(args) if args.command == "generate" else None
     subseeds = variation.subseeds_for(seeds, args.subseed, args.subseed_strength)   # -1: random, as A1111
     if subseeds:
         print(f"subseed {subseeds[0]}")
@@ -486,17 +506,9 @@ def _generate(pipe, args, kwargs, seeds, init, controls, fields):
         extra["denoising_strength"] = args.strength
     extra.update(lora_fields)
     extra.update(hires.parameters(kwargs["steps"]) if hires else {})
-    written = []
-    for b, (image, path, image_seed) in enumerate(zip(result.images, paths, result.seeds)):
-        if subseeds:
-            extra.update({"Variation seed": subseeds[b], "Variation seed strength": args.subseed_strength})
-        params = a1111_parameters(prompt, args.negative_prompt, kwargs["steps"],
-                                  samplers.display_name(result.sampler), kwargs["cfg"], image_seed, width, height,
-                                  pipe.name, schedule_type=result.schedule.capitalize(),
-                                  batch_pos=b if len(seeds) > 1 else None, **extra)
-        save_image(image, path, params, overwrite=args.overwrite)
-        print(f"wrote {path}")
-        written.append((image, params))
+    variations = subseeds and [{"Variation seed": s, "Variation seed strength": args.subseed_strength}
+                               for s in subseeds]
+    written = save_results(pipe, args, kwargs, result, paths, width, height, prompt, extra, variations)
     print(f"{len(result.images)} image(s) in {time.time() - t0:.1f} s on {pipe.device} ({pipe.dtype})")
     return written
 

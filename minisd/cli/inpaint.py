@@ -13,10 +13,9 @@ import time
 
 from PIL import ImageChops
 
-from .. import inpaint, samplers
-from ..images import a1111_parameters, save_image
+from .. import inpaint
 from .generate import (_add_output, _step_saver, add_control_flags, add_generation_flags, generation_kwargs,
-                       model_fields, read_image, recorded_prompt, save_grid, start_run)
+                       model_fields, read_image, recorded_prompt, save_grid, save_results, start_run)
 
 # A1111's words for the masked content modes in its infotext
 def _add_mask_flags(p, masked_content):
@@ -97,16 +96,8 @@ def run_inpaint(args):
     mask_fields = inpaint.mask_parameters(args.strength, args.mask_blur, args.invert_mask, args.masked_content,
                                           args.only_masked, args.padding)
     prompt, lora_fields = recorded_prompt(args, pipe.embeddings)
-    written, fields = [], model_fields(args)
-    for b, (image, path, image_seed) in enumerate(zip(result.images, paths, result.seeds)):
-        params = a1111_parameters(prompt, args.negative_prompt, kwargs["steps"],
-                                  samplers.display_name(result.sampler), kwargs["cfg"], image_seed, width, height,
-                                  pipe.name, schedule_type=result.schedule.capitalize(),
-                                  batch_pos=b if len(seeds) > 1 else None, **mask_fields, **control_fields,
-                                  **fields, **lora_fields)
-        save_image(image, path, params, overwrite=args.overwrite)
-        print(f"wrote {path}")
-        written.append((image, params))
+    written = save_results(pipe, args, kwargs, result, paths, width, height, prompt,
+                           {**mask_fields, **control_fields, **model_fields(args), **lora_fields})
     if args.grid:
         save_grid(args, written)
     print(f"{len(result.images)} image(s) in {time.time() - t0:.1f} s on {pipe.device} ({pipe.dtype})")

@@ -310,25 +310,29 @@ def add_tiny_subject(p):
 
 
 def run_tiny_subject(args):
-    """Writes each folder whole or not at all: drawn into DIR.tmp, renamed when complete; an existing folder is
-    refused, never added to."""
+    """Writes each folder whole or not at all (train.loop.atomic_write_folder: drawn into a temporary folder
+    beside it, renamed when complete); an existing folder is refused, never added to."""
     import os
 
     from ..model import load_model, tiny_model_path
     from ..pipeline import Pipeline
     from ..tiny import subject
+    from ..train.loop import atomic_write_folder
     for folder in (args.instance_dir, args.class_dir):
         if folder is not None and os.path.exists(folder):
             raise ValueError(f"{folder} exists already; tiny-subject writes new folders only")
+    for folder in (args.instance_dir, args.class_dir):
+        if folder is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
     torch.set_num_threads(args.threads)
-    subject.write_instance_folder(args.instance_dir + ".tmp", seed=args.seed, subject=args.subject)
-    os.replace(args.instance_dir + ".tmp", args.instance_dir)
+    atomic_write_folder(args.instance_dir,
+                        lambda tmp: subject.write_instance_folder(tmp, seed=args.seed, subject=args.subject))
     print(f"wrote {len(subject.INSTANCE_COMBOS)} instance images of the {args.subject} to {args.instance_dir}")
     if args.class_dir is not None:
         pipe = Pipeline(load_model(tiny_model_path(), verbose=False), log=lambda *_: None)
-        n = subject.write_class_folder(pipe, args.class_dir + ".tmp")
-        os.replace(args.class_dir + ".tmp", args.class_dir)
-        print(f"wrote {n} class images to {args.class_dir}")
+        written = []
+        atomic_write_folder(args.class_dir, lambda tmp: written.append(subject.write_class_folder(pipe, tmp)))
+        print(f"wrote {written[0]} class images to {args.class_dir}")
 
 
 def add_train_tiny_features(p):

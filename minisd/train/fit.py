@@ -189,8 +189,7 @@ def _fit(cfg: TrainSettings, method, prepare, device, draws, log):
         return step_loss(model, pixels, moments, model.tokenizer(captions, encode), d, alphas_cumprod, cfg,
                          n_instance, job.prior_loss_weight, embeddings, replaced, job.controlnet, hints)
 
-    tracker = report.Tracker(cfg.report_to if main else "none", cfg.out, cfg.tracker_project_name or method,
-                             {"method": method, "processes": world, **dataclasses.asdict(cfg)})
+    tracker = report.Tracker(cfg.report_to if main else "none", cfg.out, cfg.tracker_project_name or method, args)
     captions = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]    # of the images
     save = job.save or (lambda model, weights, step, meta: save_model(model, weights, cfg, source, step, meta))
 

@@ -166,8 +166,6 @@ def write(factors, config, cfg: LoRAConfig, step=None, meta=None):
     header = {**(meta or {}), "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
               "ss_network_alpha": f"{cfg.alpha:g}",
               "ss_training_comment": f"minisd train lora ({cfg.lora_targets} targets)"}
-    if step is not None:
-        header["ss_steps"] = str(step)
     if cfg.save_format == "diffusers":
         atomic_write(path, lambda tmp: lora.save_diffusers(tmp, factors, config, metadata=header))
     else:
