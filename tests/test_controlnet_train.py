@@ -29,7 +29,7 @@ from checkpoints import diffusers_from_single_file
 from minisd.cli import main
 from minisd.config import ControlNetConfig as NetworkConfig
 from minisd.controlnet import ControlNet, load_controlnet, save_controlnet
-from minisd.model import load_model
+from minisd.model import load_model, tiny_model_path
 from minisd.train import ControlNetConfig, run
 from minisd.train import controlnet as method
 from minisd.train.batches import Stream, take
@@ -375,3 +375,18 @@ def test_gradient_checkpointing_trains_the_same_controlnet(tmp_path):
     for k, v in runs[False].items():
         assert (runs[True][k] - v).norm() <= 1e-6 * v.norm() + 1e-12, k
     assert any(v.any() for k, v in start.items() if k.startswith("zero_convs."))
+
+
+def test_train_tiny_controlnet_runs_the_recipe_end_to_end(tmp_path, capsys):
+    """`minisd train-tiny-controlnet` at a toy size (8 pictures, 2 steps, 2 held-out maps): the data, the run,
+    the shipped-layout file and report.json are written, and the file loads as a ControlNet of the tiny model."""
+    out = tmp_path / "recipe"
+    assert main(["train-tiny-controlnet", "--out", str(out), "--images", "8", "--steps", "2", "--batch", "2",
+                 "--eval-maps", "2"]) == 0
+    assert len(list((out / "data").glob("*.cond.png"))) == 8
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["steps"] == 2 and report["recipe"]["images"] == 8
+    shipped = out / "minisd-tiny-canny.safetensors"
+    assert 0.0 <= report["mean_iou"] <= 1.0 and report["bytes"] == os.path.getsize(shipped)
+    load_controlnet(str(shipped), load_model(str(tiny_model_path()), verbose=False).config)     # fits the model
+    assert "held-out edge maps" in capsys.readouterr().out
