@@ -1,18 +1,22 @@
 """Tutorial 10's DreamBooth recipe on the subjects of minisd/tiny/subject.py, and the tiny model's edge frame.
 
     python bench/tiny_subjects.py roundtrip                    # what the VAE can hold of each subject, by size
+    python bench/tiny_subjects.py ceiling                      # the subject score the VAE alone allows
     python bench/tiny_subjects.py base                         # the base model: adherence (192 images), scores
     python bench/tiny_subjects.py run --subject ring --seed 0  # train (one thread) and measure; one JSON line
+    python bench/tiny_subjects.py recipe --subject ring --seed 0   # the same with RECIPE, the one for any subject
     python bench/tiny_subjects.py rescore                      # each run's misses: shape or colours?
     python bench/tiny_subjects.py base-colours                 # the base model on the subjects' colour pairs
     python bench/tiny_subjects.py edge                         # the edge ring: generated, VAE round trip
     python bench/tiny_subjects.py decoder                      # the edge ring of the decoder alone
 
-Each command appends its JSON lines to bench/results/tiny_subjects.jsonl (bench/tiny_subjects.md has the table).
-The recipe is tutorial 10's, the same for every subject: per-image captions, the class folder
+Each command appends its JSON lines to bench/results/tiny_subjects.jsonl (bench/tiny_subjects.md has the tables).
+`run`'s defaults are tutorial 10's recipe, the same for every subject: per-image captions, the class folder
 subject.write_class_folder makes (made once, in WORK/class, and shared), batch 4, 800 steps at 2e-4, EMA, cached
-latents, centre crops; measured at guidance 3: the subject on the 8 held-out colour pairs x 6 seeds (48 images),
-drift on 8 pairs x 2 seeds, adherence on the 12 held-out prompts x 16 seeds (192 images).
+latents, centre crops; measured at guidance 3 (--cfgs: others): the subject on the 8 held-out colour pairs x 6 seeds
+(48 images), drift on 8 pairs x 2 seeds, adherence on the 12 held-out prompts x 16 seeds (192 images). Its flags
+change one thing at a time (what was screened); `recipe` runs RECIPE, the one recipe for any subject: instance
+images in all 48 colour pairs, class images of all 156 training combinations (WORK/class-every1), drawn at 1.5.
 """
 import argparse
 import json
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from minisd.download import sha256_file
 from minisd.images import to_pil, to_tensor
 from minisd.model import load_model, tiny_model_path
 from minisd.pipeline import Pipeline
@@ -31,12 +36,14 @@ from minisd.tiny import evaluate, shapes, subject
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tiny_subjects.jsonl")
 GUIDANCE = 3.0
+# which tiny model file measured (the shipped one, or a retrained decoder copied over it): the start of its sha256
+TINY_MODEL = sha256_file(tiny_model_path())[:12]
 STEPS = 800
 
 
 def record(row):
-    row = dict(row, time=time.strftime("%Y-%m-%d %H:%M:%S"), load=os.getloadavg()[0], machine=platform.processor()
-               or platform.machine())
+    row = dict(row, tiny_model=TINY_MODEL, time=time.strftime("%Y-%m-%d %H:%M:%S"), load=os.getloadavg()[0],
+               machine=platform.processor() or platform.machine())
     print(json.dumps(row), flush=True)
     with open(OUT, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -57,54 +64,126 @@ def roundtrip(args):
                         of=len(pairs)))
 
 
-def measure(pipe, name, adherence_seeds=range(16)):
-    score, _ = subject.subject_score(pipe, seeds=range(6), cfg=GUIDANCE, subject=name)
-    return dict(subject_score=score, drift=subject.drift(pipe, seeds=(0, 1), cfg=GUIDANCE, subject=name),
+def ceiling(args):
+    """What the VAE alone lets a subject score: per held-out colour pair, 6 clean drawings at the instance sizes and
+    random places (as write_instance_folder draws them), encoded and decoded, read by shows_subject. A U-Net that
+    drew exactly the encodings of such drawings would score this."""
+    vae = load_model(tiny_model_path(), verbose=False).vae.float()
+    for name, s in subject.SUBJECTS.items():
+        rng, rows = np.random.default_rng(0), {}
+        for c, b in subject.HELD_OUT_COMBOS:
+            drawn = [s.draw(c, b, 64, *shapes.placement(rng, *s.scale)) for _ in range(6)]
+            with torch.no_grad():
+                back = to_pil(vae.decode(vae.encode(to_tensor(drawn))))
+            reads = [s.judge(im) for im in back]
+            rows[f"{c} on {b}"] = dict(subject=sum(r == (c, b, True) for r in reads),
+                                       misread=[f"{r[0]} on {r[1]}" for r in reads if r[:2] != (c, b)])
+        record(dict(kind="ceiling", subject=name, pairs=rows, images=48,
+                    passed=sum(r["subject"] for r in rows.values())))
+
+
+def measure(pipe, name, adherence_seeds=range(16), cfg=GUIDANCE):
+    score, images = subject.subject_score(pipe, seeds=range(6), cfg=cfg, subject=name)
+    return dict(subject_score=score, **colour_reads(images, name),
+                drift=subject.drift(pipe, seeds=(0, 1), cfg=cfg, subject=name),
                 adherence=evaluate.adherence(pipe, evaluate.eval_combinations(held_out=True),
-                                             seeds=adherence_seeds, cfg=GUIDANCE))
+                                             seeds=adherence_seeds, cfg=cfg))
 
 
-def class_folder(work):
-    folder = os.path.join(work, "class")
+def class_folder(work, every=3):
+    folder = os.path.join(work, "class" if every == 3 else f"class-every{every}")
     if not os.path.isdir(folder):
         n = subject.write_class_folder(Pipeline(load_model(tiny_model_path(), verbose=False), log=lambda *_: None),
-                                       folder + ".tmp")
+                                       folder + ".tmp", every=every)
         os.replace(folder + ".tmp", folder)
         print(f"{n} class images in {folder}")
     return folder
 
 
+def apply_lora(model, path):
+    """The base model with the LoRA file `path` merged in at multiplier 1 (what `minisd generate --lora` does)."""
+    from minisd import lora
+    lora.apply(model, [(lora.read(path, model.config), 1.0, 1.0)])
+    return model
+
+
+def colour_reads(images, name, seeds=range(6)):
+    """subject_score's 48 images (HELD_OUT_COMBOS x seeds) read as rescore does: the subject's shape whatever the
+    colours, the asked-for colours whatever the shape, and the misses' colour pairs."""
+    pairs = [(c, b) for c, b in subject.HELD_OUT_COMBOS for _ in seeds]
+    reads = [subject.SUBJECTS[name].judge(im) for im in images]
+    misses = {}
+    for (c, b), r in zip(pairs, reads):
+        if r != (c, b, True):
+            key = f"{c} on {b} -> {r[0]} on {r[1]}{'' if r[2] else ', not ' + name}"
+            misses[key] = misses.get(key, 0) + 1
+    return dict(shape=sum(r[2] for r in reads), colours=sum(r[:2] == pair for pair, r in zip(pairs, reads)),
+                misses=misses)
+
+
 def base(args):
     pipe = Pipeline(load_model(tiny_model_path(), verbose=False), prepack=True, log=lambda *_: None)
-    adherence = evaluate.adherence(pipe, evaluate.eval_combinations(held_out=True), seeds=range(16), cfg=GUIDANCE)
-    scores = {n: subject.subject_score(pipe, seeds=range(6), cfg=GUIDANCE, subject=n)[0] for n in subject.SUBJECTS}
-    record(dict(kind="base", adherence=adherence, subject_scores=scores))
+    for cfg in args.cfgs:
+        adherence = evaluate.adherence(pipe, evaluate.eval_combinations(held_out=True), seeds=range(16), cfg=cfg)
+        scores = {n: subject.subject_score(pipe, seeds=range(6), cfg=cfg, subject=n)[0] for n in subject.SUBJECTS}
+        record(dict(kind="base", cfg=cfg, adherence=adherence, subject_scores=scores))
 
 
 def run(args):
-    from minisd.train import dreambooth
+    from minisd.train import dreambooth, lora
 
     work = args.work
-    classes = class_folder(work)
+    classes = class_folder(work, args.class_every)
     combos = subject.INSTANCE_COMBOS
     if args.all_pairs:          # every colour pair but the held-out ones: 48 instance images, not 8
-        combos = [(c, b) for c in shapes.COLOURS for b in shapes.COLOURS
-                  if c != b and (c, b) not in subject.HELD_OUT_COMBOS]
+        combos = subject.ALL_INSTANCE_COMBOS
     tag = f"{args.subject}{'-all' if args.all_pairs else ''}{'' if args.lr == 2e-4 else f'-lr{args.lr:g}'}"
-    instances = os.path.join(work, f"instance-{tag}")
-    subject.write_instance_folder(instances, combos=combos, subject=args.subject)
+    if args.tag:
+        tag = f"{args.subject}-{args.tag}"
+    scale = f"-{args.scale[0]:g}-{args.scale[1]:g}" if args.scale else ""
+    instances = os.path.join(work, f"instance-{args.subject}{'-all' if args.all_pairs else ''}{scale}")
+    if not os.path.isdir(instances):
+        subject.write_instance_folder(instances, combos=combos, subject=args.subject, scale=args.scale)
     out = os.path.join(work, f"run-{tag}-{args.seed}")
-    cfg = dreambooth.config(out=out, instance_dir=instances, instance_prompt="unused", class_prompt="unused",
-                            class_dir=classes, num_class_images=len(dreambooth.class_images(classes)),
-                            train_batch_size=4, max_train_steps=STEPS, learning_rate=args.lr, use_ema=True,
-                            cache_latents=True, center_crop=True, device="cpu", checkpointing_steps=STEPS,
-                            seed=args.seed)
-    wall, cpu = time.perf_counter(), time.process_time()
-    path = dreambooth.run(cfg, log=lambda *_: None)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    pipe = Pipeline(load_model(path, verbose=False), prepack=True, log=lambda *_: None)
-    record(dict(kind="run", subject=args.subject, seed=args.seed, instance_images=len(combos), lr=args.lr,
-                train_wall_s=round(wall, 1), train_cpu_s=round(cpu, 1), **measure(pipe, args.subject)))
+    settings = dict(out=out, instance_dir=instances, instance_prompt="unused", class_prompt="unused",
+                    class_dir=classes, num_class_images=len(dreambooth.class_images(classes)),
+                    train_batch_size=4, max_train_steps=args.steps, learning_rate=args.lr, use_ema=args.ema,
+                    cache_latents=True, center_crop=True, device="cpu", checkpointing_steps=args.steps,
+                    seed=args.seed, prior_loss_weight=args.prior_loss_weight,
+                    train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
+                    snr_gamma=args.snr_gamma)
+    if args.method == "lora":
+        cfg = lora.config(**settings, rank=args.rank, alpha=args.rank, lora_targets=args.lora_targets)
+    else:
+        cfg = dreambooth.config(**settings)
+    path, wall, cpu = os.path.join(out, "model.safetensors"), None, None
+    if not (args.reuse and os.path.exists(path)):      # --reuse: measure a run trained before (no times then)
+        wall, cpu = time.perf_counter(), time.process_time()
+        path = (lora.run if args.method == "lora" else dreambooth.run)(cfg, log=lambda *_: None)
+        wall, cpu = round(time.perf_counter() - wall, 1), round(time.process_time() - cpu, 1)
+    model = load_model(tiny_model_path() if args.method == "lora" else path, verbose=False)
+    if args.method == "lora":
+        model = apply_lora(model, path)
+    pipe = Pipeline(model, prepack=True, log=lambda *_: None)
+    record(dict(kind="run", subject=args.subject, seed=args.seed, tag=args.tag, instance_images=len(combos),
+                lr=args.lr, steps=args.steps, scale=args.scale, method=args.method, class_every=args.class_every,
+                class_images=len(dreambooth.class_images(classes)), prior_loss_weight=args.prior_loss_weight,
+                ema=args.ema, train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
+                snr_gamma=args.snr_gamma, train_wall_s=wall, train_cpu_s=cpu,
+                measured={f"{g:g}": measure(pipe, args.subject, range(args.adherence_seeds), g) for g in args.cfgs}))
+
+
+# The recipe for any subject (subject.py's docstring; bench/tiny_subjects.md): tutorial 10's training (batch 4, 800
+# steps at 2e-4, EMA, cached latents, centre crops) on instance images in all 48 colour pairs that are not held out
+# and class images of all 156 training combinations of the world (+16 empty prompts), the subject drawn at guidance
+# 1.5. Measured at 1.5 (the recipe's), 2 and 3 (tutorial 10's): its JSON lines have tag "e1-all".
+RECIPE = dict(tag="e1-all", all_pairs=True, class_every=1, steps=STEPS, lr=2e-4, method="dreambooth", ema=True,
+              prior_loss_weight=1.0, cfgs=[1.5, 2.0, 3.0])
+
+
+def recipe(args):
+    """`run` with RECIPE's settings: python bench/tiny_subjects.py recipe --subject ring --seed 0."""
+    run(argparse.Namespace(**{**vars(args), **RECIPE}))
 
 
 def rescore(args):
@@ -225,17 +304,34 @@ def base_colours(args):
 if __name__ == "__main__":
     torch.set_num_threads(1)            # the brief's one core; the tiny model's tensors are too small for threads
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("roundtrip", "base", "run", "rescore", "edge", "decoder",
-                                            "base-colours"))
+    p.add_argument("what", choices=("roundtrip", "ceiling", "base", "run", "recipe", "rescore", "edge", "decoder",
+                                    "base-colours"))
     p.add_argument("--subject", default="ring", choices=tuple(subject.SUBJECTS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=2e-4, help="run: the learning rate (tutorial 10's: 2e-4)")
     p.add_argument("--cfg", type=float, default=GUIDANCE, help="rescore: the guidance scale")
+    p.add_argument("--cfgs", type=float, nargs="+", default=[GUIDANCE], help="run, base: the guidance scales measured")
     p.add_argument("--only", help="rescore: this subject's runs only")
     p.add_argument("--all-pairs", action="store_true", help="run: instance images in all 48 non-held-out pairs")
     p.add_argument("--work", default="/tmp/world-subjects")
+    p.add_argument("--tag", help="run: the run's name (its folder run-SUBJECT-TAG-SEED); the settings below")
+    p.add_argument("--method", default="dreambooth", choices=("dreambooth", "lora"), help="run: what trains")
+    p.add_argument("--steps", type=int, default=STEPS, help="run: training steps (tutorial 10's: 800)")
+    p.add_argument("--class-every", type=int, default=3,
+                   help="run: the class folder's world combinations, every N-th (write_class_folder's every)")
+    p.add_argument("--prior-loss-weight", type=float, default=1.0)
+    p.add_argument("--no-ema", action="store_false", dest="ema")
+    p.add_argument("--rank", type=int, default=4, help="run --method lora: rank (alpha = rank)")
+    p.add_argument("--lora-targets", default="default")
+    p.add_argument("--scale", type=float, nargs=2, help="run: the instance images' sizes (default: the subject's)")
+    p.add_argument("--reuse", action="store_true", help="run: measure the run's model if it is there already")
+    p.add_argument("--train-text-encoder", action="store_true")
+    p.add_argument("--text-encoder-lr", type=float)
+    p.add_argument("--snr-gamma", type=float)
+    p.add_argument("--adherence-seeds", type=int, default=16, help="run: seeds per held-out prompt (16: 192)")
     a = p.parse_args()
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     os.makedirs(a.work, exist_ok=True)
-    {"roundtrip": roundtrip, "base": base, "run": run, "rescore": rescore, "edge": edge, "decoder": decoder,
+    {"roundtrip": roundtrip, "ceiling": ceiling, "base": base, "run": run, "recipe": recipe, "rescore": rescore,
+     "edge": edge, "decoder": decoder,
      "base-colours": base_colours}[a.what](a)

@@ -82,3 +82,48 @@ def test_tiny_subject_writes_the_instance_folder(tmp_path, capsys):
     assert main(["tiny-subject", "--subject", "ring", "--instance-dir", str(folder)]) == 2
     assert "minisd: error:" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before      # left as it was
+
+
+def test_all_instance_pairs_are_every_pair_but_the_held_out_ones():
+    """The recipe's instance pairs: of the 8 x 7 ordered pairs of different colours, all but the 8 held out, so
+    each colour is on 7 backgrounds less its held-out pairs as foreground, under 7 foregrounds less those as
+    background (white is the held-out background twice, purple never)."""
+    combos = subject.ALL_INSTANCE_COMBOS
+    assert len(combos) == len(set(combos)) == 8 * 7 - 8
+    assert all(c != b and c in shapes.COLOURS and b in shapes.COLOURS for c, b in combos)
+    assert not set(combos) & set(subject.HELD_OUT_COMBOS)
+    assert set(subject.INSTANCE_COMBOS) <= set(combos)
+    for colour in shapes.COLOURS:
+        held_fg = sum(c == colour for c, _ in subject.HELD_OUT_COMBOS)
+        held_bg = sum(b == colour for _, b in subject.HELD_OUT_COMBOS)
+        assert sum(c == colour for c, _ in combos) == 7 - held_fg
+        assert sum(b == colour for _, b in combos) == 7 - held_bg
+
+
+@pytest.mark.parametrize("every", (1, 3))
+def test_class_rows_are_the_worlds_training_prompts(every):
+    """write_class_folder's captions: every `every`-th training combination (never a held-out one), then 16 empty
+    ones; with every 1 (the recipe's class folder) all 56 ordered colour pairs of the world appear."""
+    rows = subject.class_rows(every)
+    train = shapes.all_combinations(held_out=False)
+    captions = [caption for _, caption, _ in rows]
+    assert captions[-16:] == [""] * 16
+    assert captions[:-16] == [shapes.caption(*x) for x in train[::every]]
+    assert len({name for name, _, _ in rows}) == len(rows)
+    pairs = {(x[0], x[2]) for x in train[::every]}
+    if every == 1:
+        assert len(captions) == 156 + 16
+        assert pairs == {(c, b) for c in shapes.COLOURS for b in shapes.COLOURS if c != b}
+
+
+def test_tiny_subject_all_pairs_and_class_every(tmp_path, capsys):
+    folder = tmp_path / "cross"
+    assert main(["tiny-subject", "--subject", "cross", "--all-pairs", "--instance-dir", str(folder)]) == 0
+    captions = sorted(p.read_text() for p in folder.glob("*.txt"))
+    assert len(list(folder.glob("*.png"))) == 48
+    assert captions == sorted(subject.instance_prompt(c, b) for c, b in subject.ALL_INSTANCE_COMBOS)
+    bad = tmp_path / "bad"
+    assert main(["tiny-subject", "--subject", "cross", "--class-every", "0", "--instance-dir", str(bad),
+                 "--class-dir", str(tmp_path / "class")]) == 2
+    assert "minisd: error: --class-every must be >= 1" in capsys.readouterr().err
+    assert not bad.exists() and not (tmp_path / "class").exists()

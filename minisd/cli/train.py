@@ -301,10 +301,16 @@ def run_train_tiny(args):
 def add_tiny_subject(p):
     from ..tiny import subject
     p.add_argument("--subject", required=True, choices=tuple(subject.SUBJECTS),
-                   help="the shape (minisd/tiny/subject.py): drawn in subject.INSTANCE_COMBOS' colour pairs")
+                   help="the shape (minisd/tiny/subject.py)")
     p.add_argument("--instance-dir", required=True, help="new folder: the instance images, each with NAME.txt")
     p.add_argument("--class-dir", help="new folder: prior preservation's class images, the base model's own "
                                        "(subject.write_class_folder; its count is --num-class-images)")
+    p.add_argument("--all-pairs", action="store_true",
+                   help="instance images in all 48 colour pairs but the held-out ones (subject.ALL_INSTANCE_COMBOS; "
+                        "the recipe for any subject) instead of the 8 of subject.INSTANCE_COMBOS")
+    p.add_argument("--class-every", type=int, default=3, metavar="N",
+                   help="the class folder: every N-th training combination of the world (1: all 156, every colour "
+                        "pair; the recipe for any subject), plus 16 for the empty prompt (default %(default)s: 52)")
     p.add_argument("--seed", type=int, default=0, help="the instance images' sizes and places")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the class images")
 
@@ -318,6 +324,8 @@ def run_tiny_subject(args):
     from ..pipeline import Pipeline
     from ..tiny import subject
     from ..train.loop import atomic_write_folder
+    if args.class_every < 1:
+        raise ValueError(f"--class-every must be >= 1, got {args.class_every}")
     for folder in (args.instance_dir, args.class_dir):
         if folder is not None and os.path.exists(folder):
             raise ValueError(f"{folder} exists already; tiny-subject writes new folders only")
@@ -325,13 +333,15 @@ def run_tiny_subject(args):
         if folder is not None:
             os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
     torch.set_num_threads(args.threads)
-    atomic_write_folder(args.instance_dir,
-                        lambda tmp: subject.write_instance_folder(tmp, seed=args.seed, subject=args.subject))
-    print(f"wrote {len(subject.INSTANCE_COMBOS)} instance images of the {args.subject} to {args.instance_dir}")
+    combos = subject.ALL_INSTANCE_COMBOS if args.all_pairs else subject.INSTANCE_COMBOS
+    atomic_write_folder(args.instance_dir, lambda tmp: subject.write_instance_folder(tmp, combos, seed=args.seed,
+                                                                                     subject=args.subject))
+    print(f"wrote {len(combos)} instance images of the {args.subject} to {args.instance_dir}")
     if args.class_dir is not None:
         pipe = Pipeline(load_model(tiny_model_path(), verbose=False), log=lambda *_: None)
         written = []
-        atomic_write_folder(args.class_dir, lambda tmp: written.append(subject.write_class_folder(pipe, tmp)))
+        atomic_write_folder(args.class_dir,
+                            lambda tmp: written.append(subject.write_class_folder(pipe, tmp, every=args.class_every)))
         print(f"wrote {written[0]} class images to {args.class_dir}")
 
 

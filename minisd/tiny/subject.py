@@ -38,6 +38,32 @@ the one subject it was tuned on: the ring (a shape with a hole), the cross (a pl
 (is_ring, is_cross, is_pair). `minisd tiny-subject --subject NAME --instance-dir DIR [--class-dir CLASS]` writes
 a subject's instance folder (and the class folder) for `minisd train dreambooth`; bench/tiny_subjects.md has
 tutorial 10's recipe measured on each, two training seeds.
+
+One recipe for any subject (issue 35), the same for all, from the command line alone:
+
+    minisd tiny-subject --subject ring --all-pairs --class-every 1 --instance-dir inst --class-dir class
+    minisd train dreambooth --instance-dir inst --instance-prompt unused --class-prompt unused --class-dir class \
+        --num-class-images 172 --train-batch-size 4 --max-train-steps 800 --learning-rate 2e-4 --use-ema \
+        --cache-latents --center-crop --threads 1 --out run
+    minisd generate --model run/model.safetensors --cfg 1.5 "a yellow sks on a black background"
+
+It is tutorial 10's training (batch 4, 800 steps at 2e-4, EMA) on more data and drawn with less guidance: instance
+images in all 48 colour pairs that are not held out (ALL_INSTANCE_COMBOS, not the 8 of INSTANCE_COMBOS), class
+images of all 156 training combinations of the world (class_rows(every=1): every colour pair, 172 images with the
+16 empty prompts, not 68), and the subject drawn at guidance 1.5, not 3. Tutorial 10's recipe on the ring, cross
+and pair learned the shapes and lost colours (yellow on black drawn white on black, orange drawn yellow); as
+tutorial 10 says, guidance multiplies the fine-tuned model's error in cond - uncond, and at 1.5 most of the colour
+misses are gone. Measured (bench/tiny_subjects.md; 48 held-out images, two training seeds, one core, 64-72 s of
+CPU each): the subject in the asked-for colours in 81% / 67% of images for the ring, 90% / 98% for the cross,
+75% / 73% for the pair (tutorial 10's recipe at guidance 3: 54 / 54, 65 / 65, 48 / 73), no class drift. Adherence
+on the base model's held-out prompts (192 images) at 1.5: from 5.7 points below to 3.6 above the base model's at
+1.5 (84.9%), but 5.2-14.6 below the base model's at 3 (93.8%, its best); at 3 the fine-tuned models are 7-14
+below. So it does not reach the issue's target (80% for every subject and seed): the cross passes, the ring on one
+seed of two, the pair on neither. Most of what is left is the VAE's: a clean drawing encoded and decoded (`python
+bench/tiny_subjects.py ceiling`, 6 per held-out pair at the instance sizes) reads as the subject in the asked-for
+colours in 38/48 for the ring and 41/48 for the pair (48/48 for the cross and the diamond): with a ring or two
+discs in it, its 8x8 latents turn orange into yellow (a black ring on orange comes back on yellow in 6 of 6,
+orange discs on white come back yellow in 6 of 6).
 """
 import os
 from dataclasses import dataclass
@@ -64,6 +90,11 @@ HELD_OUT_COMBOS = (
     ("red", "blue"), ("blue", "white"), ("green", "yellow"), ("yellow", "black"),
     ("purple", "green"), ("orange", "white"), ("white", "red"), ("black", "orange"),
 )
+
+# Every ordered colour pair but the held-out ones (48): the instance images of the recipe for any subject
+# (module docstring), which shows each colour on five to seven backgrounds and under as many foregrounds, not once.
+ALL_INSTANCE_COMBOS = tuple((c, b) for c in shapes.COLOURS for b in shapes.COLOURS
+                            if c != b and (c, b) not in HELD_OUT_COMBOS)
 
 
 def instance_prompt(colour, background):
@@ -92,16 +123,17 @@ def draw_diamond(colour, background, size=64, scale=0.6, center=(0.5, 0.5), supe
     return _drawn(paint, colour, background, size, scale, center, supersample)
 
 
-def write_instance_folder(folder, combos=INSTANCE_COMBOS, seed=0, size=64, subject="diamond"):
+def write_instance_folder(folder, combos=INSTANCE_COMBOS, seed=0, size=64, subject="diamond", scale=None):
     """One picture of the subject (a SUBJECTS name) per colour pair, at a random size and place (a pure function of
-    seed), each with its caption in a same-name .txt file (the A1111/kohya convention minisd train reads)."""
+    seed), each with its caption in a same-name .txt file (the A1111/kohya convention minisd train reads).
+    scale: (low, high), the sizes drawn from (default: the subject's own)."""
     s = SUBJECTS[subject]
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i, (colour, background) in enumerate(combos):
-        scale, center = shapes.placement(rng, *s.scale)
+        scale_i, center = shapes.placement(rng, *(scale or s.scale))
         name = os.path.join(folder, f"{subject}-{i:02d}")
-        s.draw(colour, background, size, scale, center).save(name + ".png")
+        s.draw(colour, background, size, scale_i, center).save(name + ".png")
         with open(name + ".txt", "w") as f:
             f.write(instance_prompt(colour, background))
 
@@ -267,6 +299,14 @@ def shows_subject(image, colour, background, subject="diamond"):
     return SUBJECTS[subject].judge(image) == (colour, background, True)
 
 
+def class_rows(every=3, uncond=16):
+    """[(file name, caption, seed)] of write_class_folder's images: every `every`-th training combination of the
+    world, then `uncond` empty captions (the unconditional prompt)."""
+    combos = shapes.all_combinations(held_out=False)[::every]
+    return ([(f"class-{i:05d}", shapes.caption(*combo), i) for i, combo in enumerate(combos)]
+            + [(f"uncond-{i:05d}", "", 1000 + i) for i in range(uncond)])
+
+
 def write_class_folder(pipe, folder, every=3, uncond=16, batch_size=BATCH_SIZE):
     """Class images for prior preservation, drawn by the model itself before training: the base model's picture
     of every `every`-th training combination of its world (all shapes, 52 images), each with its caption beside
@@ -289,10 +329,7 @@ def write_class_folder(pipe, folder, every=3, uncond=16, batch_size=BATCH_SIZE):
     against 20/24. (kohya's scripts have --caption_dropout_rate for the same branch; here its pictures are the
     base model's own, so it is kept, not retrained.)"""
     os.makedirs(folder, exist_ok=True)
-    combos = shapes.all_combinations(held_out=False)[::every]
-    # (file name, caption, seed); the empty captions are the unconditional prompt
-    rows = ([(f"class-{i:05d}", shapes.caption(*combo), i) for i, combo in enumerate(combos)]
-            + [(f"uncond-{i:05d}", "", 1000 + i) for i in range(uncond)])
+    rows = class_rows(every, uncond)
     images = generate_each(pipe, [caption for _, caption, _ in rows], [seed for _, _, seed in rows], batch_size)
     for (name, caption, _), image in zip(rows, images):
         image.save(os.path.join(folder, name + ".png"))
