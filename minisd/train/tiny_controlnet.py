@@ -33,9 +33,10 @@ from .controlnet import ControlNetConfig
 class Recipe:
     seed: int = 0
     images: int = 2000              # training pictures
-    steps: int = 5000
+    steps: int = 12000
     batch: int = 8
     lr: float = 5e-4
+    lr_scheduler: str = "cosine"    # to 0 at the last step: the decay, not more constant-rate steps, sharpens it
     caption_dropout: float = 0.5    # the paper's Sec. 3.3: half the captions empty, so the edges must say where
     snr_gamma: float = 5.0          # Min-SNR: the noisy steps, where the layout is decided, weigh more
     eval_seed: int = 1000           # held-out edge maps: another stream
@@ -51,8 +52,8 @@ def train_tiny_controlnet(out, recipe=Recipe(), device="cpu", log=print):
     t0 = time.time()
     result = run(ControlNetConfig(
         out=os.path.join(out, "run"), data=data, model=str(TINY_WEIGHTS), max_train_steps=recipe.steps,
-        train_batch_size=recipe.batch, learning_rate=recipe.lr, seed=recipe.seed, center_crop=True, cache_latents=True,
-        caption_dropout_rate=recipe.caption_dropout, snr_gamma=recipe.snr_gamma,
+        train_batch_size=recipe.batch, learning_rate=recipe.lr, lr_scheduler=recipe.lr_scheduler, seed=recipe.seed,
+        center_crop=True, cache_latents=True, caption_dropout_rate=recipe.caption_dropout, snr_gamma=recipe.snr_gamma,
         checkpointing_steps=200, device=device, resume=True), log=log)
     seconds = time.time() - t0
     model = load_model(str(TINY_WEIGHTS), verbose=False)
