@@ -382,6 +382,8 @@ def add_train_tiny_controlnet(p):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--lr-scheduler", default=d.lr_scheduler, help="(default: %(default)s; see minisd train --help)")
+    p.add_argument("--eval-cfg", type=float, default=d.eval_cfg, help="the score's guidance scale (default: "
+                                                                       "%(default)s; TINY_CANNY_CARD.md)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is fastest for the tiny model on a busy machine)")
 
@@ -389,7 +391,8 @@ def add_train_tiny_controlnet(p):
 def run_train_tiny_controlnet(args):
     torch.set_num_threads(args.threads)
     recipe = tiny_controlnet.Recipe(seed=args.seed, images=args.images, steps=args.steps, batch=args.batch,
-                                    lr=args.lr, lr_scheduler=args.lr_scheduler, eval_maps=args.eval_maps)
+                                    lr=args.lr, lr_scheduler=args.lr_scheduler, eval_maps=args.eval_maps,
+                                    eval_cfg=args.eval_cfg)
     tiny_controlnet.train_tiny_controlnet(args.out, recipe)
 
 

@@ -10,8 +10,9 @@ minisd/assets/minisd-tiny-canny.safetensors, run through `minisd train controlne
    convolutions start at zero), centre crops (the pictures are the model's 64 px) with cached latents, into
    DIR/run (--resume: a stopped run continues);
 3. ship: the trained ControlNet in float16, ControlNet 1.1 layout, as DIR/minisd-tiny-canny.safetensors;
-4. score: tiny/canny.score on Recipe.eval_maps held-out edge maps (another seed): IoU of the drawn shape with the
-   edge map's filled region, and the asked colours, written to DIR/report.json.
+4. score: tiny/canny.score on Recipe.eval_maps held-out edge maps (another seed), drawn at guidance scale
+   Recipe.eval_cfg: IoU of the drawn shape with the edge map's filled region, and the asked colours, written to
+   DIR/report.json.
 """
 import dataclasses
 import json
@@ -41,6 +42,7 @@ class Recipe:
     snr_gamma: float = 5.0          # Min-SNR: the noisy steps, where the layout is decided, weigh more
     eval_seed: int = 1000           # held-out edge maps: another stream
     eval_maps: int = 48
+    eval_cfg: float = 2.0           # guidance scale of the score: chosen on another held-out stream (the card)
 
 
 def train_tiny_controlnet(out, recipe=Recipe(), device="cpu", log=print):
@@ -61,7 +63,8 @@ def train_tiny_controlnet(out, recipe=Recipe(), device="cpu", log=print):
     path = os.path.join(out, "minisd-tiny-canny.safetensors")
     state = {k: v.to(torch.float16) for k, v in net.state_dict().items()}
     files.write(state, net.cfg, path, "1.1")                      # written atomically
-    scores = canny.score(load_controlnet(path, model.config), recipe.eval_seed, recipe.eval_maps, device=device)
+    scores = canny.score(load_controlnet(path, model.config), recipe.eval_seed, recipe.eval_maps,
+                         cfg=recipe.eval_cfg, device=device)
     report = {"recipe": dataclasses.asdict(recipe), "train_seconds": round(seconds, 1), "file": path,
               "bytes": os.path.getsize(path), **scores}
     with open(os.path.join(out, "report.json"), "w") as f:
