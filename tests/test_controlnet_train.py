@@ -390,3 +390,89 @@ def test_train_tiny_controlnet_runs_the_recipe_end_to_end(tmp_path, capsys):
     assert 0.0 <= report["mean_iou"] <= 1.0 and report["bytes"] == os.path.getsize(shipped)
     load_controlnet(str(shipped), load_model(str(tiny_model_path()), verbose=False).config)     # fits the model
     assert "held-out edge maps" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --dataset-name: a Hugging Face dataset with train_controlnet.py's columns (hf_dataset.py)
+
+def pair_dataset(folder, path, columns=("image", "conditioning_image", "text")):
+    """The pictures, conditioning images and captions of pair_folder's `folder` as a Dataset of stored bytes
+    (fill50k's layout, under `columns`), written by save_to_disk to `path`."""
+    import datasets
+    examples = find_pairs(str(folder), 32, log=lambda *_: None)
+    image, condition, text = columns
+    features = datasets.Features({image: datasets.Image(), condition: datasets.Image(),
+                                  text: datasets.Value("string")})
+    datasets.Dataset.from_dict({image: [{"bytes": open(e.path, "rb").read(), "path": None} for e in examples],
+                                condition: [{"bytes": open(e.condition, "rb").read(), "path": None} for e in examples],
+                                text: [e.caption for e in examples]}, features=features).save_to_disk(str(path))
+    return path
+
+
+def test_a_dataset_gives_the_batches_of_the_folder(tmp_path):
+    """--dataset-name's rows, each with its conditioning image, make the batches the folder of the same pictures
+    makes: the same pixels, captions and hints (exactly), with random crops and flips."""
+    pytest.importorskip("datasets")
+    from minisd.train.hf_dataset import dataset_examples
+    from minisd.train.step import example_generator
+    data = pair_folder(tmp_path / "d", n=3, size=(72, 64))
+    saved = pair_dataset(data, tmp_path / "saved")
+    cfg = ControlNetConfig(out="unused", dataset_name=str(saved), train_batch_size=2, random_flip=True,
+                           center_crop=False)
+    streams = [Stream(find_pairs(str(data), 32, log=lambda *_: None), 0),
+               Stream(dataset_examples(cfg, 32, log=lambda *_: None, condition_column="conditioning_image"), 0)]
+    assert [e.condition for e in streams[1].examples] == [f"{saved} row {i} conditioning_image" for i in range(3)]
+    for k in range(4):
+        (pixels, _, texts, hints), (p2, _, t2, h2) = (
+            take(s, k, cfg, 32, [example_generator(0, k, j) for j in range(2)]) for s in streams)
+        assert texts == t2 and torch.equal(pixels, p2) and torch.equal(hints, h2)
+        assert not torch.equal(hints * 2 - 1, pixels)          # the hints are the conditioning images
+
+
+def test_cli_on_a_dataset_trains_what_the_folder_trains(tmp_path):
+    """`minisd train controlnet --dataset-name` (other column names, given by their flags) writes the very
+    weights the folder's run writes (2 steps, tiny model, random flips)."""
+    pytest.importorskip("datasets")
+    from safetensors.torch import load_file
+    data = pair_folder(tmp_path / "data", n=2, size=(64, 64))
+    saved = pair_dataset(data, tmp_path / "saved", ("picture", "edges", "caption"))
+    runs = {}
+    for name, source in (("folder", ["--data", str(data)]),
+                         ("dataset", ["--dataset-name", str(saved), "--image-column", "picture",
+                                      "--conditioning-image-column", "edges", "--caption-column", "caption"])):
+        assert main(["train", "controlnet", *source, "--out", str(tmp_path / name), "--max-train-steps", "2",
+                     "--learning-rate", "1e-3", "--random-flip", "--device", "cpu", "--seed", "1"]) == 0
+        runs[name] = load_file(str(tmp_path / name / "controlnet.safetensors"))
+    assert runs["folder"].keys() == runs["dataset"].keys()
+    assert all(torch.equal(v, runs["dataset"][k]) for k, v in runs["folder"].items())
+    assert any(v.any() for k, v in runs["folder"].items() if k.startswith("zero_convs."))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--conditioning-image-column", "edges"],
+     "has no column 'edges' (--conditioning-image-column); its columns: image, conditioning_image, text"),
+    (["--conditioning-image-column", "text"], "column 'text' of {saved} holds Value('string'), not images "
+                                              "(--conditioning-image-column); its columns: image, conditioning_image, text"),
+    (["--caption-column", "caption"], "has no column 'caption' (--caption-column); its columns: image, "
+                                      "conditioning_image, text"),
+    (["--data", "{data}"], "--data and --dataset-name are different sources of images; give one"),
+    ([], "{saved} row 1 is not a readable conditioning image (column 'conditioning_image') (its stored bytes"),
+])
+def test_bad_datasets_are_one_line(tmp_path, capsys, flags, message):
+    datasets = pytest.importorskip("datasets")
+    data = pair_folder(tmp_path / "data", n=2, size=(64, 64))
+    saved = pair_dataset(data, tmp_path / "saved")
+    if not flags:                                  # row 1's conditioning image is not an image
+        table = datasets.load_from_disk(str(saved)).cast_column("conditioning_image", datasets.Image(decode=False))
+        rows = table.to_dict()
+        rows["conditioning_image"][1] = {"bytes": b"\x89PNG not really", "path": None}
+        saved = tmp_path / "broken"
+        datasets.Dataset.from_dict(rows, features=table.features).save_to_disk(str(saved))
+    names = {"saved": str(saved), "data": str(data)}
+    out = tmp_path / "out"
+    capsys.readouterr()                            # save_to_disk's progress bars
+    code = main(["train", "controlnet", "--dataset-name", str(saved), "--out", str(out), "--device", "cpu",
+                 *(f.format(**names) for f in flags)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message.format(**names) in err[0], err
+    assert not out.exists()

@@ -212,8 +212,12 @@ def add_train(parser):
     _common(r, d, lora.SAVE_FORMATS, "OUT_NAME.safetensors (kohya) or pytorch_lora_weights.safetensors (diffusers)")
     c = sub.add_parser("controlnet", help="a ControlNet, on images with conditioning images; the model frozen")
     d = controlnet.ControlNetConfig(out="")
-    c.add_argument("--data", required=True, help="NAME.png with NAME.cond.png (its conditioning image) and "
-                                                 "NAME.txt, or a metadata.jsonl of image, conditioning_image, text")
+    c.add_argument("--data", default=None, help="NAME.png with NAME.cond.png (its conditioning image) and "
+                                                "NAME.txt, or a metadata.jsonl of image, conditioning_image, text; "
+                                                "or --dataset-name")
+    _dataset_flags(c, d)
+    c.add_argument("--conditioning-image-column", default=d.conditioning_image_column,
+                   help="--dataset-name's column of conditioning images (default: %(default)s)")
     c.add_argument("--controlnet", default=None, help="a ControlNet file or folder to start from (default: the "
                                                       "U-Net's encoder with zero convolutions)")
     c.add_argument("--validation-image", action="append", default=[], dest="validation_images",
@@ -223,7 +227,7 @@ def add_train(parser):
 
 
 def _dataset_flags(p, d, caption_default="(default: %(default)s)"):
-    """A Hugging Face dataset instead of --data (finetune, lora, textual-inversion; train.hf_dataset)."""
+    """A Hugging Face dataset instead of --data (finetune, lora, textual-inversion, controlnet; train.hf_dataset)."""
     p.add_argument("--dataset-name", default=None, metavar="NAME_OR_PATH",
                    help="a Hugging Face dataset instead of --data: a Hub name, a save_to_disk folder, parquet "
                         "file(s) or an image folder with metadata.jsonl (needs pip install -e \".[datasets]\")")
@@ -387,6 +391,9 @@ def add_train_tiny_controlnet(p):
     for name in ("seed", "images", "steps", "batch", "eval_maps"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-scheduler", default=d.lr_scheduler, help="(default: %(default)s; see minisd train --help)")
+    p.add_argument("--eval-cfg", type=float, default=d.eval_cfg, help="the score's guidance scale (default: "
+                                                                       "%(default)s; TINY_CANNY_CARD.md)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is fastest for the tiny model on a busy machine)")
 
@@ -394,7 +401,8 @@ def add_train_tiny_controlnet(p):
 def run_train_tiny_controlnet(args):
     torch.set_num_threads(args.threads)
     recipe = tiny_controlnet.Recipe(seed=args.seed, images=args.images, steps=args.steps, batch=args.batch,
-                                    lr=args.lr, eval_maps=args.eval_maps)
+                                    lr=args.lr, lr_scheduler=args.lr_scheduler, eval_maps=args.eval_maps,
+                                    eval_cfg=args.eval_cfg)
     tiny_controlnet.train_tiny_controlnet(args.out, recipe)
 
 

@@ -79,10 +79,10 @@ def judge_pair(image, edges, colour, background):
     return iou(mask, filled_region(edges)), found == colour and bg == background
 
 
-def score(net, seed=1000, n=48, steps=20, device="cpu", log=print):
+def score(net, seed=1000, n=48, steps=20, cfg=7.5, device="cpu", log=print):
     """Draw each of n held-out edge maps' captions (stream `seed`) with the ControlNet `net` on the tiny model, and
-    without it (the baseline), seed i for map i; returns the fraction with IoU >= 0.8, the mean IoU and the
-    fraction with the asked colours right, for both."""
+    without it (the baseline), seed i for map i, `steps` steps at guidance scale `cfg`; returns the fraction with
+    IoU >= 0.8, the mean IoU and the fraction with the asked colours right, for both."""
     from ..controlnet import Control
     from ..pipeline import Pipeline
     pipe = Pipeline.load(None, device=device, dtype="fp32", log=lambda *_: None)
@@ -92,7 +92,7 @@ def score(net, seed=1000, n=48, steps=20, device="cpu", log=print):
         for i in range(n):
             s, edges = canny_sample(seed, i)
             controls = [Control(net, edges)] if controlled else []
-            image = pipe.generate(s.text, seed=i, steps=steps, controls=controls).images[0]
+            image = pipe.generate(s.text, seed=i, steps=steps, cfg=cfg, controls=controls).images[0]
             v, ok = judge_pair(image, edges, s.colour, s.background)
             ious.append(v)
             right.append(ok)

@@ -2,6 +2,11 @@
 
     minisd train controlnet --data DIR --out DIR [--model M] [--controlnet FILE] [--validation-prompt P
                             --validation-image EDGES.png] ...
+    minisd train controlnet --dataset-name NAME_OR_PATH [--image-column image]
+                            [--conditioning-image-column conditioning_image] [--caption-column text] --out DIR ...
+
+The data: a folder (control_data.py) or a Hugging Face dataset's rows with diffusers' train_controlnet.py columns
+(hf_dataset.py; fill50k's layout), each row's conditioning image read as a folder's NAME.cond.png is.
 
 The ControlNet (minisd/controlnet.py) reads the noisy latents, the timestep, the caption's text features and the
 conditioning image (RGB in [0, 1], cropped and flipped as its image: control_data.py, batches.take); its residuals
@@ -38,14 +43,16 @@ from .batches import Stream
 from .control_data import find_pairs
 from .data import load_image
 from .fit import Training, fit, snapshot_path
+from .hf_dataset import DatasetSettings, check_source, dataset_examples
 from .settings import DTYPES, SAVE_FORMATS, TrainSettings, check, folder_options
 
 
 @dataclass(frozen=True)
-class ControlNetConfig(TrainSettings):
-    """A ControlNet run: the shared settings, the data folder, the ControlNet to start from, the validation
-    images' conditions."""
+class ControlNetConfig(DatasetSettings, TrainSettings):
+    """A ControlNet run: the shared settings, the data folder (or dataset), the ControlNet to start from, the
+    validation images' conditions."""
     data: str | None = None                  # images with conditioning images and captions (control_data.py)
+    conditioning_image_column: str = "conditioning_image"    # --dataset-name's (diffusers' train_controlnet.py)
     controlnet: str | None = None            # a ControlNet file or folder to start from; None: the U-Net's encoder
     validation_images: tuple = ()            # a condition image per validation prompt, or one for all
     learning_rate: float = 1e-5              # diffusers' train_controlnet.py examples (its argparse default: 5e-6)
@@ -57,8 +64,7 @@ config = ControlNetConfig                    # what `minisd train controlnet` fi
 def check_controlnet(cfg: ControlNetConfig):
     """One-line errors for the run's own settings, before any model is loaded."""
     check(cfg, SAVE_FORMATS)
-    if not cfg.data:
-        raise ValueError("minisd train controlnet needs --data DIR (images with NAME.cond.png conditioning images)")
+    check_source(cfg, "minisd train controlnet")
     if cfg.train_text_encoder:
         raise ValueError("--train-text-encoder: only the ControlNet trains (the U-Net, VAE and text encoder stay "
                          "frozen, as in diffusers' train_controlnet.py)")
@@ -102,8 +108,12 @@ def run(cfg: ControlNetConfig, draws=None, log=print):
     check_controlnet(cfg)
 
     def prepare(model, resolution, device, log):
-        examples = find_pairs(cfg.data, resolution, log, **folder_options(cfg))
-        log(f"ControlNet on {len(examples)} images and their conditioning images of {cfg.data} at {resolution} px")
+        if cfg.dataset_name:
+            examples = dataset_examples(cfg, resolution, log=log, condition_column=cfg.conditioning_image_column)
+        else:
+            examples = find_pairs(cfg.data, resolution, log, **folder_options(cfg))
+        log(f"ControlNet on {len(examples)} images and their conditioning images of {cfg.dataset_name or cfg.data} "
+            f"at {resolution} px")
         net = initial_controlnet(model, cfg, log).to(device).requires_grad_(True).train()
         net.gradient_checkpointing = cfg.gradient_checkpointing
         params = {f"controlnet.{k}": p for k, p in net.named_parameters()}

@@ -51,13 +51,15 @@ class Example:
     aspect-ratio buckets need (None: not known, read from the image when needed); it describes the image, so it
     takes no part in comparisons. `path` is the image file, read by load_image; with a `loader` (a dataset's row:
     hf_dataset.py) it only names the image in messages, and loader() returns the image, upright RGB as load_image
-    returns it. condition: the file of its ControlNet conditioning image (train/control_data.py), else None."""
+    returns it. condition: the file of its ControlNet conditioning image (train/control_data.py), else None; with
+    a `condition_loader` (a dataset row's conditioning column) it only names that image, as `path` with `loader`."""
     path: str
     caption: str
     repeats: int = 1
     size: tuple | None = field(default=None, compare=False)
     loader: Callable | None = field(default=None, compare=False)
     condition: str | None = None
+    condition_loader: Callable | None = field(default=None, compare=False)
 
     def image(self):
         """The PIL image every batch and cached latent of this example is made from."""
@@ -66,7 +68,7 @@ class Example:
     def condition_image(self):
         """The conditioning image at the size of image() (resized with PIL's bilinear if it differs), so that
         one crop and flip (the same draws) fit both."""
-        image = load_image(self.condition)
+        image = self.condition_loader() if self.condition_loader is not None else load_image(self.condition)
         size = self.size or self.image().size
         return image if image.size == size else image.resize(size, Image.BILINEAR)
 

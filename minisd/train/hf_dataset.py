@@ -1,8 +1,9 @@
 """Training images from a Hugging Face `datasets` dataset: what `--dataset-name NAME_OR_PATH` points at (finetune,
-lora, textual-inversion), with diffusers' train_text_to_image flags:
+lora, textual-inversion, controlnet), with diffusers' train_text_to_image flags:
 
     --dataset-name NAME_OR_PATH [--dataset-config-name C] [--dataset-split train]
     [--image-column image] [--caption-column text]
+    [--conditioning-image-column conditioning_image]      (controlnet: diffusers' train_controlnet.py)
 
 What NAME_OR_PATH is, first match:
 
@@ -20,14 +21,16 @@ used whole when it has no split of its own or that split. Rows are read in the d
 Each row gives an Example (data.py) whose `loader` decodes the row's image file, its stored bytes or the local file
 imagefolder points at, with data.load_image, exactly as a file of --data is decoded (EXIF orientation, RGB), then
 the same resize and crop: a folder and a dataset of the same images and captions train the same weights bit for
-bit. Every image is decoded once here, before any training, as data.find_examples does. The caption column holds
-a string or a list of strings: a list's captions (stripped, as captions from files are) are alternatives, one drawn
-each time the example is used from the example's own generator (batches.pick_caption; diffusers draws
-random.choice from the global RNG), so a resumed run or one under torchrun sees the same caption; a list of one is
-that caption.
+bit. A ControlNet's rows also give their --conditioning-image-column's image, decoded the same way
+(Example.condition_loader), as a folder's NAME.cond.png is (control_data.py). Every image is decoded once here,
+before any training, as data.find_examples does. The caption column holds a string or a list of strings: a list's
+captions (stripped, as captions from files are) are alternatives, one drawn each time the example is used from the
+example's own generator (batches.pick_caption; diffusers draws random.choice from the global RNG), so a resumed run
+or one under torchrun sees the same caption; a list of one is that caption.
 
 `datasets` is an optional dependency (`pip install -e ".[datasets]"`), imported only when --dataset-name is given.
 """
+import dataclasses
 import functools
 import glob
 import io
@@ -159,19 +162,25 @@ def row_image(images, column, row):
     raise ValueError(f"neither stored bytes nor a local file ({value.get('path')})")
 
 
-def dataset_examples(cfg, resolution, fallback_caption=None, log=print):
-    """Every row of the dataset as an Example (module docstring), its image decoded once here."""
+def dataset_examples(cfg, resolution, fallback_caption=None, log=print, condition_column=None):
+    """Every row of the dataset as an Example (module docstring), its image decoded once here; with
+    `condition_column` (a ControlNet's data: train/control_data.py), each with that column's image as its
+    conditioning image, decoded once here too."""
     check_resolution(resolution)
     datasets = import_datasets()
     data, label = load(cfg)
     columns = list(data.column_names)
     listed = ", ".join(columns)
-    if cfg.image_column not in columns:
-        raise ValueError(f"{label} has no column {cfg.image_column!r} (--image-column); its columns: {listed}")
-    feature = data.features[cfg.image_column]
-    if not isinstance(feature, datasets.Image):
-        raise ValueError(f"column {cfg.image_column!r} of {label} holds {feature}, not images (--image-column); "
-                         f"its columns: {listed}")
+    image_columns = [(cfg.image_column, "--image-column")]
+    if condition_column is not None:
+        image_columns.append((condition_column, "--conditioning-image-column"))
+    for column, flag in image_columns:
+        if column not in columns:
+            raise ValueError(f"{label} has no column {column!r} ({flag}); its columns: {listed}")
+        feature = data.features[column]
+        if not isinstance(feature, datasets.Image):
+            raise ValueError(f"column {column!r} of {label} holds {feature}, not images ({flag}); "
+                             f"its columns: {listed}")
     caption_column = cfg.caption_column
     if caption_column is None:                   # textual inversion: "text" if there is one, else templates
         caption_column = "text" if "text" in columns else None
@@ -189,18 +198,30 @@ def dataset_examples(cfg, resolution, fallback_caption=None, log=print):
     if len(data) == 0:
         raise ValueError(f"{label} has no rows")
 
-    # the image column alone, its files undecoded ({"bytes", "path"}): decoded by load_image, as --data's files;
-    # both are in-memory views of the same Arrow data, nothing is written (not even a cache file)
-    images = data.select_columns([cfg.image_column]).cast_column(cfg.image_column, datasets.Image(decode=False))
+    # the image columns alone, their files undecoded ({"bytes", "path"}): decoded by load_image, as --data's
+    # files; both are in-memory views of the same Arrow data, nothing is written (not even a cache file)
+    images = data.select_columns([c for c, _ in image_columns])
+    for column, _ in image_columns:
+        images = images.cast_column(column, datasets.Image(decode=False))
     captions = data[caption_column] if caption_column else [None] * len(data)
     examples = []
     for i, value in enumerate(captions):
         where = f"{label} row {i}"
         loader = functools.partial(row_image, images, cfg.image_column, i)
-        try:
-            size = loader().size
-        except Exception as e:                   # PIL raises OSError, SyntaxError, ValueError... for bad files
-            reason = (str(e).splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"{where} is not a readable image ({reason})") from None
-        examples.append(Example(where, caption_of(value, fallback_caption, where), size=size, loader=loader))
+        size = decoded(loader, where, "image").size
+        example = Example(where, caption_of(value, fallback_caption, where), size=size, loader=loader)
+        if condition_column is not None:
+            condition = functools.partial(row_image, images, condition_column, i)
+            decoded(condition, where, f"conditioning image (column {condition_column!r})")
+            example = dataclasses.replace(example, condition=f"{where} {condition_column}", condition_loader=condition)
+        examples.append(example)
     return examples
+
+
+def decoded(loader, where, what):
+    """loader()'s image, or a one-line error naming the row."""
+    try:
+        return loader()
+    except Exception as e:                       # PIL raises OSError, SyntaxError, ValueError... for bad files
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{where} is not a readable {what} ({reason})") from None
