@@ -1,7 +1,7 @@
 """Training from Python (issue 31, section 7): `minisd.train.run(config)` with a method's config dataclass trains
 as `minisd train METHOD` with the flags of the same names does, and returns the run's Result (its paths and the
 figures of result.json); settings that cannot run are one-line errors before any model is loaded. And
-`minisd train-tiny --report-to`: the recipe's three phases as one tracker run.
+`minisd train-tiny --report-to`: the recipe's four phases as one tracker run.
 
 One DreamBooth run each way, on the tiny built-in model at 32 px, 2 steps, one thread; the tiny recipe 2 steps a
 phase.
@@ -125,16 +125,16 @@ def test_train_tiny_reports_each_phases_loss_and_lr_at_the_recipes_step(tmp_path
         seen.append((self.phase, step, loss, lr))
         return real(self, step, loss, lr)
     monkeypatch.setattr(tiny._Progress, "__call__", spy)
-    recipe = tiny.Recipe(vae_steps=2, vae_batch=2, decoder_steps=2, bank_size=4, steps=2, batch=2)
+    recipe = tiny.Recipe(vae_steps=2, vae_batch=2, decoder_steps=2, bank_size=4, steps=2, batch=2, edge_steps=2)
     tiny.train_tiny(str(tmp_path), recipe, log=lambda *_: None, report_to="tensorboard")
     events = EventAccumulator(str(tmp_path / "logs" / "tiny"), size_guidance={"scalars": 0}).Reload()
-    first = {"vae": 0, "decoder": 2, "unet": 4}
+    first = {"vae": 0, "decoder": 2, "unet": 4, "edges": 6}
     for key in ("loss", "lr"):
         expected = {(f"{phase}/{key}", first[phase] + step + 1): {"loss": loss, "lr": lr}[key]
                     for phase, step, loss, lr in seen}
         logged = {(tag, s.step): s.value for tag in events.Tags()["scalars"] if tag.endswith("/" + key)
                   for s in events.Scalars(tag)}
-        assert logged.keys() == expected.keys() and len(logged) == 6
+        assert logged.keys() == expected.keys() and len(logged) == 8
         # TensorBoard stores float32: equal to the float32 rounding of the loop's numbers
         assert all(logged[k] == np.float32(v) for k, v in expected.items())
     parser = argparse.ArgumentParser()

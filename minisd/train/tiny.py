@@ -7,7 +7,8 @@ It is SD 1.5 in miniature, not a different network: the same TextEncoder (CLIP a
 tokenizer, 77 tokens), the same cross-attention UNet, the same KL VAE with SD's downsampling factor 8 (64x64x3
 images -> 8x8x4 latents), the same scaled-linear noise schedule and eps-prediction. Only the widths shrink.
 
-The recipe follows latent diffusion (Rombach et al. 2022) in three phases, all run by minisd.train.loop:
+The recipe follows latent diffusion (Rombach et al. 2022) in three phases, all run by minisd.train.loop, and a
+fourth that fine-tunes the decoder afterwards, as SD's own was (sd-vae-ft-mse):
   1. the autoencoder: L1 reconstruction + a small KL pull of q(z|x) toward N(0, I) (LDM Sec. 3, App. G);
   2. the decoder alone, longer, with the encoder frozen: sharper pictures from the same latent space;
      then every training image of a fixed bank is encoded once, and scale_factor = 1 / std(latents), the rule
@@ -16,7 +17,10 @@ The recipe follows latent diffusion (Rombach et al. 2022) in three phases, all r
      forward process x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM eq. 4 and 14), with 10% of captions
      replaced by "" so the same network also learns the unconditional model that classifier-free guidance needs
      (Ho & Salimans 2022, Alg. 1). A fixed 20% of the training images carry a caption with one attribute wrong,
-     like web alt-text (`noisy_captions`): that is what makes guidance matter, as it does for SD.
+     like web alt-text (`noisy_captions`): that is what makes guidance matter, as it does for SD;
+  4. the decoder alone again, on a loss that weighs the image's outer ring and corners (`decoder_loss`): the
+     decoder's zero-padded convolutions left a light or dark frame there. The latents do not change, so neither
+     does anything trained on them (the U-Net, the tiny ControlNet).
 Everything random at step i is drawn from a generator seeded with (seed, i), so an interrupted run resumes exactly.
 """
 import copy
@@ -58,6 +62,10 @@ class Recipe:
     caption_dropout: float = 0.1
     caption_noise: float = 0.2       # fraction of bank images whose caption names one attribute wrongly
     sample_every: int = 1000
+    edge_steps: int = 1000           # phase 4: the decoder again, its image edges weighed (decoder_loss)
+    edge_px: int = 3                 # the outer ring that decoder_loss weighs ...
+    edge_weight: float = 1.0         # ... with its own mean L1 term, this weight ...
+    corner_weight: float = 1.0       # ... and the 2x2 pixels at each corner with another
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,6 +80,32 @@ def image_batch(seed, step, batch):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Losses. Each takes the step's generator and draws everything random from it (exact resumption).
+
+
+def edge_masks(size, px):
+    """Boolean (size, size) masks of the outermost px-pixel ring and of the four 2x2 corners."""
+    ring = torch.ones(size, size, dtype=torch.bool)
+    ring[px:size - px, px:size - px] = False
+    corners = torch.zeros(size, size, dtype=torch.bool)
+    for rows in (slice(0, 2), slice(size - 2, size)):
+        for cols in (slice(0, 2), slice(size - 2, size)):
+            corners[rows, cols] = True
+    return ring, corners
+
+
+def decoder_loss(recon, images, recipe):
+    """L1 over the image + edge_weight * L1 over the outer ring + corner_weight * L1 over the corners, each a mean
+    over its own pixels.
+
+    Why the extra terms: the decoder's convolutions pad with zeros (as SD's do), so near the image's edge every
+    layer sees part of its window empty and must learn to undo that. A plain mean L1 gives the outer 2-pixel ring
+    12% of the loss and the corner pixels 0.4%, and the first recipe left a frame there: the round trip of a clean
+    drawing came back 40-90/255 off the background at the corners and up to 45/255 along whole edges
+    (bench/tiny_subjects.md). Weighing those pixels as much as the whole image is what removes it."""
+    err = (recon - images).abs()
+    ring, corners = edge_masks(images.shape[-1], recipe.edge_px)
+    return (err.mean() + recipe.edge_weight * err[..., ring].mean()
+            + recipe.corner_weight * err[..., corners].mean())
 
 
 def vae_loss(vae, images, generator, kl_weight):
@@ -143,27 +177,34 @@ def train_autoencoder(vae, recipe, out_dir, log=print, report=None):
     progress.close()
 
 
-def train_decoder(vae, recipe, out_dir, log=print, report=None):
+def train_decoder(vae, recipe, out_dir, log=print, report=None, edges=False):
     """Phase 2: the decoder alone, on fresh images, to sharpen edges and colours. The encoder is frozen, so the
-    latent space (and anything trained on it) stays valid: how SD's VAE was improved (sd-vae-ft-mse)."""
+    latent space (and anything trained on it) stays valid: how SD's VAE was improved (sd-vae-ft-mse).
+
+    edges=True is phase 4, the same after the U-Net is trained: recipe.edge_steps more steps on decoder_loss,
+    which weighs the image's outer ring and corners (a fresh stream, seed + 3). The U-Net never sees the decoder,
+    so this changes nothing but the pixels."""
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
+    vae.decoder.requires_grad_(True)                     # phase 4 comes after phase 2 froze the whole VAE
+    vae.post_quant_conv.requires_grad_(True)
     trainable = {f"decoder.{k}": p for k, p in vae.decoder.named_parameters()}
     trainable.update({f"post_quant_conv.{k}": p for k, p in vae.post_quant_conv.named_parameters()})
-    cfg = TrainConfig(steps=recipe.decoder_steps, lr=recipe.vae_lr / 2, lr_schedule="tiny", warmup_steps=50,
-                      ema_decay=0.99, checkpoint_every=100, seed=recipe.seed + 2)
+    stream, name = (recipe.seed + 3, "edges") if edges else (recipe.seed + 2, "decoder")
+    cfg = TrainConfig(steps=recipe.edge_steps if edges else recipe.decoder_steps, lr=recipe.vae_lr / 2,
+                      lr_schedule="tiny", warmup_steps=50, ema_decay=0.99, checkpoint_every=100, seed=stream)
 
     device = next(vae.parameters()).device
 
     def loss_fn(step, generator):
-        images = image_batch(recipe.seed + 2, step, recipe.vae_batch)[0].to(device)
+        images = image_batch(stream, step, recipe.vae_batch)[0].to(device)
         with torch.no_grad():
             mean, logvar = vae.posterior(images)
         recon = vae.decoder(vae.post_quant_conv(sample_posterior(mean, logvar, generator)))
-        return (recon - images).abs().mean()
+        return decoder_loss(recon, images, recipe) if edges else (recon - images).abs().mean()
 
-    progress = _Progress("decoder", cfg.steps, out_dir)
-    vae.load_state_dict(train(vae, trainable, loss_fn, cfg, out_dir, "decoder", progress, log, report=report),
+    progress = _Progress(name, cfg.steps, out_dir)
+    vae.load_state_dict(train(vae, trainable, loss_fn, cfg, out_dir, name, progress, log, report=report),
                         strict=False)
     progress.close()
     vae.eval().requires_grad_(False)
@@ -274,9 +315,13 @@ def train_tiny(out_dir, recipe=Recipe(), device="cpu", log=print, report_to="non
                           ema_decay=recipe.ema_decay, checkpoint_every=100, seed=recipe.seed + 1)
         grid_scores = train_text_and_unet(model, bank, recipe, cfg, out_dir, "unet", log,
                                           phase_report(tracker, "unet", recipe.vae_steps + recipe.decoder_steps))
+        times["unet"] = time.time()
+        train_decoder(model.vae, recipe, out_dir, log,
+                      phase_report(tracker, "edges", recipe.vae_steps + recipe.decoder_steps + recipe.steps),
+                      edges=True)
+        times["edges"] = time.time()
     finally:
         tracker.close()
-    times["unet"] = time.time()
 
     path = os.path.join(out_dir, "minisd-tiny.safetensors")
     save_model(copy.deepcopy(model).cpu().half(), path + ".tmp.safetensors")
