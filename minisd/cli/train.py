@@ -292,7 +292,7 @@ def add_train_tiny(p):
                    help="torch CPU threads (use 1 on a busy machine: OpenMP threads that wait for each other lose)")
     p.add_argument("--device", default="cpu", help="cpu (how the shipped weights were made) or cuda")
     p.add_argument("--report-to", default="none", choices=report.TRACKERS,
-                   help="the three phases' curves as one run: tensorboard (OUT/logs/tiny/) or wandb")
+                   help="the four phases' curves as one run: tensorboard (OUT/logs/tiny/) or wandb")
 
 
 def run_train_tiny(args):

@@ -62,10 +62,10 @@ class Recipe:
     caption_dropout: float = 0.1
     caption_noise: float = 0.2       # fraction of bank images whose caption names one attribute wrongly
     sample_every: int = 1000
-    edge_steps: int = 1000           # phase 4: the decoder again, its image edges weighed (decoder_loss)
+    edge_steps: int = 8000           # phase 4: the decoder again, its image edges weighed (decoder_loss)
     edge_px: int = 3                 # the outer ring that decoder_loss weighs ...
-    edge_weight: float = 1.0         # ... with its own mean L1 term, this weight ...
-    corner_weight: float = 1.0       # ... and the 2x2 pixels at each corner with another
+    edge_weight: float = 0.5         # ... with its own mean L1 term, this weight ...
+    corner_weight: float = 3.0       # ... and the 2x2 pixels at each corner with another
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,7 +291,7 @@ def phase_report(tracker, phase, first_step):
 
 
 def train_tiny(out_dir, recipe=Recipe(), device="cpu", log=print, report_to="none"):
-    """Run the three phases into out_dir (resuming whatever is there) and write out_dir/minisd-tiny.safetensors
+    """Run the four phases into out_dir (resuming whatever is there) and write out_dir/minisd-tiny.safetensors
     (fp16, EMA weights) plus out_dir/report.json. Returns the path of the weights. The shipped weights were trained
     on the CPU; on a GPU every random draw is the same (they come from CPU generators) but the arithmetic differs.
     report_to: report.TRACKERS, the phases' curves as one run ("tiny") in TensorBoard (out_dir/logs/) or wandb."""
