@@ -245,19 +245,19 @@ def read_foreground(image):
     return nearest_colour(np.median(a[fg], axis=0)), fg, background
 
 
-def edge_deviation(image, background_rgb=None, halo=2):
+def edge_deviation(image, background_rgb=None):
     """Largest |channel - background| (0-255) over the background pixels of the outermost two-pixel ring: every
     ring pixel but those within 2 px of the shape the judge reads (the world's shapes keep 2.5 px from the edge, so
     normally none). background_rgb: the colour to compare with (default: the judge's reading, the median of the
     outermost ring). A frame a decoder leaves at the image's edge shows here; the drawn images give 0."""
-    a = np.asarray(image.convert("RGB"), dtype=np.float64)
+    a, read_rgb, fg = foreground_pixels(image)
     if background_rgb is None:
-        _, background_rgb, _ = foreground_pixels(image)
+        background_rgb = read_rgb
     ring = np.zeros(a.shape[:2], bool)
     ring[:2] = ring[-2:] = True
     ring[:, :2] = ring[:, -2:] = True
-    _, near, _ = read_foreground(image)
-    for _ in range(halo):                               # grow the shape by halo px (4-neighbours)
+    near = largest_region(fg)                           # the shape, as read_foreground reads it
+    for _ in range(2):                                  # grow the shape by 2 px (4-neighbours)
         near = near | np.roll(near, 1, 0) | np.roll(near, -1, 0) | np.roll(near, 1, 1) | np.roll(near, -1, 1)
     keep = ring & ~near
     return float(np.abs(a[keep] - background_rgb).max()) if keep.any() else 0.0
