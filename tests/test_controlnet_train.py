@@ -382,14 +382,20 @@ def test_train_tiny_controlnet_runs_the_recipe_end_to_end(tmp_path, capsys):
     the shipped-layout file and report.json are written, and the file loads as a ControlNet of the tiny model."""
     out = tmp_path / "recipe"
     assert main(["train-tiny-controlnet", "--out", str(out), "--images", "8", "--steps", "2", "--batch", "2",
-                 "--eval-maps", "2"]) == 0
+                 "--eval-maps", "2", "--lr-scheduler", "linear", "--eval-cfg", "3"]) == 0
     assert len(list((out / "data").glob("*.cond.png"))) == 8
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["steps"] == 2 and report["recipe"]["images"] == 8
+    assert report["recipe"]["lr_scheduler"] == "linear" and report["recipe"]["eval_cfg"] == 3.0
     shipped = out / "minisd-tiny-canny.safetensors"
     assert 0.0 <= report["mean_iou"] <= 1.0 and report["bytes"] == os.path.getsize(shipped)
     load_controlnet(str(shipped), load_model(str(tiny_model_path()), verbose=False).config)     # fits the model
     assert "held-out edge maps" in capsys.readouterr().out
+    # a bad schedule is one line from the parser, before any picture is written
+    with pytest.raises(SystemExit) as e:
+        main(["train-tiny-controlnet", "--out", str(tmp_path / "bad"), "--lr-scheduler", "cosin"])
+    assert e.value.code == 2 and not (tmp_path / "bad").exists()
+    assert "invalid choice: 'cosin'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -391,7 +391,8 @@ def add_train_tiny_controlnet(p):
     for name in ("seed", "images", "steps", "batch", "eval_maps"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lr-scheduler", default=d.lr_scheduler, help="(default: %(default)s; see minisd train --help)")
+    p.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=SCHEDULERS,
+                   help="(default: %(default)s; see minisd train --help)")
     p.add_argument("--eval-cfg", type=float, default=d.eval_cfg, help="the score's guidance scale (default: "
                                                                        "%(default)s; TINY_CANNY_CARD.md)")
     p.add_argument("--threads", type=int, default=1,
