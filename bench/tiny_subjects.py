@@ -212,10 +212,6 @@ def rescore(args):
                     colours=sum(r[:2] == (c, b) for (c, b, _), r in zip(pairs, reads)), misses=misses))
 
 
-# the measure of the edge frame: minisd/tiny/shapes.py's (issue 35's test reads the same)
-ring_deviation = shapes.edge_deviation
-
-
 def edge(args):
     model = load_model(tiny_model_path(), verbose=False)
     pipe = Pipeline(model, prepack=True, log=lambda *_: None)
@@ -226,23 +222,24 @@ def edge(args):
     # generated at the default guidance (7.5) and at tutorial 10's (3); the three cases of the issue at seed 3
     for cfg in (7.5, 3.0):
         imgs = evaluate.generate_each(pipe, [shapes.caption(*c) for c in cases], [3] * 3, cfg=cfg)
-        record(dict(kind="edge-cases", cfg=cfg, cases={" ".join(c): ring_deviation(im) for c, im in zip(cases, imgs)}))
+        record(dict(kind="edge-cases", cfg=cfg,
+                    cases={" ".join(c): shapes.edge_deviation(im) for c, im in zip(cases, imgs)}))
         pairs = [(c, s) for c in combos for s in seeds]
         imgs = evaluate.generate_each(pipe, [shapes.caption(*c) for c, _ in pairs], [s for _, s in pairs], cfg=cfg)
-        dev = [ring_deviation(im) for im in imgs]
-        truth = [ring_deviation(im, shapes.COLOURS[c[2]]) for (c, _), im in zip(pairs, imgs)]
+        dev = [shapes.edge_deviation(im) for im in imgs]
+        truth = [shapes.edge_deviation(im, shapes.COLOURS[c[2]]) for (c, _), im in zip(pairs, imgs)]
         # the generated latents decoded, against the encoding of the same prompt's clean drawing decoded
         with torch.no_grad():
             clean = [shapes.draw(*c, 64, 0.6) for c, _ in pairs]
             back = to_pil(vae.decode(vae.encode(to_tensor(clean))))
+        back_dev = [shapes.edge_deviation(im) for im in back]
         record(dict(kind="edge-held-out", cfg=cfg, images=len(imgs), seeds=list(seeds),
                     generated_max=max(dev), generated_mean=float(np.mean(dev)),
                     generated_over_12=sum(d > 12 for d in dev),
                     generated_vs_true_background_max=max(truth),
-                    roundtrip_max=max(ring_deviation(im) for im in back),
-                    roundtrip_mean=float(np.mean([ring_deviation(im) for im in back])),
-                    roundtrip_over_12=sum(ring_deviation(im) > 12 for im in back),
-                    drawn_max=max(ring_deviation(im) for im in clean),
+                    roundtrip_max=max(back_dev), roundtrip_mean=float(np.mean(back_dev)),
+                    roundtrip_over_12=sum(d > 12 for d in back_dev),
+                    drawn_max=max(shapes.edge_deviation(im) for im in clean),
                     worst=[" ".join(pairs[i][0]) + f" seed {pairs[i][1]}: {dev[i]:.0f}" for i in np.argsort(dev)[-5:]]))
     # the same three cases, as clean drawings through the VAE, and each generated image's own latents re-encoded
     clean = [shapes.draw(*c, 64, 0.6) for c in cases]
@@ -250,8 +247,8 @@ def edge(args):
         back = to_pil(vae.decode(vae.encode(to_tensor(clean))))
         gen = evaluate.generate_each(pipe, [shapes.caption(*c) for c in cases], [3] * 3, cfg=7.5)
         again = to_pil(vae.decode(vae.encode(to_tensor(gen))))
-    record(dict(kind="edge-cases-vae", roundtrip={" ".join(c): ring_deviation(im) for c, im in zip(cases, back)},
-                generated_reencoded={" ".join(c): ring_deviation(im) for c, im in zip(cases, again)}))
+    record(dict(kind="edge-cases-vae", roundtrip={" ".join(c): shapes.edge_deviation(im) for c, im in zip(cases, back)},
+                generated_reencoded={" ".join(c): shapes.edge_deviation(im) for c, im in zip(cases, again)}))
 
 
 def decoder(args):
@@ -264,9 +261,11 @@ def decoder(args):
         for name, rgb in shapes.COLOURS.items():
             plain = Image.new("RGB", (64, 64), rgb)
             latent = vae.encode(to_tensor([plain]))
-            centre = latent[..., 3:5, 3:5].mean((-2, -1), keepdim=True)
+            h, w = latent.shape[-2:]
+            centre = latent[..., h // 2 - 1:h // 2 + 1, w // 2 - 1:w // 2 + 1].mean((-2, -1), keepdim=True)
             back, flat = to_pil(vae.decode(torch.cat([latent, centre.expand_as(latent)])))
-            rows[name] = dict(roundtrip=ring_deviation(back, rgb), uniform_latent=ring_deviation(flat, rgb),
+            rows[name] = dict(roundtrip=shapes.edge_deviation(back, rgb),
+                              uniform_latent=shapes.edge_deviation(flat, rgb),
                               uniform_latent_interior=float(np.abs(np.asarray(flat, float)[8:56, 8:56] - rgb).max()))
     record(dict(kind="edge-decoder", rows=rows))
 
