@@ -9,6 +9,7 @@ test_finetune.py (it shares that file's model).
 """
 import dataclasses
 import errno
+import importlib
 import json
 import os
 import signal
@@ -356,6 +357,22 @@ def test_a_diffusers_folder_is_replaced_whole_or_not_at_all(tmp_path, data, monk
 def _toy():
     from test_train import _toy_problem
     return _toy_problem()
+
+
+@pytest.mark.parametrize("command, module, function", [
+    ("train-tiny", "minisd.train.tiny", "train_tiny"),
+    ("train-tiny-controlnet", "minisd.train.tiny_controlnet", "train_tiny_controlnet")])
+def test_a_stopped_tiny_recipe_says_to_run_the_same_command_which_has_no_resume_flag(
+        tmp_path, monkeypatch, capsys, command, module, function):
+    """The tiny recipes pick up their folder's checkpoints by themselves: the stop line must not name --resume,
+    which these commands refuse (argparse); the status is 128 + 15, without a traceback."""
+    def stopped(*args, **kwargs):
+        raise Stopped(signal.SIGTERM, 7, str(tmp_path / "unet.ckpt.pt"))
+    monkeypatch.setattr(importlib.import_module(module), function, stopped)
+    assert main([command, "--out", str(tmp_path)]) == 128 + signal.SIGTERM
+    err = _messages(capsys)
+    assert len(err) == 1 and "SIGTERM after step 7" in err[0] and "run the same command to continue" in err[0], err
+    assert "--resume" not in err[0]
 
 
 def test_sigusr1_in_the_loop_stops_with_a_checkpoint_and_resumes_exactly(tmp_path):

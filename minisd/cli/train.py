@@ -273,10 +273,16 @@ def run_train(args):
         torch.set_num_threads(args.threads)
     try:
         run(config_from_args(args))            # minisd.train.run: the Python API's run
-    except loop.Stopped as e:       # SIGTERM, SIGUSR1 (SLURM), Ctrl-C: a checkpoint is written; the usual status
-        if distributed.is_main():
-            print(f"minisd: {e}", file=sys.stderr)
-        return 128 + e.signum
+    except loop.Stopped as e:
+        return _stopped(e, "run the same command with --resume to continue")
+
+
+def _stopped(e, how_to_continue):
+    """SIGTERM, SIGUSR1 (SLURM), Ctrl-C: a checkpoint is written; one line and the usual status, 128 + signal."""
+    if distributed.is_main():
+        print(f"minisd: stopped by {signal.Signals(e.signum).name} after step {e.step}; the checkpoint "
+              f"{e.checkpoint} is written: {how_to_continue}", file=sys.stderr)
+    return 128 + e.signum
 
 
 def add_train_tiny(p):
@@ -299,7 +305,10 @@ def run_train_tiny(args):
     torch.set_num_threads(args.threads)
     recipe = replace(tiny.Recipe(), seed=args.seed, vae_steps=args.vae_steps, steps=args.steps,
                      bank_size=args.bank_size, sample_every=args.sample_every, caption_noise=args.caption_noise)
-    tiny.train_tiny(args.out, recipe, args.device, report_to=args.report_to)
+    try:
+        tiny.train_tiny(args.out, recipe, args.device, report_to=args.report_to)
+    except loop.Stopped as e:       # the recipe picks up OUT's checkpoints by itself: it has no --resume
+        return _stopped(e, "run the same command to continue")
 
 
 def add_tiny_subject(p):
@@ -404,7 +413,10 @@ def run_train_tiny_controlnet(args):
     recipe = tiny_controlnet.Recipe(seed=args.seed, images=args.images, steps=args.steps, batch=args.batch,
                                     lr=args.lr, lr_scheduler=args.lr_scheduler, eval_maps=args.eval_maps,
                                     eval_cfg=args.eval_cfg)
-    tiny_controlnet.train_tiny_controlnet(args.out, recipe)
+    try:
+        tiny_controlnet.train_tiny_controlnet(args.out, recipe)
+    except loop.Stopped as e:       # as train-tiny: the recipe always resumes from OUT/run
+        return _stopped(e, "run the same command to continue")
 
 
 def add_sweep(p):
