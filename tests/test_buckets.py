@@ -217,7 +217,8 @@ def test_dreambooth_halves_in_different_buckets_give_the_loss_of_the_stacked_hal
     cfg = finetune.FinetuneConfig(out="x", snr_gamma=5.0)
     g = torch.Generator().manual_seed(0)
     pixels = torch.rand(4, 3, 16, 24, generator=g, dtype=torch.float64) * 2 - 1
-    d = concat_draws([draw(example_generator(0, 0, j), (1, 4, 2, 3), 1000) for j in range(4)])
+    f = 2 ** (len(mc.vae.ch_mult) - 1)                                   # the VAE's downsampling factor
+    d = concat_draws([draw(example_generator(0, 0, j), (1, 4, 16 // f, 24 // f), 1000) for j in range(4)])
     tokens = model.tokenizer(["a red circle", "sks circle", "a circle", "a blue circle"])
 
     def half(sl):

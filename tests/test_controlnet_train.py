@@ -234,13 +234,18 @@ def test_centre_crop_hint_equals_diffusers_conditioning_transform(tmp_path):
 # the command line, on the tiny built-in model
 
 def test_cli_end_to_end_on_the_tiny_model(tmp_path, capsys):
-    """`minisd train controlnet` from the U-Net's encoder: OUT/controlnet.safetensors, in the 1.1 layout, which
-    diffusers' ControlNetModel.from_single_file reads into the network minisd loads (the same residuals)."""
+    """`minisd train controlnet` from the U-Net's encoder: OUT/controlnet.safetensors, in the 1.1 layout. The tiny
+    VAE downsamples by 4, so the hint block has two stride-2 convolutions, not cldm's three, and its last conv is
+    input_hint_block.10, not .14; diffusers' single-file reader assumes .14 (single_file_utils
+    .convert_controlnet_checkpoint), so diffusers reads the same training written with --save-format diffusers
+    (ControlNetModel.from_pretrained) instead: the runs are deterministic, so both files hold the same weights, and
+    the network minisd loads from the 1.1 file must give diffusers' residuals."""
     data = pair_folder(tmp_path / "data", n=2, size=(64, 64))
+    command = ["train", "controlnet", "--data", str(data), "--max-train-steps", "2", "--learning-rate", "1e-3",
+               "--random-flip", "--device", "cpu", "--seed", "1"]
     out = tmp_path / "out"
-    assert main(["train", "controlnet", "--data", str(data), "--out", str(out), "--max-train-steps", "2",
-                 "--learning-rate", "1e-3", "--random-flip", "--device", "cpu", "--seed", "1",
-                 "--validation-prompt", CAPTIONS[0], "--validation-image", str(data / "00.cond.png")]) == 0
+    assert main(command + ["--out", str(out), "--validation-prompt", CAPTIONS[0],
+                           "--validation-image", str(data / "00.cond.png")]) == 0
     path = out / "controlnet.safetensors"
     result = json.loads((out / "result.json").read_text())
     assert result["method"] == "controlnet" and result["model"] == str(path) and result["steps"] == 2
@@ -250,12 +255,16 @@ def test_cli_end_to_end_on_the_tiny_model(tmp_path, capsys):
     net = load_controlnet(str(path), config)
     from safetensors.torch import load_file
     keys = set(load_file(str(path)))
-    assert "input_hint_block.14.weight" in keys and "zero_convs.0.0.weight" in keys and len(keys) == len(net.state_dict())
+    last = 2 * (2 * len(net.cfg.hint_channels) - 1)       # the hint block's last conv: 14 at SD's factor 8, 10 at 4
+    assert f"input_hint_block.{last}.weight" in keys and "zero_convs.0.0.weight" in keys and len(keys) == len(net.state_dict())
     assert net.zero_convs[0][0].weight.any(), "the zero convolutions did not train"
 
-    ref = _diffusers_controlnet(path, net.cfg, tmp_path / "cn_config")
+    assert main(command + ["--out", str(tmp_path / "folder"), "--save-format", "diffusers"]) == 0
+    from diffusers import ControlNetModel
+    ref = ControlNetModel.from_pretrained(str(tmp_path / "folder" / "controlnet"), local_files_only=True).eval()
+    factor = 2 ** (len(config.vae.ch_mult) - 1)
     g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
+    x, t = torch.randn(1, 4, 64 // factor, 64 // factor, generator=g), torch.tensor([500])
     context, hint = torch.randn(1, 77, config.unet.context_dim, generator=g), torch.rand(1, 3, 64, 64, generator=g)
     with torch.no_grad():
         down, mid = net(x, t, context, hint)

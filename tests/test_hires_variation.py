@@ -75,7 +75,8 @@ def a1111_hires(pipe, seed, steps, sampler, strength, scale, mode, hr_steps=0, s
     h, w = (side * scale for side in first.latents.shape[-2:])
     generator = torch.Generator().manual_seed(seed)
     if mode == "lanczos":
-        image = to_pil(pipe.decode(first.latents))[0].resize((w * 8, h * 8), Image.LANCZOS)
+        f = 2 ** (len(pipe.model.config.vae.ch_mult) - 1)           # the VAE's factor: A1111's opt_f (8 for SD)
+        image = to_pil(pipe.decode(first.latents))[0].resize((w * f, h * f), Image.LANCZOS)
         x0 = pipe._encode(to_tensor([image]), generator)           # minisd's img2img order: the posterior first
         before = (1, 4, h, w)
     else:
@@ -128,20 +129,20 @@ def test_txt2img_starting_noise_is_a1111s_slerp_of_seed_and_subseed_noise(pipe, 
     result = pipe.generate(PROMPT, steps=2, seed=[5, 6], subseed=11, subseed_strength=0.3)
     assert result.subseeds == [11, 12]
     x, plan = seen[0]
-    ref = torch.stack([a1111_noise(s, ss, 0.3, (4, 8, 8)) for s, ss in ((5, 11), (6, 12))]) * plan.init_sigma
+    ref = torch.stack([a1111_noise(s, ss, 0.3, (4, 16, 16)) for s, ss in ((5, 11), (6, 12))]) * plan.init_sigma
     assert torch.equal(x, ref)                                  # exact: the same ops on the same numbers
     # can fail: a slerp over the whole tensor (not A1111's per-column one) or the plain seed noise is far off
-    flat = a1111_slerp(0.3, torch.randn(1, 256, generator=torch.Generator().manual_seed(5)),
-                       torch.randn(1, 256, generator=torch.Generator().manual_seed(11))).reshape(4, 8, 8)
+    flat = a1111_slerp(0.3, torch.randn(1, 1024, generator=torch.Generator().manual_seed(5)),
+                       torch.randn(1, 1024, generator=torch.Generator().manual_seed(11))).reshape(4, 16, 16)
     assert (x[0] - flat * plan.init_sigma).abs().max() > 0.1
-    assert (x[0] - a1111_noise(5, None, 0, (4, 8, 8)) * plan.init_sigma).abs().max() > 0.1
+    assert (x[0] - a1111_noise(5, None, 0, (4, 16, 16)) * plan.init_sigma).abs().max() > 0.1
 
 
 def test_img2img_noise_is_slerped_after_the_posterior_draw(pipe, monkeypatch):
     init = pipe.generate(PROMPT, steps=2, seed=1).images[0]
     seen = _spy_add_noise(monkeypatch)
     pipe.img2img(PROMPT, init, strength=0.5, steps=4, seed=7, subseed=9, subseed_strength=0.6)
-    assert torch.equal(seen[0], a1111_noise(7, 9, 0.6, (4, 8, 8), before=(1, 4, 8, 8))[None])
+    assert torch.equal(seen[0], a1111_noise(7, 9, 0.6, (4, 16, 16), before=(1, 4, 16, 16))[None])
 
 
 def test_strength_0_is_the_seeds_image_and_1_the_subseeds_image(pipe):
@@ -220,7 +221,7 @@ def test_cli_hires_writes_a1111s_parameters(tmp_path, capsys):
     capsys.readouterr()
     for args, message in ((["--hr-upscaler", "lanczos"], "add --enable-hr or --hr-scale"),
                           (["--enable-hr", "--hr-denoising-strength", "0"], "strength must be in (0, 1]"),
-                          (["--hr-scale", "1.1"], "multiples of 8")):
+                          (["--hr-scale", "1.1"], "multiples of 4")):          # the tiny VAE's factor
         assert main(["generate", "x", "--steps", "1", "--out", str(tmp_path / "x.png"), *args]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err

@@ -186,7 +186,7 @@ def test_progress_then_interrupt_stops_after_the_step(api):
     ("txt2img", {"prompt": "x <lora:../../etc/passwd:1>"}, "no LoRA of that name"),
     ("txt2img", {"prompt": "x", "alwayson_scripts": {"controlnet": {"args": [{"model": "canny", "image": PNG64}]}}},
      "no ControlNet named 'canny' (this server has none: --controlnet-dir)"),
-    ("txt2img", {"prompt": "x", "width": 60, "steps": 1}, "width must be a positive multiple of 8"),
+    ("txt2img", {"prompt": "x", "width": 62, "steps": 1}, "width must be a positive multiple of 4"),
     ("img2img", {"prompt": "x", "init_images": ["not an image!"]}, "init_images[0]: not a base64-encoded image"),
     ("img2img", {"prompt": "x", "init_images": [base64.b64encode(b"GIF89a-no").decode()]}, "not a base64-encoded"),
     ("img2img", {"prompt": "x", "init_images": [PNG64], "mask": "AAAA"}, "mask: not a base64-encoded image"),
@@ -286,7 +286,7 @@ def test_attention_maps_are_the_unets_cross_attention(server, pipe):
     from minisd.unet import BasicTransformerBlock
     body = dict(prompt=PROMPT, seed=4, steps=3, sampler_name="Euler", width=64, height=64)
     reply = requests.post(f"{server}/minisd/v1/attention", json=body, timeout=60).json()
-    total = torch.zeros(77, 8, 8)
+    total = torch.zeros(77, 16, 16)                              # the latent grid of 64 px: factor 4
 
     def record(attn, inputs, output):
         x, text = inputs
@@ -295,7 +295,7 @@ def test_attention_maps_are_the_unets_cross_attention(server, pipe):
         probs = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(-1).mean(1)[0]      # (h*w, 77)
         side = int(probs.shape[0] ** 0.5)
         grid = rearrange(probs, "(y x) n -> n y x", y=side)[None]
-        total.add_(F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)[0])
+        total.add_(F.interpolate(grid, size=(16, 16), mode="bilinear", align_corners=False)[0])
     hooks = [m.attn2.register_forward_hook(record) for m in pipe.model.unet.modules()
              if isinstance(m, BasicTransformerBlock)]
     try:

@@ -13,12 +13,12 @@ from minisd.train import tiny
 
 def test_decoder_loss_is_the_image_ring_and_corner_means_weighted():
     # One error of 1 at a corner pixel of a 64x64 image: the whole-image mean sees 1/4096, the 3-px ring's mean
-    # 1/(64*64 - 58*58) = 1/732, the corners' mean 1/16 (four 2x2 corners); the weights multiply the last two.
+    # 1/(64*64 - 58*58) = 1/732, the corners' mean 1/64 (four 4x4 corners); the weights multiply the last two.
     images = torch.zeros(1, 3, 64, 64)
     recon = images.clone()
     recon[0, 0, 0, 0] = 1.0
-    recipe = replace(tiny.Recipe(), edge_px=3, edge_weight=0.5, corner_weight=3.0)
-    want = 1 / (3 * 4096) + 0.5 / (3 * 732) + 3.0 / (3 * 16)
+    recipe = replace(tiny.Recipe(), edge_px=3, edge_weight=0.5, corner_weight=3.0, corner_px=4)
+    want = 1 / (3 * 4096) + 0.5 / (3 * 732) + 3.0 / (3 * 64)
     assert abs(tiny.decoder_loss(recon, images, recipe).item() - want) < 1e-7
     # an error in the middle is only the whole image's
     recon = images.clone()

@@ -2,10 +2,11 @@
 # %% [markdown]
 # Latent diffusion (Rombach et al. 2022, "LDM") does not denoise pixels. A KL autoencoder (`minisd/vae.py`) first
 # compresses an image 8x per side into 4 channels, and diffusion runs on that code. For SD a 512 x 512 x 3 image
-# becomes a 64 x 64 x 4 latent; for the tiny model 64 x 64 x 3 becomes 8 x 8 x 4. Both are 48 times fewer numbers,
-# and the U-Net's cost drops accordingly.
+# becomes a 64 x 64 x 4 latent, 48 times fewer numbers, and the U-Net's cost drops accordingly. The tiny model
+# compresses 4x per side (as LDM's kl-f4 does): its 64 x 64 x 3 pictures become 16 x 16 x 4, 12 times fewer. At
+# SD's factor 8 its latents were 8 x 8, too coarse to hold a small shape's corners or a ring's hole.
 #
-#     encoder:  x (B, 3, H, W) in [-1, 1]  ->  q(z|x) = N(mean, exp(logvar)),   z: (B, 4, H/8, W/8)
+#     encoder:  x (B, 3, H, W) in [-1, 1]  ->  q(z|x) = N(mean, exp(logvar)),   z: (B, 4, H/f, W/f), f = 8 (SD), 4 (tiny)
 #     decoder:  z  ->  x_hat (B, 3, H, W)
 
 # %%
@@ -61,8 +62,8 @@ def channel_images(latent):
     return out
 
 
-rows = [[samples[i].image.resize((8, 8), Image.BOX), *channel_images(latents[i])] for i in range(4)]
-save(grid(rows, labels=["input/8", "ch 0", "ch 1", "ch 2", "ch 3"], scale=8), "03_latent_channels.png")
+rows = [[samples[i].image.resize((16, 16), Image.BOX), *channel_images(latents[i])] for i in range(4)]
+save(grid(rows, labels=["input/4", "ch 0", "ch 1", "ch 2", "ch 3"], scale=4), "03_latent_channels.png")
 
 # %% [markdown]
 # ## The 0.18215 scale, and why

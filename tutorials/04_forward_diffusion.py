@@ -61,7 +61,7 @@ from minisd.images import to_pil, to_tensor
 vae = load_model(tiny_model_path(), verbose=False).vae
 x0_pixels = to_tensor([shapes.draw("yellow", "triangle", "purple")])          # (1, 3, 64, 64)
 with torch.no_grad():
-    x0 = vae.encode(x0_pixels)                                                 # (1, 4, 8, 8), std ~ 1
+    x0 = vae.encode(x0_pixels)                                                 # (1, 4, 16, 16), std ~ 1
 generator = torch.Generator().manual_seed(0)
 eps_pixels = torch.randn(x0_pixels.shape, generator=generator)
 eps = torch.randn(x0.shape, generator=generator)

@@ -45,7 +45,7 @@ def walk(unet, x, t, context, show=print):
     return out
 
 
-x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
 t = torch.tensor([500.0])
 context, _ = pipe.encode_prompts("a red circle on a blue background")          # (1, 77, 64)
 with torch.no_grad():
@@ -53,7 +53,7 @@ with torch.no_grad():
     print("max |walk - unet(x, t, context)| =", (walked - unet(x, t, context)).abs().max().item())
 
 # %% [markdown]
-# The tiny model has 3 levels (8x8, 4x4, 2x2 latents) and one ResBlock per level. SD 1.5 has 4 levels and two
+# The tiny model has 3 levels (16x16, 8x8, 4x4 latents) and one ResBlock per level. SD 1.5 has 4 levels and two
 # ResBlocks per level; the same walk on SD 1.5's configuration, built on the meta device (shapes only: no weights,
 # no memory, no arithmetic), shows the real shapes for a 512 x 512 image:
 
@@ -72,7 +72,8 @@ print(f"{sum(p.numel() for p in sd15_unet.parameters()) / 1e6:.0f}M parameters "
 # Every "Transformer" above is a `SpatialTransformer`: it treats the h x w feature map as h*w tokens and runs
 # self-attention among them, then **cross-attention** (`attn2`) with queries from the image and keys and values
 # from the 77 text vectors, then a feed-forward layer. That is the *only* place the prompt enters the U-Net.
-# SD 1.5 has 16 of them (none at its lowest resolution, 8x8). The tiny model's:
+# SD 1.5 has 16 of them (none at its lowest resolution, 8x8). The tiny model has none at its highest, 16x16, where
+# 256 tokens would double its training time (SDXL drops them there too). The tiny model's:
 
 # %%
 for name, module in unet.named_modules():
@@ -132,7 +133,7 @@ for ax in axes:
 save(fig, "05_cross_attention.png")
 
 # %% [markdown]
-# (These maps come from a 1.5M-parameter U-Net trained for under an hour on a CPU; how word-specific they are
+# (These maps come from a 1.7M-parameter U-Net trained for under an hour on a CPU; how word-specific they are
 # depends on those weights, and the shares printed above show how much attention goes to the words at all. Much
 # of it can land on `<|endoftext|>` and the padding, whose vectors summarise the whole prompt (tutorial 2). In
 # SD 1.5, maps like these are what Prompt-to-Prompt edits.)

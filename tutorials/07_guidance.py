@@ -22,7 +22,7 @@ from minisd.pipeline import Pipeline
 pipe = Pipeline(load_model(tiny_model_path(), verbose=False))     # the tiny built-in model, on the CPU in fp32
 cond, uncond = pipe.encode_prompts("a red circle on a blue background")
 denoise = diffusion.make_denoiser(pipe.model.unet, pipe.alphas_cumprod, "eps")
-x, sigma, s = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 3.0, 3.0, 7.5
+x, sigma, s = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 3.0, 3.0, 7.5
 with torch.no_grad():
     by_hand = denoise(x, sigma, uncond) + s * (denoise(x, sigma, cond) - denoise(x, sigma, uncond))
     guided = diffusion.cfg_denoiser(denoise, cond, uncond, scale=s)(x, sigma)
@@ -55,8 +55,9 @@ for prompt in prompts:
 save(grid(rows, labels=[f"cfg {s}" for s in scales]), "07_cfg_scales.png")
 
 # %% [markdown]
-# One seed and three prompts say little: here seed 3 happens to draw all three prompts right at cfg 1. Note what
-# cfg 15 does instead: the extrapolation overshoots, and shapes and backgrounds break. So look at more images:
+# One seed and three prompts say little: here seed 3 happens to draw two of the three prompts right at cfg 1. Note
+# what cfg 15 does instead: the extrapolation overshoots, the red circle comes out yellow and the triangle's edges
+# buckle. So look at more images:
 # eight training captions, each at seed 0, without guidance (top row) and with it (bottom row), and then the
 # fraction that `shapes.judge` reads exactly as their prompt over 13 captions x 2 seeds.
 

@@ -122,11 +122,11 @@ base_fid = json.loads((work / "eval-base" / "metrics.json").read_text())["fid"]
 # ## A hyper-parameter sweep
 # Which DreamBooth settings bring that number down? `minisd sweep SPEC.toml` (minisd/sweep.py) searches with
 # Optuna: each trial draws settings from the spec's search space, runs the spec's commands in its own folder (a
-# DreamBooth run with tutorial 10's data, then the `minisd eval` above on the trained model), and reads the
-# objective from the metrics.json the last one wrote. Optuna's default sampler, TPE, draws the first trials at
-# random and later ones where the good trials so far are denser. The study lives in an SQLite file in the sweep's
-# folder: a sweep killed and started again continues it, and `--storage postgresql://...` lets workers on several
-# machines share one study.
+# DreamBooth run on tutorial 12's eight diamonds and 68 class images, then the `minisd eval` above on the trained
+# model), and reads the objective from the metrics.json the last one wrote. Optuna's default sampler, TPE, draws
+# the first trials at random and later ones where the good trials so far are denser. The study lives in an SQLite
+# file in the sweep's folder: a sweep killed and started again continues it, and `--storage postgresql://...` lets
+# workers on several machines share one study.
 #
 # The search space: the learning rate (log-uniform: as likely between 3e-5 and 6e-5 as between 1.5e-4 and 3e-4),
 # the number of steps, and the number of restarts of the cosine schedule (tutorial 10 drew them). Each trial is
@@ -137,7 +137,7 @@ base_fid = json.loads((work / "eval-base" / "metrics.json").read_text())["fid"]
 # %%
 from minisd.pipeline import Pipeline
 
-subject.write_instance_folder(work / "instance")                          # tutorial 10's eight diamonds
+subject.write_instance_folder(work / "instance")                          # eight diamonds (INSTANCE_COMBOS)
 with clock("class images"):
     n_class = subject.write_class_folder(Pipeline.load(None, log=lambda *_: None), work / "class")
 print(f"{n_class} class images")

@@ -225,12 +225,10 @@ def foreground_pixels(image):
     # A pixel belongs to the foreground when it is nearer to some other colour than to the background: farther
     # than half the smallest distance between two of our colours (yellow and orange, 90 apart).
     dist = np.linalg.norm(a - background_rgb, axis=-1)
-    fg = dist > MIN_COLOUR_DISTANCE / 2
-    # The outer ring is where the background was read from, so it is never foreground (every shape of the dataset
-    # keeps >= 2.5 px from the edge). Without this, a decoder's faint 1-px rim of edge artefacts stretches the
-    # bounding box to the whole image and every shape reads as a triangle.
-    fg[0] = fg[-1] = fg[:, 0] = fg[:, -1] = False
-    return a, background_rgb, fg
+    # Every pixel counts, the outer ring too: the 8x8-latent model's decoder left a 1-px rim there that this judge
+    # had to skip (else it stretched the bounding box to the whole image); the recipe's phase 4 trains it away
+    # (minisd/train/tiny.py), and test_tiny checks the ring of the held-out images (edge_deviation).
+    return a, background_rgb, dist > MIN_COLOUR_DISTANCE / 2
 
 
 def read_foreground(image):
