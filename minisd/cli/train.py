@@ -280,8 +280,7 @@ def run_train(args):
 def _stopped(e, how_to_continue):
     """SIGTERM, SIGUSR1 (SLURM), Ctrl-C: a checkpoint is written; one line and the usual status, 128 + signal."""
     if distributed.is_main():
-        print(f"minisd: stopped by {signal.Signals(e.signum).name} after step {e.step}; the checkpoint "
-              f"{e.checkpoint} is written: {how_to_continue}", file=sys.stderr)
+        print(f"minisd: {e}: {how_to_continue}", file=sys.stderr)
     return 128 + e.signum
 
 

@@ -142,7 +142,7 @@ class Stopped(Exception):
     def __init__(self, signum, step, checkpoint):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; the checkpoint {checkpoint} "
-                         f"is written: run the same command with --resume to continue")
+                         f"is written")      # how to continue depends on the command (cli/train.py)
 
 
 def atomic_write(path, write):

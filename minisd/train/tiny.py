@@ -84,7 +84,7 @@ def image_batch(seed, step, batch):
 # Losses. Each takes the step's generator and draws everything random from it (exact resumption).
 
 
-def edge_masks(size, px, corner_px=2):
+def edge_masks(size, px, corner_px):
     """Boolean (size, size) masks of the outermost px-pixel ring and of the four corner_px x corner_px corners."""
     ring = torch.ones(size, size, dtype=torch.bool)
     ring[px:size - px, px:size - px] = False
